@@ -1,0 +1,46 @@
+"""The controller port over HTTP: FastChat / TinyChat `/register_worker` and heartbeats."""
+
+from __future__ import annotations
+
+import httpx
+
+from vilaserve.domain.errors import ControllerUnavailable
+from vilaserve.domain.ports import ControllerClient
+from vilaserve.domain.status import WorkerStatus
+
+
+class HttpControllerClient(ControllerClient):
+    def __init__(self, controller_address: str, timeout_s: float = 5.0) -> None:
+        self._base = controller_address.rstrip("/")
+        self._timeout = httpx.Timeout(timeout_s)
+
+    async def register(self, worker_address: str, status: WorkerStatus, multimodal: bool) -> None:
+        await self._post(
+            "/register_worker",
+            {
+                "worker_name": worker_address,
+                "check_heart_beat": True,
+                "worker_status": status.to_dict(),
+                "multimodal": multimodal,
+            },
+        )
+
+    async def heartbeat(self, worker_address: str, queue_length: int) -> bool:
+        reply = await self._post(
+            "/receive_heart_beat", {"worker_name": worker_address, "queue_length": queue_length}
+        )
+        if not isinstance(reply, dict) or "exist" not in reply:
+            raise ControllerUnavailable(f"unexpected heartbeat reply from {self._base}: {reply!r}")
+        return bool(reply["exist"])
+
+    async def _post(self, path: str, payload: dict[str, object]) -> object:
+        url = self._base + path
+        try:
+            # A fresh client per call: heartbeats are rare, and a controller restart then
+            # never leaves us holding a dead keep-alive connection.
+            async with httpx.AsyncClient(timeout=self._timeout) as client:
+                response = await client.post(url, json=payload)
+                response.raise_for_status()
+                return response.json() if response.content else None
+        except (httpx.HTTPError, ValueError) as exc:
+            raise ControllerUnavailable(f"{url}: {type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,29 @@
+"""What a worker reports about itself to controllers and clients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    model_names: tuple[str, ...]
+    speed: int
+    queue_length: int
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "model_names": list(self.model_names),
+            "speed": self.speed,
+            "queue_length": self.queue_length,
+        }
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """Static facts about the served model that the API server asks for."""
+
+    name: str
+    context_length: int
+    tokens_per_image: int
+    multimodal: bool

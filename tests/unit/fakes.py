@@ -1,0 +1,116 @@
+"""Fake adapters for the ports: scripted, instant, and observable by the tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from vilaserve.domain.conversation import TEMPLATES, ConversationTemplate
+from vilaserve.domain.errors import ContextOverflow, ControllerUnavailable, InvalidImage
+from vilaserve.domain.generation import IMAGE_PLACEHOLDER, GenerationStep, SamplingParams
+from vilaserve.domain.ports import ControllerClient, ImageFeatures, TextGenerator, VisionEncoder
+from vilaserve.domain.status import WorkerStatus
+
+PNG_MAGIC = b"\x89PNG"
+
+
+@dataclass
+class FakeFeatures(ImageFeatures):
+    files: tuple[bytes, ...]
+
+    @property
+    def num_images(self) -> int:
+        return len(self.files)
+
+
+class FakeVisionEncoder(VisionEncoder):
+    """Accepts anything that starts like a PNG; 4 positions per image."""
+
+    def __init__(self) -> None:
+        self.encoded: list[tuple[bytes, ...]] = []
+
+    @property
+    def tokens_per_image(self) -> int:
+        return 4
+
+    async def encode(self, images: Sequence[bytes]) -> ImageFeatures:
+        for i, data in enumerate(images):
+            if not data.startswith(PNG_MAGIC):
+                raise InvalidImage(f"image {i + 1} could not be decoded as an image")
+        self.encoded.append(tuple(images))
+        return FakeFeatures(tuple(images))
+
+
+@dataclass
+class FakeTextGenerator(TextGenerator):
+    """Replies with `reply` piece by piece; one whitespace-separated word is one token."""
+
+    reply: Sequence[str] = ("Hello", ",", " world", "!")
+    context: int = 64
+    delay_s: float = 0.0
+    fail_after: int | None = None
+    template: ConversationTemplate = TEMPLATES["vicuna_v1"]
+    calls: list[tuple[str, SamplingParams]] = field(default_factory=list)
+    closed: int = 0
+
+    @property
+    def context_length(self) -> int:
+        return self.context
+
+    @property
+    def conversation_template(self) -> ConversationTemplate:
+        return self.template
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.replace(IMAGE_PLACEHOLDER, " ").split())
+
+    def generate(
+        self, prompt: str, images: ImageFeatures | None, params: SamplingParams
+    ) -> AsyncIterator[GenerationStep]:
+        self.calls.append((prompt, params))
+        prompt_tokens = self.count_tokens(prompt) + 4 * (images.num_images if images else 0)
+        if prompt_tokens >= self.context:
+            raise ContextOverflow(
+                f"the prompt takes {prompt_tokens} tokens; the context holds {self.context}"
+            )
+        return self._steps(prompt_tokens, params)
+
+    async def _steps(self, prompt_tokens: int, params: SamplingParams) -> AsyncIterator[GenerationStep]:
+        try:
+            for i, piece in enumerate(self.reply):
+                if self.fail_after is not None and i == self.fail_after:
+                    raise RuntimeError("simulated kernel failure")
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s)
+                n = i + 1
+                last = n == len(self.reply)
+                at_limit = n >= params.max_new_tokens
+                finish = "stop" if last else ("length" if at_limit else None)
+                yield GenerationStep(piece, prompt_tokens, n, finish)
+                if finish:
+                    return
+        finally:
+            self.closed += 1
+
+
+@dataclass
+class FakeController(ControllerClient):
+    """Records calls; `down` makes it unreachable; `known` answers heartbeats' `exist`."""
+
+    down: bool = False
+    known: bool = True
+    registrations: list[tuple[str, WorkerStatus, bool]] = field(default_factory=list)
+    heartbeats: list[tuple[str, int]] = field(default_factory=list)
+
+    async def register(self, worker_address: str, status: WorkerStatus, multimodal: bool) -> None:
+        if self.down:
+            raise ControllerUnavailable("connection refused")
+        self.registrations.append((worker_address, status, multimodal))
+        self.known = True
+
+    async def heartbeat(self, worker_address: str, queue_length: int) -> bool:
+        if self.down:
+            raise ControllerUnavailable("connection refused")
+        self.heartbeats.append((worker_address, queue_length))
+        return self.known

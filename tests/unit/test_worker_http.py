@@ -1,0 +1,109 @@
+"""The worker's HTTP protocol with fakes behind the container: framing, endpoints, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import FAKE_PNG_B64
+from fastapi.testclient import TestClient
+from fakes import FakeTextGenerator
+
+from vilaserve.domain.errors import ErrorCode
+
+
+def frames(raw: bytes) -> list[dict]:
+    return [json.loads(part) for part in raw.split(b"\0") if part]
+
+
+def test_stream_is_nul_delimited_cumulative_json_tinychat_style(client: TestClient) -> None:
+    prompt = "A chat. USER: <image>\nWhat is this? ASSISTANT:"
+    body = {"model": "VILA1.5-3b", "prompt": prompt, "temperature": 0.2, "top_p": 1.0,
+            "max_new_tokens": 512, "stop": "</s>", "images": [FAKE_PNG_B64]}
+    with client.stream("POST", "/worker_generate_stream", json=body) as response:
+        assert response.status_code == 200
+        raw = b"".join(response.iter_bytes())
+    chunks = frames(raw)
+    assert all(c["error_code"] == 0 for c in chunks)
+    # TinyChat's web server strips the prompt by length and shows the rest.
+    assert [c["text"][len(prompt):].strip() for c in chunks][-1] == "Hello, world!"
+    assert chunks[-1]["finish_reason"] == "stop"
+    assert chunks[-1]["usage"]["total_tokens"] == chunks[-1]["usage"]["prompt_tokens"] + 4
+
+
+def test_worker_generate_returns_the_final_chunk(client: TestClient) -> None:
+    response = client.post("/worker_generate", json={"prompt": "q", "echo": False})
+    assert response.status_code == 200
+    assert response.json()["text"] == "Hello, world!"
+    assert response.json()["finish_reason"] == "stop"
+
+
+def test_status_count_details_and_template(client: TestClient) -> None:
+    assert client.post("/worker_get_status").json() == {
+        "model_names": ["VILA1.5-3b"], "speed": 1, "queue_length": 0,
+    }
+    count = client.post("/count_token", json={"model": "m", "prompt": "<image>\nhow many"})
+    assert count.json() == {"count": 2 + 4, "error_code": 0}
+    assert client.post("/model_details", json={"model": "m"}).json()["context_length"] == 64
+    conv = client.post("/worker_get_conv_template", json={"model": "m"}).json()["conv"]
+    assert conv["name"] == "vicuna_v1"
+    assert conv["sep_style"] == 2 and conv["sep2"] == "</s>"
+    assert client.get("/health").json() == {"status": "ok"}
+
+
+def test_bad_inputs_get_clear_errors_and_the_worker_keeps_serving(client: TestClient) -> None:
+    cases = [
+        (b"{not json", ErrorCode.VALIDATION_TYPE_ERROR, "not valid JSON"),
+        (b"", ErrorCode.VALIDATION_TYPE_ERROR, "empty"),
+        (json.dumps({"images": []}).encode(), ErrorCode.VALIDATION_TYPE_ERROR, "'prompt'"),
+        (json.dumps({"prompt": "<image>", "images": ["%%%"]}).encode(),
+         ErrorCode.VALIDATION_TYPE_ERROR, "not valid base64"),
+        (json.dumps({"prompt": "<image><image>", "images": [FAKE_PNG_B64]}).encode(),
+         ErrorCode.VALIDATION_TYPE_ERROR, "2 '<image>' placeholders but 1 images"),
+        (json.dumps({"prompt": "q", "top_p": 2}).encode(), ErrorCode.PARAM_OUT_OF_RANGE, "top_p"),
+        (json.dumps({"prompt": "q", "temperature": -1}).encode(),
+         ErrorCode.PARAM_OUT_OF_RANGE, "temperature"),
+    ]
+    for raw, code, message in cases:
+        response = client.post("/worker_generate_stream", content=raw)
+        assert response.status_code == 400, raw
+        [chunk] = frames(response.content)
+        assert chunk["error_code"] == code, raw
+        assert message in chunk["text"], (raw, chunk["text"])
+    ok = client.post("/worker_generate", json={"prompt": "q", "echo": False})
+    assert ok.json()["text"] == "Hello, world!"
+
+
+def test_in_stream_failures_are_framed_error_chunks(
+    client: TestClient, generator: FakeTextGenerator
+) -> None:
+    not_an_image = {"prompt": "<image>", "images": ["aGVsbG8="]}
+    chunks = frames(client.post("/worker_generate_stream", json=not_an_image).content)
+    assert chunks[-1]["error_code"] == ErrorCode.VALIDATION_TYPE_ERROR
+    assert "could not be decoded" in chunks[-1]["text"]
+    too_long = {"prompt": " ".join(["w"] * 100)}
+    chunks = frames(client.post("/worker_generate_stream", json=too_long).content)
+    assert chunks[-1]["error_code"] == ErrorCode.CONTEXT_OVERFLOW
+    generator.fail_after = 1
+    chunks = frames(client.post("/worker_generate_stream", json={"prompt": "q"}).content)
+    assert chunks[-1]["error_code"] == ErrorCode.INTERNAL_ERROR
+    generator.fail_after = None
+    assert client.post("/worker_generate", json={"prompt": "q"}).status_code == 200
+
+
+def test_count_token_without_prompt_is_an_error(client: TestClient) -> None:
+    response = client.post("/count_token", json={"model": "m"})
+    assert response.status_code == 400
+    assert response.json()["error_code"] == ErrorCode.VALIDATION_TYPE_ERROR
+
+
+def test_the_container_and_app_import_no_torch() -> None:
+    code = (
+        "import sys\n"
+        "from vilaserve.entrypoints.container import WorkerContainer\n"
+        "from vilaserve.entrypoints.http.worker_app import create_worker_app\n"
+        "import vilaserve.application.generate_stream, vilaserve.application.heartbeat\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
