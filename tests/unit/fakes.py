@@ -76,7 +76,9 @@ class FakeTextGenerator(TextGenerator):
             )
         return self._steps(prompt_tokens, params)
 
-    async def _steps(self, prompt_tokens: int, params: SamplingParams) -> AsyncIterator[GenerationStep]:
+    async def _steps(
+        self, prompt_tokens: int, params: SamplingParams
+    ) -> AsyncIterator[GenerationStep]:
         try:
             for i, piece in enumerate(self.reply):
                 if self.fail_after is not None and i == self.fail_after:

@@ -134,8 +134,19 @@ def test_template_override_and_tokenizer_template() -> None:
 
 def test_fastchat_conv_dict_has_the_fields_fastchat_reads() -> None:
     conv = TEMPLATES["vicuna_v1"].with_stop_token_ids([2]).to_fastchat_dict()
-    for key in ("name", "system_template", "system_message", "roles", "messages", "offset",
-                "sep_style", "sep", "sep2", "stop_str", "stop_token_ids"):
+    for key in (
+        "name",
+        "system_template",
+        "system_message",
+        "roles",
+        "messages",
+        "offset",
+        "sep_style",
+        "sep",
+        "sep2",
+        "stop_str",
+        "stop_token_ids",
+    ):
         assert key in conv
     assert conv["sep_style"] == int(SeparatorStyle.ADD_COLON_TWO) == 2
     assert conv["stop_token_ids"] == [2]

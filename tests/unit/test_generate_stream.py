@@ -65,9 +65,7 @@ def test_length_finish_when_max_new_tokens_is_reached() -> None:
 
 def test_stop_string_ends_the_stream_and_closes_the_generator() -> None:
     generator = FakeTextGenerator(reply=("Yes", " it", " is", "##", "#", " more", " text"))
-    chunks = asyncio.run(
-        collect(make(generator), {"prompt": "q", "echo": False, "stop": "###"})
-    )
+    chunks = asyncio.run(collect(make(generator), {"prompt": "q", "echo": False, "stop": "###"}))
     assert chunks[-1].text == "Yes it is"
     assert chunks[-1].finish_reason == "stop"
     assert not any("#" in c.text for c in chunks)
@@ -84,11 +82,16 @@ def test_template_stop_strings_apply_without_being_asked() -> None:
 def test_images_are_decoded_and_passed_in_order() -> None:
     vision = FakeVisionEncoder()
     second = base64.b64encode(b"\x89PNG second").decode()
-    body = {"prompt": "<image> a <image> b", "images": [FAKE_PNG_B64, "data:image/png;base64," + second]}
+    body = {
+        "prompt": "<image> a <image> b",
+        "images": [FAKE_PNG_B64, "data:image/png;base64," + second],
+    }
     chunks = asyncio.run(collect(make(vision=vision), body))
     assert chunks[-1].error_code == 0
     assert vision.encoded == [(base64.b64decode(FAKE_PNG_B64), b"\x89PNG second")]
-    assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == 2 + 2 * 4  # two words, two images
+    assert (
+        chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == 2 + 2 * 4
+    )  # two words, two images
 
 
 def test_fastchat_double_placeholders_count_once() -> None:

@@ -19,15 +19,22 @@ def frames(raw: bytes) -> list[dict]:
 
 def test_stream_is_nul_delimited_cumulative_json_tinychat_style(client: TestClient) -> None:
     prompt = "A chat. USER: <image>\nWhat is this? ASSISTANT:"
-    body = {"model": "VILA1.5-3b", "prompt": prompt, "temperature": 0.2, "top_p": 1.0,
-            "max_new_tokens": 512, "stop": "</s>", "images": [FAKE_PNG_B64]}
+    body = {
+        "model": "VILA1.5-3b",
+        "prompt": prompt,
+        "temperature": 0.2,
+        "top_p": 1.0,
+        "max_new_tokens": 512,
+        "stop": "</s>",
+        "images": [FAKE_PNG_B64],
+    }
     with client.stream("POST", "/worker_generate_stream", json=body) as response:
         assert response.status_code == 200
         raw = b"".join(response.iter_bytes())
     chunks = frames(raw)
     assert all(c["error_code"] == 0 for c in chunks)
     # TinyChat's web server strips the prompt by length and shows the rest.
-    assert [c["text"][len(prompt):].strip() for c in chunks][-1] == "Hello, world!"
+    assert [c["text"][len(prompt) :].strip() for c in chunks][-1] == "Hello, world!"
     assert chunks[-1]["finish_reason"] == "stop"
     assert chunks[-1]["usage"]["total_tokens"] == chunks[-1]["usage"]["prompt_tokens"] + 4
 
@@ -41,7 +48,9 @@ def test_worker_generate_returns_the_final_chunk(client: TestClient) -> None:
 
 def test_status_count_details_and_template(client: TestClient) -> None:
     assert client.post("/worker_get_status").json() == {
-        "model_names": ["VILA1.5-3b"], "speed": 1, "queue_length": 0,
+        "model_names": ["VILA1.5-3b"],
+        "speed": 1,
+        "queue_length": 0,
     }
     count = client.post("/count_token", json={"model": "m", "prompt": "<image>\nhow many"})
     assert count.json() == {"count": 2 + 4, "error_code": 0}
@@ -57,13 +66,22 @@ def test_bad_inputs_get_clear_errors_and_the_worker_keeps_serving(client: TestCl
         (b"{not json", ErrorCode.VALIDATION_TYPE_ERROR, "not valid JSON"),
         (b"", ErrorCode.VALIDATION_TYPE_ERROR, "empty"),
         (json.dumps({"images": []}).encode(), ErrorCode.VALIDATION_TYPE_ERROR, "'prompt'"),
-        (json.dumps({"prompt": "<image>", "images": ["%%%"]}).encode(),
-         ErrorCode.VALIDATION_TYPE_ERROR, "not valid base64"),
-        (json.dumps({"prompt": "<image><image>", "images": [FAKE_PNG_B64]}).encode(),
-         ErrorCode.VALIDATION_TYPE_ERROR, "2 '<image>' placeholders but 1 images"),
+        (
+            json.dumps({"prompt": "<image>", "images": ["%%%"]}).encode(),
+            ErrorCode.VALIDATION_TYPE_ERROR,
+            "not valid base64",
+        ),
+        (
+            json.dumps({"prompt": "<image><image>", "images": [FAKE_PNG_B64]}).encode(),
+            ErrorCode.VALIDATION_TYPE_ERROR,
+            "2 '<image>' placeholders but 1 images",
+        ),
         (json.dumps({"prompt": "q", "top_p": 2}).encode(), ErrorCode.PARAM_OUT_OF_RANGE, "top_p"),
-        (json.dumps({"prompt": "q", "temperature": -1}).encode(),
-         ErrorCode.PARAM_OUT_OF_RANGE, "temperature"),
+        (
+            json.dumps({"prompt": "q", "temperature": -1}).encode(),
+            ErrorCode.PARAM_OUT_OF_RANGE,
+            "temperature",
+        ),
     ]
     for raw, code, message in cases:
         response = client.post("/worker_generate_stream", content=raw)

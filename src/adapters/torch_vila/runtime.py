@@ -1,0 +1,129 @@
+"""Loads a VILA checkpoint into the two model ports (text generator and vision encoder)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vilaserve.adapters.torch_vila.checkpoint import VilaCheckpoint, load_state_dict
+from vilaserve.adapters.torch_vila.device import resolve_device, resolve_dtype
+from vilaserve.adapters.torch_vila.executor import ModelExecutor
+from vilaserve.adapters.torch_vila.llama import Llama, LlamaArgs
+from vilaserve.adapters.torch_vila.text_generator import TorchTextGenerator
+from vilaserve.adapters.torch_vila.tokenization import load_tokenizer
+from vilaserve.adapters.torch_vila.vision_encoder import TorchVisionEncoder
+from vilaserve.adapters.torch_vila.vision_pipeline import VisionPipeline
+from vilaserve.domain.conversation import ConversationTemplate, LlmShape, choose_template
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VilaRuntimeOptions:
+    model_path: str
+    quant_path: str | None = None
+    precision: str = "W16A16"
+    device: str = "auto"
+    dtype: str = "auto"
+    conv_template: str | None = None
+    max_image_pixels: int = 64_000_000
+
+
+@dataclass
+class VilaRuntime:
+    checkpoint: VilaCheckpoint
+    text_generator: TorchTextGenerator
+    vision_encoder: TorchVisionEncoder | None
+    executor: ModelExecutor
+
+    @classmethod
+    def load(cls, options: VilaRuntimeOptions) -> VilaRuntime:
+        if options.precision != "W16A16":
+            raise ValueError(
+                f"--precision {options.precision} is not available in this build; "
+                "use --precision W16A16"
+            )
+        started = time.perf_counter()
+        device = resolve_device(options.device)
+        dtype = resolve_dtype(options.dtype, device)
+        checkpoint = VilaCheckpoint.open(options.model_path)
+        tokenizer = load_tokenizer(checkpoint.llm_dir)
+        model = load_llm(checkpoint, dtype, device)
+        template = pick_template(checkpoint.llm_config, tokenizer, options.conv_template)
+        stop_ids = stop_token_ids(tokenizer, template)
+        executor = ModelExecutor()
+        generator = TorchTextGenerator(
+            model,
+            tokenizer,
+            template.with_stop_token_ids(sorted(stop_ids)),
+            executor,
+            context_length(checkpoint.llm_config),
+            sorted(stop_ids),
+        )
+        vision = None
+        if checkpoint.is_multimodal:
+            pipeline = VisionPipeline.from_checkpoint(
+                checkpoint.root, checkpoint.config, dtype, device
+            )
+            vision = TorchVisionEncoder(pipeline, executor, options.max_image_pixels)
+        log.info(
+            "model loaded",
+            extra={
+                "path": str(checkpoint.root),
+                "device": str(device),
+                "dtype": str(dtype).removeprefix("torch."),
+                "template": template.name,
+                "multimodal": vision is not None,
+                "tokens_per_image": vision.tokens_per_image if vision else 0,
+                "seconds": round(time.perf_counter() - started, 2),
+            },
+        )
+        return cls(checkpoint, generator, vision, executor)
+
+
+def load_llm(checkpoint: VilaCheckpoint, dtype: torch.dtype, device: torch.device) -> Llama:
+    args = LlamaArgs.from_hf_config(checkpoint.llm_config)
+    model = Llama(args)
+    model.load_hf_state_dict(load_state_dict(checkpoint.llm_dir))
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def context_length(llm_config: dict[str, Any]) -> int:
+    """VILA truncates at `tokenizer_model_max_length`; otherwise the position limit."""
+    limit = llm_config.get("tokenizer_model_max_length") or llm_config["max_position_embeddings"]
+    return int(min(limit, llm_config.get("max_position_embeddings", limit)))
+
+
+def pick_template(
+    llm_config: dict[str, Any], tokenizer: Any, override: str | None
+) -> ConversationTemplate:
+    shape = LlmShape(
+        vocab_size=int(llm_config["vocab_size"]),
+        num_layers=int(llm_config["num_hidden_layers"]),
+        num_heads=int(llm_config["num_attention_heads"]),
+    )
+    chat_template = getattr(tokenizer, "chat_template", None)
+    return choose_template(
+        shape, chat_template if isinstance(chat_template, str) else None, override
+    )
+
+
+def stop_token_ids(tokenizer: Any, template: ConversationTemplate) -> set[int]:
+    """The tokenizer's end token, the template's ids, and its stop strings that are tokens."""
+    vocab = tokenizer.get_vocab()
+    vocab_size = len(vocab)
+    ids: set[int] = {i for i in template.stop_token_ids if i < vocab_size}
+    ids.update(_as_ids(tokenizer.eos_token_id))
+    ids.update(vocab[s] for s in template.stop_str if s in vocab)
+    return ids
+
+
+def _as_ids(value: int | Iterable[int] | None) -> set[int]:
+    if value is None:
+        return set()
+    return {value} if isinstance(value, int) else set(value)

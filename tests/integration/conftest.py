@@ -1,0 +1,33 @@
+"""Shared fixtures for the integration tests.
+
+The tests folders have no `__init__.py`, so this folder goes on `sys.path` to make the helper
+module importable as `from tiny_vila import build_tiny_vila`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+from tiny_vila import build_tiny_vila  # noqa: E402  (needs the sys.path entry above)
+
+
+@pytest.fixture(scope="session")
+def tiny_vila_siglip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random VILA1.5-3b-shaped checkpoint: SigLIP, mlp_downsample, llama-style tokenizer."""
+    # "vila" in the folder name: the worker's multimodal check looks at the model name.
+    root = tmp_path_factory.mktemp("ckpt") / "VILA1.5-tiny-siglip"
+    return build_tiny_vila(root, "siglip", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_vila_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random LLaVA-1.5-style checkpoint: CLIP with CLS, mlp2x_gelu, pad aspect ratio."""
+    root = tmp_path_factory.mktemp("ckpt") / "VILA1.5-tiny-clip"
+    return build_tiny_vila(root, "clip", seed=1)
