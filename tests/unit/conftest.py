@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import base64
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,13 +10,11 @@ from fastapi.testclient import TestClient
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fakes import PNG_MAGIC, FakeController, FakeTextGenerator, FakeVisionEncoder  # noqa: E402
+from fakes import FakeController, FakeTextGenerator, FakeVisionEncoder
 
-from vilaserve.entrypoints.container import WorkerContainer  # noqa: E402
-from vilaserve.entrypoints.http.worker_app import create_worker_app  # noqa: E402
-from vilaserve.entrypoints.settings import WorkerSettings  # noqa: E402
-
-FAKE_PNG_B64 = base64.b64encode(PNG_MAGIC + b"fake image body").decode()
+from vilaserve.entrypoints.container import WorkerContainer
+from vilaserve.entrypoints.http.worker_app import create_worker_app
+from vilaserve.entrypoints.settings import WorkerSettings
 
 
 @pytest.fixture

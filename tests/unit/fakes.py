@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -13,6 +14,7 @@ from vilaserve.domain.ports import ControllerClient, ImageFeatures, TextGenerato
 from vilaserve.domain.status import WorkerStatus
 
 PNG_MAGIC = b"\x89PNG"
+FAKE_PNG_B64 = base64.b64encode(PNG_MAGIC + b"fake image body").decode()
 
 
 @dataclass

@@ -6,8 +6,7 @@ import asyncio
 import base64
 
 import pytest
-from conftest import FAKE_PNG_B64
-from fakes import FakeTextGenerator, FakeVisionEncoder
+from fakes import FAKE_PNG_B64, FakeTextGenerator, FakeVisionEncoder
 
 from vilaserve.application.generate_stream import GenerateStream, GenerationLimits
 from vilaserve.application.slots import ConcurrencySlots

@@ -6,9 +6,8 @@ import json
 import subprocess
 import sys
 
-from conftest import FAKE_PNG_B64
+from fakes import FAKE_PNG_B64, FakeTextGenerator
 from fastapi.testclient import TestClient
-from fakes import FakeTextGenerator
 
 from vilaserve.domain.errors import ErrorCode
 
