@@ -38,10 +38,20 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     add("--stream-interval", type=int, help="tokens between streamed chunks (default 1)")
     add("--max-new-tokens-cap", type=int, help="upper bound on max_new_tokens (default 1024)")
     add("--heartbeat-interval-s", type=float, help="seconds between heartbeats (default 15)")
-    add("--no-register", dest="register_with_controller", action="store_const", const=False,
-        help="do not register with a controller")
-    add("--multi-modal", dest="multi_modal", action="store_const", const=True,
-        help="register as multimodal (default: when the checkpoint has a vision tower)")
+    add(
+        "--no-register",
+        dest="register_with_controller",
+        action="store_const",
+        const=False,
+        help="do not register with a controller",
+    )
+    add(
+        "--multi-modal",
+        dest="multi_modal",
+        action="store_const",
+        const=True,
+        help="register as multimodal (default: when the checkpoint has a vision tower)",
+    )
     add("--log-format", choices=["json", "text"], help="log line format (default json)")
 
 

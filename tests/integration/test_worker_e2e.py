@@ -37,13 +37,13 @@ VICUNA = (
 
 
 def start_worker(checkpoint: Path, **overrides: object) -> ServerThread:
-    settings = WorkerSettings(
-        model_path=str(checkpoint),
-        dtype="float32",
-        register_with_controller=False,
-        log_format="text",
-        **overrides,  # type: ignore[arg-type]
-    )
+    options: dict[str, object] = {
+        "dtype": "float32",
+        "register_with_controller": False,
+        "log_format": "text",
+        **overrides,
+    }
+    settings = WorkerSettings(model_path=str(checkpoint), **options)  # type: ignore[arg-type]
     return ServerThread(create_worker_app(WorkerContainer(settings=settings)))
 
 
