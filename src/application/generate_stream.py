@@ -7,6 +7,8 @@ message naming the cause; one bad request never disturbs another.
 from __future__ import annotations
 
 import logging
+import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, replace
@@ -90,13 +92,26 @@ class GenerateStream:
         template = self._generator.conversation_template
         params = request.params
         stop = tuple(dict.fromkeys((*params.stop, *template.stop_str)))
-        request = replace(request, params=replace(params, stop=stop))
+        request_id = request.request_id or uuid.uuid4().hex[:16]
+        request = replace(request, params=replace(params, stop=stop), request_id=request_id)
+        log.info(
+            "request accepted",
+            extra={
+                "request_id": request_id,
+                "prompt_chars": len(request.prompt),
+                "images": len(files),
+                "image_bytes": sum(len(f) for f in files),
+                "max_new_tokens": params.max_new_tokens,
+                "greedy": params.is_greedy,
+            },
+        )
         return PreparedRequest(request, model_prompt, files)
 
     async def stream(self, prepared: PreparedRequest) -> AsyncIterator[StreamChunk]:
         """Never raises: failures end the stream with one error chunk."""
         request = prepared.request
         prefix = request.prompt if request.echo else ""
+        started = time.perf_counter()
         try:
             async with self._slots.hold():
                 features = await self._encode(prepared.image_files)
@@ -104,6 +119,15 @@ class GenerateStream:
                 async with aclosing(self._generate(prepared, features, prefix)) as chunks:
                     async for chunk in chunks:
                         yield chunk
+            log.info(
+                "request done",
+                extra={
+                    "request_id": request.request_id,
+                    "finish_reason": chunk.finish_reason,
+                    **(chunk.usage.to_dict() if chunk.usage else {}),
+                    "seconds": round(time.perf_counter() - started, 3),
+                },
+            )
         except ServingError as error:
             log.info(
                 "request failed",

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
 import subprocess
 import sys
 
+import pytest
 from fakes import FAKE_PNG_B64, FakeTextGenerator
 from fastapi.testclient import TestClient
 
@@ -124,3 +127,18 @@ def test_the_container_and_app_import_no_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_logs_never_carry_image_payloads(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = base64.b64encode(b"\x89PNG" + b"S3CRET-PIXELS" * 20).decode()
+    not_png = base64.b64encode(b"S3CRET-PIXELS" * 20).decode()
+    with caplog.at_level(logging.DEBUG):
+        client.post("/worker_generate", json={"prompt": "<image>", "images": [secret]})
+        client.post("/worker_generate", json={"prompt": "<image>", "images": [not_png]})
+        client.post("/worker_generate", json={"prompt": "q", "images": [secret]})
+    assert caplog.records  # the failures were logged ...
+    for record in caplog.records:
+        text = record.getMessage() + " " + " ".join(str(v) for v in vars(record).values())
+        assert secret[:40] not in text and not_png[:40] not in text  # ... without the images

@@ -64,6 +64,7 @@ class VilaRuntime:
             executor,
             context_length(checkpoint.llm_config),
             sorted(stop_ids),
+            image_wrap(checkpoint, tokenizer),
         )
         vision = None
         if checkpoint.is_multimodal:
@@ -91,6 +92,20 @@ def load_llm(checkpoint: VilaCheckpoint, dtype: torch.dtype, device: torch.devic
     model = Llama(args)
     model.load_hf_state_dict(load_state_dict(checkpoint.llm_dir))
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def image_wrap(checkpoint: VilaCheckpoint, tokenizer: Any) -> tuple[str, str] | None:
+    """`<im_start>`/`<im_end>` around each image, for checkpoints trained that way."""
+    if not checkpoint.config.get("mm_use_im_start_end"):
+        return None
+    wrap = ("<im_start>", "<im_end>")
+    missing = [t for t in wrap if t not in tokenizer.get_vocab()]
+    if missing:
+        raise ValueError(
+            f"{checkpoint.root}: mm_use_im_start_end is set but the tokenizer in "
+            f"{checkpoint.llm_dir} has no {', '.join(missing)} token"
+        )
+    return wrap
 
 
 def context_length(llm_config: dict[str, Any]) -> int:

@@ -16,6 +16,7 @@ from vilaserve.adapters.torch_vila.executor import ModelExecutor
 from vilaserve.adapters.torch_vila.llama import Llama
 from vilaserve.adapters.torch_vila.sampling import Sampler
 from vilaserve.adapters.torch_vila.tokenization import (
+    IMAGE_TOKEN,
     IMAGE_TOKEN_INDEX,
     IncrementalDetokenizer,
     tokenize_with_images,
@@ -46,6 +47,7 @@ class TorchTextGenerator(TextGenerator):
         executor: ModelExecutor,
         context_length: int,
         stop_token_ids: Sequence[int],
+        image_wrap: tuple[str, str] | None = None,
     ) -> None:
         self._model = model
         self._tokenizer = tokenizer
@@ -53,6 +55,8 @@ class TorchTextGenerator(TextGenerator):
         self._executor = executor
         self._context_length = context_length
         self._stop_ids = frozenset(stop_token_ids)
+        # Checkpoints trained with `mm_use_im_start_end` see each image between two tokens.
+        self._image_wrap = image_wrap
         self._device = next(model.parameters()).device
 
     @property
@@ -63,14 +67,20 @@ class TorchTextGenerator(TextGenerator):
     def conversation_template(self) -> ConversationTemplate:
         return self._template
 
+    def _tokenize(self, prompt: str) -> list[int]:
+        if self._image_wrap is not None:
+            start, end = self._image_wrap
+            prompt = prompt.replace(IMAGE_TOKEN, f"{start}{IMAGE_TOKEN}{end}")
+        return tokenize_with_images(self._tokenizer, prompt)
+
     def count_tokens(self, text: str) -> int:
-        ids = tokenize_with_images(self._tokenizer, text)
+        ids = self._tokenize(text)
         return sum(1 for i in ids if i != IMAGE_TOKEN_INDEX)
 
     def generate(
         self, prompt: str, images: ImageFeatures | None, params: SamplingParams
     ) -> AsyncIterator[GenerationStep]:
-        ids = tokenize_with_images(self._tokenizer, prompt)
+        ids = self._tokenize(prompt)
         n_slots = sum(1 for i in ids if i == IMAGE_TOKEN_INDEX)
         embeddings = images.embeddings if isinstance(images, TorchImageFeatures) else None
         n_images = 0 if embeddings is None else int(embeddings.shape[0])

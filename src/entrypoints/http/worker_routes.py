@@ -8,6 +8,7 @@ clients that check the status both see the error code and the message.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,6 +22,7 @@ from vilaserve.domain.errors import InvalidRequest, ServingError
 from vilaserve.domain.generation import StreamChunk
 
 router = APIRouter()
+log = logging.getLogger(__name__)
 
 FRAME_MEDIA_TYPE = "application/octet-stream"
 
@@ -39,7 +41,9 @@ async def read_json(request: Request) -> Any:
         raise InvalidRequest(f"the request body is not valid JSON ({exc})") from exc
 
 
-def _status_for(error: ServingError) -> int:
+def _refused(error: ServingError) -> int:
+    """Logs a request refused before generation; returns its HTTP status."""
+    log.info("request refused", extra={"error_code": int(error.code), "reason": error.message})
     return 400 if error.is_client_error else 500
 
 
@@ -57,7 +61,7 @@ async def worker_generate_stream(
     try:
         prepared = generate.prepare(await read_json(request))
     except ServingError as error:
-        return Response(frame(error_chunk(error)), _status_for(error), media_type=FRAME_MEDIA_TYPE)
+        return Response(frame(error_chunk(error)), _refused(error), media_type=FRAME_MEDIA_TYPE)
     return StreamingResponse(_frames(generate.stream(prepared)), media_type=FRAME_MEDIA_TYPE)
 
 
@@ -70,7 +74,7 @@ async def worker_generate(
     try:
         prepared = generate.prepare(await read_json(request))
     except ServingError as error:
-        return JSONResponse(error_chunk(error).to_dict(), _status_for(error))
+        return JSONResponse(error_chunk(error).to_dict(), _refused(error))
     last = StreamChunk(text="")
     async for last in generate.stream(prepared):  # noqa: B007 - only the final chunk matters
         pass
