@@ -5,9 +5,10 @@ PORT ?= 21002
 
 .PHONY: setup run test lint
 
-# The CPU wheel of torch is installed first so that nothing pulls a multi-GB CUDA build.
+# torch first, and only if absent: an existing (CUDA) build is kept; on a bare machine the
+# pinned CPU wheel is taken, so that nothing pulls a multi-GB CUDA build as a dependency.
 setup:
-	$(PYTHON) -m pip install -q torch==2.13.0 || $(PYTHON) -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
 	$(PYTHON) -m pip install -q -e ".[dev]"
 
 # Until the embedded demo model lands, this serves a tiny *random* VILA checkpoint built
