@@ -179,6 +179,8 @@ class RotaryTable(nn.Module):
         cos, sin = self._build(inv_freq, length)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        # Tables cast to an activation dtype, made once: the decode step then only slices.
+        self._cast: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
 
     @property
     def length(self) -> int:
@@ -188,6 +190,16 @@ class RotaryTable(nn.Module):
         """Grows the tables to cover positions [0, length); a no-op on the hot path."""
         if length > self.length:
             self.cos, self.sin = self._build(self.inv_freq, length)
+            self._cast.clear()
+
+    def rows(self, start: int, end: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos/sin for positions [start, end) in `dtype` (cast from fp32 as HF does)."""
+        if dtype == self.cos.dtype:
+            return self.cos[start:end], self.sin[start:end]
+        cast = self._cast.get(dtype)
+        if cast is None:
+            cast = self._cast[dtype] = (self.cos.to(dtype), self.sin.to(dtype))
+        return cast[0][start:end], cast[1][start:end]
 
     @staticmethod
     def _build(inv_freq: Tensor, length: int) -> tuple[Tensor, Tensor]:
@@ -202,6 +214,7 @@ class RotaryTable(nn.Module):
         # bf16 round trip would lose precision for good. Follow device moves, undo dtype casts.
         before = dict(self._buffers)
         super()._apply(fn, recurse)
+        self._cast.clear()
         for name, old in before.items():
             new = self._buffers[name]
             if old is not None and new is not None and new.dtype != old.dtype:
@@ -443,8 +456,7 @@ class Llama(nn.Module):
         end = start_pos + length
         self.rope.ensure(end)
         # HF casts its fp32 cos/sin to the activation dtype before rotating; same here.
-        cos = self.rope.cos[start_pos:end].to(hidden.dtype)
-        sin = self.rope.sin[start_pos:end].to(hidden.dtype)
+        cos, sin = self.rope.rows(start_pos, end, hidden.dtype)
         mask = None
         if length > 1 and start_pos > 0:
             # SDPA's is_causal aligns the triangle top-left, which is wrong when the queries
