@@ -73,8 +73,8 @@ def test_im_start_end_checkpoints_need_the_tokens(tmp_path: Path) -> None:
         VilaRuntime.load(VilaRuntimeOptions(model_path=str(root), dtype="float32"))
 
 
-def test_w4a16_is_refused_clearly_until_it_exists(tiny_vila_siglip: Path) -> None:
-    with pytest.raises(ValueError, match="W4A16 is not available"):
+def test_w4a16_without_awq_weights_says_what_is_missing(tiny_vila_siglip: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="needs AWQ weights: pass --quant-path"):
         VilaRuntime.load(VilaRuntimeOptions(model_path=str(tiny_vila_siglip), precision="W4A16"))
 
 

@@ -393,6 +393,20 @@ class Llama(nn.Module):
         initial = min(args.max_position_embeddings, _INITIAL_ROPE_POSITIONS)
         self.rope = RotaryTable(rope_inv_freq(args), initial)
 
+    @classmethod
+    def empty(cls, args: LlamaArgs, dtype: torch.dtype, device: torch.device | str) -> Llama:
+        """A model with uninitialised weights, for loading into: random init of billions of
+        parameters would cost more than the load itself."""
+        with torch.device("meta"):
+            model = cls(args)
+        model.to_empty(device=device).to(dtype)
+        # The RoPE tables are derived, not loaded: rebuild them on the real device.
+        initial = min(args.max_position_embeddings, _INITIAL_ROPE_POSITIONS)
+        model.rope = RotaryTable(rope_inv_freq(args).to(device), initial)
+        if args.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model
+
     @property
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype

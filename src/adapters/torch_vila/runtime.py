@@ -43,17 +43,20 @@ class VilaRuntime:
 
     @classmethod
     def load(cls, options: VilaRuntimeOptions) -> VilaRuntime:
-        if options.precision != "W16A16":
-            raise ValueError(
-                f"--precision {options.precision} is not available in this build; "
-                "use --precision W16A16"
-            )
+        if options.precision not in ("W16A16", "W4A16"):
+            raise ValueError(f"--precision {options.precision}: expected W16A16 or W4A16")
         started = time.perf_counter()
         device = resolve_device(options.device)
         dtype = resolve_dtype(options.dtype, device)
         checkpoint = VilaCheckpoint.open(options.model_path)
         tokenizer = load_tokenizer(checkpoint.llm_dir)
-        model = load_llm(checkpoint, dtype, device)
+        if options.precision == "W4A16":
+            # Imported here: the 16-bit path needs none of the AWQ machinery.
+            from vilaserve.adapters.awq.loading import load_awq_llm
+
+            model = load_awq_llm(checkpoint, options.quant_path, dtype, device)
+        else:
+            model = load_llm(checkpoint, dtype, device)
         template = pick_template(checkpoint.llm_config, tokenizer, options.conv_template)
         stop_ids = stop_token_ids(tokenizer, template)
         executor = ModelExecutor()
@@ -76,6 +79,7 @@ class VilaRuntime:
             "model loaded",
             extra={
                 "path": str(checkpoint.root),
+                "precision": options.precision,
                 "device": str(device),
                 "dtype": str(dtype).removeprefix("torch."),
                 "template": template.name,
@@ -88,10 +92,9 @@ class VilaRuntime:
 
 
 def load_llm(checkpoint: VilaCheckpoint, dtype: torch.dtype, device: torch.device) -> Llama:
-    args = LlamaArgs.from_hf_config(checkpoint.llm_config)
-    model = Llama(args)
+    model = Llama.empty(LlamaArgs.from_hf_config(checkpoint.llm_config), dtype, device)
     model.load_hf_state_dict(load_state_dict(checkpoint.llm_dir))
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return model.eval().requires_grad_(False)
 
 
 def image_wrap(checkpoint: VilaCheckpoint, tokenizer: Any) -> tuple[str, str] | None:

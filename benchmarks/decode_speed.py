@@ -1,0 +1,214 @@
+"""Single-stream CPU decode speed of our Llama: W16A16 (bf16) vs W4A16 (W4A16Linear, g128).
+
+Random weights (speed does not depend on their values), built directly in bf16; the W4A16
+model is the same model with its decoder linears RTN-quantized in place, one at a time, so the
+peak memory stays at the bf16 model's size. Also measures the machine's memory read bandwidth
+and the bandwidth bound for W4A16 decode (bytes streamed per token / bandwidth).
+
+    python benchmarks/decode_speed.py --sizes small,3b --tokens 64 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+from tqdm import tqdm
+
+from vilaserve.adapters.awq.qlinear import W4A16Linear, quantize_model_linears, weight_bytes
+from vilaserve.adapters.awq.quantized_weight import QuantizedWeight
+from vilaserve.adapters.torch_vila.llama import Llama, LlamaArgs
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GROUP = 128
+PROMPT_LEN = 16
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def shape(name: str) -> LlamaArgs:
+    # (vocab, hidden, inter, layers, heads, kv_heads, tied)
+    dims = {
+        "small": (49152, 576, 1536, 30, 9, 3, True),  # SmolLM2-135M
+        "3b": (32000, 2560, 6912, 32, 20, 20, False),  # VILA1.5-3B's LLM
+    }[name]
+    vocab, hidden, inter, layers, heads, kv_heads, tied = dims
+    return LlamaArgs(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
+        rms_norm_eps=1e-5,
+        rope_theta=10_000.0,
+        rope_scaling=None,
+        max_position_embeddings=4096,
+        tie_word_embeddings=tied,
+    )
+
+
+def random_model(args: LlamaArgs) -> Llama:
+    # Llama.empty skips the fp32 random init (2.7B fp32 params would need 11 GB); fill in bf16.
+    model = Llama.empty(args, torch.bfloat16, "cpu").eval().requires_grad_(False)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02)
+    return model
+
+
+def rtn_quantize(weight: torch.Tensor, group: int) -> QuantizedWeight:
+    """Per-group asymmetric min/max round-to-nearest (AWQ's integer zero-point convention)."""
+    n, k = weight.shape
+    w = weight.float().view(n, k // group, group)
+    low, high = w.amin(-1), w.amax(-1)
+    scales = (high - low).clamp(min=1e-5) / 15
+    zeros = (-torch.round(low / scales)).clamp(0, 15)
+    q = (torch.round(w / scales[..., None]) + zeros[..., None]).clamp(0, 15)
+    return QuantizedWeight(
+        q.view(n, k).to(torch.uint8), scales.to(torch.bfloat16), zeros.to(torch.uint8), group
+    )
+
+
+def quantize_in_place(model: Llama, backend: str) -> None:
+    layers = model.model.layers
+    for i, layer in enumerate(tqdm(layers, desc="quantize", leave=False)):
+        for parent in (layer.self_attn, layer.mlp):
+            for attr in LINEARS:
+                if hasattr(parent, attr):
+                    sub = "self_attn" if parent is layer.self_attn else "mlp"
+                    name = f"model.layers.{i}.{sub}.{attr}"
+                    weight = getattr(parent, attr).weight
+                    # SmolLM2's hidden size 576 is not a multiple of 128: use g64 there.
+                    group = GROUP if weight.shape[1] % GROUP == 0 else GROUP // 2
+                    qw = rtn_quantize(weight, group)
+                    # One linear at a time: its bf16 weight is freed as soon as it is replaced.
+                    quantize_model_linears(model, {name: qw}, torch.bfloat16, "cpu", backend)
+
+
+def decode_speed(model: Llama, tokens: int, desc: str) -> float:
+    """Seconds per decode token after a 16-token prompt; the first 2 steps are warm-up."""
+    warmup = 2
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.args.vocab_size, (1, PROMPT_LEN), generator=gen)
+    cache = model.new_cache(1, PROMPT_LEN + tokens + warmup)
+    with torch.inference_mode():
+        logits = model(cache, 0, input_ids=prompt)
+        pos = PROMPT_LEN
+        times = []
+        for _ in tqdm(range(warmup + tokens), desc=desc, leave=False):
+            ids = logits[:, -1].argmax(-1, keepdim=True)
+            start = time.perf_counter()
+            logits = model(cache, pos, input_ids=ids)
+            times.append(time.perf_counter() - start)
+            pos += 1
+    return sum(times[warmup:]) / tokens
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Best-of-N GB/s of summing a large fp32 tensor (a pure streaming read)."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best / 1e9
+
+
+def streamed_bytes(model: Llama) -> int:
+    """Bytes a W4A16 decode step must read: packed weights + scales/zeros + the bf16 head."""
+    total = sum(
+        b.numel() * b.element_size()
+        for m in model.modules()
+        if isinstance(m, W4A16Linear)
+        for b in m.buffers()
+    )
+    return total + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="small,3b")
+    parser.add_argument("--tokens", type=int, default=64, help="decode steps (small shape)")
+    parser.add_argument("--tokens-3b", type=int, default=16, help="decode steps (3b shape)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--backend", default="auto")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    bandwidth = read_bandwidth()
+    print(f"threads={args.threads}  read bandwidth {bandwidth:.1f} GB/s")
+    rows = []
+    for size in args.sizes.split(","):
+        tokens = args.tokens_3b if size == "3b" else args.tokens
+        model = random_model(shape(size))
+        bf16_bytes = weight_bytes(model)
+        w16 = decode_speed(model, tokens, f"{size} W16A16")
+        quantize_in_place(model, args.backend)
+        w4 = decode_speed(model, tokens, f"{size} W4A16")
+        streamed = streamed_bytes(model)
+        bound = streamed / (bandwidth * 1e9)
+        rows.append(
+            {
+                "size": size,
+                "tokens": tokens,
+                "w16a16_ms": w16 * 1e3,
+                "w4a16_ms": w4 * 1e3,
+                "w16a16_tok_s": 1 / w16,
+                "w4a16_tok_s": 1 / w4,
+                "speedup": w16 / w4,
+                "weight_ratio": weight_bytes(model) / bf16_bytes,
+                "w4a16_streamed_mb": streamed / 1e6,
+                "bound_ms": bound * 1e3,
+                "measured_over_bound": w4 / bound,
+            }
+        )
+        del model
+    header = (
+        f"{'size':6} {'W16 ms':>8} {'W16 tok/s':>9} {'W4 ms':>8} {'W4 tok/s':>9} {'speedup':>7} "
+        f"{'W4 MB':>7} {'bound ms':>8} {'W4/bound':>8}"
+    )
+    print(header)
+    for r in rows:
+        print(
+            f"{r['size']:6} {r['w16a16_ms']:8.1f} {r['w16a16_tok_s']:9.2f} {r['w4a16_ms']:8.1f} "
+            f"{r['w4a16_tok_s']:9.2f} {r['speedup']:7.2f} {r['w4a16_streamed_mb']:7.0f} "
+            f"{r['bound_ms']:8.1f} {r['measured_over_bound']:8.2f}"
+        )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    info = {"threads": args.threads, "read_bandwidth_gb_s": bandwidth, "rows": rows}
+    (RESULTS / "decode_speed.json").write_text(json.dumps(info, indent=2))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r["w16a16_tok_s"] for r in rows], 0.4, label="W16A16 bf16")
+    ax.bar([x + 0.2 for x in xs], [r["w4a16_tok_s"] for r in rows], 0.4, label="W4A16 g128")
+    ax.scatter(
+        [x + 0.2 for x in xs],
+        [1e3 / r["bound_ms"] for r in rows],
+        marker="_",
+        s=400,
+        color="k",
+        label="W4A16 bandwidth bound",
+    )
+    ax.set_xticks(list(xs), [r["size"] for r in rows])
+    ax.set_yscale("log")
+    ax.set_ylabel("decode tokens/s (batch 1)")
+    ax.set_title(f"CPU decode, {args.threads} threads, {bandwidth:.0f} GB/s read")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "decode_speed.png", dpi=120)
+    print(f"wrote {RESULTS / 'decode_speed.png'} and decode_speed.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""W4A16 end to end: golden AWQ checkpoints through our loader and kernels, our quantizer's
+output through the worker."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_worker_e2e import start_worker, stream_frames
+from tiny_vila import make_png
+
+from vilaserve.adapters.awq.loading import load_awq_llm
+from vilaserve.adapters.torch_vila.checkpoint import VilaCheckpoint
+from vilaserve.entrypoints.quantize import quantize_checkpoint
+
+
+def shared_golden() -> Path:
+    root = Path(
+        os.environ.get("VILASERVE_SHARED", Path(__file__).resolve().parents[2].parent / "shared")
+    )
+    golden = root / "golden"
+    if not (golden / "tiny-llama-reference-logits.safetensors").is_file():
+        pytest.skip(f"golden AWQ data not found under {golden}")
+    return golden
+
+
+def golden_logits(golden: Path, source: Path, dtype: torch.dtype, backend: str) -> torch.Tensor:
+    checkpoint = VilaCheckpoint.open(golden / "tiny-llama-dequant-fp16")
+    model = load_awq_llm(checkpoint, str(source), dtype, torch.device("cpu"), backend)
+    ids = load_file(str(golden / "tiny-llama-reference-logits.safetensors"))["input_ids"]
+    with torch.inference_mode():
+        return model(model.new_cache(ids.shape[0], ids.shape[1]), 0, input_ids=ids, last_only=False)
+
+
+@pytest.mark.parametrize("source", ["tiny-llama-w4-g128-awq-v2.pt", "tiny-llama-awq-gemm"])
+def test_golden_awq_checkpoints_reproduce_the_reference_logits(source: str) -> None:
+    golden = shared_golden()
+    reference = load_file(str(golden / "tiny-llama-reference-logits.safetensors"))["logits_fp32"]
+    exact = golden_logits(golden, golden / source, torch.float32, "dequant")
+    assert (exact - reference).abs().max() < 1e-3
+    fast = golden_logits(golden, golden / source, torch.bfloat16, "auto")
+    # bf16 activations move logits of this size (std ~1) by ~1e-2; argmax must agree where
+    # the reference is not a near-tie.
+    assert (fast - reference).abs().max() < 0.1
+    top2 = reference.topk(2, dim=-1).values
+    decisive = (top2[..., 0] - top2[..., 1]) > 0.05
+    assert torch.equal(fast.argmax(-1)[decisive], reference.argmax(-1)[decisive])
+
+
+@pytest.fixture(scope="module")
+def quantized_vila(tiny_vila_siglip: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    calib = tmp_path_factory.mktemp("calib") / "calibration.txt"
+    calib.write_text(
+        "\n".join(f"The cat number {i} sat on a red mat near the river." for i in range(64))
+    )
+    output = tmp_path_factory.mktemp("awq") / "VILA1.5-tiny-siglip"
+    args = argparse.Namespace(
+        model_path=str(tiny_vila_siglip),
+        output=str(output),
+        w_bit=4,
+        group_size=32,
+        calib=str(calib),
+        n_samples=64,
+        seqlen=32,
+        no_search=False,
+        export_tinychat=True,
+        device="cpu",
+        seed=0,
+    )
+    return quantize_checkpoint(args)
+
+
+def test_both_written_formats_load_to_the_same_model(quantized_vila: Path) -> None:
+    checkpoint = VilaCheckpoint.open(quantized_vila)
+    [pickle] = sorted(checkpoint.llm_dir.glob("*awq-v2.pt"))
+    ids = torch.arange(5, 37).unsqueeze(0)
+    outputs = []
+    for source in (checkpoint.llm_dir, pickle):
+        model = load_awq_llm(checkpoint, str(source), torch.float32, torch.device("cpu"), "dequant")
+        outputs.append(model(model.new_cache(1, 32), 0, input_ids=ids, last_only=False))
+    assert torch.equal(outputs[0], outputs[1])
+    assert (checkpoint.root / "vision_tower" / "preprocessor_config.json").is_file()
+    assert (checkpoint.llm_dir / "tokenizer.json").is_file()
+
+
+def test_worker_serves_w4a16(quantized_vila: Path) -> None:
+    checkpoint = VilaCheckpoint.open(quantized_vila)
+    [pickle] = sorted(checkpoint.llm_dir.glob("*awq-v2.pt"))
+    with start_worker(quantized_vila, precision="W4A16", quant_path=str(pickle)) as server:
+        status = httpx.post(server.url + "/worker_get_status").json()
+        assert status["model_names"] == ["VILA1.5-tiny-siglip-4bit-AWQ"]
+        prompt = "USER: <image>\nWhat is it? ASSISTANT:"
+        body = {
+            "prompt": prompt,
+            "images": [base64.b64encode(make_png(32, 32, "red")).decode()],
+            "temperature": 0,
+            "max_new_tokens": 8,
+        }
+        frames = stream_frames(server.url, body)
+        assert frames[-1]["error_code"] == 0
+        assert frames[-1]["text"].startswith(prompt)
+        assert frames[-1]["usage"]["completion_tokens"] >= 1
