@@ -15,17 +15,7 @@ from vilaserve.adapters.awq.formats import load_hf_awq_directory, load_tinychat_
 from vilaserve.adapters.awq.qlinear import quantize_model_linears
 from vilaserve.adapters.awq.quantized_weight import QuantizedWeight
 from vilaserve.adapters.torch_vila.checkpoint import VilaCheckpoint
-from vilaserve.adapters.torch_vila.llama import Llama, LlamaArgs
-
-LINEAR_NAMES = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
+from vilaserve.adapters.torch_vila.llama import DECODER_LINEARS, Llama, LlamaArgs
 
 
 def expected_linear_shapes(args: LlamaArgs) -> dict[str, tuple[int, int]]:
@@ -124,4 +114,4 @@ def load_awq_llm(
 
 
 def _in_quantized_linear(key: str) -> bool:
-    return any(f".{name}." in key for name in LINEAR_NAMES)
+    return any(f".{name}." in key for name in DECODER_LINEARS)

@@ -29,18 +29,15 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from vilaserve.adapters.awq.quantized_weight import QuantizedWeight
-from vilaserve.adapters.torch_vila.llama import DecoderLayer, KVCache, Llama, RMSNorm, _Step
-
-# Decoder linears as named under `model.layers.{i}.` (HF names).
-_LINEARS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
+from vilaserve.adapters.torch_vila.llama import (
+    DECODER_LINEARS,
+    DecoderLayer,
+    KVCache,
+    Llama,
+    RMSNorm,
+    _Step,
 )
+
 # Which cached input each linear reads: q/k/v share the attention input and gate/up share the
 # MLP input, so each activation tensor is cached once rather than per linear.
 _FEATURE_OF = {
@@ -445,7 +442,7 @@ def quantize_llama(
                 features, hidden = _run_block(work, hidden, forwards.block)
                 _search_block(work, features, forwards, config, prefix, report)
                 del features
-            for name in _LINEARS:
+            for name in DECODER_LINEARS:
                 linear = _linear(work, name)
                 bias = None if linear.bias is None else linear.bias.to(model.dtype)
                 quantized[prefix + name] = quantize_to_canonical(
@@ -517,7 +514,9 @@ def _linear(block: nn.Module, name: str) -> nn.Linear:
 def _plain_tensors(model: Llama) -> dict[str, Tensor]:
     """Every state-dict tensor outside the decoder linears, copied (HF names)."""
     linear_prefixes = tuple(
-        f"model.layers.{i}.{name}." for i in range(len(model.model.layers)) for name in _LINEARS
+        f"model.layers.{i}.{name}."
+        for i in range(len(model.model.layers))
+        for name in DECODER_LINEARS
     )
     plain = {
         key: value.detach().clone()

@@ -30,6 +30,18 @@ DEFAULT_ROPE_THETA = 10_000.0
 # RoPE tables start this long (capped by max_position_embeddings) and grow on demand, so a
 # 128K-context config does not pin 128 MB of tables that a 4K serving cache never reads.
 _INITIAL_ROPE_POSITIONS = 4096
+
+# Every Linear of a decoder layer, as named under `model.layers.{i}.` (HF names): the units
+# that AWQ quantizes and that W4A16 swaps in.
+DECODER_LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 _EMBED_KEY = "model.embed_tokens.weight"
 _HEAD_KEY = "lm_head.weight"
 # Old HF checkpoints saved the rotary inverse frequencies; they are derived, never loaded.
