@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from shared_data import golden_dir
 
 from vilaserve.adapters.awq.formats import (
     detect_layer_format,
@@ -47,13 +48,7 @@ PLAIN_NAMES = {
 
 
 def shared_golden() -> Path:
-    root = Path(
-        os.environ.get("VILASERVE_SHARED", Path(__file__).resolve().parents[2].parent / "shared")
-    )
-    golden = root / "golden"
-    if not (golden / "tiny-llama-int4-canonical.safetensors").is_file():
-        pytest.skip(f"golden AWQ data not found under {golden} (set VILASERVE_SHARED)")
-    return golden
+    return golden_dir("tiny-llama-int4-canonical.safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from shared_data import shared_dir
 
 from vilaserve.adapters.torch_vila.projector import (
     DownSampleBlock,
@@ -16,13 +16,7 @@ from vilaserve.adapters.torch_vila.projector import (
     load_projector,
 )
 
-
-def _shared_dir() -> Path:
-    env = os.environ.get("VILASERVE_SHARED")
-    return Path(env) if env else Path(__file__).parents[2].parent / "shared"
-
-
-GOLDEN = _shared_dir() / "golden" / "vila-downsample-block.safetensors"
+GOLDEN = shared_dir() / "golden" / "vila-downsample-block.safetensors"
 
 
 @pytest.fixture(scope="module")

@@ -22,19 +22,10 @@ from vilaserve.adapters.awq.qlinear import (
     weight_bytes,
 )
 from vilaserve.adapters.awq.quantized_weight import QuantizedWeight
-from vilaserve.adapters.torch_vila.llama import Llama, LlamaArgs
+from vilaserve.adapters.torch_vila.llama import DECODER_LINEARS, Llama, LlamaArgs
 
 BF16_REL_TOL = 2e-2
 FP32_REL_TOL = 1e-5
-LINEAR_SUFFIXES = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
 CPU_BACKENDS = ["dequant"] + (["cpu_int4"] if cpu_int4_available() else [])
 
 
@@ -153,7 +144,7 @@ def rtn_weights(model: Llama, group: int) -> dict[str, QuantizedWeight]:
             model.get_submodule(f"model.layers.{i}.{suffix}").weight, group
         )
         for i in range(model.args.num_hidden_layers)
-        for suffix in LINEAR_SUFFIXES
+        for suffix in DECODER_LINEARS
     }
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import argparse
 import base64
-import os
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 from safetensors.torch import load_file
+from shared_data import golden_dir
 from test_worker_e2e import start_worker, stream_frames
 from tiny_vila import make_png
 
@@ -21,13 +21,7 @@ from vilaserve.entrypoints.quantize import quantize_checkpoint
 
 
 def shared_golden() -> Path:
-    root = Path(
-        os.environ.get("VILASERVE_SHARED", Path(__file__).resolve().parents[2].parent / "shared")
-    )
-    golden = root / "golden"
-    if not (golden / "tiny-llama-reference-logits.safetensors").is_file():
-        pytest.skip(f"golden AWQ data not found under {golden}")
-    return golden
+    return golden_dir("tiny-llama-reference-logits.safetensors")
 
 
 def golden_logits(golden: Path, source: Path, dtype: torch.dtype, backend: str) -> torch.Tensor:

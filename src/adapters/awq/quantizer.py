@@ -33,9 +33,9 @@ from vilaserve.adapters.torch_vila.llama import (
     DECODER_LINEARS,
     DecoderLayer,
     KVCache,
+    LayerStep,
     Llama,
     RMSNorm,
-    _Step,
 )
 
 # Which cached input each linear reads: q/k/v share the attention input and gate/up share the
@@ -431,7 +431,7 @@ def quantize_llama(
         if searching:  # RTN needs no calibration activations at all
             hidden = model.embed(calibration.to(model.device)).to(torch.float32)
             # RoPE tables for positions [0, seqlen) in fp32, shared by every block's forwards.
-            forwards = _Forwards(model._make_step(0, calibration.shape[1], hidden))
+            forwards = _Forwards(model.make_step(0, calibration.shape[1], hidden))
         for index in tqdm(range(len(layers)), desc="AWQ", unit="block", disable=not progress):
             layer = layers[index]
             assert isinstance(layer, DecoderLayer)
@@ -457,7 +457,7 @@ def quantize_llama(
 class _Forwards:
     """Runs a block or its attention on [B, T, H] calibration activations at position 0."""
 
-    def __init__(self, step: _Step) -> None:
+    def __init__(self, step: LayerStep) -> None:
         self.step = step
         self.cache = _NoCache()
 

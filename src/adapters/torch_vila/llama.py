@@ -276,7 +276,7 @@ class KVCache:
         return layer_keys[:, :, :end], layer_values[:, :, :end]
 
 
-class _Step(NamedTuple):
+class LayerStep(NamedTuple):
     """What every layer needs about the positions of one forward call, built once per call."""
 
     start_pos: int
@@ -326,7 +326,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.hidden_size, kv_width, bias=bias)
         self.o_proj = nn.Linear(q_width, args.hidden_size, bias=bias)
 
-    def forward(self, x: Tensor, step: _Step, cache: KVCache) -> Tensor:
+    def forward(self, x: Tensor, step: LayerStep, cache: KVCache) -> Tensor:
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -337,7 +337,7 @@ class Attention(nn.Module):
         out = self._attend(q, keys, values, step)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
-    def _attend(self, q: Tensor, keys: Tensor, values: Tensor, step: _Step) -> Tensor:
+    def _attend(self, q: Tensor, keys: Tensor, values: Tensor, step: LayerStep) -> Tensor:
         if step.mask is None:
             # Decode (one query sees every cached key) or a fresh prefill (plain causal): the
             # flash kernels handle GQA natively here, so the KV heads are not copied.
@@ -379,7 +379,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x: Tensor, step: _Step, cache: KVCache) -> Tensor:
+    def forward(self, x: Tensor, step: LayerStep, cache: KVCache) -> Tensor:
         h = x + self.self_attn(self.input_layernorm(x), step, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -461,7 +461,7 @@ class Llama(nn.Module):
         hidden = self._input_hidden(input_ids, inputs_embeds)
         batch, length, _ = hidden.shape
         _check_fits(cache, batch, start_pos, length)
-        step = self._make_step(start_pos, length, hidden)
+        step = self.make_step(start_pos, length, hidden)
         for layer in self.model.layers:
             hidden = layer(hidden, step, cache)
         if last_only:
@@ -478,7 +478,9 @@ class Llama(nn.Module):
         # Vision features may arrive in fp32 while the model runs in bf16 (no-op otherwise).
         return inputs_embeds.to(self.dtype)
 
-    def _make_step(self, start_pos: int, length: int, hidden: Tensor) -> _Step:
+    def make_step(self, start_pos: int, length: int, hidden: Tensor) -> LayerStep:
+        """Positions, RoPE rows and mask shared by every layer of one forward (also used by
+        the AWQ quantizer to run single layers)."""
         end = start_pos + length
         self.rope.ensure(end)
         # HF casts its fp32 cos/sin to the activation dtype before rotating; same here.
@@ -489,7 +491,7 @@ class Llama(nn.Module):
             # start mid-sequence: query i (absolute start_pos + i) sees keys 0..start_pos + i.
             mask = torch.ones(length, end, dtype=torch.bool, device=hidden.device)
             mask = mask.tril(diagonal=start_pos)
-        return _Step(start_pos, cos, sin, mask, is_causal=length > 1 and start_pos == 0)
+        return LayerStep(start_pos, cos, sin, mask, is_causal=length > 1 and start_pos == 0)
 
     def load_hf_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Copies an HF `LlamaForCausalLM` state dict into this model (cast to its dtype).

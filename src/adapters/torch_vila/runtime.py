@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +14,7 @@ from vilaserve.adapters.torch_vila.device import resolve_device, resolve_dtype
 from vilaserve.adapters.torch_vila.executor import ModelExecutor
 from vilaserve.adapters.torch_vila.llama import Llama, LlamaArgs
 from vilaserve.adapters.torch_vila.text_generator import TorchTextGenerator
-from vilaserve.adapters.torch_vila.tokenization import load_tokenizer
+from vilaserve.adapters.torch_vila.tokenization import load_tokenizer, stop_token_ids
 from vilaserve.adapters.torch_vila.vision_encoder import TorchVisionEncoder
 from vilaserve.adapters.torch_vila.vision_pipeline import VisionPipeline
 from vilaserve.domain.conversation import ConversationTemplate, LlmShape, choose_template
@@ -58,7 +57,7 @@ class VilaRuntime:
         else:
             model = load_llm(checkpoint, dtype, device)
         template = pick_template(checkpoint.llm_config, tokenizer, options.conv_template)
-        stop_ids = stop_token_ids(tokenizer, template)
+        stop_ids = template_stop_ids(tokenizer, template)
         executor = ModelExecutor()
         generator = TorchTextGenerator(
             model,
@@ -131,17 +130,9 @@ def pick_template(
     )
 
 
-def stop_token_ids(tokenizer: Any, template: ConversationTemplate) -> set[int]:
+def template_stop_ids(tokenizer: Any, template: ConversationTemplate) -> frozenset[int]:
     """The tokenizer's end token, the template's ids, and its stop strings that are tokens."""
     vocab = tokenizer.get_vocab()
-    vocab_size = len(vocab)
-    ids: set[int] = {i for i in template.stop_token_ids if i < vocab_size}
-    ids.update(_as_ids(tokenizer.eos_token_id))
-    ids.update(vocab[s] for s in template.stop_str if s in vocab)
-    return ids
-
-
-def _as_ids(value: int | Iterable[int] | None) -> set[int]:
-    if value is None:
-        return set()
-    return {value} if isinstance(value, int) else set(value)
+    extra = [i for i in template.stop_token_ids if i < len(vocab)]
+    extra += [vocab[s] for s in template.stop_str if s in vocab]
+    return stop_token_ids(tokenizer, extra)

@@ -57,7 +57,6 @@ class TorchTextGenerator(TextGenerator):
         self._stop_ids = frozenset(stop_token_ids)
         # Checkpoints trained with `mm_use_im_start_end` see each image between two tokens.
         self._image_wrap = image_wrap
-        self._device = next(model.parameters()).device
 
     @property
     def context_length(self) -> int:
@@ -140,7 +139,7 @@ class _DecodeSession:
         self._model = model
         self._ids = ids
         self._images = images
-        self._sampler = Sampler(params, next(model.parameters()).device)
+        self._sampler = Sampler(params, model.device)
         self._detok = IncrementalDetokenizer(tokenizer)
         self._prompt_len = prompt_len
         self._max_new = max_new
@@ -186,7 +185,7 @@ class _DecodeSession:
 
 def _splice(model: Llama, ids: list[int], images: torch.Tensor | None) -> torch.Tensor:
     """Token embeddings with each -200 replaced by one image's rows (VILA's order)."""
-    device = next(model.parameters()).device
+    device = model.device
     ids_t = torch.tensor(ids, dtype=torch.long, device=device)
     text = model.embed(ids_t.clamp(min=0).unsqueeze(0))[0]
     if images is None:
