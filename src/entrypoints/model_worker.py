@@ -30,6 +30,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     add("--model-type", help="accepted for TinyChat compatibility (the checkpoint decides)")
     add("--quant-path", help="AWQ checkpoint of the LLM (W4A16)")
     add("--precision", choices=["W16A16", "W4A16"], help="weights: 16-bit or 4-bit AWQ")
+    add(
+        "--embedding-bits",
+        type=int,
+        choices=[8, 16],
+        help="W4A16: token embedding table in int8 (default 8) or 16-bit as stored",
+    )
     add("--device", choices=["auto", "cpu", "cuda"], help="where to run (default auto)")
     add("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="compute dtype")
     add("--conv-template", help="override the conversation template (vicuna_v1, llama_3, ...)")

@@ -21,6 +21,8 @@ class WorkerSettings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     conv_template: str | None = None
+    # W4A16: the token embedding table in int8 with per-row scales (8) or as stored (16).
+    embedding_bits: Literal[8, 16] = 8
 
     host: str = "127.0.0.1"
     port: int = 21002

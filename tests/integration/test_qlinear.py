@@ -2,9 +2,10 @@
 
 Tolerances are relative to the largest |output| and come from bf16's 8-bit significand
 (eps = 2^-8 ~ 3.9e-3): the int4 kernels take bf16 activations and bf16 scale/zero pairs (the
-tinygemm zero (8 - z) * s is rounded to bf16), so even for fp32 models they agree with the
+tinygemm zero (8 - z) * s is rounded to bf16; our AVX-512 kernel rounds x to bf16 and bf16
+outputs), so even for fp32 models they agree with the
 oracle to a few bf16 eps, not to fp32 rounding. 2e-2 leaves ~5x margin over what we observe
-(~5e-3). The fp32 dense prefill path dequantizes with fp32 scales and should match to fp32
+(~5e-3). The fp32 dense prefill paths dequantize with fp32 scales and should match to fp32
 rounding (1e-5).
 """
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from vilaserve.adapters import cpu_kernels
 from vilaserve.adapters.awq import qlinear
 from vilaserve.adapters.awq.qlinear import (
     W4A16Linear,
@@ -26,7 +28,10 @@ from vilaserve.adapters.torch_vila.llama import DECODER_LINEARS, Llama, LlamaArg
 
 BF16_REL_TOL = 2e-2
 FP32_REL_TOL = 1e-5
-CPU_BACKENDS = ["dequant"] + (["cpu_int4"] if cpu_int4_available() else [])
+AVX512 = cpu_kernels.load() is not None
+CPU_BACKENDS = (
+    ["dequant"] + (["cpu_int4"] if cpu_int4_available() else []) + (["cpu_avx512"] * AVX512)
+)
 
 
 def random_qweight(n: int, k: int, group: int, seed: int, bias: bool = True) -> QuantizedWeight:
@@ -73,10 +78,15 @@ def test_backend_matches_oracle(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     if dense_from is not None:
-        # Route M=17 and M=64 through the CPU dequant + GEMM prefill path as well.
+        # Route M=17 and M=64 through the CPU dequant + GEMM prefill paths as well.
         monkeypatch.setattr(qlinear, "PREFILL_MIN_ROWS", dense_from)
+        monkeypatch.setattr(qlinear, "AVX512_PREFILL_MIN_ROWS", dense_from)
     w = random_qweight(n, k, group, seed=n + k + group)
     oracle = W4A16Linear.from_quantized(w, torch.float32, "cpu", "dequant")
+    if backend == "cpu_avx512" and not cpu_kernels.fits(n, k, group):
+        with pytest.raises(ValueError, match="group%64"):
+            W4A16Linear.from_quantized(w, dtype, "cpu", backend)
+        return
     layer = W4A16Linear.from_quantized(w, dtype, "cpu", backend)
     assert layer.backend == backend
     gen = torch.Generator().manual_seed(1)
@@ -85,7 +95,9 @@ def test_backend_matches_oracle(
         got = layer(x)
         assert got.dtype == dtype and got.shape == (2, rows, n)
         want = oracle(x.float())
-        dense = backend == "cpu_int4" and rows >= qlinear.PREFILL_MIN_ROWS
+        dense = (backend == "cpu_int4" and rows >= qlinear.PREFILL_MIN_ROWS) or (
+            backend == "cpu_avx512" and rows >= qlinear.AVX512_PREFILL_MIN_ROWS
+        )
         exact = dtype == torch.float32 and (backend == "dequant" or dense)
         tol = FP32_REL_TOL if exact else BF16_REL_TOL
         assert rel_err(got, want) < tol, (backend, rows, rel_err(got, want))
@@ -100,9 +112,38 @@ def test_fp16_activations_and_dequantized_weight() -> None:
     assert rel_err(layer.dequantized(), w.dequantize()) < BF16_REL_TOL
 
 
-def test_auto_picks_int4_on_cpu() -> None:
-    layer = W4A16Linear.from_quantized(random_qweight(64, 128, 32, 0), torch.bfloat16, "cpu")
+def test_auto_picks_the_fastest_cpu_kernel_that_fits() -> None:
+    int4 = "cpu_int4" if cpu_int4_available() else "dequant"
+    fits = W4A16Linear.from_quantized(random_qweight(64, 128, 64, 0), torch.bfloat16, "cpu")
+    assert fits.backend == ("cpu_avx512" if AVX512 else int4)
+    # group 32 does not fit the AVX-512 kernel's 64-wide blocks: PyTorch's int4 kernel takes it
+    small_groups = W4A16Linear.from_quantized(random_qweight(64, 128, 32, 0), torch.bfloat16, "cpu")
+    assert small_groups.backend == int4
+
+
+def test_without_the_avx512_kernel_auto_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_kernels, "load", lambda: None)
+    w = random_qweight(64, 128, 64, 0)
+    layer = W4A16Linear.from_quantized(w, torch.bfloat16, "cpu")
     assert layer.backend == ("cpu_int4" if cpu_int4_available() else "dequant")
+    with pytest.raises(ValueError, match="AVX-512 BF16"):
+        W4A16Linear.from_quantized(w, torch.bfloat16, "cpu", "cpu_avx512")
+
+
+@pytest.mark.skipif(not AVX512, reason="needs an AVX-512 BF16 CPU and a C compiler")
+def test_avx512_kernel_exact_against_fp32_oracle_on_real_shapes() -> None:
+    """fp32 output of the kernel for bf16 x: only fp32 summation order differs from the oracle."""
+    w = random_qweight(2560, 6912, 128, seed=3, bias=False)
+    packed = cpu_kernels.pack_for_kernel(w)
+    kernel = cpu_kernels.load()
+    assert kernel is not None
+    x = torch.randn(3, 6912).to(torch.bfloat16)
+    out = torch.empty(3, 2560)
+    kernel.matmul(x, packed, 2560, 128, out)
+    assert rel_err(out, x.float() @ w.dequantize().t()) < 1e-4
+    dense = torch.empty(2560, 6912)
+    kernel.dequantize(packed, 2560, 6912, 128, dense)
+    assert torch.equal(dense, w.dequantize())
 
 
 @pytest.mark.cuda
@@ -162,7 +203,7 @@ def run_prefill_and_decode(model: Llama, ids: torch.Tensor) -> torch.Tensor:
 def test_tiny_llama_logits_match_dequantized_model(backend: str, dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     reference = Llama(tiny_args()).to(dtype).eval()
-    weights = rtn_weights(reference, group=32)
+    weights = rtn_weights(reference, group=64)
     # Reference: the same model with the dequantized weights put back into nn.Linear.
     with torch.no_grad():
         for name, w in weights.items():

@@ -17,6 +17,8 @@ from tiny_vila import make_png
 
 from vilaserve.adapters.awq.loading import load_awq_llm
 from vilaserve.adapters.torch_vila.checkpoint import VilaCheckpoint
+from vilaserve.adapters.torch_vila.int8_embedding import Int8Embedding
+from vilaserve.adapters.torch_vila.runtime import VilaRuntime, VilaRuntimeOptions
 from vilaserve.entrypoints.quantize import quantize_checkpoint
 
 
@@ -100,3 +102,19 @@ def test_worker_serves_w4a16(quantized_vila: Path) -> None:
         assert frames[-1]["error_code"] == 0
         assert frames[-1]["text"].startswith(prompt)
         assert frames[-1]["usage"]["completion_tokens"] >= 1
+
+
+def test_runtime_stores_the_embedding_table_in_int8_unless_told(quantized_vila: Path) -> None:
+    logits = {}
+    for bits in (8, 16):
+        runtime = VilaRuntime.load(
+            VilaRuntimeOptions(str(quantized_vila), precision="W4A16", dtype="bfloat16",
+                               embedding_bits=bits)
+        )  # fmt: skip
+        model = runtime.text_generator._model
+        assert isinstance(model.model.embed_tokens, Int8Embedding) == (bits == 8)
+        ids = torch.arange(5, 37).unsqueeze(0)
+        with torch.inference_mode():
+            logits[bits] = model(model.new_cache(1, 32), 0, input_ids=ids, last_only=False)
+        runtime.executor.shutdown()
+    assert float((logits[8] - logits[16]).abs().max()) < 0.05 * float(logits[16].abs().max())

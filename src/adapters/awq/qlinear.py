@@ -2,12 +2,15 @@
 
 `W4A16Linear.from_quantized` packs a canonical `QuantizedWeight` (`w = (q - z) * s`) for one of:
 
+* ``cpu_avx512`` -- our AVX-512 BF16 kernel (adapters/cpu_kernels) for decode, streaming the packed
+  weights at memory speed; from `AVX512_PREFILL_MIN_ROWS` rows it dequantizes into a reused
+  per-thread buffer and runs one dense GEMM. Needs N % 4, K % 64 and group % 64 == 0.
 * ``cpu_int4``  -- `aten._weight_int4pack_mm_for_cpu` for decode (few rows); many-row calls
   (prefill) dequantize the packed weight to 16 bits once per call and run a dense GEMM.
 * ``cuda_int4`` -- tinygemm (`aten._weight_int4pack_mm`, bf16 only, inner_k_tiles 8).
 * ``dequant``   -- the reference: dequantize, then `F.linear`. Always available; the test oracle.
 
-Both int4 kernels dequantize tinygemm-style, `(q - 8) * scale + zero`, so AWQ's integer zero
+Both ATen int4 kernels dequantize tinygemm-style, `(q - 8) * scale + zero`, so AWQ's integer zero
 point becomes the float `zero = (8 - z) * s`. Everything is packed at construction so that the
 decode call is a reshape, one kernel call and (only for non-bf16 models) two casts.
 """
@@ -15,15 +18,23 @@ decode call is a reshape, one kernel call and (only for non-bf16 models) two cas
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vilaserve.adapters import cpu_kernels
 from vilaserve.adapters.awq.quantized_weight import QuantizedWeight
 
-BACKENDS = ("auto", "cpu_int4", "cuda_int4", "dequant")
+BACKENDS = ("auto", "cpu_avx512", "cpu_int4", "cuda_int4", "dequant")
+
+# Rows from which the AVX-512 path dequantizes + runs one dense GEMM. Measured on the shared
+# 2-core EPYC (2 threads, g128, bf16, reused dequant buffer), ms per call, kernel | dequant+GEMM:
+#   2560x2560  M=8: 0.55 | 1.07   M=32: 2.2 | 1.8   M=64: 4.3 | 2.6   M=128: 8.8 | 5.1
+#   6912x2560  M=8: 1.6 | 3.0     M=32: 5.9 | 5.2   M=64: 11.6 | 8.0  M=128: 23 | 13
+AVX512_PREFILL_MIN_ROWS = 24
 
 # Rows from which the CPU path dequantizes + runs one dense GEMM instead of the int4 kernel.
 # Measured on the shared 2-core EPYC (AVX-512, torch 2.13, 1 thread, g128, bf16), ms per call,
@@ -85,10 +96,19 @@ class W4A16Linear(nn.Module):
         backend: str = "auto",
     ) -> W4A16Linear:
         device = torch.device(device)
-        backend = resolve_backend(backend, device)
+        chosen = resolve_backend(backend, device)
+        if (
+            backend == "auto"
+            and chosen == "cpu_avx512"
+            and not cpu_kernels.fits(w.out_features, w.in_features, w.group_size)
+        ):
+            chosen = "cpu_int4" if cpu_int4_available() else "dequant"
+        backend = chosen
         layer = cls(w.in_features, w.out_features, w.group_size, backend, compute_dtype)
         if backend == "dequant":
             layer._pack_dequant(w, device)
+        elif backend == "cpu_avx512":
+            layer._pack_avx512(w, device)
         elif backend == "cpu_int4":
             layer._pack_cpu(w, device)
         else:
@@ -102,6 +122,22 @@ class W4A16Linear(nn.Module):
         self.register_buffer("scales", w.scales.to(device, torch.float32), persistent=False)
         self.register_buffer("zeros", w.zeros.to(device, torch.uint8), persistent=False)
         self._impl = self._forward_dequant
+
+    def _pack_avx512(self, w: QuantizedWeight, device: torch.device) -> None:
+        kernel = cpu_kernels.load()
+        if device.type != "cpu" or kernel is None:
+            raise ValueError(f"cpu_avx512 needs an AVX-512 BF16 CPU and a C compiler ({device})")
+        packed = cpu_kernels.pack_for_kernel(w)
+        self.register_buffer("weight", packed.weight, persistent=False)
+        self.register_buffer("kernel_scales", packed.scales, persistent=False)
+        self.register_buffer("kernel_zeros", packed.zeros, persistent=False)
+        self._kernel = kernel
+        self._packed = packed
+        # Decode output: bf16 for bf16 models; fp32 otherwise (cast once in `_finish`).
+        self._decode_out_dtype = (
+            torch.bfloat16 if self.compute_dtype == torch.bfloat16 else torch.float32
+        )
+        self._impl = self._forward_avx512
 
     def _pack_cpu(self, w: QuantizedWeight, device: torch.device) -> None:
         if device.type != "cpu":
@@ -164,6 +200,19 @@ class W4A16Linear(nn.Module):
             )
         return self._finish(out, x)
 
+    def _forward_avx512(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, self.in_features)
+        n, g = self.out_features, self.group_size
+        if rows.shape[0] >= AVX512_PREFILL_MIN_ROWS:
+            w = _dequant_buffer(n, self.in_features, self.prefill_dtype)
+            self._kernel.dequantize(self._packed, n, self.in_features, g, w)
+            out = torch.mm(rows.to(self.prefill_dtype), w.t())
+        else:
+            rows = rows.to(torch.bfloat16).contiguous()  # no-ops on the bf16 decode path
+            out = torch.empty(rows.shape[0], n, dtype=self._decode_out_dtype)
+            self._kernel.matmul(rows, self._packed, n, g, out)
+        return self._finish(out, x)
+
     def _forward_cuda(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
         out = torch.ops.aten._weight_int4pack_mm(
@@ -183,11 +232,15 @@ class W4A16Linear(nn.Module):
     # ------------------------------------------------------------------ dequantization
     def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The [N, K] weight this layer multiplies by (for tests and the reference path)."""
+        g = self.group_size
         if self.backend == "dequant":
-            g = self.group_size
             scales = self.scales.repeat_interleave(g, dim=1)
             zeros = self.zeros.to(torch.float32).repeat_interleave(g, dim=1)
             return ((self.weight.to(torch.float32) - zeros) * scales).to(dtype)
+        if self.backend == "cpu_avx512":
+            w = torch.empty(self.out_features, self.in_features, dtype=torch.float32)
+            self._kernel.dequantize(self._packed, self.out_features, self.in_features, g, w)
+            return w.to(dtype)
         if self.backend == "cpu_int4" and self._prefill_block is not None:
             blocks = self._dequant_cpu_blocks()  # [N / block, K, block]
             return blocks.permute(0, 2, 1).reshape(self.out_features, -1).to(dtype)
@@ -243,6 +296,10 @@ class W4A16Linear(nn.Module):
             buf = self._buffers[name]
             if buf is not None and buf.dtype != dtype:
                 self._buffers[name] = buf.to(dtype)
+        if self.backend == "cpu_avx512":
+            self._packed = cpu_kernels.PackedInt4(
+                self.weight, self.kernel_scales, self.kernel_zeros
+            )
         return self
 
     def extra_repr(self) -> str:
@@ -261,9 +318,13 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     if backend == "auto":
         if device.type == "cuda":
             return "cuda_int4"
+        if device.type == "cpu" and cpu_kernels.load() is not None:
+            return "cpu_avx512"
         if device.type == "cpu" and cpu_int4_available():
             return "cpu_int4"
         return "dequant"
+    if backend == "cpu_avx512" and cpu_kernels.load() is None:
+        raise ValueError("the AVX-512 BF16 kernel cannot run here (CPU or C compiler missing)")
     if backend == "cpu_int4" and not cpu_int4_available():
         raise ValueError("this torch build has no _weight_int4pack_mm_for_cpu")
     return backend
@@ -273,6 +334,20 @@ def cpu_int4_available() -> bool:
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
         torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
     )
+
+
+_dequant_buffers = threading.local()
+
+
+def _dequant_buffer(n: int, k: int, dtype: torch.dtype) -> Tensor:
+    """A [N, K] scratch for the prefill dequant, reused per thread (fresh buffers of tens of MB
+    cost more in page faults than the dequant itself). The GEMM reads it before returning."""
+    key = f"buf_{dtype}"
+    buf: Tensor | None = getattr(_dequant_buffers, key, None)
+    if buf is None or buf.numel() < n * k:
+        buf = torch.empty(n * k, dtype=dtype)
+        setattr(_dequant_buffers, key, buf)
+    return buf[: n * k].view(n, k)
 
 
 def _tinygemm_scales_zeros(w: QuantizedWeight) -> tuple[Tensor, Tensor]:

@@ -421,11 +421,12 @@ class Llama(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        # The final norm, not the embedding: a compressed (int8) table must not change this.
+        return self.model.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """A zeroed cache for `batch` rows and up to `max_len` positions, in the model's dtype."""

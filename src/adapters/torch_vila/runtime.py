@@ -12,6 +12,8 @@ import torch
 from vilaserve.adapters.torch_vila.checkpoint import VilaCheckpoint, load_state_dict
 from vilaserve.adapters.torch_vila.device import resolve_device, resolve_dtype
 from vilaserve.adapters.torch_vila.executor import ModelExecutor
+from vilaserve.adapters.torch_vila.fast_linear import accelerate_cpu_linears
+from vilaserve.adapters.torch_vila.int8_embedding import compress_token_embeddings
 from vilaserve.adapters.torch_vila.llama import Llama, LlamaArgs
 from vilaserve.adapters.torch_vila.text_generator import TorchTextGenerator
 from vilaserve.adapters.torch_vila.tokenization import load_tokenizer, stop_token_ids
@@ -31,6 +33,7 @@ class VilaRuntimeOptions:
     dtype: str = "auto"
     conv_template: str | None = None
     max_image_pixels: int = 64_000_000
+    embedding_bits: int = 8  # W4A16 only: the token embedding table in int8 (8) or 16-bit (16)
 
 
 @dataclass
@@ -44,6 +47,8 @@ class VilaRuntime:
     def load(cls, options: VilaRuntimeOptions) -> VilaRuntime:
         if options.precision not in ("W16A16", "W4A16"):
             raise ValueError(f"--precision {options.precision}: expected W16A16 or W4A16")
+        if options.embedding_bits not in (8, 16):
+            raise ValueError(f"--embedding-bits {options.embedding_bits}: expected 8 or 16")
         started = time.perf_counter()
         device = resolve_device(options.device)
         dtype = resolve_dtype(options.dtype, device)
@@ -54,8 +59,11 @@ class VilaRuntime:
             from vilaserve.adapters.awq.loading import load_awq_llm
 
             model = load_awq_llm(checkpoint, options.quant_path, dtype, device)
+            if options.embedding_bits == 8:
+                compress_token_embeddings(model)
         else:
             model = load_llm(checkpoint, dtype, device)
+        fast_linears = accelerate_cpu_linears(model) if device.type == "cpu" else 0
         template = pick_template(checkpoint.llm_config, tokenizer, options.conv_template)
         stop_ids = template_stop_ids(tokenizer, template)
         executor = ModelExecutor()
@@ -84,6 +92,7 @@ class VilaRuntime:
                 "template": template.name,
                 "multimodal": vision is not None,
                 "tokens_per_image": vision.tokens_per_image if vision else 0,
+                "cpu_kernel_linears": fast_linears,
                 "seconds": round(time.perf_counter() - started, 2),
             },
         )

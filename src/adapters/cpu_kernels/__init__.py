@@ -1,0 +1,178 @@
+"""AVX-512 BF16 matmul kernels for decode (matmul.c): built on first use, called via ctypes.
+
+Two kernels: W4A16 (packed 4-bit weights, see the C file) and dense bf16, both for few rows.
+
+The C file is compiled once per source version and compiler into the user cache (a second or
+two with gcc; no torch headers involved) and loaded into the process. It links OpenMP by soname,
+so it shares the `libgomp.so.1` that torch has already loaded, and with it torch's thread pool.
+When there is no compiler, the CPU lacks AVX-512 BF16, or the shapes do not fit (N % 4, K % 64,
+group % 64), `load()` / `fits()` say so and the caller falls back to PyTorch's int4 kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from vilaserve.adapters.awq.quantized_weight import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "matmul.c"
+CFLAGS = (
+    "-O3", "-fPIC", "-shared", "-fopenmp",
+    "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-mf16c",
+)  # fmt: skip
+ROWS_PER_TILE = 4
+BLOCK = 64
+
+
+@dataclass(frozen=True)
+class PackedInt4:
+    """One linear layer in the kernel's layout (see the C file's header comment)."""
+
+    weight: Tensor  # uint8 [N * K / 2]
+    scales: Tensor  # float16 [N / 4, K / group, 4]
+    zeros: Tensor  # uint8 [N / 4, K / group, 4]
+
+
+def fits(out_features: int, in_features: int, group_size: int) -> bool:
+    return (
+        out_features % ROWS_PER_TILE == 0
+        and in_features % BLOCK == 0
+        and group_size % BLOCK == 0
+        and in_features % group_size == 0
+    )
+
+
+def pack_for_kernel(w: QuantizedWeight) -> PackedInt4:
+    n, k = w.out_features, w.in_features
+    if not fits(n, k, w.group_size):
+        raise ValueError(
+            f"the AVX-512 kernel needs N%4, K%64, group%64 == 0; got {n}x{k} g{w.group_size}"
+        )
+    q = w.q.to(torch.uint8).view(n // ROWS_PER_TILE, ROWS_PER_TILE, k // BLOCK, 2, BLOCK // 2)
+    nibbles = q[:, :, :, 0] | (q[:, :, :, 1] << 4)  # [N/4, 4, K/64, 32]
+    weight = nibbles.permute(0, 2, 1, 3).contiguous().view(-1)
+
+    def tiles(t: Tensor, dtype: torch.dtype) -> Tensor:
+        groups = t.shape[1]
+        return (
+            t.to(dtype).view(n // ROWS_PER_TILE, ROWS_PER_TILE, groups).transpose(1, 2).contiguous()
+        )
+
+    return PackedInt4(weight, tiles(w.scales, torch.float16), tiles(w.zeros, torch.uint8))
+
+
+class CpuKernels:
+    def __init__(self, library: ctypes.CDLL) -> None:
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        self._matmul = library.vs_int4_matmul
+        self._matmul.argtypes = [
+            ptr,
+            i64,
+            ptr,
+            ptr,
+            ptr,
+            i64,
+            i64,
+            i64,
+            ptr,
+            ctypes.c_int,
+            ctypes.c_int,
+        ]
+        self._matmul.restype = ctypes.c_int
+        self._dequant = library.vs_int4_dequantize
+        self._dequant.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, ctypes.c_int, ctypes.c_int]
+        self._dequant.restype = ctypes.c_int
+        self._dense = library.vs_bf16_matmul
+        self._dense.argtypes = [ptr, i64, ptr, i64, i64, ptr, ctypes.c_int, ctypes.c_int]
+        self._dense.restype = ctypes.c_int
+
+    def matmul(self, x: Tensor, w: PackedInt4, n: int, group: int, out: Tensor) -> None:
+        """out[M, N] (bf16 or fp32) = x[M, K] (bf16, contiguous) @ W^T."""
+        m, k = x.shape
+        status = self._matmul(
+            x.data_ptr(), m, w.weight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr(),
+            n, k, group, out.data_ptr(), out.dtype == torch.float32, torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise RuntimeError(f"vs_int4_matmul failed with status {status}")
+
+    def dense_matmul(self, x: Tensor, weight: Tensor, out: Tensor) -> None:
+        """out[M, N] (bf16 or fp32) = x[M, K] @ weight[N, K]^T, both bf16 and contiguous."""
+        m, k = x.shape
+        status = self._dense(
+            x.data_ptr(), m, weight.data_ptr(), weight.shape[0], k, out.data_ptr(),
+            out.dtype == torch.float32, torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise RuntimeError(f"vs_bf16_matmul failed with status {status}")
+
+    def dequantize(self, w: PackedInt4, n: int, k: int, group: int, out: Tensor) -> None:
+        """out[N, K] (bf16 or fp32) = (q - z) * s."""
+        status = self._dequant(
+            w.weight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr(), n, k, group,
+            out.data_ptr(), out.dtype == torch.float32, torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise RuntimeError(f"vs_int4_dequantize failed with status {status}")
+
+
+@functools.cache
+def load() -> CpuKernels | None:
+    """The kernel, or None (logged once) when it cannot run here."""
+    if os.environ.get("VILASERVE_DISABLE_AVX512_KERNEL"):
+        return None
+    try:
+        library = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.CalledProcessError, RuntimeError) as exc:
+        log.warning(
+            "AVX-512 W4A16 kernel unavailable, using PyTorch's int4 kernel",
+            extra={"reason": str(exc)},
+        )
+        return None
+    if not library.vs_cpu_supported():
+        log.info("this CPU lacks AVX-512 BF16; using PyTorch's int4 kernel")
+        return None
+    return CpuKernels(library)
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("VILASERVE_CACHE") or Path.home() / ".cache" / "vilaserve"
+    return Path(root) / "kernels"
+
+
+def _build() -> Path:
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (gcc/cc) on PATH")
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    digest = hashlib.sha256(SOURCE.read_bytes() + version.encode() + " ".join(CFLAGS).encode())
+    target = _cache_dir() / f"matmul-{digest.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build to a private name, then rename: concurrent first uses never load a half-written file.
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        result = subprocess.run(
+            [compiler, *CFLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True
+        )
+        if result.returncode:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
+        os.replace(built, target)
+    return target
