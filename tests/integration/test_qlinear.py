@@ -20,6 +20,7 @@ from vilaserve.adapters.awq import qlinear
 from vilaserve.adapters.awq.qlinear import (
     W4A16Linear,
     cpu_int4_available,
+    fuse_w4a16,
     quantize_model_linears,
     weight_bytes,
 )
@@ -244,3 +245,35 @@ def test_quantize_errors_name_the_module() -> None:
     with pytest.raises(ValueError, match=r"expected nn\.Linear"):
         quantize_model_linears(model, {"model.norm": good}, torch.float32, "cpu")
     assert isinstance(model.model.layers[0].mlp.up_proj, nn.Linear)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fused_projections_answer_like_separate_ones(backend: str) -> None:
+    torch.manual_seed(0)
+    model = Llama(tiny_args()).to(torch.bfloat16).eval()
+    quantize_model_linears(model, rtn_weights(model, group=64), torch.bfloat16, "cpu", backend)
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(3))
+    separate = run_prefill_and_decode(model, ids)
+    merged = model.fuse_projections(fuse_w4a16)
+    if backend != "cpu_avx512":  # only the AVX-512 layout concatenates along N
+        assert merged == 0
+        return
+    assert merged == 2 * model.args.num_hidden_layers
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert not hasattr(attn, "q_proj") and attn.qkv_proj.out_features == 128 + 2 * 64
+    assert not hasattr(mlp, "gate_proj") and mlp.gate_up_proj.out_features == 2 * 256
+    # The prefill GEMM runs over a wider matrix (other blocking): bf16-level agreement.
+    assert rel_err(run_prefill_and_decode(model, ids), separate) < BF16_REL_TOL
+
+
+@pytest.mark.skipif(not AVX512, reason="needs an AVX-512 BF16 CPU and a C compiler")
+def test_fused_layer_decode_rows_equal_the_concatenated_parts() -> None:
+    parts = [
+        W4A16Linear.from_quantized(random_qweight(n, 256, 64, seed=n), torch.bfloat16, "cpu")
+        for n in (128, 64, 64)
+    ]
+    fused = fuse_w4a16(parts)  # type: ignore[arg-type]
+    assert fused is not None
+    x = torch.randn(3, 256).to(torch.bfloat16)
+    # each output row is computed by the same kernel code from the same bytes (bias included)
+    assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))

@@ -127,7 +127,9 @@ class W4A16Linear(nn.Module):
         kernel = cpu_kernels.load()
         if device.type != "cpu" or kernel is None:
             raise ValueError(f"cpu_avx512 needs an AVX-512 BF16 CPU and a C compiler ({device})")
-        packed = cpu_kernels.pack_for_kernel(w)
+        self._adopt_avx512(cpu_kernels.pack_for_kernel(w), kernel)
+
+    def _adopt_avx512(self, packed: cpu_kernels.PackedInt4, kernel: cpu_kernels.CpuKernels) -> None:
         self.register_buffer("weight", packed.weight, persistent=False)
         self.register_buffer("kernel_scales", packed.scales, persistent=False)
         self.register_buffer("kernel_zeros", packed.zeros, persistent=False)
@@ -417,6 +419,42 @@ def quantize_model_linears(
         if w.bias is None and old.bias is not None:
             w = QuantizedWeight(w.q, w.scales, w.zeros, w.group_size, old.bias.detach())
         setattr(parent, child, W4A16Linear.from_quantized(w, compute_dtype, device, backend))
+
+
+def fuse_w4a16(parts: list[nn.Module]) -> W4A16Linear | None:
+    """One AVX-512 layer computing the parts' outputs side by side, or None to decline.
+
+    Merging q/k/v (and gate/up) saves kernel launches per decode step; the packed layout is
+    tiled by 4 output rows, so concatenating the parts' buffers along N is the merged layer.
+    Other backends decline: their packings are not row-concatenable (or they gain nothing).
+    """
+    layers = [p for p in parts if isinstance(p, W4A16Linear) and p.backend == "cpu_avx512"]
+    shared = {(p.in_features, p.group_size, p.compute_dtype) for p in layers}
+    if len(layers) != len(parts) or len(shared) != 1:
+        return None
+    first = layers[0]
+    fused = W4A16Linear(
+        first.in_features,
+        sum(p.out_features for p in layers),
+        first.group_size,
+        "cpu_avx512",
+        first.compute_dtype,
+    )
+    packed = cpu_kernels.PackedInt4(
+        torch.cat([p.weight for p in layers]),
+        torch.cat([p.kernel_scales for p in layers]),
+        torch.cat([p.kernel_zeros for p in layers]),
+    )
+    fused._adopt_avx512(packed, first._kernel)
+    biases = [p.bias for p in layers]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat(
+            [b if b is not None else torch.zeros(p.out_features, dtype=p.compute_dtype)
+             for b, p in zip(biases, layers, strict=True)]
+        )  # fmt: skip
+    fused.register_buffer("bias", bias, persistent=False)
+    return fused
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -325,12 +325,27 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.hidden_size, kv_width, bias=bias)
         self.v_proj = nn.Linear(args.hidden_size, kv_width, bias=bias)
         self.o_proj = nn.Linear(q_width, args.hidden_size, bias=bias)
+        # Set by `fuse_projections`: one layer computing [q | k | v] instead of three.
+        self.qkv_proj: nn.Module | None = None
+        self._qkv_widths = (q_width, kv_width, kv_width)
+
+    def fuse_projections(self, fuse: Callable[[list[nn.Module]], nn.Module | None]) -> bool:
+        fused = fuse([self.q_proj, self.k_proj, self.v_proj])
+        if fused is None:
+            return False
+        self.qkv_proj = fused
+        del self.q_proj, self.k_proj, self.v_proj
+        return True
 
     def forward(self, x: Tensor, step: LayerStep, cache: KVCache) -> Tensor:
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self._qkv_widths, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = _apply_rope(q, step.cos, step.sin)
         k = _apply_rope(k, step.cos, step.sin)
         keys, values = cache.update(self.layer_idx, step.start_pos, k, v)
@@ -338,6 +353,8 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
     def _attend(self, q: Tensor, keys: Tensor, values: Tensor, step: LayerStep) -> Tensor:
+        if step.mask is None and q.shape[2] == 1:
+            return self._attend_one(q, keys, values)
         if step.mask is None:
             # Decode (one query sees every cached key) or a fresh prefill (plain causal): the
             # flash kernels handle GQA natively here, so the KV heads are not copied.
@@ -358,6 +375,16 @@ class Attention(nn.Module):
             q, keys, values, attn_mask=step.mask, scale=self.scale
         )
 
+    def _attend_one(self, q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        """Decode: one query per row. Three small matmuls cost less than the flash kernel's
+        setup at this size, and GQA needs no copies: the query heads that share a KV head
+        become the rows of one matmul. Same arithmetic as HF's eager attention."""
+        batch, heads, _, dim = q.shape
+        grouped = q.reshape(batch, self.n_kv_heads, self.groups, dim)
+        scores = torch.matmul(grouped, keys.transpose(-1, -2)) * self.scale
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs, values).view(batch, heads, 1, dim)
+
 
 class MLP(nn.Module):
     def __init__(self, args: LlamaArgs) -> None:
@@ -366,9 +393,22 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=bias)
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=bias)
+        self.gate_up_proj: nn.Module | None = None  # set by `fuse_projections`: [gate | up]
+
+    def fuse_projections(self, fuse: Callable[[list[nn.Module]], nn.Module | None]) -> bool:
+        fused = fuse([self.gate_proj, self.up_proj])
+        if fused is None:
+            return False
+        self.gate_up_proj = fused
+        del self.gate_proj, self.up_proj
+        return True
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -427,6 +467,15 @@ class Llama(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.model.norm.weight.device
+
+    def fuse_projections(self, fuse: Callable[[list[nn.Module]], nn.Module | None]) -> int:
+        """Lets `fuse` merge each layer's q/k/v and gate/up layers (it returns None to decline:
+        only some kernels gain from it). Returns how many merges happened. Inference only: the
+        state dict of a fused model no longer has the separate projections."""
+        merged = 0
+        for layer in self.model.layers:
+            merged += layer.self_attn.fuse_projections(fuse) + layer.mlp.fuse_projections(fuse)
+        return merged
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """A zeroed cache for `batch` rows and up to `max_len` positions, in the model's dtype."""

@@ -57,8 +57,10 @@ class VilaRuntime:
         if options.precision == "W4A16":
             # Imported here: the 16-bit path needs none of the AWQ machinery.
             from vilaserve.adapters.awq.loading import load_awq_llm
+            from vilaserve.adapters.awq.qlinear import fuse_w4a16
 
             model = load_awq_llm(checkpoint, options.quant_path, dtype, device)
+            model.fuse_projections(fuse_w4a16)
             if options.embedding_bits == 8:
                 compress_token_embeddings(model)
         else:
