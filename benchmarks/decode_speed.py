@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -125,6 +126,24 @@ def decode_speed(model: Llama, tokens: int, desc: str) -> float:
     return sum(times[warmup:]) / tokens
 
 
+def w4_against_bandwidth(model: Llama, tokens: int, rounds: int) -> tuple[float, float, float]:
+    """Median W4A16 s/token, median GB/s, and the median of per-round time / bound.
+
+    The read bandwidth of this shared VM drifts by 2x over minutes (neighbours, page
+    placement), so each round reads the bandwidth right before its decode tokens and is
+    compared with that reading, never with one taken at another moment.
+    """
+    streamed = streamed_bytes(model)
+    times, bandwidths, ratios = [], [], []
+    for r in range(rounds):
+        bandwidth = read_bandwidth()
+        seconds = decode_speed(model, max(1, tokens // rounds), f"W4A16 round {r + 1}/{rounds}")
+        times.append(seconds)
+        bandwidths.append(bandwidth)
+        ratios.append(seconds / (streamed / (bandwidth * 1e9)))
+    return statistics.median(times), statistics.median(bandwidths), statistics.median(ratios)
+
+
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     """Best-of-N GB/s of summing a large fp32 tensor (a pure streaming read)."""
     x = torch.ones(int(gib * 2**30) // 4)
@@ -154,6 +173,9 @@ def main() -> None:
     parser.add_argument("--tokens-3b", type=int, default=16, help="decode steps (3b shape)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--backend", default="auto")
+    parser.add_argument(
+        "--rounds", type=int, default=4, help="W4A16 rounds, each next to a bandwidth reading"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     bandwidth = read_bandwidth()
@@ -173,24 +195,25 @@ def main() -> None:
         # as the worker does: merged q/k/v and gate/up (AVX-512 backend), int8 token table
         model.fuse_projections(fuse_w4a16)
         compress_token_embeddings(model)
-        w4 = decode_speed(model, tokens, f"{size} W4A16")
+        w4, bandwidth_near, over_bound = w4_against_bandwidth(model, tokens, args.rounds)
         streamed = streamed_bytes(model)
-        bound = streamed / (bandwidth * 1e9)
+        bound = streamed / (bandwidth_near * 1e9)
         rows.append(
             {
                 "size": size,
                 "tokens": tokens,
                 "w16a16_torch_ms": w16_torch * 1e3,
                 "w16a16_ms": w16 * 1e3,
-                "w16a16_bound_ms": w16_streamed / (bandwidth * 1e9) * 1e3,
+                "w16a16_bound_ms": w16_streamed / (bandwidth_near * 1e9) * 1e3,
                 "w4a16_ms": w4 * 1e3,
                 "w16a16_tok_s": 1 / w16,
                 "w4a16_tok_s": 1 / w4,
                 "speedup": w16 / w4,
                 "weight_ratio": weight_bytes(model) / bf16_bytes,
                 "w4a16_streamed_mb": streamed / 1e6,
+                "read_bandwidth_gb_s": bandwidth_near,
                 "bound_ms": bound * 1e3,
-                "measured_over_bound": w4 / bound,
+                "measured_over_bound": over_bound,
             }
         )
         del model

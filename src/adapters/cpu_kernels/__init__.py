@@ -99,6 +99,17 @@ class CpuKernels:
         self._dense = library.vs_bf16_matmul
         self._dense.argtypes = [ptr, i64, ptr, i64, i64, ptr, ctypes.c_int, ctypes.c_int]
         self._dense.restype = ctypes.c_int
+        self._attention = library.vs_decode_attention
+        self._attention.argtypes = [ptr, ptr, ptr, *[i64] * 7, ctypes.c_float, ptr, ctypes.c_int]
+        self._attention.restype = ctypes.c_int
+
+    # One loaded library per process: copies and pickles of a model refer to it, not to a
+    # copy of ctypes handles (which cannot be copied).
+    def __deepcopy__(self, memo: dict[int, object]) -> CpuKernels:
+        return self
+
+    def __reduce__(self) -> tuple[object, tuple[()]]:
+        return (_load_or_fail, ())
 
     def matmul(self, x: Tensor, w: PackedInt4, n: int, group: int, out: Tensor) -> None:
         """out[M, N] (bf16 or fp32) = x[M, K] (bf16, contiguous) @ W^T."""
@@ -119,6 +130,23 @@ class CpuKernels:
         )  # fmt: skip
         if status:
             raise RuntimeError(f"vs_bf16_matmul failed with status {status}")
+
+    def decode_attention(self, q: Tensor, keys: Tensor, values: Tensor, scale: float) -> Tensor:
+        """softmax(q k^T * scale) v for one query per row and head, all bf16 on CPU.
+
+        q: [B, H, 1, D] contiguous; keys/values: [B, KVH, T, D] views of a cache whose rows
+        are contiguous (stride D); returns [B, H, 1, D].
+        """
+        batch, heads, _, dim = q.shape
+        kv_heads, length = keys.shape[1], keys.shape[2]
+        out = torch.empty_like(q)
+        status = self._attention(
+            q.data_ptr(), keys.data_ptr(), values.data_ptr(), batch, heads, kv_heads, length,
+            dim, keys.stride(0), keys.stride(1), scale, out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise RuntimeError(f"vs_decode_attention failed with status {status}")
+        return out
 
     def dequantize(self, w: PackedInt4, n: int, k: int, group: int, out: Tensor) -> None:
         """out[N, K] (bf16 or fp32) = (q - z) * s."""
@@ -147,6 +175,13 @@ def load() -> CpuKernels | None:
         log.info("this CPU lacks AVX-512 BF16; using PyTorch's int4 kernel")
         return None
     return CpuKernels(library)
+
+
+def _load_or_fail() -> CpuKernels:
+    kernels = load()
+    if kernels is None:
+        raise RuntimeError("this model was built with the AVX-512 kernels, which cannot run here")
+    return kernels
 
 
 def _cache_dir() -> Path:

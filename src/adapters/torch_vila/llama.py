@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vilaserve.adapters import cpu_kernels
+
 DEFAULT_ROPE_THETA = 10_000.0
 # RoPE tables start this long (capped by max_position_embeddings) and grow on demand, so a
 # 128K-context config does not pin 128 MB of tables that a 4K serving cache never reads.
@@ -325,6 +327,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.hidden_size, kv_width, bias=bias)
         self.v_proj = nn.Linear(args.hidden_size, kv_width, bias=bias)
         self.o_proj = nn.Linear(q_width, args.hidden_size, bias=bias)
+        # The CPU decode-attention kernel, when it runs here and fits the head size.
+        kernels = cpu_kernels.load()
+        fits = kernels is not None and args.head_dim % 32 == 0 and args.head_dim <= 256
+        self._kernels = kernels if fits else None
         # Set by `fuse_projections`: one layer computing [q | k | v] instead of three.
         self.qkv_proj: nn.Module | None = None
         self._qkv_widths = (q_width, kv_width, kv_width)
@@ -380,6 +386,8 @@ class Attention(nn.Module):
         setup at this size, and GQA needs no copies: the query heads that share a KV head
         become the rows of one matmul. Same arithmetic as HF's eager attention."""
         batch, heads, _, dim = q.shape
+        if self._kernels is not None and q.dtype == torch.bfloat16 and q.device.type == "cpu":
+            return self._kernels.decode_attention(q.contiguous(), keys, values, self.scale)
         grouped = q.reshape(batch, self.n_kv_heads, self.groups, dim)
         scores = torch.matmul(grouped, keys.transpose(-1, -2)) * self.scale
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
