@@ -43,3 +43,61 @@ def test_refuses_head_sizes_it_cannot_take() -> None:
     kv = torch.zeros(1, 2, 4, 48, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="status 1"):
         KERNELS.decode_attention(q, kv, kv, 0.1)
+
+
+def test_rope_kernel_is_bit_exact_with_the_torch_expression() -> None:
+    assert KERNELS is not None
+    from vilaserve.adapters.torch_vila.llama import _apply_rope
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 64, generator=gen).to(torch.bfloat16)  # [B, H, D]
+    angles = torch.rand(64, generator=gen) * 6
+    cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
+    want = _apply_rope(x[:, :, None, :], cos[None], sin[None])[:, :, 0]
+    slot = torch.zeros(2, 5, 9, 64, dtype=torch.bfloat16)  # a cache: write position 3 only
+    KERNELS.rope(x, cos, sin, slot[:, :, 3])
+    assert torch.equal(slot[:, :, 3], want)
+    assert not slot[:, :, [0, 1, 2, 4, 5, 6, 7, 8]].any()
+
+
+def test_rms_norm_kernel_matches_hf_rmsnorm_to_one_bf16_step() -> None:
+    assert KERNELS is not None
+    from vilaserve.adapters.torch_vila.llama import RMSNorm
+
+    norm = RMSNorm(256, 1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2)
+    x = (torch.randn(3, 1, 256) * 4).to(torch.bfloat16)
+    with torch.inference_mode():
+        got = norm(x)  # the kernel path
+        norm._kernels = None
+        want = norm(x)  # the PyTorch expression
+    # only the fp32 summation order differs: at most one bf16 rounding step apart
+    assert float((got.float() - want.float()).abs().max()) <= float(want.abs().max()) / 128
+
+
+def test_llama_decode_on_kernels_agrees_with_the_torch_path() -> None:
+    from vilaserve.adapters.torch_vila.llama import Llama, LlamaArgs
+
+    args = LlamaArgs(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-5,
+        rope_theta=10_000.0, rope_scaling=None, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Llama(args).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(1))
+
+    def decode_logits() -> torch.Tensor:
+        cache = model.new_cache(2, 16)
+        with torch.inference_mode():
+            model(cache, 0, input_ids=ids[:, :6])
+            steps = [model(cache, p, input_ids=ids[:, p : p + 1]) for p in range(6, 10)]
+        return torch.cat(steps, dim=1)
+
+    fast = decode_logits()
+    for module in model.modules():
+        if hasattr(module, "_kernels"):
+            module._kernels = None
+    slow = decode_logits()
+    assert float((fast - slow).abs().max()) < 2e-2 * float(slow.abs().max())

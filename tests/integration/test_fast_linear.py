@@ -34,7 +34,8 @@ def test_decode_rows_match_f_linear(out_features: int, bias: bool) -> None:
     for rows in (1, 3, fast_linear.DECODE_MAX_ROWS):
         x = torch.randn(rows, 256).to(torch.bfloat16)
         want = x.float() @ linear.weight.float().t() + (linear.bias.float() if bias else 0)
-        got = fast(x)
+        with torch.inference_mode():
+            got = fast(x)
         assert got.dtype == torch.bfloat16 and got.shape == (rows, out_features)
         # fp32 accumulation, one bf16 rounding of the output (and of the bias add)
         assert rel_err(got, want) < 1e-2
@@ -44,7 +45,12 @@ def test_prefill_rows_and_other_dtypes_take_f_linear_unchanged() -> None:
     linear = nn.Linear(128, 96).to(torch.bfloat16)
     fast = CpuDecodeLinear(linear, cpu_kernels.load())  # type: ignore[arg-type]
     many = torch.randn(fast_linear.DECODE_MAX_ROWS + 1, 128).to(torch.bfloat16)
-    assert torch.equal(fast(many), F.linear(many, linear.weight, linear.bias))
+    with torch.inference_mode():
+        assert torch.equal(fast(many), F.linear(many, linear.weight, linear.bias))
+    # with autograd on, even one row takes F.linear: gradients flow (training through the LLM)
+    one = torch.randn(1, 128).to(torch.bfloat16).requires_grad_()
+    fast(one).float().sum().backward()
+    assert one.grad is not None and one.grad.abs().sum() > 0
     fp32 = nn.Linear(128, 96)
     assert accelerate_cpu_linears(nn.Sequential(fp32)) == 0  # only bf16 weights are swapped
 

@@ -102,6 +102,12 @@ class CpuKernels:
         self._attention = library.vs_decode_attention
         self._attention.argtypes = [ptr, ptr, ptr, *[i64] * 7, ctypes.c_float, ptr, ctypes.c_int]
         self._attention.restype = ctypes.c_int
+        self._rms_norm = library.vs_rms_norm
+        self._rms_norm.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr]
+        self._rms_norm.restype = ctypes.c_int
+        self._rope = library.vs_rope
+        self._rope.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, i64, i64]
+        self._rope.restype = ctypes.c_int
 
     # One loaded library per process: copies and pickles of a model refer to it, not to a
     # copy of ctypes handles (which cannot be copied).
@@ -147,6 +153,28 @@ class CpuKernels:
         if status:
             raise RuntimeError(f"vs_decode_attention failed with status {status}")
         return out
+
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        """HF LlamaRMSNorm of bf16 rows (weight bf16), bit-exact up to the fp32 sum order."""
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        out = torch.empty_like(rows)
+        if self._rms_norm(rows.data_ptr(), rows.shape[0], rows.shape[1], weight.data_ptr(), eps,
+                          out.data_ptr()):  # fmt: skip
+            raise RuntimeError("vs_rms_norm refused the shape")
+        return out.view(x.shape)
+
+    def rope(self, src: Tensor, cos: Tensor, sin: Tensor, dst: Tensor) -> None:
+        """dst = rotary(src) for one position. src: [B, H, D] with contiguous heads (any batch
+        stride); dst: [B, H, D] with any batch/head strides and contiguous D (a cache slot)."""
+        batch, heads, dim = src.shape
+        if src.stride(1) != dim or src.stride(2) != 1 or dst.stride(2) != 1:
+            raise ValueError("rope needs contiguous heads in src and contiguous rows in dst")
+        status = self._rope(
+            src.data_ptr(), batch, heads, dim, src.stride(0), cos.data_ptr(), sin.data_ptr(),
+            dst.data_ptr(), dst.stride(0), dst.stride(1),
+        )  # fmt: skip
+        if status:
+            raise RuntimeError("vs_rope refused the shape")
 
     def dequantize(self, w: PackedInt4, n: int, k: int, group: int, out: Tensor) -> None:
         """out[N, K] (bf16 or fp32) = (q - z) * s."""

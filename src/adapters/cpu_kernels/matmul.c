@@ -321,3 +321,67 @@ int vs_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v,
     }
     return failed;
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * Small decode-step ops, bit-exact with the PyTorch bf16 expressions they replace (each torch op
+ * computes in fp32 and rounds to bf16 once; so do these, step by step). At batch 1 each torch op
+ * costs a few microseconds of dispatch for a few kilobytes of work.
+ */
+static inline __m512 bf16x16_to_ps_reg(__m256bh v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)v), 16));
+}
+
+static inline __m512 round_bf16(__m512 v) { return bf16x16_to_ps_reg(_mm512_cvtneps_pbh(v)); }
+
+static inline void store_bf16x16(uint16_t *p, __m512 v) {
+    _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+/* out = weight * bf16(x * rsqrt(mean(x^2) + eps)) per row of `dim` (HF LlamaRMSNorm). */
+int vs_rms_norm(const uint16_t *x, int64_t rows, int64_t dim, const uint16_t *weight, float eps,
+                uint16_t *out) {
+    if (dim % 16) return 1;
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *xr = x + r * dim;
+        __m512 sq = _mm512_setzero_ps();
+        for (int64_t i = 0; i < dim; i += 16) {
+            const __m512 v = bf16x16_to_ps(xr + i);
+            sq = _mm512_fmadd_ps(v, v, sq);
+        }
+        const __m512 scale = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(sq) / dim + eps));
+        for (int64_t i = 0; i < dim; i += 16) {
+            const __m512 normed = round_bf16(_mm512_mul_ps(bf16x16_to_ps(xr + i), scale));
+            store_bf16x16(out + r * dim + i, _mm512_mul_ps(bf16x16_to_ps(weight + i), normed));
+        }
+    }
+    return 0;
+}
+
+/* Rotary embedding, rotate-half layout, for one position: dst[b, h] = x*cos + rot(x)*sin with
+ * each product and the sum rounded to bf16 as torch does. src rows are [B, H, D] with strides
+ * (src_b, D); dst rows with strides (dst_b, dst_h) -- e.g. straight into a KV-cache slot. */
+int vs_rope(const uint16_t *src, int64_t batch, int64_t heads, int64_t dim, int64_t src_b,
+            const uint16_t *cos, const uint16_t *sin, uint16_t *dst, int64_t dst_b,
+            int64_t dst_h) {
+    const int64_t half = dim / 2;
+    if (half % 16) return 1;
+    for (int64_t b = 0; b < batch; b++) {
+        for (int64_t h = 0; h < heads; h++) {
+            const uint16_t *x = src + b * src_b + h * dim;
+            uint16_t *y = dst + b * dst_b + h * dst_h;
+            for (int64_t i = 0; i < half; i += 16) {
+                const __m512 x1 = bf16x16_to_ps(x + i), x2 = bf16x16_to_ps(x + half + i);
+                const __m512 c1 = bf16x16_to_ps(cos + i), c2 = bf16x16_to_ps(cos + half + i);
+                const __m512 s1 = bf16x16_to_ps(sin + i), s2 = bf16x16_to_ps(sin + half + i);
+                /* first half: x1*c1 + (-x2)*s1; second half: x2*c2 + x1*s2 */
+                const __m512 lo = _mm512_add_ps(round_bf16(_mm512_mul_ps(x1, c1)),
+                                                round_bf16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), x2), s1)));
+                const __m512 hi = _mm512_add_ps(round_bf16(_mm512_mul_ps(x2, c2)),
+                                                round_bf16(_mm512_mul_ps(x1, s2)));
+                store_bf16x16(y + i, lo);
+                store_bf16x16(y + half + i, hi);
+            }
+        }
+    }
+    return 0;
+}

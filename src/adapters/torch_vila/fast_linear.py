@@ -31,7 +31,11 @@ class CpuDecodeLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] > DECODE_MAX_ROWS or x.dtype != torch.bfloat16:
+        if (
+            rows.shape[0] > DECODE_MAX_ROWS
+            or x.dtype != torch.bfloat16
+            or torch.is_grad_enabled()  # the kernel has no backward
+        ):
             return F.linear(x, self.weight, self.bias)
         out = torch.empty(rows.shape[0], self.out_features, dtype=torch.bfloat16)
         self._kernels.dense_matmul(rows.contiguous(), self.weight, out)

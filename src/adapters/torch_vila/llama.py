@@ -288,13 +288,27 @@ class LayerStep(NamedTuple):
     is_causal: bool
 
 
+# Decode-sized calls (a few rows) go to the CPU kernels; PyTorch's ops win on long prefills.
+# Kernels run only without autograd (inference), so training through the LLM still works.
+_KERNEL_MAX_ROWS = 8
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self._kernels = cpu_kernels.load() if dim % 16 == 0 else None
 
     def forward(self, x: Tensor) -> Tensor:
+        if (
+            self._kernels is not None
+            and x.dtype == self.weight.dtype == torch.bfloat16
+            and x.device.type == "cpu"
+            and x.numel() <= _KERNEL_MAX_ROWS * x.shape[-1]
+            and not torch.is_grad_enabled()  # the kernels have no backward
+        ):
+            return self._kernels.rms_norm(x, self.weight, self.eps)
         # Normalize in fp32 and cast back before the weight, exactly like HF's LlamaRMSNorm.
         x32 = x.to(torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -349,6 +363,16 @@ class Attention(nn.Module):
             q, k, v = self.qkv_proj(x).split(self._qkv_widths, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if (
+            self._kernels is not None
+            and length == 1
+            and step.mask is None
+            and q.dtype == torch.bfloat16
+            and q.device.type == "cpu"
+            and not torch.is_grad_enabled()
+        ):
+            out = self._decode_on_cpu_kernels(q, k, v, step, cache)
+            return self.o_proj(out.view(batch, 1, -1))
         q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -357,6 +381,25 @@ class Attention(nn.Module):
         keys, values = cache.update(self.layer_idx, step.start_pos, k, v)
         out = self._attend(q, keys, values, step)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+    def _decode_on_cpu_kernels(
+        self, q: Tensor, k: Tensor, v: Tensor, step: LayerStep, cache: KVCache
+    ) -> Tensor:
+        """One position: rotary straight into a q buffer and the cache slot, then attention.
+        Same rounding as the torch path; replaces about a dozen small ops per layer."""
+        kernels = self._kernels
+        assert kernels is not None
+        batch, pos, dim = q.shape[0], step.start_pos, self.head_dim
+        cos, sin = step.cos[0], step.sin[0]
+        rotated_q = torch.empty(batch, self.n_heads, 1, dim, dtype=q.dtype)
+        kernels.rope(q.view(batch, self.n_heads, dim), cos, sin, rotated_q.view(batch, -1, dim))
+        layer_keys, layer_values = cache.keys[self.layer_idx], cache.values[self.layer_idx]
+        kernels.rope(k.view(batch, self.n_kv_heads, dim), cos, sin, layer_keys[:, :, pos])
+        layer_values[:, :, pos] = v.view(batch, self.n_kv_heads, dim)
+        end = pos + 1
+        return kernels.decode_attention(
+            rotated_q, layer_keys[:, :, :end], layer_values[:, :, :end], self.scale
+        )
 
     def _attend(self, q: Tensor, keys: Tensor, values: Tensor, step: LayerStep) -> Tensor:
         if step.mask is None and q.shape[2] == 1:
@@ -386,7 +429,12 @@ class Attention(nn.Module):
         setup at this size, and GQA needs no copies: the query heads that share a KV head
         become the rows of one matmul. Same arithmetic as HF's eager attention."""
         batch, heads, _, dim = q.shape
-        if self._kernels is not None and q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        if (
+            self._kernels is not None
+            and q.dtype == torch.bfloat16
+            and q.device.type == "cpu"
+            and not torch.is_grad_enabled()
+        ):
             return self._kernels.decode_attention(q.contiguous(), keys, values, self.scale)
         grouped = q.reshape(batch, self.n_kv_heads, self.groups, dim)
         scores = torch.matmul(grouped, keys.transpose(-1, -2)) * self.scale
