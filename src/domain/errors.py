@@ -85,3 +85,15 @@ class OutOfDeviceMemory(ServingError):
 
 class ControllerUnavailable(Exception):
     """The controller could not be reached or answered with an error (used by heartbeats)."""
+
+
+class NoWorkerForModel(ServingError):
+    """The controller knows no live worker that serves the requested model."""
+
+    code = ErrorCode.CONTROLLER_NO_WORKER
+
+
+class WorkerLost(ServingError):
+    """The worker the controller chose could not be reached, timed out, or broke its stream."""
+
+    code = ErrorCode.CONTROLLER_WORKER_TIMEOUT

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class WorkerStatus:
     model_names: tuple[str, ...]
-    speed: int
+    speed: float  # a relative weight; workers report 1, a controller the sum of its workers'
     queue_length: int
 
     def to_dict(self) -> dict[str, object]:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from vilaserve.entrypoints import model_worker, quantize
+from vilaserve.entrypoints import api_main, controller_main, model_worker, serve
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -15,12 +15,38 @@ def main(argv: Sequence[str] | None = None) -> None:
     worker = commands.add_parser("worker", help="run a model worker (TinyChat/FastChat protocol)")
     model_worker.add_worker_arguments(worker)
     quantizer = commands.add_parser("quantize", help="AWQ 4-bit quantization of a checkpoint")
-    quantize.add_quantize_arguments(quantizer)
+    wanted = _chosen_command(sys.argv[1:] if argv is None else argv)
+    if wanted == "quantize":
+        # quantize imports torch and transformers (seconds); the other commands do not need them.
+        from vilaserve.entrypoints import quantize
+
+        quantize.add_quantize_arguments(quantizer)
+    controller = commands.add_parser("controller", help="run the controller (FastChat protocol)")
+    controller_main.add_controller_arguments(controller)
+    stack = commands.add_parser(
+        "serve", help="run controller, worker and API on this machine and print the chat URL"
+    )
+    serve.add_serve_arguments(stack)
+    api = commands.add_parser("api", help="run the OpenAI-compatible API server and web chat")
+    api_main.add_api_arguments(api)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "worker":
         model_worker.serve(model_worker.settings_from_args(args))
     elif args.command == "quantize":
+        from vilaserve.entrypoints import quantize
+
         print(quantize.quantize_checkpoint(args))
+    elif args.command == "controller":
+        controller_main.run_controller(args)
+    elif args.command == "serve":
+        sys.exit(serve.run_serve(args))
+    elif args.command == "api":
+        api_main.run_api(args)
+
+
+def _chosen_command(argv: Sequence[str]) -> str | None:
+    """The subcommand, read before parsing so that heavy modules load only for their command."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ module importable as `from tiny_vila import build_tiny_vila`.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
+from servers import ApiStack, serving_stack  # noqa: E402
 from tiny_vila import build_tiny_vila  # noqa: E402  (needs the sys.path entry above)
 
 
@@ -31,3 +33,13 @@ def tiny_vila_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random LLaVA-1.5-style checkpoint: CLIP with CLS, mlp2x_gelu, pad aspect ratio."""
     root = tmp_path_factory.mktemp("ckpt") / "VILA1.5-tiny-clip"
     return build_tiny_vila(root, "clip", seed=1)
+
+
+@pytest.fixture(scope="module")
+def api_stack(tiny_vila_siglip: Path) -> Iterator[ApiStack]:
+    """Controller + a real worker on the SigLIP checkpoint + the OpenAI-compatible API.
+
+    One per test module: route wiring is per process (see `WiredServerThread`), so a stack
+    must not outlive the modules that start controllers and workers of their own."""
+    with serving_stack(tiny_vila_siglip) as stack:
+        yield stack

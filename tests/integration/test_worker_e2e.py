@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from servers import ServerThread
+from servers import ServerThread, start_worker
 from tiny_vila import make_png, make_png_b64
 from transformers import LlamaForCausalLM
 
@@ -26,25 +26,11 @@ from vilaserve.adapters.torch_vila.tokenization import (
     tokenize_with_images,
 )
 from vilaserve.adapters.torch_vila.vision_pipeline import VisionPipeline
-from vilaserve.entrypoints.container import WorkerContainer
-from vilaserve.entrypoints.http.worker_app import create_worker_app
-from vilaserve.entrypoints.settings import WorkerSettings
 
 VICUNA = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant "
     "gives helpful, detailed, and polite answers to the user's questions."
 )
-
-
-def start_worker(checkpoint: Path, **overrides: object) -> ServerThread:
-    options: dict[str, object] = {
-        "dtype": "float32",
-        "register_with_controller": False,
-        "log_format": "text",
-        **overrides,
-    }
-    settings = WorkerSettings(model_path=str(checkpoint), **options)  # type: ignore[arg-type]
-    return ServerThread(create_worker_app(WorkerContainer(settings=settings)))
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,16 @@ from typing import Any
 
 import httpx
 
+from vilaserve.domain.controller_messages import parse_worker_status
+from vilaserve.domain.errors import InvalidRequest
+from vilaserve.domain.status import WorkerStatus
+from vilaserve.domain.worker_gateway import WorkerGateway, WorkerNotResponding
+
 FRAME_SEPARATOR = b"\0"
 
 
-class WorkerUnreachable(Exception):
+class WorkerUnreachable(WorkerNotResponding):
     """The worker did not answer (connection refused, timeout, broken stream)."""
-
-    def __init__(self, worker_address: str, reason: str, timed_out: bool = False) -> None:
-        super().__init__(f"worker {worker_address}: {reason}")
-        self.worker_address = worker_address
-        self.timed_out = timed_out
 
 
 async def split_frames(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
@@ -38,7 +38,7 @@ async def split_frames(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, 
         yield json.loads(pending)
 
 
-class HttpWorkerClient:
+class HttpWorkerClient(WorkerGateway):
     def __init__(self, timeout_s: float = 100.0, connect_timeout_s: float = 5.0) -> None:
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
@@ -48,16 +48,34 @@ class HttpWorkerClient:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def post_json(self, worker_address: str, path: str, payload: dict[str, Any]) -> Any:
+    async def post_json(
+        self,
+        worker_address: str,
+        path: str,
+        payload: dict[str, Any],
+        timeout_s: float | None = None,
+    ) -> Any:
         """POSTs `payload` and returns the decoded JSON reply (any HTTP status)."""
         url = worker_address.rstrip("/") + path
+        timeout = httpx.USE_CLIENT_DEFAULT if timeout_s is None else httpx.Timeout(timeout_s)
         try:
-            response = await self._client.post(url, json=payload)
+            response = await self._client.post(url, json=payload, timeout=timeout)
             return response.json()
         except httpx.TimeoutException as exc:
             raise WorkerUnreachable(worker_address, f"timed out on {path}", True) from exc
         except (httpx.HTTPError, ValueError) as exc:
             raise WorkerUnreachable(worker_address, f"{path}: {type(exc).__name__}: {exc}") from exc
+
+    async def get_status(self, worker_address: str, timeout_s: float = 5.0) -> WorkerStatus:
+        """`/worker_get_status`, with a short timeout: a worker that cannot say how busy it is
+        within seconds is treated as gone."""
+        reply = await self.post_json(worker_address, "/worker_get_status", {}, timeout_s)
+        try:
+            return parse_worker_status(reply)
+        except InvalidRequest as exc:
+            raise WorkerUnreachable(
+                worker_address, f"/worker_get_status answered {repr(reply)[:200]}: {exc.message}"
+            ) from exc
 
     async def stream_generate(
         self, worker_address: str, payload: dict[str, Any]

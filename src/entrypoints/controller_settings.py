@@ -1,0 +1,34 @@
+"""Controller settings: environment variables (`VILASERVE_CONTROLLER_*`) overridden by flags."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# FastChat's defaults; TinyChat and LLaVA expire after 30 s (their workers beat every 15 s).
+FASTCHAT_HEART_BEAT_EXPIRATION_S = 90.0
+FASTCHAT_WORKER_API_TIMEOUT_S = 100.0
+
+
+class ControllerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VILASERVE_CONTROLLER_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 21001
+    dispatch_method: Literal["lottery", "shortest_queue"] = "shortest_queue"
+    # A worker whose last heartbeat is older than this is gone; keep it > 2x the workers'
+    # heartbeat interval so that one lost heartbeat is forgiven.
+    heart_beat_expiration: float = Field(FASTCHAT_HEART_BEAT_EXPIRATION_S, gt=0)
+    # How long a proxied generation may wait for the worker's next frame.
+    worker_api_timeout: float = Field(FASTCHAT_WORKER_API_TIMEOUT_S, gt=0)
+    # Status polls (registration without a status, /refresh_all_workers).
+    worker_status_timeout: float = Field(5.0, gt=0)
+    log_format: Literal["json", "text"] = "json"
+
+    @property
+    def expiry_check_interval_s(self) -> float:
+        """A few sweeps per expiration: a dead worker is forgotten at most ~1/3 late (FastChat
+        sweeps once per expiration, so up to 2x). Dispatch ignores expired workers anyway."""
+        return max(self.heart_beat_expiration / 3, 0.05)

@@ -1,0 +1,179 @@
+"""Fakes for the API server's ports (controller, workers, image fetching), and an app on them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from dependency_injector import providers
+from fastapi.testclient import TestClient
+
+from vilaserve.domain.api_errors import BadRequest, DirectoryUnavailable, WorkerUnavailable
+from vilaserve.domain.api_ports import (
+    FetchedImage,
+    ImageFetcher,
+    ModelDetails,
+    ModelDirectory,
+    WorkerApi,
+)
+from vilaserve.domain.conversation import TEMPLATES, ConversationTemplate
+from vilaserve.domain.generation import StreamChunk, Usage
+from vilaserve.entrypoints.api_container import ApiContainer
+from vilaserve.entrypoints.api_settings import ApiSettings
+from vilaserve.entrypoints.http.api_app import create_api_app
+
+MODEL = "VILA1.5-3b"
+ADDRESS = "http://worker-1"
+PNG_DATA_URL = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUg=="
+
+
+@dataclass
+class FakeDirectory(ModelDirectory):
+    """`models` maps a model to its worker address ("" = registered name but no worker)."""
+
+    models: dict[str, str] = field(default_factory=lambda: {MODEL: ADDRESS})
+    down: bool = False
+    lookups: list[str] = field(default_factory=list)
+    listings: int = 0
+
+    async def list_models(self) -> list[str]:
+        if self.down:
+            raise DirectoryUnavailable("the controller at http://ctl cannot be reached")
+        self.listings += 1
+        return [m for m, address in self.models.items() if address]
+
+    async def worker_address(self, model: str) -> str | None:
+        if self.down:
+            raise DirectoryUnavailable("the controller at http://ctl cannot be reached")
+        self.lookups.append(model)
+        return self.models.get(model) or None
+
+
+@dataclass
+class FakeWorkerApi(WorkerApi):
+    """Replies `reply` piece by piece (one piece = one token), as a worker with echo off.
+
+    `refuse` makes the first chunk an error with that code; `fail_after` breaks the stream
+    after that many chunks with an error chunk; `down` lists addresses that do not answer.
+    """
+
+    reply: tuple[str, ...] = ("Hello", ",", " world", "!")
+    context_length: int = 64
+    multimodal: bool = True
+    template: ConversationTemplate = TEMPLATES["vicuna_v1"]
+    refuse: tuple[int, str] | None = None
+    fail_after: int | None = None
+    delay_s: float = 0.0
+    down: set[str] = field(default_factory=set)
+    payloads: list[dict[str, Any]] = field(default_factory=list)
+    described: int = 0
+    yielded: int = 0
+    closed: int = 0
+    at_once: int = 0
+    most_at_once: int = 0
+
+    def _check(self, address: str) -> None:
+        if address in self.down:
+            raise WorkerUnavailable(f"the worker at {address} failed: connection refused")
+
+    async def model_details(self, address: str, model: str) -> ModelDetails:
+        self._check(address)
+        self.described += 1
+        return ModelDetails(self.context_length, self.multimodal, 4)
+
+    async def conversation_template(self, address: str, model: str) -> ConversationTemplate:
+        self._check(address)
+        return self.template
+
+    async def generate_stream(
+        self, address: str, payload: dict[str, Any]
+    ) -> AsyncIterator[StreamChunk]:
+        self._check(address)
+        self.payloads.append(payload)
+        if self.refuse is not None:
+            yield StreamChunk(text=self.refuse[1], error_code=self.refuse[0])
+            return
+        prompt_tokens = len(payload["prompt"].split()) + 4 * len(payload.get("images", []))
+        text = ""
+        self.at_once += 1
+        self.most_at_once = max(self.most_at_once, self.at_once)
+        try:
+            for i, piece in enumerate(self.reply):
+                if self.fail_after is not None and i == self.fail_after:
+                    yield StreamChunk(text="simulated kernel failure", error_code=50001)
+                    return
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s)
+                text += piece
+                n = i + 1
+                stop = next((s for s in payload["stop"] if s in text), None)
+                if stop is not None:
+                    yield StreamChunk(text[: text.index(stop)], 0, Usage(prompt_tokens, n), "stop")
+                    return
+                last = n == len(self.reply)
+                at_limit = n >= payload["max_new_tokens"]
+                finish = "stop" if last else ("length" if at_limit else None)
+                self.yielded += 1
+                yield StreamChunk(text, 0, Usage(prompt_tokens, n), finish)  # type: ignore[arg-type]
+                if finish:
+                    return
+        finally:
+            self.at_once -= 1
+            self.closed += 1
+
+
+@dataclass
+class FakeImageFetcher(ImageFetcher):
+    images: dict[str, bytes] = field(default_factory=dict)
+
+    async def fetch(self, url: str) -> FetchedImage:
+        if url not in self.images:
+            raise BadRequest(f"the image at {url!r} could not be fetched (HTTP 404)")
+        return FetchedImage(self.images[url], "image/png")
+
+
+@dataclass
+class FakeApi:
+    client: TestClient
+    container: ApiContainer
+    directory: FakeDirectory
+    workers: FakeWorkerApi
+
+
+@contextmanager
+def fake_api(
+    directory: FakeDirectory | None = None,
+    workers: FakeWorkerApi | None = None,
+    fetcher: ImageFetcher | None = None,
+    **settings: Any,
+) -> Iterator[FakeApi]:
+    directory = directory or FakeDirectory()
+    workers = workers or FakeWorkerApi()
+    container = ApiContainer(settings=ApiSettings(log_format="text", **settings))
+    container.model_directory.override(providers.Object(directory))
+    container.worker_api.override(providers.Object(workers))
+    container.image_fetcher.override(providers.Object(fetcher))
+    try:
+        with TestClient(create_api_app(container)) as client:
+            yield FakeApi(client, container, directory, workers)
+    finally:
+        container.unwire()
+
+
+def sse_events(raw: str) -> list[Any]:
+    """The `data:` payloads of an SSE body, JSON-decoded, with `[DONE]` kept as a string."""
+    events: list[Any] = []
+    for block in raw.split("\n\n"):
+        for line in block.splitlines():
+            if line.startswith("data: "):
+                data = line[len("data: ") :]
+                events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def chat_body(text: str = "What is it?", **extra: Any) -> dict[str, Any]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": text}], **extra}
