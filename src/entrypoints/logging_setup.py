@@ -36,3 +36,5 @@ def configure_logging(fmt: str = "json", level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # httpx logs every request at INFO: heartbeats and status polls would flood the log.
+    logging.getLogger("httpx").setLevel(max(level, logging.WARNING))

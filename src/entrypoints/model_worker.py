@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import uvicorn
 
@@ -68,6 +70,10 @@ def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
 
 def serve(settings: WorkerSettings) -> None:
     configure_logging(settings.log_format)
+    # Fail in a second, not after torch has loaded (~15 s), when the path is plainly wrong.
+    root = Path(settings.model_path)
+    if not (root / "config.json").is_file():
+        sys.exit(f"--model-path {root}: no config.json there (not a VILA checkpoint directory)")
     container = WorkerContainer(settings=settings)
     app = create_worker_app(container)
     logging.getLogger(__name__).info(
