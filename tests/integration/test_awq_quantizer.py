@@ -12,6 +12,7 @@ from vilaserve.adapters.awq.quantized_weight import QuantizedWeight
 from vilaserve.adapters.awq.quantizer import (
     AwqConfig,
     AwqReport,
+    _search_clip,
     apply_awq_scales,
     calibration_blocks,
     pseudo_quantize,
@@ -213,3 +214,66 @@ def test_calibration_blocks_concatenate_and_drop_the_remainder() -> None:
     assert int((blocks == 1).sum()) == 2  # BOS of the first two lines in the block
     with pytest.raises(ValueError, match="less than one 64-token block"):
         calibration_blocks(CharTokenizer(), "\n".join(lines), seqlen=64)
+
+
+def test_clip_search_matches_a_per_channel_per_group_reference() -> None:
+    torch.manual_seed(3)
+    w = torch.randn(64, 2 * GROUP)
+    w[:, 5] *= 6.0  # outliers make shrinking worthwhile for some groups
+    x = torch.randn(2, 700, 2 * GROUP)
+    config = AwqConfig(group_size=GROUP)
+    found = _search_clip(w, x, config)
+    # llm-awq's rule written out plainly: ~512 tokens by stride, shrink 1.00 .. 0.55, keep the
+    # first max |w| with the least mean squared change of the group's partial dot product.
+    tokens = x.reshape(-1, w.shape[1])
+    tokens = tokens[:: tokens.shape[0] // 512]
+    expected = torch.empty(w.shape[0], 2)
+    for row in range(w.shape[0]):
+        for group in range(2):
+            cols = slice(group * GROUP, (group + 1) * GROUP)
+            part, inputs = w[row, cols], tokens[:, cols]
+            best = (float("inf"), 0.0)
+            for step in range(10):
+                bound = part.abs().max() * (1 - step / 20)
+                q = pseudo_quantize(part.clamp(-bound, bound)[None, :], GROUP)[0]
+                err = float((inputs @ part - inputs @ q).pow(2).mean())
+                if err < best[0]:
+                    best = (err, float(bound))
+            expected[row, group] = best[1]
+    torch.testing.assert_close(found, expected)
+    assert (found < w.reshape(64, 2, GROUP).abs().amax(-1)).any()  # some groups were clipped
+
+
+def test_gate_up_scale_search_matches_the_reference_rule() -> None:
+    model = tiny_llama()
+    original = copy.deepcopy(model)
+    blocks = calibration(seed=1, blocks=4)
+    report = AwqReport()
+    config = AwqConfig(group_size=GROUP, search_clip=False)
+    quantize_llama(model, blocks, config, progress=False, report=report)
+    name = "model.layers.0.post_attention_layernorm"
+    [search] = [s for s in report.scale_searches if s.prev_op == name]
+    # llm-awq's rule written out plainly on layer 0 of the fp model: x_stat = mean |x| of the
+    # MLP input, s = x_stat^alpha normalised, gate and up quantized together as W * s, and the
+    # loss taken on the whole MLP's output (down_proj in full precision).
+    layer = original.model.layers[0]
+    with torch.no_grad():
+        hidden = original.embed(blocks)
+        step = original.make_step(0, blocks.shape[1], hidden)
+        cache = original.new_cache(blocks.shape[0], blocks.shape[1])
+        hidden = hidden + layer.self_attn(layer.input_layernorm(hidden), step, cache)
+        x = layer.post_attention_layernorm(hidden)
+        mlp = layer.mlp
+        reference = mlp(x)
+        x_stat = x.reshape(-1, x.shape[-1]).abs().mean(dim=0)
+        losses = []
+        for grid in range(20):
+            s = x_stat.pow(grid / 20).clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            gate = pseudo_quantize(mlp.gate_proj.weight * s, GROUP) / s
+            up = pseudo_quantize(mlp.up_proj.weight * s, GROUP) / s
+            out = mlp.down_proj(torch.nn.functional.silu(x @ gate.T) * (x @ up.T))
+            losses.append(float((out - reference).pow(2).mean()))
+    assert search.alpha == losses.index(min(losses)) / 20
+    torch.testing.assert_close(torch.tensor(search.losses), torch.tensor(losses), rtol=1e-3, atol=0)
+    assert search.alpha > 0  # the salient channels made scaling pay off
