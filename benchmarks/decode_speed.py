@@ -1,7 +1,9 @@
 """Single-stream CPU decode speed of our Llama: W16A16 (bf16) vs W4A16 (W4A16Linear, g128).
 
-W16A16 is measured twice: with PyTorch's own bf16 GEMV (`F.linear`), and as the worker runs it,
-with the AVX-512 decode kernel (`accelerate_cpu_linears`); the speedup is against the latter.
+W16A16 is measured twice: with PyTorch's own bf16 GEMV (`F.linear`, layer by layer), and as the
+worker runs it, with the AVX-512 decode kernels and all layers in one native call; the speedup
+is against the latter. W4A16 is also timed with the same kernels dispatched op by op from
+Python ("per-op"), which shows what the one-call decoder (cpu_kernels/decoder.c) saves.
 
 Random weights (speed does not depend on their values), built directly in bf16; the W4A16
 model is the same model with its decoder linears RTN-quantized in place, one at a time, so the
@@ -129,15 +131,17 @@ def decode_speed(model: Llama, tokens: int, desc: str) -> float:
 def w4_against_bandwidth(model: Llama, tokens: int, rounds: int) -> tuple[float, float, float]:
     """Median W4A16 s/token, median GB/s, and the median of per-round time / bound.
 
-    The read bandwidth of this shared VM drifts by 2x over minutes (neighbours, page
-    placement), so each round reads the bandwidth right before its decode tokens and is
-    compared with that reading, never with one taken at another moment.
+    The read bandwidth of this shared VM drifts by 2x within minutes (neighbours, page
+    placement), so each round is short (a few tokens) and is compared with the mean of two
+    bandwidth readings taken right before and right after it, never with one taken at
+    another moment.
     """
     streamed = streamed_bytes(model)
     times, bandwidths, ratios = [], [], []
     for r in range(rounds):
-        bandwidth = read_bandwidth()
+        before = read_bandwidth(gib=0.5, repeats=3)
         seconds = decode_speed(model, max(1, tokens // rounds), f"W4A16 round {r + 1}/{rounds}")
+        bandwidth = (before + read_bandwidth(gib=0.5, repeats=3)) / 2
         times.append(seconds)
         bandwidths.append(bandwidth)
         ratios.append(seconds / (streamed / (bandwidth * 1e9)))
@@ -174,7 +178,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--backend", default="auto")
     parser.add_argument(
-        "--rounds", type=int, default=4, help="W4A16 rounds, each next to a bandwidth reading"
+        "--rounds", type=int, default=8, help="W4A16 rounds, each between two bandwidth readings"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -188,13 +192,18 @@ def main() -> None:
         # a decode step reads every weight but the embedding table (unless tied to the head)
         embed = model.model.embed_tokens.weight
         w16_streamed = bf16_bytes - (0 if model.args.tie_word_embeddings else embed.nbytes)
+        model.use_native_decode = False  # PyTorch's ops only, layer by layer
         w16_torch = decode_speed(model, tokens, f"{size} W16A16 torch")
         accelerate_cpu_linears(model)  # what the worker does on CPU
+        model.use_native_decode = True
         w16 = decode_speed(model, tokens, f"{size} W16A16")
         quantize_in_place(model, args.backend)
         # as the worker does: merged q/k/v and gate/up (AVX-512 backend), int8 token table
         model.fuse_projections(fuse_w4a16)
         compress_token_embeddings(model)
+        model.use_native_decode = False  # the same kernels, dispatched op by op from Python
+        w4_per_op = decode_speed(model, tokens, f"{size} W4A16 per-op")
+        model.use_native_decode = True
         w4, bandwidth_near, over_bound = w4_against_bandwidth(model, tokens, args.rounds)
         streamed = streamed_bytes(model)
         bound = streamed / (bandwidth_near * 1e9)
@@ -206,6 +215,7 @@ def main() -> None:
                 "w16a16_ms": w16 * 1e3,
                 "w16a16_bound_ms": w16_streamed / (bandwidth_near * 1e9) * 1e3,
                 "w4a16_ms": w4 * 1e3,
+                "w4a16_per_op_ms": w4_per_op * 1e3,
                 "w16a16_tok_s": 1 / w16,
                 "w4a16_tok_s": 1 / w4,
                 "speedup": w16 / w4,
@@ -219,7 +229,8 @@ def main() -> None:
         del model
     header = (
         f"{'size':6} {'W16 torch ms':>12} {'W16 ms':>8} {'W16 tok/s':>9} {'W4 ms':>8} "
-        f"{'W4 tok/s':>9} {'speedup':>7} {'W4 MB':>7} {'bound ms':>8} {'W4/bound':>8}"
+        f"{'W4 tok/s':>9} {'speedup':>7} {'W4 MB':>7} {'bound ms':>8} {'W4/bound':>8} "
+        f"{'W4 per-op ms':>12}"
     )
     print(header)
     for r in rows:
@@ -227,7 +238,7 @@ def main() -> None:
             f"{r['size']:6} {r['w16a16_torch_ms']:12.1f} {r['w16a16_ms']:8.1f} "
             f"{r['w16a16_tok_s']:9.2f} {r['w4a16_ms']:8.1f} {r['w4a16_tok_s']:9.2f} "
             f"{r['speedup']:7.2f} {r['w4a16_streamed_mb']:7.0f} "
-            f"{r['bound_ms']:8.1f} {r['measured_over_bound']:8.2f}"
+            f"{r['bound_ms']:8.1f} {r['measured_over_bound']:8.2f} {r['w4a16_per_op_ms']:12.1f}"
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
     info = {"threads": args.threads, "read_bandwidth_gb_s": bandwidth, "rows": rows}

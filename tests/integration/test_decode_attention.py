@@ -86,6 +86,7 @@ def test_llama_decode_on_kernels_agrees_with_the_torch_path() -> None:
     )  # fmt: skip
     torch.manual_seed(0)
     model = Llama(args).to(torch.bfloat16).eval()
+    model.use_native_decode = False  # the per-op path; test_native_decode covers the other
     ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(1))
 
     def decode_logits() -> torch.Tensor:

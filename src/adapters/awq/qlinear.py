@@ -141,6 +141,12 @@ class W4A16Linear(nn.Module):
         )
         self._impl = self._forward_avx512
 
+    def avx512_layout(self) -> cpu_kernels.PackedInt4 | None:
+        """The packed weight the AVX-512 kernels read, for bf16 layers on that backend."""
+        if self.backend != "cpu_avx512" or self.compute_dtype != torch.bfloat16:
+            return None
+        return self._packed
+
     def _pack_cpu(self, w: QuantizedWeight, device: torch.device) -> None:
         if device.type != "cpu":
             raise ValueError(f"cpu_int4 needs a CPU device, got {device}")

@@ -26,10 +26,13 @@ import torch
 from torch import Tensor
 
 from vilaserve.adapters.awq.quantized_weight import QuantizedWeight
+from vilaserve.adapters.cpu_kernels.decoder import CachePointers, DecoderPlan
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "matmul.c"
+HERE = Path(__file__).resolve().parent
+SOURCES = (HERE / "matmul.c", HERE / "decoder.c")
+HEADERS = (HERE / "kernels.h",)
 CFLAGS = (
     "-O3", "-fPIC", "-shared", "-fopenmp",
     "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-mf16c",
@@ -108,6 +111,10 @@ class CpuKernels:
         self._rope = library.vs_rope
         self._rope.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, i64, i64]
         self._rope.restype = ctypes.c_int
+        self._decode_layers = library.vs_decode_layers
+        self._decode_layers.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr,
+                                        ctypes.c_int]  # fmt: skip
+        self._decode_layers.restype = ctypes.c_int
 
     # One loaded library per process: copies and pickles of a model refer to it, not to a
     # copy of ctypes handles (which cannot be copied).
@@ -176,6 +183,26 @@ class CpuKernels:
         if status:
             raise RuntimeError("vs_rope refused the shape")
 
+    def decode_layers(
+        self,
+        plan: DecoderPlan,
+        hidden: Tensor,
+        pos: int,
+        cos: Tensor,
+        sin: Tensor,
+        cache: CachePointers,
+        scratch: Tensor,
+    ) -> None:
+        """Runs position `pos` of hidden [B, hidden] (bf16, contiguous, updated in place)
+        through every layer of `plan` (decoder.c), writing its keys/values into the cache."""
+        status = self._decode_layers(
+            plan.dims_address, plan.layers_address, hidden.data_ptr(), hidden.shape[0], pos,
+            cos.data_ptr(), sin.data_ptr(), cache.keys_address, cache.values_address,
+            cache.batch_stride, cache.head_stride, scratch.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise RuntimeError(f"vs_decode_layers failed with status {status}")
+
     def dequantize(self, w: PackedInt4, n: int, k: int, group: int, out: Tensor) -> None:
         """out[N, K] (bf16 or fp32) = (q - z) * s."""
         status = self._dequant(
@@ -224,8 +251,10 @@ def _build() -> Path:
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=True
     ).stdout
-    digest = hashlib.sha256(SOURCE.read_bytes() + version.encode() + " ".join(CFLAGS).encode())
-    target = _cache_dir() / f"matmul-{digest.hexdigest()[:16]}.so"
+    digest = hashlib.sha256(version.encode() + " ".join(CFLAGS).encode())
+    for path in (*SOURCES, *HEADERS):
+        digest.update(path.read_bytes())
+    target = _cache_dir() / f"vilaserve-kernels-{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -233,7 +262,9 @@ def _build() -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         result = subprocess.run(
-            [compiler, *CFLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True
+            [compiler, *CFLAGS, "-o", str(built), *map(str, SOURCES)],
+            capture_output=True,
+            text=True,
         )
         if result.returncode:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")

@@ -21,6 +21,8 @@
 #include <math.h>
 #include <stdlib.h>
 
+#include "kernels.h"
+
 #define ROWS_PER_TILE 4
 #define BLOCK 64
 #define PREFETCH_BYTES 2048
@@ -62,7 +64,7 @@ static void group_sums(const uint16_t *x, int64_t m_rows, int64_t k, int64_t gro
 
 static void tile_rows(const uint16_t *x, int64_t m_rows, const uint8_t *w_tile,
                       const uint16_t *s_tile, const uint8_t *z_tile, const float *sums,
-                      int64_t n_first, int64_t n, int64_t k, int64_t group, void *out,
+                      int64_t n_first, int64_t ldo, int64_t k, int64_t group, void *out,
                       int out_fp32) {
     const int64_t groups = k / group, blocks_per_group = group / BLOCK;
     for (int64_t m = 0; m < m_rows; m++) {
@@ -109,18 +111,19 @@ static void tile_rows(const uint16_t *x, int64_t m_rows, const uint8_t *w_tile,
                         _mm512_reduce_add_ps(acc2), _mm512_reduce_add_ps(acc3)),
             offset);
         if (out_fp32) {
-            _mm_storeu_ps((float *)out + m * n + n_first, y);
+            _mm_storeu_ps((float *)out + m * ldo + n_first, y);
         } else {
             __m128bh yb = _mm_cvtneps_pbh(y);
-            _mm_storel_epi64((__m128i *)((uint16_t *)out + m * n + n_first), (__m128i)yb);
+            _mm_storel_epi64((__m128i *)((uint16_t *)out + m * ldo + n_first), (__m128i)yb);
         }
     }
 }
 
-/* y = x @ W^T. x: bf16 [m_rows, k]; out: bf16 or fp32 [m_rows, n]. Returns 0 on success. */
-int vs_int4_matmul(const uint16_t *x, int64_t m_rows, const uint8_t *w, const uint16_t *scales,
-                   const uint8_t *zeros, int64_t n, int64_t k, int64_t group, void *out,
-                   int out_fp32, int threads) {
+/* y = x @ W^T. x: bf16 [m_rows, k]; out: bf16 or fp32 rows of `ldo` elements, columns
+ * [0, n) written. Returns 0 on success. */
+int vs_int4_matmul_ld(const uint16_t *x, int64_t m_rows, const uint8_t *w, const uint16_t *scales,
+                       const uint8_t *zeros, int64_t n, int64_t k, int64_t group, void *out,
+                       int64_t ldo, int out_fp32, int threads) {
     if (n % ROWS_PER_TILE || k % BLOCK || group % BLOCK || k % group) return 1;
     const int64_t groups = k / group, tiles = n / ROWS_PER_TILE;
     float stack_sums[2048];
@@ -130,10 +133,16 @@ int vs_int4_matmul(const uint16_t *x, int64_t m_rows, const uint8_t *w, const ui
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
         tile_rows(x, m_rows, w + t * ROWS_PER_TILE * (k / 2), scales + t * groups * 4,
-                  zeros + t * groups * 4, sums, t * ROWS_PER_TILE, n, k, group, out, out_fp32);
+                  zeros + t * groups * 4, sums, t * ROWS_PER_TILE, ldo, k, group, out, out_fp32);
     }
     if (sums != stack_sums) free(sums);
     return 0;
+}
+
+int vs_int4_matmul(const uint16_t *x, int64_t m_rows, const uint8_t *w, const uint16_t *scales,
+                   const uint8_t *zeros, int64_t n, int64_t k, int64_t group, void *out,
+                   int out_fp32, int threads) {
+    return vs_int4_matmul_ld(x, m_rows, w, scales, zeros, n, k, group, out, n, out_fp32, threads);
 }
 
 /* The dense weight W[n, k] = (q - z) * s, as bf16 or fp32 (prefill: one dequant + a GEMM). */
@@ -187,8 +196,8 @@ static inline float dense_row_dot(const uint16_t *xr, const uint16_t *wr, int64_
     return _mm512_reduce_add_ps(acc);
 }
 
-int vs_bf16_matmul(const uint16_t *x, int64_t m_rows, const uint16_t *w, int64_t n, int64_t k,
-                   void *out, int out_fp32, int threads) {
+int vs_bf16_matmul_ld(const uint16_t *x, int64_t m_rows, const uint16_t *w, int64_t n, int64_t k,
+                       void *out, int64_t ldo, int out_fp32, int threads) {
     if (k % 32) return 1;
     const int64_t tiles = (n + ROWS_PER_TILE - 1) / ROWS_PER_TILE;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -220,15 +229,20 @@ int vs_bf16_matmul(const uint16_t *x, int64_t m_rows, const uint16_t *w, int64_t
             }
             for (int64_t r = 0; r < ROWS_PER_TILE && n0 + r < n; r++) {
                 if (out_fp32) {
-                    ((float *)out)[m * n + n0 + r] = y[r];
+                    ((float *)out)[m * ldo + n0 + r] = y[r];
                 } else {
                     __m128bh yb = _mm_cvtneps_pbh(_mm_set1_ps(y[r]));
-                    ((uint16_t *)out)[m * n + n0 + r] = (uint16_t)_mm_extract_epi16((__m128i)yb, 0);
+                    ((uint16_t *)out)[m * ldo + n0 + r] = (uint16_t)_mm_extract_epi16((__m128i)yb, 0);
                 }
             }
         }
     }
     return 0;
+}
+
+int vs_bf16_matmul(const uint16_t *x, int64_t m_rows, const uint16_t *w, int64_t n, int64_t k,
+                   void *out, int out_fp32, int threads) {
+    return vs_bf16_matmul_ld(x, m_rows, w, n, k, out, n, out_fp32, threads);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -238,27 +252,7 @@ int vs_bf16_matmul(const uint16_t *x, int64_t m_rows, const uint16_t *w, int64_t
  * Layouts: q [B, H, D]; k, v: [B, KVH, *, D] with `kv_batch_stride` / `kv_head_stride` elements;
  * out [B, H, D]. Query head h reads KV head h / (H / KVH). Needs D % 32 == 0.
  */
-static inline __m512 bf16x16_to_ps(const uint16_t *p) {
-    return _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
 
-static inline __m512 exp_ps(__m512 x) {
-    /* exp(x) = 2^n * exp(r), |r| <= ln2/2; degree-6 Taylor: relative error < 3e-7. */
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
 
 #define MAX_HEAD_DIM 256
 
@@ -327,15 +321,8 @@ int vs_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v,
  * computes in fp32 and rounds to bf16 once; so do these, step by step). At batch 1 each torch op
  * costs a few microseconds of dispatch for a few kilobytes of work.
  */
-static inline __m512 bf16x16_to_ps_reg(__m256bh v) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)v), 16));
-}
 
-static inline __m512 round_bf16(__m512 v) { return bf16x16_to_ps_reg(_mm512_cvtneps_pbh(v)); }
 
-static inline void store_bf16x16(uint16_t *p, __m512 v) {
-    _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(v));
-}
 
 /* out = weight * bf16(x * rsqrt(mean(x^2) + eps)) per row of `dim` (HF LlamaRMSNorm). */
 int vs_rms_norm(const uint16_t *x, int64_t rows, int64_t dim, const uint16_t *weight, float eps,

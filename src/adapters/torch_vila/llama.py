@@ -18,6 +18,7 @@ Usage::
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -27,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vilaserve.adapters import cpu_kernels
+from vilaserve.adapters.cpu_kernels.decoder import CachePointers
+from vilaserve.adapters.torch_vila.native_decode import NativeDecoder
 
 DEFAULT_ROPE_THETA = 10_000.0
 # RoPE tables start this long (capped by max_position_embeddings) and grow on demand, so a
@@ -258,6 +261,13 @@ class KVCache:
         # but garbage NaNs there would poison any future full-length masked attention.
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self._native: CachePointers | None = None
+
+    def native_pointers(self) -> CachePointers:
+        """The buffers' addresses for the native decoder, gathered on first use."""
+        if self._native is None:
+            self._native = CachePointers.of(self.keys, self.values)
+        return self._native
 
     @property
     def batch(self) -> int:
@@ -287,6 +297,12 @@ class LayerStep(NamedTuple):
     mask: Tensor | None
     is_causal: bool
 
+
+# Native decoders by model, built on a model's first decode step. Kept outside the module so
+# that deepcopy / pickling of a model (which cannot copy ctypes structs) never sees them.
+_NATIVE_DECODERS: weakref.WeakKeyDictionary[Llama, NativeDecoder | None] = (
+    weakref.WeakKeyDictionary()
+)
 
 # Decode-sized calls (a few rows) go to the CPU kernels; PyTorch's ops win on long prefills.
 # Kernels run only without autograd (inference), so training through the LLM still works.
@@ -500,6 +516,9 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         initial = min(args.max_position_embeddings, _INITIAL_ROPE_POSITIONS)
         self.rope = RotaryTable(rope_inv_freq(args), initial)
+        # Decode through one native call for all layers where it can (native_decode.py);
+        # tests switch it off to compare with the per-op path.
+        self.use_native_decode = True
 
     @classmethod
     def empty(cls, args: LlamaArgs, dtype: torch.dtype, device: torch.device | str) -> Llama:
@@ -528,6 +547,7 @@ class Llama(nn.Module):
         """Lets `fuse` merge each layer's q/k/v and gate/up layers (it returns None to decline:
         only some kernels gain from it). Returns how many merges happened. Inference only: the
         state dict of a fused model no longer has the separate projections."""
+        self._forget_native_decoder()
         merged = 0
         for layer in self.model.layers:
             merged += layer.self_attn.fuse_projections(fuse) + layer.mlp.fuse_projections(fuse)
@@ -568,12 +588,40 @@ class Llama(nn.Module):
         batch, length, _ = hidden.shape
         _check_fits(cache, batch, start_pos, length)
         step = self.make_step(start_pos, length, hidden)
-        for layer in self.model.layers:
-            hidden = layer(hidden, step, cache)
+        native = self._native_decoder(hidden) if length == 1 else None
+        if native is not None:
+            if inputs_embeds is not None:
+                hidden = hidden.clone()  # updated in place: never the caller's tensor
+            hidden = native.run(hidden, cache, start_pos, step.cos, step.sin)
+        else:
+            for layer in self.model.layers:
+                hidden = layer(hidden, step, cache)
         if last_only:
             # Norm and head are per position: skip them for positions nobody reads.
             hidden = hidden[:, -1:]
         return self.lm_head(self.model.norm(hidden)).float()
+
+    def _native_decoder(self, hidden: Tensor) -> NativeDecoder | None:
+        """The one-call decoder for this decode step, when the model and the step qualify."""
+        if (
+            not self.use_native_decode
+            or hidden.dtype != torch.bfloat16
+            or hidden.device.type != "cpu"
+            or hidden.shape[0] > _KERNEL_MAX_ROWS
+            or not hidden.is_contiguous()
+            or torch.is_grad_enabled()  # the kernels have no backward
+        ):
+            return None
+        if self not in _NATIVE_DECODERS:
+            _NATIVE_DECODERS[self] = NativeDecoder.for_model(self)
+        return _NATIVE_DECODERS[self]
+
+    def _forget_native_decoder(self) -> None:
+        _NATIVE_DECODERS.pop(self, None)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Llama:
+        self._forget_native_decoder()  # .to() / .half() may move or recast the weights
+        return super()._apply(fn, recurse)
 
     def _input_hidden(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
         if (input_ids is None) == (inputs_embeds is None):

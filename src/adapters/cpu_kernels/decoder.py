@@ -1,0 +1,182 @@
+"""The ctypes side of decoder.c: a model's layers and a KV cache described once, as C structs.
+
+`DecoderPlan` is built once per model (pointers to its weights, which it keeps alive) and
+`CachePointers` once per KV cache; a decode step then costs one foreign call for all layers.
+The field order of every Structure here must match decoder.c.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+_NONE, _INT4, _BF16 = 0, 1, 2
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [
+        ("kind", ctypes.c_int64),
+        ("weight", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
+        ("zeros", ctypes.c_void_p),
+        ("n", ctypes.c_int64),
+        ("k", ctypes.c_int64),
+        ("group", ctypes.c_int64),
+    ]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        ("input_norm", ctypes.c_void_p),
+        ("post_norm", ctypes.c_void_p),
+        ("qkv", _Linear * 3),
+        ("gate_up", _Linear * 2),
+        ("o", _Linear),
+        ("down", _Linear),
+    ]
+
+
+class _Dims(ctypes.Structure):
+    _fields_ = [
+        ("layers", ctypes.c_int64),
+        ("hidden", ctypes.c_int64),
+        ("heads", ctypes.c_int64),
+        ("kv_heads", ctypes.c_int64),
+        ("head_dim", ctypes.c_int64),
+        ("intermediate", ctypes.c_int64),
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+    ]
+
+
+class PackedLinear(Protocol):
+    """What matmul.c's 4-bit layout provides (cpu_kernels.PackedInt4)."""
+
+    weight: Tensor
+    scales: Tensor
+    zeros: Tensor
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """One bias-free linear layer the C code can run: 4-bit packed or dense bf16 [N, K]."""
+
+    out_features: int
+    in_features: int
+    packed: PackedLinear | None = None
+    group_size: int = 0
+    dense: Tensor | None = None
+
+    def to_struct(self) -> _Linear:
+        if self.packed is not None:
+            p = self.packed
+            return _Linear(
+                _INT4, p.weight.data_ptr(), p.scales.data_ptr(), p.zeros.data_ptr(),
+                self.out_features, self.in_features, self.group_size,
+            )  # fmt: skip
+        assert self.dense is not None
+        return _Linear(
+            _BF16, self.dense.data_ptr(), None, None, self.out_features, self.in_features, 0
+        )
+
+    def tensors(self) -> list[Tensor]:
+        if self.packed is not None:
+            return [self.packed.weight, self.packed.scales, self.packed.zeros]
+        assert self.dense is not None
+        return [self.dense]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    input_norm: Tensor
+    post_norm: Tensor
+    qkv: Sequence[LinearSpec]  # one fused layer, or q, k, v
+    gate_up: Sequence[LinearSpec]  # one fused layer, or gate, up
+    o: LinearSpec
+    down: LinearSpec
+
+
+@dataclass
+class DecoderPlan:
+    """Every decoder layer of one model as C structs; holds its weights alive."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    eps: float
+    scale: float
+    layers: Sequence[LayerSpec]
+    _dims: _Dims = field(init=False, repr=False)
+    _structs: ctypes.Array[_Layer] = field(init=False, repr=False)
+    _alive: list[Tensor] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._dims = _Dims(
+            len(self.layers), self.hidden, self.heads, self.kv_heads, self.head_dim,
+            self.intermediate, self.eps, self.scale,
+        )  # fmt: skip
+        self._structs = (_Layer * len(self.layers))()
+        self._alive = []
+        for slot, layer in zip(self._structs, self.layers, strict=True):
+            if not 1 <= len(layer.qkv) <= 3 or not 1 <= len(layer.gate_up) <= 2:
+                raise ValueError("q/k/v come as 1-3 linears and gate/up as 1-2")
+            slot.input_norm = layer.input_norm.data_ptr()
+            slot.post_norm = layer.post_norm.data_ptr()
+            for i, part in enumerate(layer.qkv):
+                slot.qkv[i] = part.to_struct()
+            for i, part in enumerate(layer.gate_up):
+                slot.gate_up[i] = part.to_struct()
+            slot.o = layer.o.to_struct()
+            slot.down = layer.down.to_struct()
+            self._alive += [layer.input_norm, layer.post_norm]
+            for part in (*layer.qkv, *layer.gate_up, layer.o, layer.down):
+                self._alive += part.tensors()
+
+    @property
+    def dims_address(self) -> int:
+        return ctypes.addressof(self._dims)
+
+    @property
+    def layers_address(self) -> int:
+        return ctypes.addressof(self._structs)
+
+    def scratch(self, batch: int) -> Tensor:
+        """The work buffer decoder.c needs for `batch` rows (see its header comment)."""
+        q_width = self.heads * self.head_dim
+        qkv_width = q_width + 2 * self.kv_heads * self.head_dim
+        per_row = 2 * self.hidden + qkv_width + 2 * q_width + 3 * self.intermediate
+        return torch.empty(batch * per_row, dtype=torch.bfloat16)
+
+
+@dataclass
+class CachePointers:
+    """The per-layer key and value buffers of one KV cache, [B, kv_heads, max_len, head_dim]."""
+
+    keys_address: int
+    values_address: int
+    batch_stride: int
+    head_stride: int
+    _arrays: tuple[ctypes.Array[ctypes.c_void_p], ...] = ()
+
+    @classmethod
+    def of(cls, keys: Sequence[Tensor], values: Sequence[Tensor]) -> CachePointers:
+        first = keys[0]
+        for t in (*keys, *values):
+            if t.dtype != torch.bfloat16 or not t.is_contiguous() or t.shape != first.shape:
+                raise ValueError("cache buffers must be contiguous bf16 of one shape")
+        key_array = (ctypes.c_void_p * len(keys))(*(t.data_ptr() for t in keys))
+        value_array = (ctypes.c_void_p * len(values))(*(t.data_ptr() for t in values))
+        return cls(
+            ctypes.addressof(key_array),
+            ctypes.addressof(value_array),
+            first.stride(0),
+            first.stride(1),
+            (key_array, value_array),
+        )
