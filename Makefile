@@ -1,9 +1,14 @@
-# Fresh machine: `make run` sets up and serves a model; `make test` runs the test suite.
+# Fresh machine: `make demo` serves the embedded demo model with its web chat; `make test` runs
+# the test suite; `make run` serves a tiny random checkpoint (protocol only).
 PYTHON ?= python3
 TINY_CHECKPOINT ?= .cache/tiny-vila
 PORT ?= 21002
 
-.PHONY: setup run test lint
+DEMO_ARGS ?=
+# awq (the issue's W4A16 default), rtn or 16bit (today the most accurate: see the README)
+DEMO_VARIANT ?= awq
+
+.PHONY: setup run demo test lint
 
 # torch first, and only if absent: an existing (CUDA) build is kept; on a bare machine the
 # pinned CPU wheel is taken, so that nothing pulls a multi-GB CUDA build as a dependency.
@@ -11,12 +16,21 @@ setup:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
 	$(PYTHON) -m pip install -q -e ".[dev]"
 
-# Until the embedded demo model lands, this serves a tiny *random* VILA checkpoint built
-# locally: the whole protocol works, the answers are gibberish.
+# A tiny *random* VILA checkpoint built locally, worker only: the whole protocol works, the
+# answers are gibberish (quick protocol checks; `make demo` serves a model that sees).
 run: setup
 	$(PYTHON) tests/integration/tiny_vila.py $(TINY_CHECKPOINT)
 	$(PYTHON) -m vilaserve.entrypoints.model_worker --model-path $(TINY_CHECKPOINT) \
 		--port $(PORT) --no-register --log-format text
+
+# The embedded demo model (SmolLM2-135M + our SigLIP tower) in W4A16 AWQ, with the whole stack:
+# built on the first run (fetch SmolLM2, assemble, AWQ-quantize; cached in ~/.cache/vilaserve),
+# then `vilaserve serve` prints the chat URL. DEMO_ARGS go to serve (e.g. --api-port 8080).
+demo: setup
+	@model="$$($(PYTHON) -m vilaserve.entrypoints.cli build-demo --variant $(DEMO_VARIANT))" && \
+	precision="$$(if [ "$(DEMO_VARIANT)" = 16bit ]; then echo W16A16; else echo W4A16; fi)" && \
+	exec $(PYTHON) -m vilaserve.entrypoints.cli serve --model-path "$$model" --precision "$$precision" \
+		--log-format text $(DEMO_ARGS)
 
 test: setup
 	$(PYTHON) -m pytest -q tests

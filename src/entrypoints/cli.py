@@ -21,6 +21,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         from vilaserve.entrypoints import quantize
 
         quantize.add_quantize_arguments(quantizer)
+    demo_commands = {
+        "train-demo-vision": "train the demo model's vision tower and projector (CPU, ~40 min)",
+        "build-demo": "build (once, cached) the demo model and print its directory",
+        "chat": "ask a model about pictures in the terminal (default: the demo model)",
+    }
+    demo_parsers = {
+        name: commands.add_parser(name, help=text) for name, text in demo_commands.items()
+    }
+    if wanted in demo_commands:
+        # Like quantize: torch and transformers load only for the demo commands themselves.
+        from vilaserve.entrypoints import demo_cli
+
+        demo_cli.add_train_arguments(demo_parsers["train-demo-vision"])
+        demo_cli.add_build_arguments(demo_parsers["build-demo"])
+        demo_cli.add_chat_arguments(demo_parsers["chat"])
     controller = commands.add_parser("controller", help="run the controller (FastChat protocol)")
     controller_main.add_controller_arguments(controller)
     stack = commands.add_parser(
@@ -36,6 +51,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         from vilaserve.entrypoints import quantize
 
         print(quantize.quantize_checkpoint(args))
+    elif args.command == "train-demo-vision":
+        from vilaserve.entrypoints import demo_cli
+
+        demo_cli.run_train(args, list(sys.argv[1:] if argv is None else argv))
+    elif args.command == "build-demo":
+        from vilaserve.entrypoints import demo_cli
+
+        demo_cli.run_build(args)
+    elif args.command == "chat":
+        from vilaserve.entrypoints import demo_cli
+
+        sys.exit(demo_cli.run_chat(args))
     elif args.command == "controller":
         controller_main.run_controller(args)
     elif args.command == "serve":

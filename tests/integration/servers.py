@@ -173,9 +173,10 @@ class ApiStack:
 
 
 @contextmanager
-def serving_stack(checkpoint: Path) -> Iterator[ApiStack]:
+def serving_stack(checkpoint: Path, **worker_overrides: object) -> Iterator[ApiStack]:
     """The real controller, one real worker on `checkpoint` registered with it, and the API,
-    on loopback. The controller's requests are counted by path."""
+    on loopback. The controller's requests are counted by path; `worker_overrides` are
+    worker settings (e.g. `dtype`)."""
     calls: Counter[str] = Counter()
     container = ControllerContainer(settings=ControllerSettings(log_format="text"))
     app = create_controller_app(container)
@@ -194,6 +195,7 @@ def serving_stack(checkpoint: Path) -> Iterator[ApiStack]:
             controller_address=control.url,
             worker_address=address,
             port=port,
+            **worker_overrides,
         )
         with worker, start_api(control.url) as api:
             wait_for(lambda: httpx.post(control.url + "/list_models").json()["models"])

@@ -30,10 +30,12 @@ from tokenizers import (
     trainers,
 )
 
+from vilaserve.adapters import vila_layout
+
 # "llama" and "chatml" are byte-level BPE (Llama-3 / Yi style byte handling); "sentencepiece" is
 # a Llama-2-style Metaspace BPE with <0xNN> byte fallback, the tokenizer VILA1.5-3b/13b ship.
 TokenizerKind = Literal["llama", "chatml", "sentencepiece"]
-VisionKind = Literal["siglip", "clip"]
+VisionKind = vila_layout.VisionKind
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -233,8 +235,8 @@ def build_tokenizer(out_dir: Path, kind: TokenizerKind = "llama", *, add_bos: bo
         config["chat_template"] = CHATML_TEMPLATE
         config["additional_special_tokens"] = list(_CHATML_SPECIALS)
         special_map["additional_special_tokens"] = list(_CHATML_SPECIALS)
-    _write_json(out_dir / "tokenizer_config.json", config)
-    _write_json(out_dir / "special_tokens_map.json", special_map)
+    vila_layout.write_json(out_dir / "tokenizer_config.json", config)
+    vila_layout.write_json(out_dir / "special_tokens_map.json", special_map)
     return out_dir
 
 
@@ -271,54 +273,8 @@ def build_tiny_vila(
     )
 
     # Field set and values of VILA1.5-3b's root config (reference section 1.2).
-    root_cfg: dict[str, Any] = {
-        "_name_or_path": "./vlm",
-        "architectures": ["LlavaLlamaModel"],
-        "drop_path_rate": 0.0,
-        "hidden_size": llm_hidden_size,
-        "image_aspect_ratio": "resize" if vision == "siglip" else "pad",
-        "interpolate_mode": "linear",
-        "llm_cfg": llm_cfg,
-        "mm_hidden_size": vision_hidden_size,
-        "mm_projector_cfg": projector_cfg,
-        "mm_projector_lr": None,
-        "mm_use_im_patch_token": False,
-        "mm_use_im_start_end": False,
-        "mm_vision_select_feature": "cls_patch" if vision == "siglip" else "patch",
-        "mm_vision_select_layer": -2,
-        "model_dtype": "torch.bfloat16",
-        "model_type": "llava_llama",
-        "num_video_frames": 8,
-        "resume_path": "./vlm",
-        "s2": False,
-        "s2_max_split_size": 336,
-        "s2_scales": "336,672,1008",
-        "soft_ce_std": 1.0,
-        "transformers_version": "4.36.2",
-        "tune_language_model": True,
-        "tune_mm_projector": True,
-        "tune_vision_tower": True,
-        "vision_resolution": -1,
-        "vision_tower_cfg": vision_cfg,
-    }
-    _write_json(root / "config.json", root_cfg)
-    _write_json(
-        root / "trainer_state.json",
-        {
-            "best_metric": None,
-            "best_model_checkpoint": None,
-            "epoch": 1.0,
-            "global_step": 1,
-            "is_hyper_param_search": False,
-            "is_local_process_zero": True,
-            "is_world_process_zero": True,
-            "log_history": [],
-            "max_steps": 1,
-            "num_train_epochs": 1,
-            "total_flos": 0,
-            "trial_name": None,
-            "trial_params": None,
-        },
+    vila_layout.write_root(
+        root, vila_layout.root_config(vision, llm_cfg, vision_cfg, projector_cfg)
     )
     return root
 
@@ -355,10 +311,6 @@ def make_png_b64(
 
 
 # --- internals -------------------------------------------------------------------------------
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _is_norm(name: str) -> bool:
@@ -432,8 +384,8 @@ def _build_llm(
     saved.setdefault("torch_dtype", "bfloat16")
     saved.setdefault("rope_theta", 10000.0)
     saved.setdefault("rope_scaling", None)
-    _write_json(llm_dir / "config.json", saved)
-    return {**saved, "_name_or_path": "./llm"}
+    vila_layout.write_json(llm_dir / "config.json", saved)
+    return saved
 
 
 def _build_vision_tower(
@@ -465,45 +417,19 @@ def _build_vision_tower(
     if vision == "siglip":
         s_cfg = SiglipVisionConfig(**common, architectures=["SiglipVisionModel"])
         model = SiglipVisionModel(s_cfg)
-        preprocessor: dict[str, Any] = {
-            "do_convert_rgb": True,
-            "do_normalize": True,
-            "do_rescale": True,
-            "do_resize": True,
-            "image_mean": [0.5, 0.5, 0.5],
-            "image_processor_type": "SiglipImageProcessor",
-            "image_std": [0.5, 0.5, 0.5],
-            "processor_class": "SiglipProcessor",
-            "resample": 3,
-            "rescale_factor": 1 / 255,
-            "size": {"height": image_size, "width": image_size},
-        }
     else:
         c_cfg = CLIPVisionConfig(**common, projection_dim=hidden, architectures=["CLIPVisionModel"])
         model = CLIPVisionModel(c_cfg)
-        preprocessor = {
-            "crop_size": {"height": image_size, "width": image_size},
-            "do_center_crop": True,
-            "do_convert_rgb": True,
-            "do_normalize": True,
-            "do_rescale": True,
-            "do_resize": True,
-            "feature_extractor_type": "CLIPFeatureExtractor",
-            "image_mean": [0.48145466, 0.4578275, 0.40821073],
-            "image_processor_type": "CLIPImageProcessor",
-            "image_std": [0.26862954, 0.26130258, 0.27577711],
-            "resample": 3,
-            "rescale_factor": 1 / 255,
-            "size": {"shortest_edge": image_size},
-        }
     _randomize(model, gen, std)
     model = model.to(torch.bfloat16)
     model.save_pretrained(out_dir, safe_serialization=True)
-    _write_json(out_dir / "preprocessor_config.json", preprocessor)
+    vila_layout.write_json(
+        out_dir / "preprocessor_config.json", vila_layout.preprocessor_config(vision, image_size)
+    )
     saved = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))
     saved.setdefault("torch_dtype", "bfloat16")
-    _write_json(out_dir / "config.json", saved)
-    return {**saved, "_name_or_path": "./vision_tower"}
+    vila_layout.write_json(out_dir / "config.json", saved)
+    return saved
 
 
 def _build_projector(
@@ -542,15 +468,9 @@ def _build_projector(
         }
     bf16 = {name: t.to(torch.bfloat16).contiguous() for name, t in tensors.items()}
     save_file(bf16, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    cfg: dict[str, Any] = {
-        "architectures": ["MultimodalProjector"],
-        "mm_projector_type": projector_type,
-        "model_type": "v2l_projector",
-        "torch_dtype": "bfloat16",
-        "transformers_version": "4.36.2",
-    }
-    _write_json(out_dir / "config.json", cfg)
-    return {**cfg, "_name_or_path": "./mm_projector"}
+    cfg = vila_layout.projector_config(projector_type)
+    vila_layout.write_json(out_dir / "config.json", cfg)
+    return cfg
 
 
 if __name__ == "__main__":

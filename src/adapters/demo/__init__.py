@@ -1,0 +1,1 @@
+"""The embedded demo model: generated pictures, the vision training recipe, the build."""

@@ -1,0 +1,247 @@
+"""`vilaserve train-demo-vision`, `build-demo` and `chat`: the embedded demo model's commands.
+
+Torch and transformers are imported inside the commands, only when they are needed: a cached
+`build-demo` answers in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+from vilaserve.adapters.demo.build_cache import (
+    PROVENANCE_FILE,
+    VARIANTS,
+    WEIGHTS_FILE,
+    Variant,
+    is_built,
+    variant_dir,
+)
+from vilaserve.entrypoints.logging_setup import configure_logging
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from vilaserve.adapters.demo.training import TrainConfig
+    from vilaserve.adapters.gguf_import import default_cache_dir
+
+    defaults = TrainConfig()
+    add = parser.add_argument
+    add("--seed", type=int, default=defaults.seed, help="seed of the init and of the pictures")
+    add(
+        "--instruction-steps",
+        type=int,
+        default=defaults.instruction_steps,
+        help="stage 0: steps learning the free image tokens through the LLM",
+    )
+    add("--instruction-lr", type=float, default=defaults.instruction_lr)
+    add("--stage1-steps", type=int, default=defaults.stage1_steps, help="tower pre-training steps")
+    add("--stage1-batch", type=int, default=defaults.stage1_batch, help="pictures per stage-1 step")
+    add("--stage1-lr", type=float, default=defaults.stage1_lr)
+    add("--stage2-steps", type=int, default=defaults.stage2_steps, help="steps through the LLM")
+    add("--stage2-batch", type=int, default=defaults.stage2_batch, help="pictures per stage-2 step")
+    add("--stage2-lr", type=float, default=defaults.stage2_lr)
+    add("--tower-lr-scale", type=float, default=defaults.tower_lr_scale, help="stage 2")
+    add("--caption-weight", type=float, default=defaults.caption_weight, help="stage 2")
+    add("--validate-every", type=int, default=defaults.validate_every)
+    add("--threads", type=int, default=defaults.threads, help="torch threads (0: default)")
+    add("--device", default=defaults.device, help="stage 1's device: cpu or cuda")
+    add("--loader-workers", type=int, default=defaults.loader_workers, help="stage 1 drawers")
+    add("--output", type=Path, default=WEIGHTS_FILE, help="trained weights (.safetensors)")
+    add(
+        "--work-dir",
+        type=Path,
+        default=default_cache_dir().parent / "demo-train",
+        help="checkpoints; an interrupted run resumes from here",
+    )
+    add("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_train(args: argparse.Namespace, argv: list[str]) -> None:
+    from vilaserve.adapters.demo.training import TrainConfig, train_demo_vision
+    from vilaserve.adapters.gguf_import import ensure_smollm2_hf
+
+    configure_logging("text")
+    config = TrainConfig(
+        seed=args.seed,
+        instruction_steps=args.instruction_steps,
+        instruction_lr=args.instruction_lr,
+        stage1_steps=args.stage1_steps,
+        stage1_batch=args.stage1_batch,
+        stage1_lr=args.stage1_lr,
+        stage2_steps=args.stage2_steps,
+        stage2_batch=args.stage2_batch,
+        stage2_lr=args.stage2_lr,
+        tower_lr_scale=args.tower_lr_scale,
+        caption_weight=args.caption_weight,
+        validate_every=args.validate_every,
+        threads=args.threads,
+        device=args.device,
+        loader_workers=args.loader_workers,
+    )
+    command = shlex.join(["vilaserve", *argv])
+    report = train_demo_vision(
+        config, ensure_smollm2_hf(), args.output, args.work_dir, command, not args.no_progress
+    )
+    print(f"wrote {args.output} ({report.stage_seconds})", file=sys.stderr)
+
+
+# --- build-demo ------------------------------------------------------------------------------
+
+QUANT_GROUP_SIZE = 64  # SmolLM2's hidden size 576 is not a multiple of 128
+CALIBRATION_LINES = 256
+# 64 blocks of 256 tokens: the demo's questions are short, and the AWQ search over 30 layers
+# then takes minutes on two cores instead of a quarter of an hour.
+CALIBRATION_SAMPLES = 64
+CALIBRATION_SEQLEN = 256
+
+
+def add_build_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add(
+        "--variant",
+        choices=VARIANTS,
+        default="awq",
+        help="16bit, awq (W4A16 AWQ, the default) or rtn (W4A16 round-to-nearest)",
+    )
+    add("--cache-dir", type=Path, default=None, help="default: ~/.cache/vilaserve/demo")
+
+
+def run_build(args: argparse.Namespace) -> Path:
+    """Prints the built directory's path on stdout (and nothing else there)."""
+    path = build_demo(args.variant, args.cache_dir)
+    print(path)
+    return path
+
+
+def build_demo(variant: Variant = "awq", cache_dir: Path | None = None) -> Path:
+    """The demo checkpoint for `variant`, built on first use and cached (a later call only
+    hashes the committed weights and checks the folder)."""
+    target = variant_dir(variant, cache_dir)
+    if is_built(target):
+        return target
+    configure_logging("text")
+    sixteen_bit = variant_dir("16bit", cache_dir)
+    if not is_built(sixteen_bit):
+        _say(f"building the demo model in {sixteen_bit.parent.parent} (first run only)")
+        from vilaserve.adapters.demo.checkpoint import write_demo_checkpoint
+        from vilaserve.adapters.demo.vision_model import load_weights
+
+        steps = _training_steps()
+        from vilaserve.adapters.gguf_import import ensure_smollm2_hf
+
+        write_demo_checkpoint(sixteen_bit, ensure_smollm2_hf(), load_weights(), steps)
+    if variant != "16bit":
+        _quantize(sixteen_bit, target, search=variant == "awq")
+    return target
+
+
+def _quantize(source: Path, target: Path, search: bool) -> None:
+    import tempfile
+
+    from vilaserve.adapters.demo.calibration import calibration_lines
+    from vilaserve.entrypoints import quantize
+
+    method = "AWQ" if search else "round-to-nearest"
+    _say(f"quantizing the demo LLM to 4 bits ({method}, group {QUANT_GROUP_SIZE})")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    calibration = target.parent.parent / "calibration.txt"
+    calibration.write_text("\n".join(calibration_lines(CALIBRATION_LINES)) + "\n")
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        quantize.quantize_checkpoint(
+            argparse.Namespace(
+                model_path=str(source),
+                output=str(staging),
+                w_bit=4,
+                group_size=QUANT_GROUP_SIZE,
+                calib=str(calibration),
+                n_samples=CALIBRATION_SAMPLES,
+                seqlen=CALIBRATION_SEQLEN,
+                no_search=not search,
+                export_tinychat=False,
+                device="auto",
+                seed=0,
+            )
+        )
+        staging.chmod(0o755)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _training_steps() -> int:
+    try:
+        provenance = json.loads(PROVENANCE_FILE.read_text(encoding="utf-8"))
+        config = provenance["config"]
+        return int(config["stage1_steps"]) + int(config["stage2_steps"])
+    except (OSError, ValueError, KeyError):
+        return 1
+
+
+def _say(text: str) -> None:
+    print(f"vilaserve: {text}", file=sys.stderr, flush=True)
+
+
+# --- chat -----------------------------------------------------------------------------------
+
+
+def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("question", help='what to ask, e.g. "what is in the picture?"')
+    add("--image", action="append", default=[], type=Path, help="a picture (repeatable)")
+    add("--model-path", default=None, help="a VILA checkpoint (default: the demo model)")
+    add(
+        "--precision", choices=["W16A16", "W4A16"], default=None, help="default: W4A16 for the demo"
+    )
+    add("--max-new-tokens", type=int, default=64)
+    add("--temperature", type=float, default=0.0, help="0: greedy")
+    add("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from vilaserve.adapters.torch_vila.runtime import VilaRuntime, VilaRuntimeOptions
+    from vilaserve.application.ask_image import AskAboutImages, AskFailed
+
+    configure_logging("text", logging.WARNING)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # the answer is all the terminal should show
+    if args.model_path is None:
+        model_path, precision = str(build_demo("awq")), args.precision or "W4A16"
+    else:
+        model_path, precision = args.model_path, args.precision or "W16A16"
+    try:
+        images = [path.read_bytes() for path in args.image]
+    except OSError as exc:
+        sys.exit(f"cannot read the image: {exc}")
+    runtime = VilaRuntime.load(
+        VilaRuntimeOptions(model_path=model_path, precision=precision, device=args.device)
+    )
+    asker = AskAboutImages(runtime.text_generator, runtime.vision_encoder)
+
+    async def stream() -> None:
+        pieces = asker.ask(
+            args.question,
+            images,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+        )
+        async for piece in pieces:
+            print(piece, end="", flush=True)
+        print()
+
+    try:
+        asyncio.run(stream())
+    except AskFailed as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 1
+    return 0

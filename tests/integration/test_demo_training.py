@@ -1,0 +1,84 @@
+"""The demo recipe's caption targets: what each image token is pulled onto, and how it is scored."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from vilaserve.adapters.demo import shapes
+from vilaserve.adapters.demo.training import CaptionTargets
+
+HIDDEN = 8
+
+
+class _WordTokenizer:
+    """Every word (with or without its leading space) is one token of its own."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, int] = {}
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, Any]:
+        word = text.strip()
+        return {"input_ids": [self.ids.setdefault(word, 3 + 2 * len(self.ids))]}
+
+
+def _targets(instruction: torch.Tensor | None = None) -> tuple[CaptionTargets, torch.Tensor]:
+    tokenizer = _WordTokenizer()
+    torch.manual_seed(0)
+    table = torch.randn(200, HIDDEN)
+    return CaptionTargets(tokenizer, table, 16, instruction), table
+
+
+SCENE = shapes.Scene("single", "red", shape="star", count=1, size="big", position="left")
+
+
+def test_the_caption_spells_every_fact_with_none_where_a_fact_does_not_apply() -> None:
+    captions, _ = _targets()
+    ids = captions.ids(SCENE)
+    assert len(ids) == 16
+    assert ids[-CaptionTargets.FREE_TOKENS :] == [CaptionTargets.FREE] * CaptionTargets.FREE_TOKENS
+    names = {v: k for k, v in captions._ids.items()}
+    words = [names[i] for i in ids[: -CaptionTargets.FREE_TOKENS]]
+    assert words == [
+        "shape", "star", "colour", "red", "size", "big",
+        "position", "left", "count", "1", "word", "none",
+    ]  # fmt: skip
+
+
+def test_tokens_on_their_caption_words_score_all_hits_and_wrong_words_do_not() -> None:
+    instruction = torch.randn(CaptionTargets.FREE_TOKENS, HIDDEN)
+    captions, table = _targets(instruction)
+    said = captions.ids(SCENE)[: -CaptionTargets.FREE_TOKENS]
+    exact = torch.cat([table[said], instruction])[None]
+    loss, hits = captions.loss(exact, [SCENE])
+    assert hits == 1.0
+
+    wrong_colour = list(said)
+    wrong_colour[3] = captions._ids["blue"]
+    off = torch.cat([table[wrong_colour], instruction])[None]
+    off_loss, off_hits = captions.loss(off, [SCENE])
+    assert off_hits == pytest.approx((len(said) - 1) / len(said))
+    assert off_loss > loss
+
+    # The free tokens count only through `instruction`: moving them costs loss, not hits.
+    moved = torch.cat([table[said], instruction + 1.0])[None]
+    moved_loss, moved_hits = captions.loss(moved, [SCENE])
+    assert moved_hits == 1.0
+    assert moved_loss > loss
+
+
+def test_loader_workers_draw_the_same_batches_in_the_same_order_as_the_training_loop() -> None:
+    from vilaserve.adapters.demo.training import TrainConfig, _stage1_batches
+
+    config = TrainConfig(stage1_steps=5, stage1_batch=2)
+    direct = list(_stage1_batches(config, first_step=1))
+    workers = TrainConfig(stage1_steps=5, stage1_batch=2, loader_workers=2)
+    drawn = list(_stage1_batches(workers, first_step=1))
+    assert len(direct) == len(drawn) == 4
+    for (pixels, labels, _, scenes), (pixels2, labels2, _, scenes2) in zip(
+        direct, drawn, strict=True
+    ):
+        assert torch.equal(pixels, pixels2) and torch.equal(labels, labels2)
+        assert scenes == scenes2
