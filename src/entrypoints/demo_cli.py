@@ -40,6 +40,21 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="stage 0: steps learning the free image tokens through the LLM",
     )
     add("--instruction-lr", type=float, default=defaults.instruction_lr)
+    add(
+        "--instruction-quantized-llm",
+        default=defaults.instruction_quantized_llm,
+        help="stage 0 also fits through this W4A16 AWQ demo checkpoint (`build-demo` prints it)",
+    )
+    add(
+        "--instruction-init",
+        default=defaults.instruction_init,
+        help="stage 0 starts from an earlier stage 0's vectors (its work dir's instruction.pt)",
+    )
+    add(
+        "--stage1-init-weights",
+        default=defaults.stage1_init_weights,
+        help="stage 1 starts from these trained weights (.safetensors) instead of a fresh init",
+    )
     add("--stage1-steps", type=int, default=defaults.stage1_steps, help="tower pre-training steps")
     add("--stage1-batch", type=int, default=defaults.stage1_batch, help="pictures per stage-1 step")
     add("--stage1-lr", type=float, default=defaults.stage1_lr)
@@ -71,6 +86,9 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> None:
         seed=args.seed,
         instruction_steps=args.instruction_steps,
         instruction_lr=args.instruction_lr,
+        instruction_quantized_llm=args.instruction_quantized_llm,
+        instruction_init=args.instruction_init,
+        stage1_init_weights=args.stage1_init_weights,
         stage1_steps=args.stage1_steps,
         stage1_batch=args.stage1_batch,
         stage1_lr=args.stage1_lr,

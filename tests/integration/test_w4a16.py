@@ -85,6 +85,23 @@ def test_both_written_formats_load_to_the_same_model(quantized_vila: Path) -> No
     assert (checkpoint.llm_dir / "tokenizer.json").is_file()
 
 
+def test_the_demo_recipe_trains_through_a_plain_copy_of_the_4bit_llm(quantized_vila: Path) -> None:
+    from vilaserve.adapters.demo.training import differentiable_awq_llm
+
+    checkpoint = VilaCheckpoint.open(quantized_vila)
+    served = load_awq_llm(checkpoint, None, torch.bfloat16, torch.device("cpu"), "dequant")
+    plain = differentiable_awq_llm(quantized_vila)
+    assert not any("W4A16" in type(m).__name__ for m in plain.modules())
+    ids = torch.arange(5, 21).unsqueeze(0)
+    with torch.no_grad():
+        expected = served(served.new_cache(1, 16), 0, input_ids=ids, last_only=False)
+    embeds = plain.embed(ids).detach().requires_grad_(True)
+    got = plain(plain.new_cache(1, 16), 0, inputs_embeds=embeds, last_only=False)
+    assert torch.allclose(got.float(), expected.float(), atol=1e-2)
+    got.float().logsumexp(-1).sum().backward()
+    assert embeds.grad is not None and embeds.grad.abs().sum() > 0
+
+
 def test_worker_serves_w4a16(quantized_vila: Path) -> None:
     checkpoint = VilaCheckpoint.open(quantized_vila)
     [pickle] = sorted(checkpoint.llm_dir.glob("*awq-v2.pt"))

@@ -47,6 +47,7 @@ from vilaserve.adapters.demo.vision_model import (
     IMAGE_SIZE,
     PATCH_SIZE,
     DemoVision,
+    load_weights,
     new_demo_vision,
     preprocessor,
     save_weights,
@@ -103,6 +104,15 @@ class TrainConfig:
     instruction_steps: int = 75  # stage 0: the instruction tokens, through the LLM
     instruction_lr: float = 1e-2
     instruction_batch: int = 16
+    # Stage 0 also fits the vectors through this W4A16 AWQ demo checkpoint's LLM (a built
+    # `awq/vila-demo` folder; "" for none), so that the 4-bit build obeys them too.
+    instruction_quantized_llm: str = ""
+    # Stage 0 starts from the vectors of an earlier stage 0 (its `instruction.pt`; "" for the
+    # embeddings of " Answer in one word").
+    instruction_init: str = ""
+    # Stage 1 starts the tower and projector from these weights ("" for a fresh init), e.g. to
+    # move a trained tower's free tokens onto new instruction vectors in a short run.
+    stage1_init_weights: str = ""
     device: str = "cpu"  # stage 1 only ("cuda" where there is one); stage 2 runs on the CPU
     loader_workers: int = 0  # processes drawing stage-1 pictures (0: in the training loop)
     log_every: int = 10  # stage 1: steps between progress updates
@@ -564,6 +574,8 @@ def train_demo_vision(
     llm_checkpoint = VilaCheckpoint.open(llm_dir)
     llm_hidden = int(llm_checkpoint.llm_config["hidden_size"])
     vision = new_demo_vision(llm_hidden, config.seed)
+    if config.stage1_init_weights:
+        vision.load_trained_state(load_weights(Path(config.stage1_init_weights)))
     heads = AttributeHeads(vision.tower.hidden_size)
     report = TrainReport(config)
     stage1_path = work_dir / "stage1.pt"
@@ -645,17 +657,25 @@ def learn_instruction(
 
     No pictures yet: each row's image tokens are the exact caption embeddings of a generated
     scene followed by these learned vectors, and only they train, on the frozen LLM's
-    cross-entropy of the short answer and its end of turn. The frozen SmolLM2 answers in whole
+    cross-entropy of the short answer and its end of turn (the mean over the 16-bit LLM and,
+    with `instruction_quantized_llm`, its W4A16 AWQ build: vectors fitted to the 16-bit LLM
+    alone stop working once its weights are rounded to 4 bits). The frozen SmolLM2 answers in whole
     sentences when asked in words (even "Answer with one word." does not stop it); a few
     learned vectors in front of the question do, and they become stage 1's targets for the
     free tokens, so the tower learns them like the caption, without the LLM.
     """
     template = pick_template(llm_checkpoint.llm_config, tokenizer, None)
     encoder = PromptEncoder(tokenizer, template)
-    llm = FrozenLlm(load_llm(llm_checkpoint, torch.bfloat16, torch.device("cpu")), encoder.prefix)
+    models = [load_llm(llm_checkpoint, torch.bfloat16, torch.device("cpu"))]
+    if config.instruction_quantized_llm:
+        models.append(differentiable_awq_llm(Path(config.instruction_quantized_llm)))
+    llms = [FrozenLlm(model, encoder.prefix) for model in models]
     start_ids = tokenizer(" Answer in one word", add_special_tokens=False)["input_ids"]
     seed_ids = (start_ids * captions.FREE_TOKENS)[: captions.FREE_TOKENS]
-    instruction = nn.Parameter(captions.embeddings[seed_ids].clone())
+    start = captions.embeddings[seed_ids].clone()
+    if config.instruction_init:
+        start = torch.load(config.instruction_init, weights_only=True)["vectors"].float()
+    instruction = nn.Parameter(start)
     optimizer = torch.optim.Adam([instruction], lr=config.instruction_lr)
     said = captions.tokens_per_image - captions.FREE_TOKENS
 
@@ -670,24 +690,60 @@ def learn_instruction(
     for step in bar:
         batch = list(shapes.examples("train", INSTRUCTION_SEED, size, step * size))
         rows = [encoder.encode(e.question, e.answer) for e in batch]
-        logits, targets, lengths = llm.answer_logits(image_tokens([e.scene for e in batch]), rows)
-        loss = F.cross_entropy(logits, targets)
+        scenes = [e.scene for e in batch]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        shown: dict[str, float] = {}
+        for index, llm in enumerate(llms):
+            logits, targets, lengths = llm.answer_logits(image_tokens(scenes), rows)
+            loss = F.cross_entropy(logits, targets) / len(llms)
+            loss.backward()  # one LLM's graph at a time: half the memory of their sum
+            exact = sum(exact_rows(logits.detach(), targets, lengths)) / len(rows)
+            shown |= {f"loss{index}": loss.item() * len(llms), f"exact{index}": exact}
         optimizer.step()
-        exact = sum(exact_rows(logits.detach(), targets, lengths)) / len(rows)
-        _smooth(running, {"loss": loss.item(), "exact": exact})
+        _smooth(running, shown)
         bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()})
     held_out = list(shapes.examples("eval", INSTRUCTION_VALIDATION_SEED, 128))
-    hits: list[bool] = []
-    with torch.no_grad():
-        for start in range(0, len(held_out), 32):
-            batch = held_out[start : start + 32]
-            rows = [encoder.encode(e.question, e.answer) for e in batch]
-            scenes = [e.scene for e in batch]
-            hits += exact_rows(*llm.answer_logits(image_tokens(scenes), rows))
-    bar.write(f"stage 0: exact answers from true captions on held-out scenes {np.mean(hits):.3f}")
+    for index, llm in enumerate(llms):
+        hits: list[bool] = []
+        with torch.no_grad():
+            for start in range(0, len(held_out), 32):
+                batch = held_out[start : start + 32]
+                rows = [encoder.encode(e.question, e.answer) for e in batch]
+                scenes = [e.scene for e in batch]
+                hits += exact_rows(*llm.answer_logits(image_tokens(scenes), rows))
+        which = "16-bit" if index == 0 else "W4A16 AWQ"
+        bar.write(
+            f"stage 0: {which} LLM, exact answers from true captions on held-out scenes "
+            f"{np.mean(hits):.3f}"
+        )
     return instruction.detach().clone()
+
+
+def differentiable_awq_llm(checkpoint_dir: Path) -> Llama:
+    """The W4A16 AWQ build's LLM (bf16, frozen) with every 4-bit linear replaced by a plain
+    `nn.Linear` holding the weight it dequantizes to: the same function, but one autograd can
+    pass gradients through to the inputs (the 4-bit kernels run without autograd)."""
+    from vilaserve.adapters.awq.loading import load_awq_llm
+    from vilaserve.adapters.awq.qlinear import W4A16Linear
+
+    checkpoint = VilaCheckpoint.open(checkpoint_dir)
+    model = load_awq_llm(checkpoint, None, torch.bfloat16, torch.device("cpu"), backend="dequant")
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, W4A16Linear):
+            continue
+        plain = nn.Linear(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            dtype=torch.bfloat16,
+        )
+        with torch.no_grad():
+            plain.weight.copy_(module.dequantized(torch.bfloat16))
+            if module.bias is not None:
+                plain.bias.copy_(module.bias)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, plain)
+    return model.eval().requires_grad_(False)
 
 
 def _stage1(
@@ -981,6 +1037,8 @@ def _write_provenance(path: Path, report: TrainReport, command: str, llm_dir: Pa
         "wall_seconds": {k: round(v, 1) for k, v in report.stage_seconds.items()},
         "validation": report.validation[-1] if report.validation else None,
         "stage1_heads_validation": report.heads_validation,
+        "starts_from": _earlier_provenance(config.stage1_init_weights),
+        "instruction_starts_from": _earlier_instruction(config.instruction_init),
         "llm": f"SmolLM2-135M-Instruct ({SMOLLM2_REQUIREMENT}, Q4_1 GGUF), frozen, bf16",
         "machine": {
             "cpu": _cpu_name(),
@@ -992,6 +1050,25 @@ def _write_provenance(path: Path, report: TrainReport, command: str, llm_dir: Pa
         },
     }
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _earlier_provenance(init_weights: str) -> dict[str, Any] | None:
+    """The provenance of the weights stage 1 started from, so the chain of runs stays known."""
+    if not init_weights:
+        return None
+    path = Path(init_weights).with_suffix(".json")
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return {"weights": init_weights, "provenance": "unknown"}
+
+
+def _earlier_instruction(init: str) -> dict[str, Any] | None:
+    """The settings and wall time of the stage 0 this one continued."""
+    if not init:
+        return None
+    payload = torch.load(init, weights_only=True)
+    return {"config": payload["config"], "seconds": round(float(payload["seconds"]), 1)}
 
 
 def _device_name(device: str) -> str:
