@@ -218,7 +218,10 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
     add("--image", action="append", default=[], type=Path, help="a picture (repeatable)")
     add("--model-path", default=None, help="a VILA checkpoint (default: the demo model)")
     add(
-        "--precision", choices=["W16A16", "W4A16"], default=None, help="default: W4A16 for the demo"
+        "--precision",
+        choices=["W16A16", "W4A16"],
+        default=None,
+        help="default: W4A16 for an AWQ checkpoint (the demo's), else W16A16",
     )
     add("--max-new-tokens", type=int, default=64)
     add("--temperature", type=float, default=0.0, help="0: greedy")
@@ -236,7 +239,7 @@ def run_chat(args: argparse.Namespace) -> int:
     if args.model_path is None:
         model_path, precision = str(build_demo("awq")), args.precision or "W4A16"
     else:
-        model_path, precision = args.model_path, args.precision or "W16A16"
+        model_path, precision = args.model_path, args.precision or _precision_of(args.model_path)
     try:
         images = [path.read_bytes() for path in args.image]
     except OSError as exc:
@@ -263,3 +266,13 @@ def run_chat(args: argparse.Namespace) -> int:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _precision_of(model_path: str) -> str:
+    """W4A16 when the checkpoint's `llm/` is an AWQ one (its config says so), else W16A16."""
+    config = Path(model_path) / "llm" / "config.json"
+    try:
+        quant = json.loads(config.read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return "W16A16"  # the runtime reports what is wrong with the directory
+    return "W4A16" if str(quant.get("quant_method", "")).lower() == "awq" else "W16A16"

@@ -135,3 +135,8 @@ def test_runtime_stores_the_embedding_table_in_int8_unless_told(quantized_vila: 
             logits[bits] = model(model.new_cache(1, 32), 0, input_ids=ids, last_only=False)
         runtime.executor.shutdown()
     assert float((logits[8] - logits[16]).abs().max()) < 0.05 * float(logits[16].abs().max())
+
+
+def test_a_4bit_checkpoint_loaded_as_16_bit_is_refused_with_the_fix(quantized_vila: Path) -> None:
+    with pytest.raises(ValueError, match=r"AWQ checkpoint.*--precision W4A16"):
+        VilaRuntime.load(VilaRuntimeOptions(str(quantized_vila), precision="W16A16"))

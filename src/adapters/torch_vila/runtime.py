@@ -64,6 +64,11 @@ class VilaRuntime:
             if options.embedding_bits == 8:
                 compress_token_embeddings(model)
         else:
+            if _is_awq_llm(checkpoint) and options.quant_path is None:
+                raise ValueError(
+                    f"{checkpoint.llm_dir} is a 4-bit AWQ checkpoint (quantization_config "
+                    "quant_method 'awq'): load it with --precision W4A16"
+                )
             model = load_llm(checkpoint, dtype, device)
         fast_linears = accelerate_cpu_linears(model) if device.type == "cpu" else 0
         template = pick_template(checkpoint.llm_config, tokenizer, options.conv_template)
@@ -147,3 +152,8 @@ def template_stop_ids(tokenizer: Any, template: ConversationTemplate) -> frozens
     extra = [i for i in template.stop_token_ids if i < len(vocab)]
     extra += [vocab[s] for s in template.stop_str if s in vocab]
     return stop_token_ids(tokenizer, extra)
+
+
+def _is_awq_llm(checkpoint: VilaCheckpoint) -> bool:
+    quant = checkpoint.llm_config.get("quantization_config") or {}
+    return str(quant.get("quant_method", "")).lower() == "awq"
