@@ -172,6 +172,9 @@ def test_shortest_queue_sends_work_to_the_less_busy_worker(
         # only prove something while that queue is still reported, so a round whose queue
         # drained before the picks were done (a fast machine) is inconclusive and repeated.
         for _attempt in range(3):
+            # Picks count against a worker until its next heartbeat: start from real queues
+            # only, so that the summed queue below can only come from the busy worker.
+            wait_for(lambda: post(control.url, "/worker_get_status")["queue_length"] == 0)
             with ThreadPoolExecutor(8) as pool:
                 jobs = [
                     pool.submit(
