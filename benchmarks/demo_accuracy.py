@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import platform
 import time
@@ -28,16 +27,10 @@ import torch
 from vilaserve.adapters.demo import shapes
 from vilaserve.adapters.torch_vila.runtime import VilaRuntime, VilaRuntimeOptions
 from vilaserve.application.ask_image import AskAboutImages
-from vilaserve.entrypoints.demo_cli import build_demo
+from vilaserve.entrypoints.demo_cli import build_demo, checkpoint_precision
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LABELS = {"16bit": "16-bit", "awq": "W4A16 AWQ", "rtn": "W4A16 RTN"}
-
-
-def png(example: shapes.DemoExample) -> bytes:
-    buffer = io.BytesIO()
-    example.image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 async def evaluate(
@@ -65,12 +58,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     examples = list(shapes.examples("eval", args.seed, args.n))
-    images = [png(e) for e in examples]
+    images = [e.png() for e in examples]
     results: dict[str, dict[str, object]] = {}
     for variant in args.variants.split(","):
         path = build_demo(variant)  # type: ignore[arg-type]
-        precision = "W16A16" if variant == "16bit" else "W4A16"
-        runtime = VilaRuntime.load(VilaRuntimeOptions(model_path=str(path), precision=precision))
+        options = VilaRuntimeOptions(model_path=str(path), precision=checkpoint_precision(path))
+        runtime = VilaRuntime.load(options)
         asker = AskAboutImages(runtime.text_generator, runtime.vision_encoder)
         started = time.perf_counter()
         by_kind, misses = asyncio.run(evaluate(asker, examples, images))

@@ -236,10 +236,8 @@ def run_chat(args: argparse.Namespace) -> int:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # the answer is all the terminal should show
-    if args.model_path is None:
-        model_path, precision = str(build_demo("awq")), args.precision or "W4A16"
-    else:
-        model_path, precision = args.model_path, args.precision or _precision_of(args.model_path)
+    model_path = args.model_path or str(build_demo("awq"))
+    precision = args.precision or checkpoint_precision(model_path)
     try:
         images = [path.read_bytes() for path in args.image]
     except OSError as exc:
@@ -268,11 +266,12 @@ def run_chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def _precision_of(model_path: str) -> str:
+
+def checkpoint_precision(model_path: str | Path) -> str:
     """W4A16 when the checkpoint's `llm/` is an AWQ one (its config says so), else W16A16."""
-    config = Path(model_path) / "llm" / "config.json"
+    from vilaserve.adapters.awq.loading import has_awq_config
+
     try:
-        quant = json.loads(config.read_text()).get("quantization_config") or {}
+        return "W4A16" if has_awq_config(Path(model_path) / "llm") else "W16A16"
     except (OSError, ValueError):
         return "W16A16"  # the runtime reports what is wrong with the directory
-    return "W4A16" if str(quant.get("quant_method", "")).lower() == "awq" else "W16A16"

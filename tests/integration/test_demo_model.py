@@ -9,7 +9,6 @@ W4A16 one means an AWQ search, minutes on a CPU); `benchmarks/demo_accuracy.py` 
 from __future__ import annotations
 
 import base64
-import io
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,9 +43,7 @@ def demo_stack(demo_model: Path) -> Iterator[ApiStack]:
 
 
 def _data_url(example: shapes.DemoExample) -> str:
-    buffer = io.BytesIO()
-    example.image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return "data:image/png;base64," + base64.b64encode(example.png()).decode()
 
 
 def _ask(client: openai.OpenAI, model: str, example: shapes.DemoExample, stream: bool) -> str:

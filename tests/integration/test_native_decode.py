@@ -10,7 +10,7 @@ from torch import nn
 
 from vilaserve.adapters import cpu_kernels
 from vilaserve.adapters.awq.qlinear import fuse_w4a16, quantize_model_linears
-from vilaserve.adapters.awq.quantized_weight import QuantizedWeight
+from vilaserve.adapters.awq.quantizer import quantize_to_canonical
 from vilaserve.adapters.torch_vila.fast_linear import accelerate_cpu_linears
 from vilaserve.adapters.torch_vila.llama import DECODER_LINEARS, Llama, LlamaArgs
 from vilaserve.adapters.torch_vila.native_decode import NativeDecoder
@@ -40,22 +40,12 @@ def bf16_model(args: LlamaArgs, seed: int = 0) -> Llama:
     return model.to(torch.bfloat16)
 
 
-def rtn(weight: torch.Tensor, group: int = 64) -> QuantizedWeight:
-    n, k = weight.shape
-    w = weight.float().view(n, k // group, group)
-    low, high = w.amin(-1), w.amax(-1)
-    scales = (high - low).clamp(min=1e-5) / 15
-    zeros = (-torch.round(low / scales)).clamp(0, 15)
-    q = (torch.round(w / scales[..., None]) + zeros[..., None]).clamp(0, 15)
-    return QuantizedWeight(
-        q.view(n, k).to(torch.uint8), scales.to(torch.bfloat16), zeros.to(torch.uint8), group
-    )
-
-
 def w4a16_model(args: LlamaArgs, fused: bool) -> Llama:
     model = bf16_model(args)
     weights = {
-        f"model.layers.{i}.{name}": rtn(model.get_submodule(f"model.layers.{i}.{name}").weight)
+        f"model.layers.{i}.{name}": quantize_to_canonical(
+            model.get_submodule(f"model.layers.{i}.{name}").weight, group_size=64
+        )
         for i in range(args.num_hidden_layers)
         for name in DECODER_LINEARS
     }

@@ -6,7 +6,6 @@ No torch here: the generator needs only PIL, and asking runs against the fake ad
 from __future__ import annotations
 
 import asyncio
-import io
 from pathlib import Path
 
 import pytest
@@ -19,18 +18,12 @@ from vilaserve.application.ask_image import AskAboutImages, AskFailed
 from vilaserve.domain.conversation import TEMPLATES
 
 
-def _png(example: shapes.DemoExample) -> bytes:
-    buffer = io.BytesIO()
-    example.image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def test_same_split_seed_and_index_give_the_same_picture_and_question() -> None:
     first, again = shapes.generate("train", 3, 17), shapes.generate("train", 3, 17)
-    assert _png(first) == _png(again)
+    assert first.png() == again.png()
     assert (first.question, first.answer) == (again.question, again.answer)
     other = shapes.generate("train", 4, 17)
-    assert _png(other) != _png(first)
+    assert other.png() != first.png()
 
 
 def test_every_answer_is_in_its_question_kinds_answer_set() -> None:

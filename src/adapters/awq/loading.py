@@ -7,7 +7,9 @@ source itself, never from the fp16 `llm/` weights: mixing them silently corrupts
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,12 +40,15 @@ def expected_linear_shapes(args: LlamaArgs) -> dict[str, tuple[int, int]]:
     }
 
 
+def is_awq_config(config: Mapping[str, Any]) -> bool:
+    """Whether an HF `config.json` dict declares AWQ weights (`quant_method: awq`)."""
+    quant = config.get("quantization_config") or {}
+    return str(quant.get("quant_method", "")).lower() == "awq"
+
+
 def has_awq_config(directory: Path) -> bool:
     config = directory / "config.json"
-    if not config.is_file():
-        return False
-    quant = json.loads(config.read_text()).get("quantization_config") or {}
-    return str(quant.get("quant_method", "")).lower() == "awq"
+    return config.is_file() and is_awq_config(json.loads(config.read_text()))
 
 
 def find_awq_source(checkpoint: VilaCheckpoint, quant_path: str | None) -> Path:

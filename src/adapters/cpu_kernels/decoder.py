@@ -84,12 +84,6 @@ class LinearSpec:
             _BF16, self.dense.data_ptr(), None, None, self.out_features, self.in_features, 0
         )
 
-    def tensors(self) -> list[Tensor]:
-        if self.packed is not None:
-            return [self.packed.weight, self.packed.scales, self.packed.zeros]
-        assert self.dense is not None
-        return [self.dense]
-
 
 @dataclass(frozen=True)
 class LayerSpec:
@@ -103,7 +97,8 @@ class LayerSpec:
 
 @dataclass
 class DecoderPlan:
-    """Every decoder layer of one model as C structs; holds its weights alive."""
+    """Every decoder layer of one model as C structs. `layers` keeps the tensors the structs
+    point at alive for as long as the plan lives."""
 
     hidden: int
     heads: int
@@ -115,7 +110,6 @@ class DecoderPlan:
     layers: Sequence[LayerSpec]
     _dims: _Dims = field(init=False, repr=False)
     _structs: ctypes.Array[_Layer] = field(init=False, repr=False)
-    _alive: list[Tensor] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._dims = _Dims(
@@ -123,7 +117,6 @@ class DecoderPlan:
             self.intermediate, self.eps, self.scale,
         )  # fmt: skip
         self._structs = (_Layer * len(self.layers))()
-        self._alive = []
         for slot, layer in zip(self._structs, self.layers, strict=True):
             if not 1 <= len(layer.qkv) <= 3 or not 1 <= len(layer.gate_up) <= 2:
                 raise ValueError("q/k/v come as 1-3 linears and gate/up as 1-2")
@@ -135,9 +128,6 @@ class DecoderPlan:
                 slot.gate_up[i] = part.to_struct()
             slot.o = layer.o.to_struct()
             slot.down = layer.down.to_struct()
-            self._alive += [layer.input_norm, layer.post_norm]
-            for part in (*layer.qkv, *layer.gate_up, layer.o, layer.down):
-                self._alive += part.tensors()
 
     @property
     def dims_address(self) -> int:

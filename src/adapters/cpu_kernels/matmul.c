@@ -25,9 +25,7 @@
 
 #define ROWS_PER_TILE 4
 #define BLOCK 64
-#ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 2048
-#endif
 
 int vs_cpu_supported(void) {
     __builtin_cpu_init();

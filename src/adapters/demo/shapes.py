@@ -17,6 +17,7 @@ phrasings and the answers it can have; the README shows it as a table.
 from __future__ import annotations
 
 import colorsys
+import io
 import math
 import random
 from collections.abc import Iterator
@@ -212,6 +213,12 @@ class DemoExample:
     question_kind: str
     question: str
     answer: str
+
+    def png(self) -> bytes:
+        """The picture as PNG bytes, as a client would send it."""
+        buffer = io.BytesIO()
+        self.image.save(buffer, format="PNG")
+        return buffer.getvalue()
 
 
 def generate(split: Split, seed: int, index: int) -> DemoExample:

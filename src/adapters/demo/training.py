@@ -54,7 +54,7 @@ from vilaserve.adapters.demo.vision_model import (
 )
 from vilaserve.adapters.gguf_import import SMOLLM2_REQUIREMENT
 from vilaserve.adapters.torch_vila.checkpoint import VilaCheckpoint
-from vilaserve.adapters.torch_vila.llama import KVCache, Llama
+from vilaserve.adapters.torch_vila.llama import KVCache, Llama, LlamaArgs
 from vilaserve.adapters.torch_vila.runtime import load_llm, pick_template
 from vilaserve.adapters.torch_vila.tokenization import (
     IMAGE_TOKEN_INDEX,
@@ -720,29 +720,21 @@ def learn_instruction(
 
 
 def differentiable_awq_llm(checkpoint_dir: Path) -> Llama:
-    """The W4A16 AWQ build's LLM (bf16, frozen) with every 4-bit linear replaced by a plain
-    `nn.Linear` holding the weight it dequantizes to: the same function, but one autograd can
-    pass gradients through to the inputs (the 4-bit kernels run without autograd)."""
-    from vilaserve.adapters.awq.loading import load_awq_llm
-    from vilaserve.adapters.awq.qlinear import W4A16Linear
+    """The W4A16 AWQ build's LLM (bf16, frozen) as a plain Llama whose linears hold the weights
+    the 4-bit ones dequantize to: the same function, but one autograd can pass gradients
+    through to the inputs (the 4-bit kernels run without autograd)."""
+    from vilaserve.adapters.awq.loading import find_awq_source, read_awq
 
     checkpoint = VilaCheckpoint.open(checkpoint_dir)
-    model = load_awq_llm(checkpoint, None, torch.bfloat16, torch.device("cpu"), backend="dequant")
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, W4A16Linear):
-            continue
-        plain = nn.Linear(
-            module.in_features,
-            module.out_features,
-            bias=module.bias is not None,
-            dtype=torch.bfloat16,
-        )
-        with torch.no_grad():
-            plain.weight.copy_(module.dequantized(torch.bfloat16))
-            if module.bias is not None:
-                plain.bias.copy_(module.bias)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, plain)
+    args = LlamaArgs.from_hf_config(checkpoint.llm_config)
+    quantized, state = read_awq(find_awq_source(checkpoint, None), args)
+    state = dict(state)
+    for name, weight in quantized.items():
+        state[f"{name}.weight"] = weight.dequantize(torch.bfloat16)
+        if weight.bias is not None:
+            state[f"{name}.bias"] = weight.bias
+    model = Llama.empty(args, torch.bfloat16, torch.device("cpu"))
+    model.load_hf_state_dict(state)
     return model.eval().requires_grad_(False)
 
 

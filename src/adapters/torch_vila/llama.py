@@ -303,6 +303,7 @@ class LayerStep(NamedTuple):
 _NATIVE_DECODERS: weakref.WeakKeyDictionary[Llama, NativeDecoder | None] = (
     weakref.WeakKeyDictionary()
 )
+_UNPLANNED: Any = object()  # no plan yet (None means: planned, and the model does not qualify)
 
 # Decode-sized calls (a few rows) go to the CPU kernels; PyTorch's ops win on long prefills.
 # Kernels run only without autograd (inference), so training through the LLM still works.
@@ -612,9 +613,10 @@ class Llama(nn.Module):
             or torch.is_grad_enabled()  # the kernels have no backward
         ):
             return None
-        if self not in _NATIVE_DECODERS:
-            _NATIVE_DECODERS[self] = NativeDecoder.for_model(self)
-        return _NATIVE_DECODERS[self]
+        native = _NATIVE_DECODERS.get(self, _UNPLANNED)
+        if native is _UNPLANNED:
+            native = _NATIVE_DECODERS[self] = NativeDecoder.for_model(self)
+        return native
 
     def _forget_native_decoder(self) -> None:
         _NATIVE_DECODERS.pop(self, None)

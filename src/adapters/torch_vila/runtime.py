@@ -64,7 +64,9 @@ class VilaRuntime:
             if options.embedding_bits == 8:
                 compress_token_embeddings(model)
         else:
-            if _is_awq_llm(checkpoint) and options.quant_path is None:
+            from vilaserve.adapters.awq.loading import is_awq_config
+
+            if is_awq_config(checkpoint.llm_config) and options.quant_path is None:
                 raise ValueError(
                     f"{checkpoint.llm_dir} is a 4-bit AWQ checkpoint (quantization_config "
                     "quant_method 'awq'): load it with --precision W4A16"
@@ -152,8 +154,3 @@ def template_stop_ids(tokenizer: Any, template: ConversationTemplate) -> frozens
     extra = [i for i in template.stop_token_ids if i < len(vocab)]
     extra += [vocab[s] for s in template.stop_str if s in vocab]
     return stop_token_ids(tokenizer, extra)
-
-
-def _is_awq_llm(checkpoint: VilaCheckpoint) -> bool:
-    quant = checkpoint.llm_config.get("quantization_config") or {}
-    return str(quant.get("quant_method", "")).lower() == "awq"
