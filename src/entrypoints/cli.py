@@ -22,7 +22,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         quantize.add_quantize_arguments(quantizer)
     demo_commands = {
-        "train-demo-vision": "train the demo model's vision tower and projector (CPU, ~40 min)",
+        "train-demo-vision": "train the demo model's vision tower and projector (CPU, ~37 min)",
         "build-demo": "build (once, cached) the demo model and print its directory",
         "chat": "ask a model about pictures in the terminal (default: the demo model)",
     }

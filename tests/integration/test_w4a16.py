@@ -140,3 +140,35 @@ def test_runtime_stores_the_embedding_table_in_int8_unless_told(quantized_vila: 
 def test_a_4bit_checkpoint_loaded_as_16_bit_is_refused_with_the_fix(quantized_vila: Path) -> None:
     with pytest.raises(ValueError, match=r"AWQ checkpoint.*--precision W4A16"):
         VilaRuntime.load(VilaRuntimeOptions(str(quantized_vila), precision="W16A16"))
+
+
+@pytest.mark.parametrize(("lines", "warned"), [(4, True), (64, False)])
+def test_too_little_calibration_text_is_warned_about(
+    tiny_vila_siglip: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    lines: int,
+    warned: bool,
+) -> None:
+    calib = tmp_path / "calibration.txt"
+    calib.write_text("\n".join(f"The cat number {i} sat on a red mat." for i in range(64)))
+    args = argparse.Namespace(
+        model_path=str(tiny_vila_siglip),
+        output=str(tmp_path / "out"),
+        w_bit=4,
+        group_size=32,
+        calib=str(calib),
+        n_samples=lines,
+        seqlen=32,
+        no_search=False,
+        export_tinychat=False,
+        device="cpu",
+        seed=0,
+    )
+    with caplog.at_level("WARNING", logger="vilaserve.entrypoints.quantize"):
+        quantize_checkpoint(args)
+    warnings = [r for r in caplog.records if "little calibration text" in r.getMessage()]
+    assert bool(warnings) == warned
+    if warned:
+        assert warnings[0].calibration_blocks < 16  # type: ignore[attr-defined]
+        assert "--n-samples" in warnings[0].getMessage()

@@ -22,7 +22,7 @@ WEIGHTS_FILE = WEIGHTS_DIR / "demo_vision.safetensors"
 PROVENANCE_FILE = WEIGHTS_DIR / "demo_vision.json"
 
 # Bump when the assembled directory or the quantization settings change.
-BUILD_FORMAT = "1"
+BUILD_FORMAT = "2"
 # What every complete variant directory holds; folders are renamed into place only when done.
 _COMPLETE_MARKERS = ("config.json", "llm/config.json", "vision_tower/config.json")
 

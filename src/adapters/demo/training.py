@@ -8,9 +8,10 @@ Three stages, on pictures `shapes.generate` draws on the fly (never the same one
 1. **Tower and projector** (no LLM): each image token is regressed onto its target (the caption
    word's input embedding, or stage 0's vector), plus small classification heads per attribute
    and per patch that give the tower more signal per picture.
-2. **Polish through the frozen LLM** (optional, `stage2_steps`): the LLM's cross-entropy on the
-   answer tokens (and the closing `<|im_end|>`), with the heads' and caption losses kept at a
-   small weight. Prompts are built by the serving code itself (`build_chat_prompt` with the
+2. **Polish through the frozen LLMs** (`stage2_steps`): the LLMs' cross-entropy on the
+   answer tokens (and the closing `<|im_end|>`), averaged over the 16-bit LLM and, with
+   `instruction_quantized_llm`, its W4A16 AWQ build, with the heads' and caption losses kept
+   beside it. Prompts are built by the serving code itself (`build_chat_prompt` with the
    worker's template, `tokenize_with_images`), so training sees exactly the positions serving
    will.
 
@@ -86,13 +87,13 @@ VALIDATION_SEED = 10_001  # eval-split pictures; the accuracy benchmark uses oth
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    stage1_steps: int = 600
-    stage1_batch: int = 64
-    stage1_lr: float = 1e-3
+    stage1_steps: int = 5000
+    stage1_batch: int = 32
+    stage1_lr: float = 2e-3
     stage1_caption_weight: float = 1.0
-    stage2_steps: int = 500
+    stage2_steps: int = 150
     stage2_batch: int = 16
-    stage2_lr: float = 1e-3
+    stage2_lr: float = 3e-4
     tower_lr_scale: float = 0.3  # stage 2: the pre-trained tower moves slower than the projector
     aux_weight: float = 0.2  # stage 2: the heads' loss, keeping what the tower knows
     caption_weight: float = 1.0  # stage 2: the caption loss, keeping the image tokens readable
@@ -101,7 +102,7 @@ class TrainConfig:
     validation_size: int = 64
     checkpoint_every: int = 50
     threads: int = 0  # 0: torch's default
-    instruction_steps: int = 75  # stage 0: the instruction tokens, through the LLM
+    instruction_steps: int = 150  # stage 0: the instruction tokens, through the LLM
     instruction_lr: float = 1e-2
     instruction_batch: int = 16
     # Stage 0 also fits the vectors through this W4A16 AWQ demo checkpoint's LLM (a built
@@ -311,9 +312,7 @@ class _Stage1Pictures(torch.utils.data.IterableDataset):
             yield batch.pixels, batch.labels, batch.patch_labels, [e.scene for e in batch.examples]
 
 
-def _stage1_batches(
-    config: TrainConfig, first_step: int
-) -> Iterator[_Stage1Batch]:
+def _stage1_batches(config: TrainConfig, first_step: int) -> Iterator[_Stage1Batch]:
     pictures = _Stage1Pictures(config, first_step)
     if config.loader_workers == 0:
         return iter(pictures)
@@ -617,7 +616,7 @@ def train_demo_vision(
         return report
     template = pick_template(llm_checkpoint.llm_config, tokenizer, None)
     encoder = PromptEncoder(tokenizer, template)
-    llm = FrozenLlm(load_llm(llm_checkpoint, torch.bfloat16, torch.device("cpu")), encoder.prefix)
+    llms = [FrozenLlm(model, encoder.prefix) for model in _frozen_llms(config, llm_checkpoint)]
     if state["stage"] == 2:
         started = time.perf_counter() - report.stage_seconds.get("stage2", 0.0)
         _stage2(
@@ -625,7 +624,7 @@ def train_demo_vision(
             vision,
             heads,
             captions,
-            llm,
+            llms,
             encoder,
             state,
             checkpoint_path,
@@ -666,10 +665,7 @@ def learn_instruction(
     """
     template = pick_template(llm_checkpoint.llm_config, tokenizer, None)
     encoder = PromptEncoder(tokenizer, template)
-    models = [load_llm(llm_checkpoint, torch.bfloat16, torch.device("cpu"))]
-    if config.instruction_quantized_llm:
-        models.append(differentiable_awq_llm(Path(config.instruction_quantized_llm)))
-    llms = [FrozenLlm(model, encoder.prefix) for model in models]
+    llms = [FrozenLlm(model, encoder.prefix) for model in _frozen_llms(config, llm_checkpoint)]
     start_ids = tokenizer(" Answer in one word", add_special_tokens=False)["input_ids"]
     seed_ids = (start_ids * captions.FREE_TOKENS)[: captions.FREE_TOKENS]
     start = captions.embeddings[seed_ids].clone()
@@ -688,6 +684,8 @@ def learn_instruction(
     bar = tqdm(range(config.instruction_steps), desc="stage 0 (instruction)", disable=not progress)
     running: dict[str, float] = defaultdict(float)
     for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = config.instruction_lr * _lr_factor(step, config.instruction_steps, 1)
         batch = list(shapes.examples("train", INSTRUCTION_SEED, size, step * size))
         rows = [encoder.encode(e.question, e.answer) for e in batch]
         scenes = [e.scene for e in batch]
@@ -717,6 +715,14 @@ def learn_instruction(
             f"{np.mean(hits):.3f}"
         )
     return instruction.detach().clone()
+
+
+def _frozen_llms(config: TrainConfig, llm_checkpoint: VilaCheckpoint) -> list[Llama]:
+    """The LLMs stages 0 and 2 fit through: the 16-bit one, and the W4A16 AWQ build if given."""
+    models = [load_llm(llm_checkpoint, torch.bfloat16, torch.device("cpu"))]
+    if config.instruction_quantized_llm:
+        models.append(differentiable_awq_llm(Path(config.instruction_quantized_llm)))
+    return models
 
 
 def differentiable_awq_llm(checkpoint_dir: Path) -> Llama:
@@ -816,7 +822,7 @@ def _stage2(
     vision: DemoVision,
     heads: AttributeHeads,
     captions: CaptionTargets,
-    llm: FrozenLlm,
+    llms: Sequence[FrozenLlm],
     encoder: PromptEncoder,
     state: dict[str, Any],
     checkpoint_path: Path,
@@ -850,19 +856,24 @@ def _stage2(
             images = vision.projector(features)
             aux_loss, _ = heads_loss(heads(features), batch.labels, batch.patch_labels)
         caption_loss, caption_hits = captions.loss(images, [e.scene for e in batch.examples])
-        logits, targets, lengths = llm.answer_logits(images, rows)
-        answer_loss = F.cross_entropy(logits, targets)
+        # The answer's loss is the mean over the LLMs (the 16-bit one and its AWQ build).
+        answer_losses, shown = [], {"caption": caption_hits}
+        for index, llm in enumerate(llms):
+            logits, targets, lengths = llm.answer_logits(images, rows)
+            answer_losses.append(F.cross_entropy(logits, targets))
+            shown[f"loss{index}"] = answer_losses[-1].item()
+            shown[f"exact{index}"] = sum(exact_rows(logits.detach(), targets, lengths)) / len(rows)
+        answer_loss = torch.stack(answer_losses).mean()
         loss = answer_loss + config.aux_weight * aux_loss + config.caption_weight * caption_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         optimizer.step()
-        exact = sum(exact_rows(logits.detach(), targets, lengths)) / len(rows)
-        _smooth(running, {"loss": answer_loss.item(), "exact": exact, "caption": caption_hits})
+        _smooth(running, shown)
         bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()})
         last = step + 1 == steps
         if (step + 1) % config.validate_every == 0 or last:
-            result = {"step": step + 1, **_validate(vision, llm, validation)}
+            result = {"step": step + 1, **_validate(vision, llms[0], validation)}
             report.validation.append(result)
             bar.write(f"validation at step {step + 1}: {json.dumps(result)}")
         if (step + 1) % config.checkpoint_every == 0 or last:
