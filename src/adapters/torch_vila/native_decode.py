@@ -134,4 +134,3 @@ def _linear_spec(module: nn.Module) -> LinearSpec | None:
         ):
             return LinearSpec(module.out_features, module.in_features, dense=w.detach())
     return None
-
