@@ -13,6 +13,7 @@ import logging
 import shlex
 import shutil
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from vilaserve.adapters.demo.build_cache import (
@@ -88,26 +89,10 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> None:
     quantized = args.instruction_quantized_llm
     if quantized == BUILD_AWQ:
         quantized = str(_quantized_like_the_build(llm_dir, args.work_dir, args.threads))
-    config = TrainConfig(
-        seed=args.seed,
-        instruction_steps=args.instruction_steps,
-        instruction_lr=args.instruction_lr,
-        instruction_quantized_llm="" if quantized == "none" else quantized,
-        instruction_init=args.instruction_init,
-        stage1_init_weights=args.stage1_init_weights,
-        stage1_steps=args.stage1_steps,
-        stage1_batch=args.stage1_batch,
-        stage1_lr=args.stage1_lr,
-        stage2_steps=args.stage2_steps,
-        stage2_batch=args.stage2_batch,
-        stage2_lr=args.stage2_lr,
-        tower_lr_scale=args.tower_lr_scale,
-        caption_weight=args.caption_weight,
-        validate_every=args.validate_every,
-        threads=args.threads,
-        device=args.device,
-        loader_workers=args.loader_workers,
-    )
+    # Every option named like a TrainConfig field sets it (the rest keep their defaults).
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    given["instruction_quantized_llm"] = "" if quantized == "none" else quantized
+    config = TrainConfig(**given)
     command = shlex.join(["vilaserve", *argv])
     report = train_demo_vision(
         config, llm_dir, args.output, args.work_dir, command, not args.no_progress
@@ -127,6 +112,7 @@ def _quantized_like_the_build(llm_hf_dir: Path, work_dir: Path, threads: int) ->
 
     from vilaserve.adapters.demo.checkpoint import write_demo_checkpoint
     from vilaserve.adapters.demo.vision_model import new_demo_vision
+    from vilaserve.adapters.torch_vila.checkpoint import VilaCheckpoint
 
     if threads:
         torch.set_num_threads(threads)
@@ -135,8 +121,8 @@ def _quantized_like_the_build(llm_hf_dir: Path, work_dir: Path, threads: int) ->
         return target
     sixteen_bit = work_dir / "16bit-llm" / MODEL_DIR_NAME
     if not is_built(sixteen_bit):
-        hidden = json.loads((llm_hf_dir / "config.json").read_text(encoding="utf-8"))["hidden_size"]
-        untrained = new_demo_vision(int(hidden), seed=0).trained_state()
+        hidden = int(VilaCheckpoint.open(llm_hf_dir).llm_config["hidden_size"])
+        untrained = new_demo_vision(hidden, seed=0).trained_state()
         write_demo_checkpoint(sixteen_bit, llm_hf_dir, untrained, training_steps=0)
     _quantize(sixteen_bit, target, search=True)
     return target

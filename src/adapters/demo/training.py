@@ -24,6 +24,7 @@ The heads exist only for training and are not saved in the committed weights.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -62,9 +63,9 @@ from vilaserve.adapters.torch_vila.tokenization import (
     load_tokenizer,
     tokenize_with_images,
 )
+from vilaserve.application.ask_image import user_message
 from vilaserve.domain.chat_prompt import build_chat_prompt
 from vilaserve.domain.conversation import ConversationTemplate
-from vilaserve.domain.openai_requests import ChatMessage, ImagePart, TextPart
 
 log = logging.getLogger(__name__)
 
@@ -459,27 +460,20 @@ class PromptEncoder:
     """Prompt ids exactly as the worker tokenizes an OpenAI chat turn with one image."""
 
     def __init__(self, tokenizer: Any, template: ConversationTemplate) -> None:
-        self._tokenizer = tokenizer
+        self.tokenizer = tokenizer
         self._template = template
         self.end_of_turn = int(tokenizer.eos_token_id)
         self.prefix = self._split(self.prompt_ids("?"))[0]
 
     def prompt_ids(self, question: str) -> list[int]:
-        message = ChatMessage(
-            role="user",
-            content=[
-                TextPart(type="text", text=question),
-                ImagePart(type="image_url", image_url={"url": "data:image/png;base64,"}),
-            ],
-        )
-        text = build_chat_prompt(self._template, [message], multimodal=True).text
-        return tokenize_with_images(self._tokenizer, text)
+        text = build_chat_prompt(self._template, [user_message(question, 1)], multimodal=True).text
+        return tokenize_with_images(self.tokenizer, text)
 
     def encode(self, question: str, answer: str) -> EncodedExample:
         prefix, after = self._split(self.prompt_ids(question))
         if prefix != self.prefix:
             raise ValueError(f"the prompt head changed with the question {question!r}")
-        answer_ids = list(self._tokenizer(answer, add_special_tokens=False)["input_ids"])
+        answer_ids = list(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
         return EncodedExample(after, [*answer_ids, self.end_of_turn])
 
     @staticmethod
@@ -531,6 +525,14 @@ class FrozenLlm:
         picked = hidden[row_index, col_index]
         logits = model.lm_head(model.model.norm(picked)).float()
         return logits, torch.tensor(targets), [len(r.answer) for r in rows]
+
+    def answer_loss(
+        self, images: torch.Tensor, rows: Sequence[EncodedExample]
+    ) -> tuple[torch.Tensor, float]:
+        """Cross-entropy over every answer token, and the share of rows answered exactly."""
+        logits, targets, lengths = self.answer_logits(images, rows)
+        exact = sum(exact_rows(logits.detach(), targets, lengths)) / len(rows)
+        return F.cross_entropy(logits, targets), exact
 
     def _batch_cache(self, batch: int, width: int) -> KVCache:
         cache = self.model.new_cache(batch, self.prefix_len + width)
@@ -586,6 +588,18 @@ def train_demo_vision(
     random.seed(config.seed)
 
     tokenizer = load_tokenizer(llm_checkpoint.llm_dir)
+
+    @functools.cache
+    def through_llms() -> tuple[PromptEncoder, list[FrozenLlm]]:
+        """The prompt encoder and the frozen LLMs stages 0 and 2 fit through, loaded once."""
+        encoder = PromptEncoder(
+            tokenizer, pick_template(llm_checkpoint.llm_config, tokenizer, None)
+        )
+        models = [load_llm(llm_checkpoint, torch.bfloat16, torch.device("cpu"))]
+        if config.instruction_quantized_llm:
+            models.append(differentiable_awq_llm(Path(config.instruction_quantized_llm)))
+        return encoder, [FrozenLlm(model, encoder.prefix) for model in models]
+
     embeddings = load_token_embeddings(llm_checkpoint.llm_dir)
     captions = CaptionTargets(tokenizer, embeddings, vision.tokens_per_image)
     instruction_path = work_dir / "instruction.pt"
@@ -593,9 +607,7 @@ def train_demo_vision(
         pass
     elif config.instruction_steps:
         started = time.perf_counter()
-        captions.instruction = learn_instruction(
-            config, llm_checkpoint, tokenizer, captions, progress
-        )
+        captions.instruction = learn_instruction(config, *through_llms(), captions, progress)
         report.stage_seconds["instruction"] = time.perf_counter() - started
         payload = {
             "vectors": captions.instruction,
@@ -610,15 +622,9 @@ def train_demo_vision(
         state = {"stage": 2, "step": 0, "optimizer": None}
         _save_checkpoint(stage1_path, vision, heads, report, state, _stage_fields(config, 1))
 
-    if config.stage2_steps == 0:  # no polish through the LLM
-        save_weights(vision, output)
-        _write_provenance(output.with_suffix(".json"), report, command, llm_dir)
-        return report
-    template = pick_template(llm_checkpoint.llm_config, tokenizer, None)
-    encoder = PromptEncoder(tokenizer, template)
-    llms = [FrozenLlm(model, encoder.prefix) for model in _frozen_llms(config, llm_checkpoint)]
-    if state["stage"] == 2:
+    if state["stage"] == 2 and config.stage2_steps:
         started = time.perf_counter() - report.stage_seconds.get("stage2", 0.0)
+        encoder, llms = through_llms()
         _stage2(
             config,
             vision,
@@ -637,7 +643,7 @@ def train_demo_vision(
         _save_checkpoint(checkpoint_path, vision, heads, report, state, _stage_fields(config, 2))
 
     save_weights(vision, output)
-    _write_provenance(output.with_suffix(".json"), report, command, llm_dir)
+    _write_provenance(output.with_suffix(".json"), report, command)
     return report
 
 
@@ -647,8 +653,8 @@ INSTRUCTION_VALIDATION_SEED = 4242
 
 def learn_instruction(
     config: TrainConfig,
-    llm_checkpoint: VilaCheckpoint,
-    tokenizer: Any,
+    encoder: PromptEncoder,
+    llms: Sequence[FrozenLlm],
     captions: CaptionTargets,
     progress: bool,
 ) -> torch.Tensor:
@@ -663,10 +669,7 @@ def learn_instruction(
     learned vectors in front of the question do, and they become stage 1's targets for the
     free tokens, so the tower learns them like the caption, without the LLM.
     """
-    template = pick_template(llm_checkpoint.llm_config, tokenizer, None)
-    encoder = PromptEncoder(tokenizer, template)
-    llms = [FrozenLlm(model, encoder.prefix) for model in _frozen_llms(config, llm_checkpoint)]
-    start_ids = tokenizer(" Answer in one word", add_special_tokens=False)["input_ids"]
+    start_ids = encoder.tokenizer(" Answer in one word", add_special_tokens=False)["input_ids"]
     seed_ids = (start_ids * captions.FREE_TOKENS)[: captions.FREE_TOKENS]
     start = captions.embeddings[seed_ids].clone()
     if config.instruction_init:
@@ -692,11 +695,9 @@ def learn_instruction(
         optimizer.zero_grad(set_to_none=True)
         shown: dict[str, float] = {}
         for index, llm in enumerate(llms):
-            logits, targets, lengths = llm.answer_logits(image_tokens(scenes), rows)
-            loss = F.cross_entropy(logits, targets) / len(llms)
-            loss.backward()  # one LLM's graph at a time: half the memory of their sum
-            exact = sum(exact_rows(logits.detach(), targets, lengths)) / len(rows)
-            shown |= {f"loss{index}": loss.item() * len(llms), f"exact{index}": exact}
+            loss, shown[f"exact{index}"] = llm.answer_loss(image_tokens(scenes), rows)
+            (loss / len(llms)).backward()  # one LLM's graph at a time: half the memory
+            shown[f"loss{index}"] = loss.item()
         optimizer.step()
         _smooth(running, shown)
         bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()})
@@ -715,14 +716,6 @@ def learn_instruction(
             f"{np.mean(hits):.3f}"
         )
     return instruction.detach().clone()
-
-
-def _frozen_llms(config: TrainConfig, llm_checkpoint: VilaCheckpoint) -> list[Llama]:
-    """The LLMs stages 0 and 2 fit through: the 16-bit one, and the W4A16 AWQ build if given."""
-    models = [load_llm(llm_checkpoint, torch.bfloat16, torch.device("cpu"))]
-    if config.instruction_quantized_llm:
-        models.append(differentiable_awq_llm(Path(config.instruction_quantized_llm)))
-    return models
 
 
 def differentiable_awq_llm(checkpoint_dir: Path) -> Llama:
@@ -859,10 +852,9 @@ def _stage2(
         # The answer's loss is the mean over the LLMs (the 16-bit one and its AWQ build).
         answer_losses, shown = [], {"caption": caption_hits}
         for index, llm in enumerate(llms):
-            logits, targets, lengths = llm.answer_logits(images, rows)
-            answer_losses.append(F.cross_entropy(logits, targets))
-            shown[f"loss{index}"] = answer_losses[-1].item()
-            shown[f"exact{index}"] = sum(exact_rows(logits.detach(), targets, lengths)) / len(rows)
+            loss, shown[f"exact{index}"] = llm.answer_loss(images, rows)
+            answer_losses.append(loss)
+            shown[f"loss{index}"] = loss.item()
         answer_loss = torch.stack(answer_losses).mean()
         loss = answer_loss + config.aux_weight * aux_loss + config.caption_weight * caption_loss
         optimizer.zero_grad(set_to_none=True)
@@ -1028,7 +1020,7 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def _write_provenance(path: Path, report: TrainReport, command: str, llm_dir: Path) -> None:
+def _write_provenance(path: Path, report: TrainReport, command: str) -> None:
     config = report.config
     data = {
         "what": "vision tower (SigLIP, layers that run) + mlp_downsample projector, bf16",
