@@ -2,11 +2,11 @@
 
 Tolerances are relative to the largest |output| and come from bf16's 8-bit significand
 (eps = 2^-8 ~ 3.9e-3): the int4 kernels take bf16 activations and bf16 scale/zero pairs (the
-tinygemm zero (8 - z) * s is rounded to bf16; our AVX-512 kernel rounds x to bf16 and bf16
-outputs), so even for fp32 models they agree with the
-oracle to a few bf16 eps, not to fp32 rounding. 2e-2 leaves ~5x margin over what we observe
-(~5e-3). The fp32 dense prefill paths dequantize with fp32 scales and should match to fp32
-rounding (1e-5).
+tinygemm zero (8 - z) * s is rounded to bf16; our AVX-512 kernel takes bf16 x, holds each
+weight group's slice of it as 16-bit integers, and may write bf16 outputs), so even for fp32
+models they agree with the oracle to a few bf16 eps, not to fp32 rounding. 2e-2 leaves ~5x
+margin over what we observe (~5e-3). The fp32 dense prefill paths dequantize with fp32 scales
+and should match to fp32 rounding (1e-5).
 """
 
 from __future__ import annotations
@@ -133,7 +133,8 @@ def test_without_the_avx512_kernel_auto_falls_back(monkeypatch: pytest.MonkeyPat
 
 @pytest.mark.skipif(not AVX512, reason="needs an AVX-512 BF16 CPU and a C compiler")
 def test_avx512_kernel_exact_against_fp32_oracle_on_real_shapes() -> None:
-    """fp32 output of the kernel for bf16 x: only fp32 summation order differs from the oracle."""
+    """fp32 output of the kernel for bf16 x: besides fp32 summation order, only the 16-bit
+    integer form of x (per row and group, error <= max|x_group| / 65278) differs."""
     w = random_qweight(2560, 6912, 128, seed=3, bias=False)
     packed = cpu_kernels.pack_for_kernel(w)
     kernel = cpu_kernels.load()
@@ -145,6 +146,40 @@ def test_avx512_kernel_exact_against_fp32_oracle_on_real_shapes() -> None:
     dense = torch.empty(2560, 6912)
     kernel.dequantize(packed, 2560, 6912, 128, dense)
     assert torch.equal(dense, w.dequantize())
+
+
+@pytest.mark.skipif(not AVX512, reason="needs an AVX-512 BF16 CPU and a C compiler")
+def test_avx512_kernel_keeps_activations_16_bit_on_hard_rows() -> None:
+    """Rows the integer form of x could get wrong: a group holding one huge outlier among tiny
+    values, an all-zero group, tiny values alone, and more rows than the kernel's stack buffer
+    (the heap path). Each is checked against the fp32 oracle, row by row."""
+    n, k, group = 64, 1024, 128
+    w = random_qweight(n, k, group, seed=11, bias=False)
+    packed = cpu_kernels.pack_for_kernel(w)
+    kernel = cpu_kernels.load()
+    assert kernel is not None
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(24, k, generator=gen) * 1e-2  # 24 x 1024 columns: past the stack buffer
+    x[0, 5] = 1e4  # one outlier in group 0
+    x[1, group : 2 * group] = 0.0  # a silent group
+    x[2] *= 1e-30  # only tiny values (scale far below 1)
+    x = x.to(torch.bfloat16)
+    out = torch.empty(24, n)
+    kernel.matmul(x, packed, n, group, out)
+    want = x.float() @ w.dequantize().t()
+    for row in range(24):
+        assert rel_err(out[row], want[row]) < 1e-4, row
+
+
+def test_avx512_kernel_declines_rows_not_in_tiles_of_16() -> None:
+    assert not cpu_kernels.fits(72, 128, 64)
+    assert cpu_kernels.fits(80, 128, 64)
+    assert not cpu_kernels.fits(64, 4096, 4096)  # group > 2048: int32 sums could overflow
+    # PyTorch's int4 kernel needs N % 16 too: the reference dequantize path takes 72 rows.
+    odd = W4A16Linear.from_quantized(random_qweight(72, 128, 64, 0), torch.bfloat16, "cpu")
+    assert odd.backend == "dequant"
+    x = torch.randn(3, 128).to(torch.bfloat16)
+    assert odd(x).shape == (3, 72)
 
 
 @pytest.mark.cuda

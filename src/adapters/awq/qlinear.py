@@ -2,9 +2,9 @@
 
 `W4A16Linear.from_quantized` packs a canonical `QuantizedWeight` (`w = (q - z) * s`) for one of:
 
-* ``cpu_avx512`` -- our AVX-512 BF16 kernel (adapters/cpu_kernels) for decode, streaming the packed
+* ``cpu_avx512`` -- our AVX-512 VNNI kernel (adapters/cpu_kernels) for decode, streaming the packed
   weights at memory speed; from `AVX512_PREFILL_MIN_ROWS` rows it dequantizes into a reused
-  per-thread buffer and runs one dense GEMM. Needs N % 4, K % 64 and group % 64 == 0.
+  per-thread buffer and runs one dense GEMM. Needs N % 16, K % 64, group % 64 == 0, group <= 2048.
 * ``cpu_int4``  -- `aten._weight_int4pack_mm_for_cpu` for decode (few rows); many-row calls
   (prefill) dequantize the packed weight to 16 bits once per call and run a dense GEMM.
 * ``cuda_int4`` -- tinygemm (`aten._weight_int4pack_mm`, bf16 only, inner_k_tiles 8).
@@ -97,12 +97,11 @@ class W4A16Linear(nn.Module):
     ) -> W4A16Linear:
         device = torch.device(device)
         chosen = resolve_backend(backend, device)
-        if (
-            backend == "auto"
-            and chosen == "cpu_avx512"
-            and not cpu_kernels.fits(w.out_features, w.in_features, w.group_size)
-        ):
+        shape = (w.out_features, w.in_features, w.group_size)
+        if backend == "auto" and chosen == "cpu_avx512" and not cpu_kernels.fits(*shape):
             chosen = "cpu_int4" if cpu_int4_available() else "dequant"
+        if backend == "auto" and chosen == "cpu_int4" and not cpu_int4_fits(*shape):
+            chosen = "dequant"
         backend = chosen
         layer = cls(w.in_features, w.out_features, w.group_size, backend, compute_dtype)
         if backend == "dequant":
@@ -126,7 +125,9 @@ class W4A16Linear(nn.Module):
     def _pack_avx512(self, w: QuantizedWeight, device: torch.device) -> None:
         kernel = cpu_kernels.load()
         if device.type != "cpu" or kernel is None:
-            raise ValueError(f"cpu_avx512 needs an AVX-512 BF16 CPU and a C compiler ({device})")
+            raise ValueError(
+                f"cpu_avx512 needs an AVX-512 BF16 + VNNI CPU and a C compiler ({device})"
+            )
         self._adopt_avx512(cpu_kernels.pack_for_kernel(w), kernel)
 
     def _adopt_avx512(self, packed: cpu_kernels.PackedInt4, kernel: cpu_kernels.CpuKernels) -> None:
@@ -332,7 +333,9 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
             return "cpu_int4"
         return "dequant"
     if backend == "cpu_avx512" and cpu_kernels.load() is None:
-        raise ValueError("the AVX-512 BF16 kernel cannot run here (CPU or C compiler missing)")
+        raise ValueError(
+            "the AVX-512 BF16 + VNNI kernels cannot run here (CPU or C compiler missing)"
+        )
     if backend == "cpu_int4" and not cpu_int4_available():
         raise ValueError("this torch build has no _weight_int4pack_mm_for_cpu")
     return backend
@@ -341,6 +344,15 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
 def cpu_int4_available() -> bool:
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
         torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
+    )
+
+
+def cpu_int4_fits(out_features: int, in_features: int, group_size: int) -> bool:
+    """The shapes PyTorch's CPU int4 kernels accept (its packer and matmul check these)."""
+    return (
+        out_features % 16 == 0
+        and group_size in (32, 64, 128, 256)
+        and in_features % group_size == 0
     )
 
 
@@ -431,7 +443,7 @@ def fuse_w4a16(parts: list[nn.Module]) -> W4A16Linear | None:
     """One AVX-512 layer computing the parts' outputs side by side, or None to decline.
 
     Merging q/k/v (and gate/up) saves kernel launches per decode step; the packed layout is
-    tiled by 4 output rows, so concatenating the parts' buffers along N is the merged layer.
+    tiled by 16 output rows, so concatenating the parts' buffers along N is the merged layer.
     Other backends decline: their packings are not row-concatenable (or they gain nothing).
     """
     layers = [p for p in parts if isinstance(p, W4A16Linear) and p.backend == "cpu_avx512"]

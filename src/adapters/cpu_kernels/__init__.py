@@ -1,12 +1,14 @@
-"""AVX-512 BF16 matmul kernels for decode (matmul.c): built on first use, called via ctypes.
+"""AVX-512 kernels for decode (int4_matmul.c, matmul.c): built on first use, called via ctypes.
 
-Two kernels: W4A16 (packed 4-bit weights, see the C file) and dense bf16, both for few rows.
+Two matmuls for few rows: W4A16 (packed 4-bit weights, AVX-512 VNNI, see int4_matmul.c) and
+dense bf16 (AVX-512 BF16).
 
 The C file is compiled once per source version and compiler into the user cache (a second or
 two with gcc; no torch headers involved) and loaded into the process. It links OpenMP by soname,
 so it shares the `libgomp.so.1` that torch has already loaded, and with it torch's thread pool.
-When there is no compiler, the CPU lacks AVX-512 BF16, or the shapes do not fit (N % 4, K % 64,
-group % 64), `load()` / `fits()` say so and the caller falls back to PyTorch's int4 kernel.
+When there is no compiler, the CPU lacks AVX-512 BF16 + VNNI, or the shapes do not fit
+(N % 16, K % 64, group % 64, group <= 2048), `load()` / `fits()` say so and the caller falls
+back to PyTorch's int4 kernel.
 """
 
 from __future__ import annotations
@@ -31,14 +33,16 @@ from vilaserve.adapters.cpu_kernels.decoder import CachePointers, DecoderPlan
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
-SOURCES = (HERE / "matmul.c", HERE / "decoder.c")
+SOURCES = (HERE / "int4_matmul.c", HERE / "matmul.c", HERE / "decoder.c")
 HEADERS = (HERE / "kernels.h",)
 CFLAGS = (
     "-O3", "-fPIC", "-shared", "-fopenmp",
-    "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-mf16c",
+    "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma",
+    "-mf16c",
 )  # fmt: skip
-ROWS_PER_TILE = 4
+TILE_ROWS = 16
 BLOCK = 64
+MAX_GROUP = 2048  # keeps the kernel's int32 partial sums exact (int4_matmul.c)
 
 
 @dataclass(frozen=True)
@@ -46,15 +50,16 @@ class PackedInt4:
     """One linear layer in the kernel's layout (see the C file's header comment)."""
 
     weight: Tensor  # uint8 [N * K / 2]
-    scales: Tensor  # float16 [N / 4, K / group, 4]
-    zeros: Tensor  # uint8 [N / 4, K / group, 4]
+    scales: Tensor  # float16 [N / 16, K / group, 16]
+    zeros: Tensor  # uint8 [N / 16, K / group, 16]
 
 
 def fits(out_features: int, in_features: int, group_size: int) -> bool:
     return (
-        out_features % ROWS_PER_TILE == 0
+        out_features % TILE_ROWS == 0
         and in_features % BLOCK == 0
         and group_size % BLOCK == 0
+        and group_size <= MAX_GROUP
         and in_features % group_size == 0
     )
 
@@ -63,17 +68,17 @@ def pack_for_kernel(w: QuantizedWeight) -> PackedInt4:
     n, k = w.out_features, w.in_features
     if not fits(n, k, w.group_size):
         raise ValueError(
-            f"the AVX-512 kernel needs N%4, K%64, group%64 == 0; got {n}x{k} g{w.group_size}"
+            f"the AVX-512 kernel needs N%16, K%64, group%64 == 0 and group <= {MAX_GROUP}; "
+            f"got {n}x{k} g{w.group_size}"
         )
-    q = w.q.to(torch.uint8).view(n // ROWS_PER_TILE, ROWS_PER_TILE, k // BLOCK, 2, BLOCK // 2)
-    nibbles = q[:, :, :, 0] | (q[:, :, :, 1] << 4)  # [N/4, 4, K/64, 32]
+    # Columns in chunks of 8: the low nibbles hold the first 4, the high nibbles the last 4.
+    q = w.q.to(torch.uint8).view(n // TILE_ROWS, TILE_ROWS, k // 8, 2, 4)
+    nibbles = q[:, :, :, 0] | (q[:, :, :, 1] << 4)  # [N/16, 16, K/8, 4]
     weight = nibbles.permute(0, 2, 1, 3).contiguous().view(-1)
 
     def tiles(t: Tensor, dtype: torch.dtype) -> Tensor:
         groups = t.shape[1]
-        return (
-            t.to(dtype).view(n // ROWS_PER_TILE, ROWS_PER_TILE, groups).transpose(1, 2).contiguous()
-        )
+        return t.to(dtype).view(n // TILE_ROWS, TILE_ROWS, groups).transpose(1, 2).contiguous()
 
     return PackedInt4(weight, tiles(w.scales, torch.float16), tiles(w.zeros, torch.uint8))
 
@@ -227,7 +232,7 @@ def load() -> CpuKernels | None:
         )
         return None
     if not library.vs_cpu_supported():
-        log.info("this CPU lacks AVX-512 BF16; using PyTorch's int4 kernel")
+        log.info("this CPU lacks AVX-512 BF16 or VNNI; using PyTorch's int4 kernel")
         return None
     return CpuKernels(library)
 

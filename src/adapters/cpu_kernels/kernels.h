@@ -1,4 +1,4 @@
-/* Shared declarations of the vilaserve CPU kernels (matmul.c, decoder.c), and the small
+/* Shared declarations of the vilaserve CPU kernels (int4_matmul.c, matmul.c, decoder.c), and the small
  * bf16 helpers both use. Every tensor is bf16 stored as uint16_t unless said otherwise. */
 #ifndef VILASERVE_KERNELS_H
 #define VILASERVE_KERNELS_H
@@ -6,6 +6,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+int vs_int4_fits(int64_t n, int64_t k, int64_t group);
 /* y[m, 0:n] = x[m, :] @ W^T into rows of `ldo` elements (a column slice of a wider buffer). */
 int vs_int4_matmul_ld(const uint16_t *x, int64_t m_rows, const uint8_t *w, const uint16_t *scales,
                       const uint8_t *zeros, int64_t n, int64_t k, int64_t group, void *out,
