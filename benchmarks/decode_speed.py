@@ -8,7 +8,9 @@ Python ("per-op"), which shows what the one-call decoder (cpu_kernels/decoder.c)
 Random weights (speed does not depend on their values), built directly in bf16; the W4A16
 model is the same model with its decoder linears RTN-quantized in place, one at a time, so the
 peak memory stays at the bf16 model's size. Also measures the machine's memory read bandwidth
-and the bandwidth bound for W4A16 decode (bytes streamed per token / bandwidth).
+and the bandwidth bound for W4A16 decode (bytes streamed per token / bandwidth), and the int4
+kernel's own ceiling: the rate at which it consumes packed weights that sit in cache. Above
+that rate of DRAM bandwidth, decode is bound by the kernel's instructions, not by memory.
 
     python benchmarks/decode_speed.py --sizes small,3b --tokens 64 --threads 2
 """
@@ -28,6 +30,7 @@ import matplotlib.pyplot as plt
 import torch
 from tqdm import tqdm
 
+from vilaserve.adapters import cpu_kernels
 from vilaserve.adapters.awq.qlinear import (
     W4A16Linear,
     fuse_w4a16,
@@ -159,6 +162,32 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     return x.numel() * 4 / best / 1e9
 
 
+def kernel_ceiling(threads: int) -> float | None:
+    """GB/s of packed int4 weights (with scales and zeros) the AVX-512 kernel consumes for one
+    x row when the weights sit in cache (1024 x 2560, g128: ~1.4 MB); None without the kernel."""
+    kernel = cpu_kernels.load()
+    if kernel is None:
+        return None
+    n, k = 1024, 2560
+    gen = torch.Generator().manual_seed(0)
+    w = QuantizedWeight(
+        torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8),
+        (torch.rand(n, k // GROUP, generator=gen) * 0.01 + 1e-3).half(),
+        torch.randint(0, 16, (n, k // GROUP), generator=gen, dtype=torch.uint8),
+        GROUP,
+    )
+    packed = cpu_kernels.pack_for_kernel(w)
+    nbytes = sum(t.numel() * t.element_size() for t in (packed.weight, packed.scales, packed.zeros))
+    x, out = torch.randn(1, k).bfloat16(), torch.empty(1, n)
+    best = float("inf")
+    for _ in range(20):
+        started = time.perf_counter()
+        for _ in range(100):
+            kernel.matmul(x, packed, n, GROUP, out)
+        best = min(best, (time.perf_counter() - started) / 100)
+    return nbytes / best / 1e9
+
+
 def streamed_bytes(model: Llama) -> int:
     """Bytes a W4A16 decode step must read: packed weights + scales/zeros + the bf16 head."""
     total = sum(
@@ -184,6 +213,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     bandwidth = read_bandwidth()
     print(f"threads={args.threads}  read bandwidth {bandwidth:.1f} GB/s")
+    ceiling = kernel_ceiling(args.threads)
+    if ceiling is not None:
+        print(f"int4 kernel ceiling (weights in cache): {ceiling:.1f} GB/s of packed weights")
     rows = []
     for size in args.sizes.split(","):
         tokens = args.tokens_3b if size == "3b" else args.tokens
@@ -241,7 +273,12 @@ def main() -> None:
             f"{r['bound_ms']:8.1f} {r['measured_over_bound']:8.2f} {r['w4a16_per_op_ms']:12.1f}"
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    info = {"threads": args.threads, "read_bandwidth_gb_s": bandwidth, "rows": rows}
+    info = {
+        "threads": args.threads,
+        "read_bandwidth_gb_s": bandwidth,
+        "int4_kernel_ceiling_gb_s": ceiling,
+        "rows": rows,
+    }
     (RESULTS / "decode_speed.json").write_text(json.dumps(info, indent=2))
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = range(len(rows))
