@@ -1,9 +1,10 @@
 """AWQ quality on a real model: WikiText-2 perplexity of SmolLM2-135M-Instruct.
 
-Three models, one convention (see perplexity.py): the fp16 weights, round-to-nearest W4, and
-AWQ W4, both at the same group size. Both 4-bit models are made by `vilaserve quantize` (the
-product's own path) and loaded back through its AWQ loader, with the reference dequantize
-kernel in fp32 so that the figures measure the weights, not kernel rounding.
+Four models, one convention (see perplexity.py): the fp16 weights, round-to-nearest W4, AWQ W4
+with llm-awq's search (`--recipe llm-awq`) and with ours (`--recipe vilaserve`, the default), all
+at the same group size. The 4-bit models are made by `vilaserve quantize` (the product's own
+path) and loaded back through its AWQ loader, with the reference dequantize kernel in fp32 so
+that the figures measure the weights, not kernel rounding.
 Calibration: Tiny Shakespeare (never the evaluation text).
 
     python benchmarks/awq_quality.py --windows 40 --group-size 64
@@ -42,7 +43,8 @@ def forward_of(model: Llama):  # type: ignore[no-untyped-def]
     return forward
 
 
-def quantized(hf_dir: Path, out: Path, args: argparse.Namespace, search: bool) -> Llama:
+def quantized(hf_dir: Path, out: Path, args: argparse.Namespace, recipe: str | None) -> Llama:
+    """`recipe` None: round-to-nearest."""
     options = argparse.Namespace(
         model_path=str(hf_dir),
         output=str(out),
@@ -51,7 +53,8 @@ def quantized(hf_dir: Path, out: Path, args: argparse.Namespace, search: bool) -
         calib=str(args.calib),
         n_samples=args.n_samples,
         seqlen=args.seqlen,
-        no_search=not search,
+        no_search=recipe is None,
+        recipe=recipe or "vilaserve",
         export_tinychat=False,
         device="cpu",
         seed=0,
@@ -84,8 +87,13 @@ def main() -> None:
             "fp16": lambda: load_llm(
                 VilaCheckpoint.open(hf_dir), torch.float32, torch.device("cpu")
             ),
-            f"RTN W4 g{args.group_size}": lambda: quantized(hf_dir, Path(tmp) / "rtn", args, False),
-            f"AWQ W4 g{args.group_size}": lambda: quantized(hf_dir, Path(tmp) / "awq", args, True),
+            f"RTN W4 g{args.group_size}": lambda: quantized(hf_dir, Path(tmp) / "rtn", args, None),
+            f"AWQ W4 g{args.group_size} (llm-awq)": lambda: quantized(
+                hf_dir, Path(tmp) / "llm-awq", args, "llm-awq"
+            ),
+            f"AWQ W4 g{args.group_size} (vilaserve)": lambda: quantized(
+                hf_dir, Path(tmp) / "vilaserve", args, "vilaserve"
+            ),
         }
         for name, build in builders.items():
             started = time.perf_counter()
@@ -96,17 +104,26 @@ def main() -> None:
             )
             seconds[name] = round(built - started, 1)
             print(f"{name}: perplexity {figures[name]:.4f} (built in {seconds[name]} s)")
-    fp, rtn, awq = figures.values()
-    closed = (rtn - awq) / (rtn - fp) if rtn != fp else float("nan")
+    fp, rtn = list(figures.values())[:2]
+    closed = {
+        name: (rtn - value) / (rtn - fp) if rtn != fp else float("nan")
+        for name, value in list(figures.items())[2:]
+    }
     print(f"\nWikiText-2 test, {args.windows} windows x {args.window} tokens, SmolLM2-135M")
-    print(f"{'model':<16}{'perplexity':>12}")
+    print(f"{'model':<28}{'perplexity':>12}{'gap closed':>12}")
     for name, value in figures.items():
-        print(f"{name:<16}{value:>12.4f}")
-    print(f"AWQ closes {closed:.1%} of RTN's gap to fp16 (target >= 50%)")
+        share = f"{closed[name]:.1%}" if name in closed else ""
+        print(f"{name:<28}{value:>12.4f}{share:>12}")
+    print("gap closed: share of RTN's perplexity gap to fp16 that AWQ removes (target >= 50%)")
     RESULTS.mkdir(exist_ok=True)
     report = {
         "perplexity": figures,
         "gap_closed": closed,
+        "calibration": {
+            "file": args.calib.name,
+            "n_samples": args.n_samples,
+            "seqlen": args.seqlen,
+        },
         "build_seconds": seconds,
         "windows": args.windows,
         "window": args.window,
@@ -116,17 +133,25 @@ def main() -> None:
     plot(figures, closed, RESULTS / "awq_quality.png")
 
 
-def plot(figures: dict[str, float], closed: float, path: Path) -> None:
+def plot(figures: dict[str, float], closed: dict[str, float], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    bars = ax.bar(list(figures), list(figures.values()), color=["#4c72b0", "#dd8452", "#55a868"])
-    ax.bar_label(bars, fmt="%.3f")
+    fig, ax = plt.subplots(figsize=(8, 4))
+    colours = ["#4c72b0", "#dd8452", "#8c8c8c", "#55a868"]
+    labels = [name.replace(" (", "\n(") for name in figures]
+    bars = ax.bar(labels, list(figures.values()), color=colours[: len(figures)])
+    ax.bar_label(
+        bars,
+        labels=[
+            f"{value:.3f}" + (f"\n{closed[name]:.1%} closed" if name in closed else "")
+            for name, value in figures.items()
+        ],
+    )
     ax.set_ylabel("WikiText-2 perplexity (lower is better)")
-    ax.set_title(f"SmolLM2-135M: AWQ closes {closed:.0%} of RTN's gap")
+    ax.set_title("SmolLM2-135M, W4: share of RTN's gap to fp16 that AWQ closes")
     low = min(figures.values())
     ax.set_ylim(low * 0.95, max(figures.values()) * 1.02)
     fig.tight_layout()

@@ -202,6 +202,8 @@ def _quantize(source: Path, target: Path, search: bool) -> None:
                 n_samples=CALIBRATION_SAMPLES,
                 seqlen=CALIBRATION_SEQLEN,
                 no_search=not search,
+                # The committed instruction vectors were fitted through this very build.
+                recipe="llm-awq",
                 export_tinychat=False,
                 device="auto",
                 seed=0,

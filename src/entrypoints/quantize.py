@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from vilaserve.adapters.awq.formats import save_hf_awq_directory, save_tinychat_checkpoint
-from vilaserve.adapters.awq.quantizer import AwqConfig, calibration_blocks, quantize_llama
+from vilaserve.adapters.awq.quantizer import RECIPES, calibration_blocks, quantize_llama
 from vilaserve.adapters.torch_vila.checkpoint import VilaCheckpoint
 from vilaserve.adapters.torch_vila.device import resolve_device
 from vilaserve.adapters.torch_vila.runtime import load_llm
@@ -51,6 +51,13 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     add("--n-samples", type=int, default=128, help="calibration lines (short lines: take many)")
     add("--seqlen", type=int, default=512, help="tokens per calibration block")
     add("--no-search", action="store_true", help="plain round-to-nearest (no AWQ search)")
+    add(
+        "--recipe",
+        default="vilaserve",
+        choices=sorted(RECIPES),
+        help="the search: llm-awq's exactly, or ours (adds GQA v->o scales, duo scaling and "
+        "two-sided clipping; slower, closer to 16-bit)",
+    )
     add("--export-tinychat", action="store_true", help="also write TinyChat's *-awq-v2.pt")
     add("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to search")
     add("--seed", type=int, default=0, help="calibration shuffle seed")
@@ -84,7 +91,7 @@ def quantize_checkpoint(args: argparse.Namespace, warn_little_calibration: bool 
                 "suggested_blocks": FEW_CALIBRATION_BLOCKS,
             },
         )
-    config = AwqConfig(
+    config = RECIPES[args.recipe](
         group_size=args.group_size,
         w_bit=args.w_bit,
         search_scales=not args.no_search,
@@ -100,7 +107,7 @@ def quantize_checkpoint(args: argparse.Namespace, warn_little_calibration: bool 
         "quantized",
         extra={
             "output": str(output),
-            "method": "rtn" if args.no_search else "awq",
+            "method": "rtn" if args.no_search else f"awq ({args.recipe})",
             "group_size": args.group_size,
             "calibration_blocks": int(blocks.shape[0]),
             "seconds": round(time.perf_counter() - started, 1),

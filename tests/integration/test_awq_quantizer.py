@@ -10,6 +10,7 @@ import torch
 
 from vilaserve.adapters.awq.quantized_weight import QuantizedWeight
 from vilaserve.adapters.awq.quantizer import (
+    RECIPES,
     AwqConfig,
     AwqReport,
     _search_clip,
@@ -105,8 +106,10 @@ def test_pseudo_quantize_matches_the_canonical_weight() -> None:
     assert ((fake - w).abs()[:5] <= 0.51 * step[:5]).all()
 
 
-def test_scales_alone_preserve_the_fp_function() -> None:
-    model = tiny_llama(kv_heads=4)  # MHA: every group, v -> o included, is exercised
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_scales_alone_preserve_the_fp_function(kv_heads: int) -> None:
+    # Every group, v -> o included (under GQA: one scale per v row, shared by two heads).
+    model = tiny_llama(kv_heads=kv_heads)
     original = copy.deepcopy(model)
     held_out = calibration(seed=99, blocks=2)
     report = AwqReport()
@@ -170,13 +173,18 @@ def test_plain_holds_every_non_quantized_tensor() -> None:
     assert plain["lm_head.weight"].data_ptr() != model.lm_head.weight.data_ptr()
 
 
-@pytest.mark.parametrize(("kv_heads", "has_v_to_o"), [(2, False), (4, True)])
-def test_v_to_o_group_only_without_gqa(kv_heads: int, has_v_to_o: bool) -> None:
+@pytest.mark.parametrize(
+    ("kv_heads", "recipe", "has_v_to_o"),
+    [(2, "llm-awq", False), (4, "llm-awq", True), (2, "vilaserve", True), (4, "vilaserve", True)],
+)
+def test_v_to_o_group_under_gqa_only_in_our_recipe(
+    kv_heads: int, recipe: str, has_v_to_o: bool
+) -> None:
     report = AwqReport()
     quantize_llama(
         tiny_llama(kv_heads=kv_heads),
         calibration(seed=1, blocks=2),
-        AwqConfig(group_size=GROUP),
+        RECIPES[recipe](group_size=GROUP),
         progress=False,
         report=report,
     )
@@ -185,6 +193,11 @@ def test_v_to_o_group_only_without_gqa(kv_heads: int, has_v_to_o: bool) -> None:
     assert (o_projs <= scaled) is has_v_to_o
     assert not (o_projs & scaled) or has_v_to_o
     assert len(report.scale_searches) == 2 * (4 if has_v_to_o else 3)
+    for search in report.scale_searches:
+        if search.prev_op.endswith("v_proj"):
+            # One scale per v row (32 per KV head), spread over o_proj's 4 x 32 columns.
+            assert search.scales.numel() == kv_heads * 32
+            assert search.input_scales().numel() == 4 * 32
     # Clipping covers every linear but q/k, in both cases.
     assert {name.rsplit(".", 1)[1] for name in report.clips} == set(LINEARS) - {"q_proj", "k_proj"}
 
@@ -221,8 +234,8 @@ def test_clip_search_matches_a_per_channel_per_group_reference() -> None:
     w = torch.randn(64, 2 * GROUP)
     w[:, 5] *= 6.0  # outliers make shrinking worthwhile for some groups
     x = torch.randn(2, 700, 2 * GROUP)
-    config = AwqConfig(group_size=GROUP)
-    found = _search_clip(w, x, config)
+    low, found = _search_clip(w, x, AwqConfig.llm_awq(group_size=GROUP))
+    assert torch.equal(low, -found)  # one bound for both ends
     # llm-awq's rule written out plainly: ~512 tokens by stride, shrink 1.00 .. 0.55, keep the
     # first max |w| with the least mean squared change of the group's partial dot product.
     tokens = x.reshape(-1, w.shape[1])
@@ -244,12 +257,47 @@ def test_clip_search_matches_a_per_channel_per_group_reference() -> None:
     assert (found < w.reshape(64, 2, GROUP).abs().amax(-1)).any()  # some groups were clipped
 
 
-def test_gate_up_scale_search_matches_the_reference_rule() -> None:
+def test_two_sided_clip_search_matches_a_per_channel_per_group_reference() -> None:
+    torch.manual_seed(4)
+    w = torch.randn(64, 2 * GROUP)
+    w[:, 5] *= 6.0
+    w[:, 70] = -w[:, 70].abs() * 5.0  # a low outlier in every row's second group
+    x = torch.randn(2, 300, 2 * GROUP)
+    low, high = _search_clip(w, x, AwqConfig(group_size=GROUP))
+    # Written out plainly: every token (600 < clip_tokens), the group's max and min shrunk by
+    # independent factors 1.00 .. 0.55, the first pair with the least partial-sum error wins.
+    tokens = x.reshape(-1, w.shape[1])
+    expected_low, expected_high = torch.empty(64, 2), torch.empty(64, 2)
+    for row in range(w.shape[0]):
+        for group in range(2):
+            cols = slice(group * GROUP, (group + 1) * GROUP)
+            part, inputs = w[row, cols], tokens[:, cols]
+            best = (float("inf"), 0.0, 0.0)
+            for top in range(10):
+                for bottom in range(10):
+                    hi = float(part.max()) * (1 - top / 20)
+                    lo = float(part.min()) * (1 - bottom / 20)
+                    q = pseudo_quantize(part.clamp(lo, hi)[None, :], GROUP)[0]
+                    err = float((inputs @ part - inputs @ q).pow(2).mean())
+                    if err < best[0]:
+                        best = (err, lo, hi)
+            expected_low[row, group], expected_high[row, group] = best[1], best[2]
+    torch.testing.assert_close(low, expected_low)
+    torch.testing.assert_close(high, expected_high)
+    # The two ends moved independently: some groups clipped at one end only.
+    groups = w.reshape(64, 2, GROUP)
+    top_clipped = high < groups.amax(-1)
+    bottom_clipped = low > groups.amin(-1)
+    assert (top_clipped != bottom_clipped).any()
+
+
+@pytest.mark.parametrize("duo", [False, True], ids=["llm-awq", "duo"])
+def test_gate_up_scale_search_matches_the_reference_rule(duo: bool) -> None:
     model = tiny_llama()
     original = copy.deepcopy(model)
     blocks = calibration(seed=1, blocks=4)
     report = AwqReport()
-    config = AwqConfig(group_size=GROUP, search_clip=False)
+    config = AwqConfig(group_size=GROUP, search_clip=False, duo_scaling=duo)
     quantize_llama(model, blocks, config, progress=False, report=report)
     name = "model.layers.0.post_attention_layernorm"
     [search] = [s for s in report.scale_searches if s.prev_op == name]
@@ -266,9 +314,16 @@ def test_gate_up_scale_search_matches_the_reference_rule() -> None:
         mlp = layer.mlp
         reference = mlp(x)
         x_stat = x.reshape(-1, x.shape[-1]).abs().mean(dim=0)
+        # AutoAWQ's duo rule: s = x_stat^a / w_stat^(1-a), w_stat per input channel the mean over
+        # gate's and up's rows of |w| / (max |w| of its group).
+        w = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).abs()
+        group_max = w.reshape(w.shape[0], -1, GROUP).amax(-1).repeat_interleave(GROUP, dim=1)
+        w_stat = (w / group_max).mean(dim=0)
         losses = []
         for grid in range(20):
-            s = x_stat.pow(grid / 20).clamp(min=1e-4)
+            a = grid / 20
+            s = x_stat.pow(a) / (w_stat.pow(1 - a) + 1e-4) if duo else x_stat.pow(a)
+            s = s.clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
             gate = pseudo_quantize(mlp.gate_proj.weight * s, GROUP) / s
             up = pseudo_quantize(mlp.up_proj.weight * s, GROUP) / s
