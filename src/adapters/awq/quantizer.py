@@ -17,7 +17,7 @@ This follows llm-awq's algorithm (see shared/reference/vila-tinychat-awq.md, sec
 refinements, each a flag: GQA models get the v -> o group too (one scale per v row), the scales
 follow AutoAWQ's duo rule (`x_stat^a / w_stat^(1-a)`), and the clip search shrinks each group's
 top and bottom independently, on up to 4096 tokens. On SmolLM2-135M (WikiText-2, W4 g64) they
-take AWQ from 41.8 % to ~50 % of RTN's perplexity gap closed (benchmarks/awq_quality.py).
+take AWQ from 44.2 % to 50.0 % of RTN's perplexity gap closed (benchmarks/awq_quality.py).
 `AwqConfig(search_scales=False, search_clip=False)` is plain round-to-nearest (RTN).
 """
 
