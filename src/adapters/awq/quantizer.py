@@ -71,7 +71,7 @@ _CHUNK_TOKENS = 8192
 @dataclass
 class AwqConfig:
     """The search. The defaults are this project's recipe; `AwqConfig.llm_awq()` is llm-awq's
-    search exactly (what the golden tests and the demo build use)."""
+    search exactly (what the demo build and the reference-rule tests use)."""
 
     group_size: int = 128
     w_bit: int = 4
@@ -121,6 +121,11 @@ class HeadSharing:
         return rows.expand(-1, self.repeats, self.head_dim).reshape(-1)
 
 
+def _input_scales(scales: Tensor, sharing: HeadSharing | None) -> Tensor:
+    """The factors for the scaled linears' input columns, from one scale per prev-op output."""
+    return scales if sharing is None else sharing.spread(scales)
+
+
 @dataclass
 class ScaleSearch:
     """One applied scale: `prev_op`'s output was divided by `scales`, `linears`' inputs
@@ -136,7 +141,7 @@ class ScaleSearch:
 
     def input_scales(self) -> Tensor:
         """The factors the linears' input columns were multiplied by."""
-        return self.scales if self.sharing is None else self.sharing.spread(self.scales)
+        return _input_scales(self.scales, self.sharing)
 
 
 @dataclass
@@ -315,16 +320,15 @@ class _ScaleGroup:
 def _scale_groups(
     layer: DecoderLayer, attention: Callable[[Tensor], Tensor], config: AwqConfig
 ) -> list[_ScaleGroup]:
-    """llm-awq's Llama groups: (prev op, scaled linears, cached input, module to inspect)."""
+    """llm-awq's Llama groups, plus v -> o under GQA when `config.gqa_v_to_o`."""
     attn, mlp = layer.self_attn, layer.mlp
     q_k_v = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
     groups = [_ScaleGroup("input_layernorm", q_k_v, "attn_in", attention)]
-    if attn.groups == 1:
-        groups.append(_ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "o_in", attn.o_proj))
-    elif config.gqa_v_to_o:
-        # llm-awq (PR #67) skips this group under GQA, where a v row feeds several heads'
-        # columns; one scale per v row, shared by those columns, keeps the rescale exact.
-        sharing = HeadSharing(attn.groups, attn.head_dim)
+    # llm-awq (PR #67) skips v -> o under GQA, where a v row feeds several heads' columns; one
+    # scale per v row, shared by those columns, keeps the rescale exact.
+    gqa = attn.groups > 1
+    if not gqa or config.gqa_v_to_o:
+        sharing = HeadSharing(attn.groups, attn.head_dim) if gqa else None
         groups.append(
             _ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "o_in", attn.o_proj, sharing)
         )
@@ -368,7 +372,7 @@ def _search_scale(
             s = s.clamp(min=_MIN_SCALE)
             # Normalising around the geometric middle keeps W * s in a sane numeric range.
             s = s / (s.max() * s.min()).sqrt()
-            s_in = s if sharing is None else sharing.spread(s)
+            s_in = _input_scales(s, sharing)
             for linear, original in zip(linears, originals, strict=True):
                 scaled = original * s_in[None, :]
                 linear.weight.copy_(pseudo_quantize(scaled, config.group_size, config.w_bit) / s_in)
@@ -392,9 +396,12 @@ def _weight_stat(linears: list[nn.Linear], group_size: int) -> Tensor:
     return relative.reshape(w.shape).mean(dim=0)
 
 
-def _apply_scale(prev: nn.Module, linears: list[nn.Linear], s: Tensor, s_in: Tensor) -> None:
-    """Function-preserving rescale: prev's output / s, the linears' input columns * s_in
-    (s_in is s, or s spread over the heads that share a v row)."""
+def _apply_scale(
+    prev: nn.Module, linears: list[nn.Linear], s: Tensor, sharing: HeadSharing | None
+) -> None:
+    """Function-preserving rescale: prev's output / s, the linears' input columns * s (spread
+    over the heads that share a v row, with `sharing`)."""
+    s_in = _input_scales(s, sharing)
     if isinstance(prev, RMSNorm):
         prev.weight.div_(s.to(prev.weight.dtype))
     elif isinstance(prev, nn.Linear):
@@ -417,13 +424,8 @@ def apply_awq_scales(model: nn.Module, searches: list[ScaleSearch]) -> None:
             linears = [model.get_submodule(name) for name in search.linears]
             if not all(isinstance(linear, nn.Linear) for linear in linears):
                 raise TypeError(f"{search.linears} are not all nn.Linear")
-            device = prev.weight.device
-            _apply_scale(
-                prev,
-                [m for m in linears if isinstance(m, nn.Linear)],
-                search.scales.to(device),
-                search.input_scales().to(device),
-            )
+            s = search.scales.to(prev.weight.device)
+            _apply_scale(prev, [m for m in linears if isinstance(m, nn.Linear)], s, search.sharing)
 
 
 # --------------------------------------------------------------------------- clip search
@@ -585,10 +587,9 @@ def _search_block(
             linears = [_linear(work, name) for name in group.linears]
             x = features[group.feature]
             alpha, loss, losses, s = _search_scale(linears, x, group.inspect, config, group.sharing)
-            s_in = s if group.sharing is None else group.sharing.spread(s)
-            _apply_scale(work.get_submodule(group.prev_op), linears, s, s_in)
+            _apply_scale(work.get_submodule(group.prev_op), linears, s, group.sharing)
             # The clip search must see the inputs of the rescaled linears.
-            x.div_(s_in)
+            x.div_(_input_scales(s, group.sharing))
             if report is not None:
                 linear_names = tuple(prefix + name for name in group.linears)
                 report.scale_searches.append(
