@@ -1,5 +1,5 @@
-# Fresh machine: `make demo` serves the embedded demo model with its web chat; `make test` runs
-# the test suite; `make run` serves a tiny random checkpoint (protocol only).
+# Fresh machine: `make demo` serves the embedded demo model with its web chat; `make test` checks
+# the architecture and lint, then runs the test suite; `make run` serves a tiny random checkpoint.
 PYTHON ?= python3
 TINY_CHECKPOINT ?= .cache/tiny-vila
 PORT ?= 21002
@@ -19,8 +19,8 @@ setup:
 # A tiny *random* VILA checkpoint built locally, worker only: the whole protocol works, the
 # answers are gibberish (quick protocol checks; `make demo` serves a model that sees).
 run: setup
-	$(PYTHON) tests/integration/tiny_vila.py $(TINY_CHECKPOINT)
-	$(PYTHON) -m vilaserve.entrypoints.model_worker --model-path $(TINY_CHECKPOINT) \
+	$(PYTHON) -m vilaserve.entrypoints.cli build-tiny $(TINY_CHECKPOINT)
+	$(PYTHON) -m vilaserve.entrypoints.worker --model-path $(TINY_CHECKPOINT) \
 		--port $(PORT) --no-register --log-format text
 
 # The embedded demo model (SmolLM2-135M + our SigLIP tower) in W4A16 AWQ, with the whole stack:
@@ -32,8 +32,11 @@ demo: setup
 	exec $(PYTHON) -m vilaserve.entrypoints.cli serve --model-path "$$model" --precision "$$precision" \
 		--log-format text $(DEMO_ARGS)
 
-test: setup
+# The README's test command (and so CI's): the layer contracts, lint, formatting, then pytest.
+test: setup lint
 	$(PYTHON) -m pytest -q tests
 
 lint:
-	$(PYTHON) -m ruff check src tests
+	$(PYTHON) -c "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
+	$(PYTHON) -m ruff check src tests benchmarks
+	$(PYTHON) -m ruff format --check src tests benchmarks

@@ -25,13 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from perplexity import default_corpus, wikitext2_perplexity
 
-from vilaserve.adapters.awq.loading import load_awq_llm
-from vilaserve.adapters.gguf_import import ensure_smollm2_hf
-from vilaserve.adapters.torch_vila.checkpoint import VilaCheckpoint
-from vilaserve.adapters.torch_vila.llama import Llama
-from vilaserve.adapters.torch_vila.runtime import load_llm
-from vilaserve.adapters.torch_vila.tokenization import load_tokenizer
-from vilaserve.entrypoints.quantize import quantize_checkpoint
+from vilaserve.adapters.offline.gguf_import import ensure_smollm2_hf
+from vilaserve.adapters.worker.awq.loading import load_awq_llm
+from vilaserve.adapters.worker.torch_vila.checkpoint import VilaCheckpoint
+from vilaserve.adapters.worker.torch_vila.llama import Llama
+from vilaserve.adapters.worker.torch_vila.runtime import load_llm
+from vilaserve.adapters.worker.torch_vila.tokenization import load_tokenizer
+from vilaserve.entrypoints.offline.quantize import quantize_checkpoint
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

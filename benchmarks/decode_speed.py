@@ -30,17 +30,17 @@ import matplotlib.pyplot as plt
 import torch
 from tqdm import tqdm
 
-from vilaserve.adapters import cpu_kernels
-from vilaserve.adapters.awq.qlinear import (
+from vilaserve.adapters.worker import cpu_kernels
+from vilaserve.adapters.worker.awq.qlinear import (
     W4A16Linear,
     fuse_w4a16,
     quantize_model_linears,
     weight_bytes,
 )
-from vilaserve.adapters.awq.quantized_weight import QuantizedWeight
-from vilaserve.adapters.torch_vila.fast_linear import accelerate_cpu_linears
-from vilaserve.adapters.torch_vila.int8_embedding import compress_token_embeddings
-from vilaserve.adapters.torch_vila.llama import Llama, LlamaArgs
+from vilaserve.adapters.worker.awq.quantized_weight import QuantizedWeight
+from vilaserve.adapters.worker.torch_vila.fast_linear import accelerate_cpu_linears
+from vilaserve.adapters.worker.torch_vila.int8_embedding import compress_token_embeddings
+from vilaserve.adapters.worker.torch_vila.llama import Llama, LlamaArgs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GROUP = 128

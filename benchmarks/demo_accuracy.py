@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
-from vilaserve.adapters.demo import shapes
-from vilaserve.adapters.torch_vila.runtime import VilaRuntime, VilaRuntimeOptions
-from vilaserve.application.ask_image import AskAboutImages
-from vilaserve.entrypoints.demo_cli import build_demo, checkpoint_precision
+from vilaserve.adapters.offline.demo import shapes
+from vilaserve.adapters.worker.torch_vila.runtime import VilaRuntime, VilaRuntimeOptions
+from vilaserve.application.chat.ask_image import AskAboutImages
+from vilaserve.entrypoints.chat import checkpoint_precision
+from vilaserve.entrypoints.offline.demo import build_demo
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LABELS = {"16bit": "16-bit", "awq": "W4A16 AWQ", "rtn": "W4A16 RTN"}

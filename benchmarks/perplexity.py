@@ -106,8 +106,8 @@ def default_corpus() -> Path:
 
 def llama_forward(model_dir: Path, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
     """Our own `Llama` loaded from a plain HF Llama folder, as a forward_logits callable."""
-    from vilaserve.adapters.torch_vila.checkpoint import load_state_dict
-    from vilaserve.adapters.torch_vila.llama import Llama, LlamaArgs
+    from vilaserve.adapters.worker.torch_vila.checkpoint import load_state_dict
+    from vilaserve.adapters.worker.torch_vila.llama import Llama, LlamaArgs
 
     config = json.loads((model_dir / "config.json").read_text())
     model = Llama.empty(LlamaArgs.from_hf_config(config), dtype=dtype, device="cpu")

@@ -17,7 +17,8 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 from servers import ApiStack, serving_stack  # noqa: E402
-from tiny_vila import build_tiny_vila  # noqa: E402  (needs the sys.path entry above)
+
+from vilaserve.adapters.offline.checkpoints.tiny_vila import build_tiny_vila  # noqa: E402  (needs the sys.path entry above)
 
 
 @pytest.fixture(scope="session")

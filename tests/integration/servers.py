@@ -21,16 +21,18 @@ import httpx
 import uvicorn
 from fastapi import FastAPI, Request
 
-from vilaserve.entrypoints.api_container import ApiContainer
-from vilaserve.entrypoints.api_settings import ApiSettings
-from vilaserve.entrypoints.container import WorkerContainer
-from vilaserve.entrypoints.controller_container import ControllerContainer
-from vilaserve.entrypoints.controller_settings import ControllerSettings
-from vilaserve.entrypoints.http import api_routes, controller_routes, worker_routes
-from vilaserve.entrypoints.http.api_app import create_api_app
-from vilaserve.entrypoints.http.controller_app import create_controller_app
-from vilaserve.entrypoints.http.worker_app import create_worker_app
-from vilaserve.entrypoints.settings import WorkerSettings
+from vilaserve.entrypoints.api import routes as api_routes
+from vilaserve.entrypoints.api.app import create_api_app
+from vilaserve.entrypoints.api.container import ApiContainer
+from vilaserve.entrypoints.api.settings import ApiSettings
+from vilaserve.entrypoints.controller import routes as controller_routes
+from vilaserve.entrypoints.controller.app import create_controller_app
+from vilaserve.entrypoints.controller.container import ControllerContainer
+from vilaserve.entrypoints.controller.settings import ControllerSettings
+from vilaserve.entrypoints.worker import routes as worker_routes
+from vilaserve.entrypoints.worker.app import create_worker_app
+from vilaserve.entrypoints.worker.container import WorkerContainer
+from vilaserve.entrypoints.worker.settings import WorkerSettings
 
 
 def free_port() -> int:

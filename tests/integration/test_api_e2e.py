@@ -14,7 +14,8 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from servers import ApiStack, FakeControllerApp, ServerThread, start_api
-from tiny_vila import make_png
+
+from vilaserve.adapters.offline.checkpoints.tiny_vila import make_png
 
 VICUNA = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant "

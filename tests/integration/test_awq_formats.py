@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from shared_data import golden_dir
 
-from vilaserve.adapters.awq.formats import (
+from vilaserve.adapters.worker.awq.formats import (
     detect_layer_format,
     load_hf_awq_directory,
     load_tinychat_checkpoint,
@@ -31,7 +31,7 @@ from vilaserve.adapters.awq.formats import (
     unpack_gemv,
     unpack_v2,
 )
-from vilaserve.adapters.awq.quantized_weight import QuantizedWeight
+from vilaserve.adapters.worker.awq.quantized_weight import QuantizedWeight
 
 V2_FILE = "tiny-llama-w4-g128-awq-v2.pt"
 GEMM_DIR = "tiny-llama-awq-gemm"

@@ -8,8 +8,7 @@ import copy
 import pytest
 import torch
 
-from vilaserve.adapters.awq.quantized_weight import QuantizedWeight
-from vilaserve.adapters.awq.quantizer import (
+from vilaserve.adapters.offline.awq_quantizer import (
     RECIPES,
     AwqConfig,
     AwqReport,
@@ -20,7 +19,8 @@ from vilaserve.adapters.awq.quantizer import (
     quantize_llama,
     quantize_to_canonical,
 )
-from vilaserve.adapters.torch_vila.llama import Llama, LlamaArgs
+from vilaserve.adapters.worker.awq.quantized_weight import QuantizedWeight
+from vilaserve.adapters.worker.torch_vila.llama import Llama, LlamaArgs
 
 GROUP = 64
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

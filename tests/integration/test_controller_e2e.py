@@ -28,9 +28,9 @@ from servers import (
     wait_for,
     worker_process,
 )
-from tiny_vila import make_png_b64
 
-from vilaserve.domain.errors import ErrorCode
+from vilaserve.adapters.offline.checkpoints.tiny_vila import make_png_b64
+from vilaserve.domain.shared.errors import ErrorCode
 
 VICUNA = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant "

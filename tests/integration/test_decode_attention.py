@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vilaserve.adapters import cpu_kernels
+from vilaserve.adapters.worker import cpu_kernels
 
 KERNELS = cpu_kernels.load()
 pytestmark = pytest.mark.skipif(KERNELS is None, reason="needs an AVX-512 BF16 CPU and gcc")
@@ -47,7 +47,7 @@ def test_refuses_head_sizes_it_cannot_take() -> None:
 
 def test_rope_kernel_is_bit_exact_with_the_torch_expression() -> None:
     assert KERNELS is not None
-    from vilaserve.adapters.torch_vila.llama import _apply_rope
+    from vilaserve.adapters.worker.torch_vila.llama import _apply_rope
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 64, generator=gen).to(torch.bfloat16)  # [B, H, D]
@@ -62,7 +62,7 @@ def test_rope_kernel_is_bit_exact_with_the_torch_expression() -> None:
 
 def test_rms_norm_kernel_matches_hf_rmsnorm_to_one_bf16_step() -> None:
     assert KERNELS is not None
-    from vilaserve.adapters.torch_vila.llama import RMSNorm
+    from vilaserve.adapters.worker.torch_vila.llama import RMSNorm
 
     norm = RMSNorm(256, 1e-5).to(torch.bfloat16)
     with torch.no_grad():
@@ -77,7 +77,7 @@ def test_rms_norm_kernel_matches_hf_rmsnorm_to_one_bf16_step() -> None:
 
 
 def test_llama_decode_on_kernels_agrees_with_the_torch_path() -> None:
-    from vilaserve.adapters.torch_vila.llama import Llama, LlamaArgs
+    from vilaserve.adapters.worker.torch_vila.llama import Llama, LlamaArgs
 
     args = LlamaArgs(
         vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,

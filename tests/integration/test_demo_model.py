@@ -18,7 +18,7 @@ import openai
 import pytest
 from servers import ApiStack, serving_stack
 
-from vilaserve.adapters.demo import shapes
+from vilaserve.adapters.offline.demo import shapes
 
 pytestmark = pytest.mark.demo
 
@@ -28,7 +28,7 @@ TEST_SEED = 424_242
 
 @pytest.fixture(scope="module")
 def demo_model() -> Path:
-    from vilaserve.entrypoints.demo_cli import build_demo
+    from vilaserve.entrypoints.offline.demo import build_demo
 
     try:
         return build_demo("awq")

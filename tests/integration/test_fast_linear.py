@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vilaserve.adapters import cpu_kernels
-from vilaserve.adapters.torch_vila import fast_linear
-from vilaserve.adapters.torch_vila.fast_linear import CpuDecodeLinear, accelerate_cpu_linears
-from vilaserve.adapters.torch_vila.llama import Llama, LlamaArgs
+from vilaserve.adapters.worker import cpu_kernels
+from vilaserve.adapters.worker.torch_vila import fast_linear
+from vilaserve.adapters.worker.torch_vila.fast_linear import CpuDecodeLinear, accelerate_cpu_linears
+from vilaserve.adapters.worker.torch_vila.llama import Llama, LlamaArgs
 
 pytestmark = pytest.mark.skipif(
     cpu_kernels.load() is None, reason="needs an AVX-512 BF16 CPU and a C compiler"

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 gguf = pytest.importorskip("gguf")
 
-from vilaserve.adapters.gguf_import import convert_gguf_to_hf  # noqa: E402
+from vilaserve.adapters.offline.gguf_import import convert_gguf_to_hf  # noqa: E402
 
 HIDDEN = 64
 HEADS = 4
@@ -262,7 +262,7 @@ def test_tokenizer_round_trip(converted: tuple[Path, dict[str, np.ndarray], bool
 def test_our_llama_matches_hf(converted: tuple[Path, dict[str, np.ndarray], bool]) -> None:
     from transformers import LlamaForCausalLM
 
-    from vilaserve.adapters.torch_vila.llama import Llama, LlamaArgs
+    from vilaserve.adapters.worker.torch_vila.llama import Llama, LlamaArgs
 
     out, _, _ = converted
     hf = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -283,7 +283,7 @@ def test_our_llama_matches_hf(converted: tuple[Path, dict[str, np.ndarray], bool
 def test_real_smollm2_fetch_and_convert() -> None:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from vilaserve.adapters.gguf_import import default_cache_dir, ensure_smollm2_hf
+    from vilaserve.adapters.offline.gguf_import import default_cache_dir, ensure_smollm2_hf
 
     model_dir = ensure_smollm2_hf(default_cache_dir())
     tok = AutoTokenizer.from_pretrained(model_dir)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from vilaserve.adapters.torch_vila.int8_embedding import Int8Embedding, compress_token_embeddings
-from vilaserve.adapters.torch_vila.llama import Llama, LlamaArgs
+from vilaserve.adapters.worker.torch_vila.int8_embedding import (
+    Int8Embedding,
+    compress_token_embeddings,
+)
+from vilaserve.adapters.worker.torch_vila.llama import Llama, LlamaArgs
 
 
 def tiny_llama(tied: bool) -> Llama:

@@ -1,4 +1,4 @@
-"""Parity of our compact Llama (vilaserve.adapters.torch_vila.llama) with HF LlamaForCausalLM.
+"""Parity of our compact Llama (adapters.worker.torch_vila.llama) with HF LlamaForCausalLM.
 
 Every check compares against Hugging Face's implementation on tiny random models, so a wrong
 RoPE, mask, GQA grouping, bias or cache write shows up as a logit difference. Weights are
@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from vilaserve.adapters.torch_vila.llama import Llama, LlamaArgs, RopeScaling, rope_inv_freq
+from vilaserve.adapters.worker.torch_vila.llama import Llama, LlamaArgs, RopeScaling, rope_inv_freq
 
 FP32_TOL = 1e-4
 BATCH = 2

@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from vilaserve.adapters import cpu_kernels
-from vilaserve.adapters.awq.qlinear import fuse_w4a16, quantize_model_linears
-from vilaserve.adapters.awq.quantizer import quantize_to_canonical
-from vilaserve.adapters.torch_vila.fast_linear import accelerate_cpu_linears
-from vilaserve.adapters.torch_vila.llama import DECODER_LINEARS, Llama, LlamaArgs
-from vilaserve.adapters.torch_vila.native_decode import NativeDecoder
+from vilaserve.adapters.offline.awq_quantizer import quantize_to_canonical
+from vilaserve.adapters.worker import cpu_kernels
+from vilaserve.adapters.worker.awq.qlinear import fuse_w4a16, quantize_model_linears
+from vilaserve.adapters.worker.torch_vila.fast_linear import accelerate_cpu_linears
+from vilaserve.adapters.worker.torch_vila.llama import DECODER_LINEARS, Llama, LlamaArgs
+from vilaserve.adapters.worker.torch_vila.native_decode import NativeDecoder
 
 pytestmark = pytest.mark.skipif(
     cpu_kernels.load() is None, reason="needs an AVX-512 BF16 CPU and gcc"
@@ -117,7 +117,7 @@ def test_models_the_c_code_cannot_run_keep_the_per_op_path() -> None:
 
 
 def test_moving_the_model_drops_the_plan() -> None:
-    from vilaserve.adapters.torch_vila import llama
+    from vilaserve.adapters.worker.torch_vila import llama
 
     model = w4a16_model(tiny_args(), fused=True)
     decode(model, native=True, steps=1)

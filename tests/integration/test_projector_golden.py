@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from shared_data import shared_dir
 
-from vilaserve.adapters.torch_vila.projector import (
+from vilaserve.adapters.worker.torch_vila.projector import (
     DownSampleBlock,
     build_projector,
     load_projector,

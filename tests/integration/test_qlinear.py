@@ -15,17 +15,17 @@ import pytest
 import torch
 from torch import nn
 
-from vilaserve.adapters import cpu_kernels
-from vilaserve.adapters.awq import qlinear
-from vilaserve.adapters.awq.qlinear import (
+from vilaserve.adapters.worker import cpu_kernels
+from vilaserve.adapters.worker.awq import qlinear
+from vilaserve.adapters.worker.awq.qlinear import (
     W4A16Linear,
     cpu_int4_available,
     fuse_w4a16,
     quantize_model_linears,
     weight_bytes,
 )
-from vilaserve.adapters.awq.quantized_weight import QuantizedWeight
-from vilaserve.adapters.torch_vila.llama import DECODER_LINEARS, Llama, LlamaArgs
+from vilaserve.adapters.worker.awq.quantized_weight import QuantizedWeight
+from vilaserve.adapters.worker.torch_vila.llama import DECODER_LINEARS, Llama, LlamaArgs
 
 BF16_REL_TOL = 2e-2
 FP32_REL_TOL = 1e-5

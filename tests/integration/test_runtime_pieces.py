@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_vila import build_tiny_vila
 
-from vilaserve.adapters.torch_vila.checkpoint import VilaCheckpoint, safetensors_files
-from vilaserve.adapters.torch_vila.runtime import VilaRuntime, VilaRuntimeOptions
-from vilaserve.adapters.torch_vila.sampling import Sampler
-from vilaserve.domain.generation import SamplingParams
+from vilaserve.adapters.offline.checkpoints.tiny_vila import build_tiny_vila
+from vilaserve.adapters.worker.torch_vila.checkpoint import VilaCheckpoint, safetensors_files
+from vilaserve.adapters.worker.torch_vila.runtime import VilaRuntime, VilaRuntimeOptions
+from vilaserve.adapters.worker.torch_vila.sampling import Sampler
+from vilaserve.domain.shared.generation import SamplingParams
 
 
 def test_stale_index_of_awq_releases_is_tolerated(tiny_vila_siglip: Path, tmp_path: Path) -> None:
@@ -118,7 +118,7 @@ def test_seed_reproduces_and_differs() -> None:
 def test_cuda_fp16_logits_match_cpu_fp32_and_generation_runs(tiny_vila_siglip: Path) -> None:
     import asyncio
 
-    from vilaserve.adapters.torch_vila.runtime import load_llm
+    from vilaserve.adapters.worker.torch_vila.runtime import load_llm
 
     checkpoint = VilaCheckpoint.open(tiny_vila_siglip)
     ids = torch.arange(3, 40).unsqueeze(0)

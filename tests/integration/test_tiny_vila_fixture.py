@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from tiny_vila import (
+
+from vilaserve.adapters.offline.checkpoints.tiny_vila import (
     BOS,
     EOS,
     IM_END,
@@ -25,8 +26,7 @@ from tiny_vila import (
     make_png_b64,
     tokens_per_image,
 )
-
-from vilaserve.adapters.torch_vila.tokenization import (
+from vilaserve.adapters.worker.torch_vila.tokenization import (
     IMAGE_TOKEN,
     IMAGE_TOKEN_INDEX,
     IncrementalDetokenizer,

@@ -20,14 +20,14 @@ from PIL import Image, ImageFile
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
-from vilaserve.adapters.torch_vila.image_processing import (
+from vilaserve.adapters.worker.torch_vila.image_processing import (
     ImagePreprocessor,
     ImageProcessorConfig,
     decode_image,
 )
-from vilaserve.adapters.torch_vila.projector import build_projector
-from vilaserve.adapters.torch_vila.vision_pipeline import VisionPipeline
-from vilaserve.adapters.torch_vila.vision_tower import VisionTower, resolve_vision_class
+from vilaserve.adapters.worker.torch_vila.projector import build_projector
+from vilaserve.adapters.worker.torch_vila.vision_pipeline import VisionPipeline
+from vilaserve.adapters.worker.torch_vila.vision_tower import VisionTower, resolve_vision_class
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]

@@ -13,13 +13,13 @@ import torch
 from safetensors.torch import load_file
 from shared_data import golden_dir
 from test_worker_e2e import start_worker, stream_frames
-from tiny_vila import make_png
 
-from vilaserve.adapters.awq.loading import load_awq_llm
-from vilaserve.adapters.torch_vila.checkpoint import VilaCheckpoint
-from vilaserve.adapters.torch_vila.int8_embedding import Int8Embedding
-from vilaserve.adapters.torch_vila.runtime import VilaRuntime, VilaRuntimeOptions
-from vilaserve.entrypoints.quantize import quantize_checkpoint
+from vilaserve.adapters.offline.checkpoints.tiny_vila import make_png
+from vilaserve.adapters.worker.awq.loading import load_awq_llm
+from vilaserve.adapters.worker.torch_vila.checkpoint import VilaCheckpoint
+from vilaserve.adapters.worker.torch_vila.int8_embedding import Int8Embedding
+from vilaserve.adapters.worker.torch_vila.runtime import VilaRuntime, VilaRuntimeOptions
+from vilaserve.entrypoints.offline.quantize import quantize_checkpoint
 
 
 def shared_golden() -> Path:
@@ -87,7 +87,7 @@ def test_both_written_formats_load_to_the_same_model(quantized_vila: Path) -> No
 
 
 def test_the_demo_recipe_trains_through_a_plain_copy_of_the_4bit_llm(quantized_vila: Path) -> None:
-    from vilaserve.adapters.demo.training import differentiable_awq_llm
+    from vilaserve.adapters.offline.demo.training import differentiable_awq_llm
 
     checkpoint = VilaCheckpoint.open(quantized_vila)
     served = load_awq_llm(checkpoint, None, torch.bfloat16, torch.device("cpu"), "dequant")
@@ -167,7 +167,7 @@ def test_too_little_calibration_text_is_warned_about(
         device="cpu",
         seed=0,
     )
-    with caplog.at_level("WARNING", logger="vilaserve.entrypoints.quantize"):
+    with caplog.at_level("WARNING", logger="vilaserve.entrypoints.offline.quantize"):
         quantize_checkpoint(args)
     warnings = [r for r in caplog.records if "little calibration text" in r.getMessage()]
     assert bool(warnings) == warned

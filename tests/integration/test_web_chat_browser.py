@@ -12,7 +12,8 @@ from typing import Any
 import openai
 import pytest
 from servers import ApiStack
-from tiny_vila import make_png
+
+from vilaserve.adapters.offline.checkpoints.tiny_vila import make_png
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

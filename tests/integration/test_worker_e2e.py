@@ -15,17 +15,17 @@ import httpx
 import pytest
 import torch
 from servers import ServerThread, start_worker
-from tiny_vila import make_png, make_png_b64
 from transformers import LlamaForCausalLM
 
-from vilaserve.adapters.torch_vila.checkpoint import VilaCheckpoint
-from vilaserve.adapters.torch_vila.image_processing import decode_image
-from vilaserve.adapters.torch_vila.tokenization import (
+from vilaserve.adapters.offline.checkpoints.tiny_vila import make_png, make_png_b64
+from vilaserve.adapters.worker.torch_vila.checkpoint import VilaCheckpoint
+from vilaserve.adapters.worker.torch_vila.image_processing import decode_image
+from vilaserve.adapters.worker.torch_vila.tokenization import (
     IMAGE_TOKEN_INDEX,
     load_tokenizer,
     tokenize_with_images,
 )
-from vilaserve.adapters.torch_vila.vision_pipeline import VisionPipeline
+from vilaserve.adapters.worker.torch_vila.vision_pipeline import VisionPipeline
 
 VICUNA = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant "

@@ -12,19 +12,20 @@ from typing import Any
 from dependency_injector import providers
 from fastapi.testclient import TestClient
 
-from vilaserve.domain.api_errors import BadRequest, DirectoryUnavailable, WorkerUnavailable
-from vilaserve.domain.api_ports import (
+from vilaserve.domain.api.errors import BadRequest
+from vilaserve.domain.api.ports import (
     FetchedImage,
     ImageFetcher,
     ModelDetails,
     ModelDirectory,
     WorkerApi,
 )
-from vilaserve.domain.conversation import TEMPLATES, ConversationTemplate
-from vilaserve.domain.generation import StreamChunk, Usage
-from vilaserve.entrypoints.api_container import ApiContainer
-from vilaserve.entrypoints.api_settings import ApiSettings
-from vilaserve.entrypoints.http.api_app import create_api_app
+from vilaserve.domain.shared.conversation import TEMPLATES, ConversationTemplate
+from vilaserve.domain.shared.errors import ControllerUnavailable, WorkerUnavailable
+from vilaserve.domain.shared.generation import StreamChunk, Usage
+from vilaserve.entrypoints.api.app import create_api_app
+from vilaserve.entrypoints.api.container import ApiContainer
+from vilaserve.entrypoints.api.settings import ApiSettings
 
 MODEL = "VILA1.5-3b"
 ADDRESS = "http://worker-1"
@@ -42,13 +43,13 @@ class FakeDirectory(ModelDirectory):
 
     async def list_models(self) -> list[str]:
         if self.down:
-            raise DirectoryUnavailable("the controller at http://ctl cannot be reached")
+            raise ControllerUnavailable("http://ctl", "connection refused")
         self.listings += 1
         return [m for m, address in self.models.items() if address]
 
     async def worker_address(self, model: str) -> str | None:
         if self.down:
-            raise DirectoryUnavailable("the controller at http://ctl cannot be reached")
+            raise ControllerUnavailable("http://ctl", "connection refused")
         self.lookups.append(model)
         return self.models.get(model) or None
 
@@ -78,7 +79,7 @@ class FakeWorkerApi(WorkerApi):
 
     def _check(self, address: str) -> None:
         if address in self.down:
-            raise WorkerUnavailable(f"the worker at {address} failed: connection refused")
+            raise WorkerUnavailable(address, "connection refused")
 
     async def model_details(self, address: str, model: str) -> ModelDetails:
         self._check(address)

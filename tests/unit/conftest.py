@@ -12,9 +12,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from fakes import FakeController, FakeTextGenerator, FakeVisionEncoder
 
-from vilaserve.entrypoints.container import WorkerContainer
-from vilaserve.entrypoints.http.worker_app import create_worker_app
-from vilaserve.entrypoints.settings import WorkerSettings
+from vilaserve.entrypoints.worker.app import create_worker_app
+from vilaserve.entrypoints.worker.container import WorkerContainer
+from vilaserve.entrypoints.worker.settings import WorkerSettings
 
 
 @pytest.fixture

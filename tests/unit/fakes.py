@@ -7,11 +7,16 @@ import base64
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from vilaserve.domain.conversation import TEMPLATES, ConversationTemplate
-from vilaserve.domain.errors import ContextOverflow, ControllerUnavailable, InvalidImage
-from vilaserve.domain.generation import IMAGE_PLACEHOLDER, GenerationStep, SamplingParams
-from vilaserve.domain.ports import ControllerClient, ImageFeatures, TextGenerator, VisionEncoder
-from vilaserve.domain.status import WorkerStatus
+from vilaserve.domain.shared.conversation import TEMPLATES, ConversationTemplate
+from vilaserve.domain.shared.errors import ContextOverflow, ControllerUnavailable, InvalidImage
+from vilaserve.domain.shared.generation import IMAGE_PLACEHOLDER, GenerationStep, SamplingParams
+from vilaserve.domain.shared.worker_status import WorkerStatus
+from vilaserve.domain.worker.ports import (
+    ControllerClient,
+    ImageFeatures,
+    TextGenerator,
+    VisionEncoder,
+)
 
 PNG_MAGIC = b"\x89PNG"
 FAKE_PNG_B64 = base64.b64encode(PNG_MAGIC + b"fake image body").decode()
@@ -109,12 +114,12 @@ class FakeController(ControllerClient):
 
     async def register(self, worker_address: str, status: WorkerStatus, multimodal: bool) -> None:
         if self.down:
-            raise ControllerUnavailable("connection refused")
+            raise ControllerUnavailable("http://controller", "connection refused")
         self.registrations.append((worker_address, status, multimodal))
         self.known = True
 
     async def heartbeat(self, worker_address: str, queue_length: int) -> bool:
         if self.down:
-            raise ControllerUnavailable("connection refused")
+            raise ControllerUnavailable("http://controller", "connection refused")
         self.heartbeats.append((worker_address, queue_length))
         return self.known

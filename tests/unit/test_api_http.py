@@ -375,8 +375,8 @@ def test_a_client_that_goes_away_stops_the_generation(spec_version: str) -> None
 def test_the_api_server_imports_neither_torch_nor_pil() -> None:
     code = (
         "import sys\n"
-        "import vilaserve.entrypoints.api_main\n"
-        "from vilaserve.entrypoints.http.api_app import create_api_app\n"
+        "import vilaserve.entrypoints.api.main\n"
+        "from vilaserve.entrypoints.api.app import create_api_app\n"
         "assert not {'torch', 'PIL'} & set(sys.modules), 'a model library was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

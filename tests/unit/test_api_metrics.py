@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from vilaserve.application.api_metrics import ApiMetrics
-from vilaserve.application.metrics_registry import Counter, Gauge, Histogram, render
-from vilaserve.domain.generation import Usage
-from vilaserve.domain.openai_responses import ChoiceFinished
+from vilaserve.application.api.metrics import ApiMetrics
+from vilaserve.application.api.metrics_registry import Counter, Gauge, Histogram, render
+from vilaserve.domain.api.openai_responses import ChoiceFinished
+from vilaserve.domain.shared.generation import Usage
 
 
 def test_text_exposition() -> None:

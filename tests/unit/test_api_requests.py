@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from vilaserve.domain.api_errors import (
+from vilaserve.domain.api.chat_prompt import build_chat_prompt, template_from_worker
+from vilaserve.domain.api.errors import (
     BadRequest,
     ContextTooLong,
     ModelNotFound,
@@ -16,17 +17,16 @@ from vilaserve.domain.api_errors import (
     UpstreamFailure,
     from_worker_error,
 )
-from vilaserve.domain.chat_prompt import build_chat_prompt, template_from_worker
-from vilaserve.domain.conversation import TEMPLATES
-from vilaserve.domain.generation import Usage
-from vilaserve.domain.openai_requests import (
+from vilaserve.domain.api.openai_requests import (
     ChatMessage,
     parse_chat_request,
     parse_completion_request,
 )
-from vilaserve.domain.openai_responses import ChoiceFinished, CumulativeText, combine_usage
-from vilaserve.domain.remote_images import RemoteImagePolicy
-from vilaserve.domain.worker_jobs import WorkerJob, job_for
+from vilaserve.domain.api.openai_responses import ChoiceFinished, CumulativeText, combine_usage
+from vilaserve.domain.api.remote_images import RemoteImagePolicy
+from vilaserve.domain.api.worker_jobs import WorkerJob, job_for
+from vilaserve.domain.shared.conversation import TEMPLATES
+from vilaserve.domain.shared.generation import Usage
 
 VICUNA = TEMPLATES["vicuna_v1"]
 

@@ -7,8 +7,9 @@ import asyncio
 import pytest
 from api_fakes import ADDRESS, MODEL, FakeDirectory, FakeWorkerApi, chat_body, fake_api
 
-from vilaserve.application.model_router import ModelRouter
-from vilaserve.domain.api_errors import DirectoryUnavailable, ModelNotFound, NoWorker
+from vilaserve.application.api.model_router import ModelRouter
+from vilaserve.domain.api.errors import ModelNotFound, NoWorker
+from vilaserve.domain.shared.errors import ControllerUnavailable
 
 
 class Clock:
@@ -72,7 +73,7 @@ def test_unknown_model_no_worker_and_controller_down() -> None:
     listed_but_gone.worker_address = vanished  # type: ignore[method-assign]
     with pytest.raises(NoWorker, match="available right now"):
         asyncio.run(gone.route(MODEL))
-    with pytest.raises(DirectoryUnavailable):
+    with pytest.raises(ControllerUnavailable):
         asyncio.run(router(FakeDirectory(down=True), FakeWorkerApi(), clock).route(MODEL))
 
 

@@ -12,17 +12,17 @@ import pytest
 from dependency_injector import providers
 from fastapi.testclient import TestClient
 
-from vilaserve.application.proxy_stream import ProxyGenerateStream
-from vilaserve.application.worker_directory import WorkerDirectory
-from vilaserve.domain.errors import ErrorCode
-from vilaserve.domain.status import WorkerStatus
-from vilaserve.domain.worker_gateway import WorkerGateway, WorkerNotResponding
-from vilaserve.domain.worker_registry import DispatchMethod, WorkerRegistry
-from vilaserve.entrypoints.controller_container import ControllerContainer
-from vilaserve.entrypoints.controller_settings import ControllerSettings
-from vilaserve.entrypoints.http.controller_app import create_controller_app
+from vilaserve.application.controller.proxy_stream import ProxyGenerateStream
+from vilaserve.application.controller.worker_directory import WorkerDirectory
+from vilaserve.domain.controller.worker_registry import DispatchMethod, WorkerRegistry
+from vilaserve.domain.shared.errors import ErrorCode, WorkerUnavailable
+from vilaserve.domain.shared.worker_gateway import WorkerGateway
+from vilaserve.domain.shared.worker_status import WorkerStatus
+from vilaserve.entrypoints.controller.app import create_controller_app
+from vilaserve.entrypoints.controller.container import ControllerContainer
+from vilaserve.entrypoints.controller.settings import ControllerSettings
 
-Script = list[dict[str, Any] | WorkerNotResponding]
+Script = list[dict[str, Any] | WorkerUnavailable]
 
 
 class FakeClock:
@@ -37,16 +37,16 @@ class FakeGateway(WorkerGateway):
     """Workers by address: a status (or failure) and a scripted stream of frames (or failure)."""
 
     def __init__(self) -> None:
-        self.statuses: dict[str, WorkerStatus | WorkerNotResponding] = {}
+        self.statuses: dict[str, WorkerStatus | WorkerUnavailable] = {}
         self.streams: dict[str, Script] = {}
         self.sent: list[tuple[str, dict[str, Any]]] = []
         self.closed: list[str] = []
 
     async def get_status(self, worker_address: str, timeout_s: float = 5.0) -> WorkerStatus:
         reply = self.statuses.get(
-            worker_address, WorkerNotResponding(worker_address, "connection refused")
+            worker_address, WorkerUnavailable(worker_address, "connection refused")
         )
-        if isinstance(reply, WorkerNotResponding):
+        if isinstance(reply, WorkerUnavailable):
             raise reply
         return reply
 
@@ -55,11 +55,11 @@ class FakeGateway(WorkerGateway):
     ) -> AsyncIterator[dict[str, Any]]:
         self.sent.append((worker_address, payload))
         script = self.streams.get(
-            worker_address, [WorkerNotResponding(worker_address, "connection refused")]
+            worker_address, [WorkerUnavailable(worker_address, "connection refused")]
         )
         try:
             for item in script:
-                if isinstance(item, WorkerNotResponding):
+                if isinstance(item, WorkerUnavailable):
                     raise item
                 yield item
                 await asyncio.sleep(0)
@@ -250,7 +250,7 @@ def test_a_stream_that_breaks_ends_with_one_error_frame(
     register(client, "http://w:1", "m")
     gateway.streams["http://w:1"] = [
         {"text": "partial", "error_code": 0},
-        WorkerNotResponding("http://w:1", "generation timed out", timed_out=True),
+        WorkerUnavailable("http://w:1", "generation timed out", timed_out=True),
     ]
     status, frames = stream(client, {"model": "m", "prompt": "hi"})
     assert status == 200

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from fakes import PNG_MAGIC, FakeTextGenerator, FakeVisionEncoder
 
-from vilaserve.adapters.demo import shapes
-from vilaserve.adapters.demo.build_cache import build_key, is_built, variant_dir
-from vilaserve.adapters.demo.calibration import calibration_lines
-from vilaserve.application.ask_image import AskAboutImages, AskFailed
-from vilaserve.domain.conversation import TEMPLATES
+from vilaserve.adapters.offline.demo import shapes
+from vilaserve.adapters.offline.demo.build_cache import build_key, is_built, variant_dir
+from vilaserve.adapters.offline.demo.calibration import calibration_lines
+from vilaserve.application.chat.ask_image import AskAboutImages, AskFailed
+from vilaserve.domain.shared.conversation import TEMPLATES
 
 
 def test_same_split_seed_and_index_give_the_same_picture_and_question() -> None:

@@ -1,14 +1,27 @@
-"""Domain rules: request parsing, stop strings, templates, model naming."""
+"""Domain rules: request parsing, stop strings, templates, model naming, error families."""
 
 from __future__ import annotations
 
 import pytest
 
-from vilaserve.domain.conversation import TEMPLATES, LlmShape, SeparatorStyle, choose_template
-from vilaserve.domain.errors import ErrorCode, InvalidRequest, ParamOutOfRange
-from vilaserve.domain.generation import SamplingParams, parse_generation_request
-from vilaserve.domain.naming import derive_model_name
-from vilaserve.domain.stop_strings import StopStringMatcher
+from vilaserve.domain.api.errors import NoWorker, as_api_error
+from vilaserve.domain.shared.conversation import (
+    TEMPLATES,
+    LlmShape,
+    SeparatorStyle,
+    choose_template,
+)
+from vilaserve.domain.shared.errors import (
+    ControllerUnavailable,
+    ErrorCode,
+    InvalidRequest,
+    ParamOutOfRange,
+    Unavailable,
+    WorkerUnavailable,
+)
+from vilaserve.domain.shared.generation import SamplingParams, parse_generation_request
+from vilaserve.domain.worker.naming import derive_model_name
+from vilaserve.domain.worker.stop_strings import StopStringMatcher
 
 
 def test_defaults_follow_fastchat() -> None:
@@ -163,3 +176,29 @@ def test_fastchat_conv_dict_has_the_fields_fastchat_reads() -> None:
 def test_model_name_derivation(path: str, precision: str, expected: str) -> None:
     assert derive_model_name(path, precision) == expected
     assert derive_model_name(path, precision, "custom") == "custom"
+
+
+@pytest.mark.parametrize(
+    ("error", "service", "code"),
+    [
+        (WorkerUnavailable("http://w:21002", "connection refused"), "worker", 50006),
+        (ControllerUnavailable("http://c:21001", "connection refused"), "controller", 50005),
+    ],
+)
+def test_one_unavailable_family_names_service_address_and_cause(
+    error: Unavailable, service: str, code: int
+) -> None:
+    assert isinstance(error, Unavailable)
+    assert error.message == f"the {service} at {error.address} failed: connection refused"
+    assert int(error.code) == code
+    answer = as_api_error(error)  # what the OpenAI API answers for it
+    assert isinstance(answer, NoWorker)
+    assert (answer.status, int(answer.code), answer.message) == (503, code, error.message)
+
+
+def test_a_timeout_says_so() -> None:
+    error = WorkerUnavailable("http://w:21002", "/worker_get_status", timed_out=True)
+    assert error.timed_out
+    assert (
+        error.message == "the worker at http://w:21002 did not answer in time: /worker_get_status"
+    )

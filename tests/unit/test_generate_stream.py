@@ -8,10 +8,10 @@ import base64
 import pytest
 from fakes import FAKE_PNG_B64, FakeTextGenerator, FakeVisionEncoder
 
-from vilaserve.application.generate_stream import GenerateStream, GenerationLimits
-from vilaserve.application.slots import ConcurrencySlots
-from vilaserve.domain.errors import ErrorCode, InvalidImage, InvalidRequest
-from vilaserve.domain.generation import StreamChunk
+from vilaserve.application.worker.generate_stream import GenerateStream, GenerationLimits
+from vilaserve.application.worker.slots import ConcurrencySlots
+from vilaserve.domain.shared.errors import ErrorCode, InvalidImage, InvalidRequest
+from vilaserve.domain.shared.generation import StreamChunk
 
 
 def make(

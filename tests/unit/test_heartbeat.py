@@ -7,9 +7,9 @@ import asyncio
 import pytest
 from fakes import FakeController
 
-from vilaserve.application.heartbeat import Heartbeat, HeartbeatPolicy, Register
-from vilaserve.application.report_status import ReportStatus
-from vilaserve.application.slots import ConcurrencySlots
+from vilaserve.application.worker.heartbeat import Heartbeat, HeartbeatPolicy, Register
+from vilaserve.application.worker.report_status import ReportStatus
+from vilaserve.application.worker.slots import ConcurrencySlots
 
 
 class VirtualClock:

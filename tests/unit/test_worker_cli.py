@@ -9,7 +9,7 @@ from pathlib import Path
 
 def test_a_path_without_config_json_is_refused_at_once(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "vilaserve.entrypoints.model_worker", "--model-path",
+        [sys.executable, "-m", "vilaserve.entrypoints.worker.main", "--model-path",
          str(tmp_path / "nowhere"), "--no-register"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip

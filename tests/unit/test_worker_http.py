@@ -12,7 +12,7 @@ import pytest
 from fakes import FAKE_PNG_B64, FakeTextGenerator
 from fastapi.testclient import TestClient
 
-from vilaserve.domain.errors import ErrorCode
+from vilaserve.domain.shared.errors import ErrorCode
 
 
 def frames(raw: bytes) -> list[dict]:
@@ -121,9 +121,10 @@ def test_count_token_without_prompt_is_an_error(client: TestClient) -> None:
 def test_the_container_and_app_import_no_torch() -> None:
     code = (
         "import sys\n"
-        "from vilaserve.entrypoints.container import WorkerContainer\n"
-        "from vilaserve.entrypoints.http.worker_app import create_worker_app\n"
-        "import vilaserve.application.generate_stream, vilaserve.application.heartbeat\n"
+        "from vilaserve.entrypoints.worker.container import WorkerContainer\n"
+        "from vilaserve.entrypoints.worker.app import create_worker_app\n"
+        "import vilaserve.application.worker.generate_stream\n"
+        "import vilaserve.application.worker.heartbeat\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

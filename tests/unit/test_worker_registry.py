@@ -6,15 +6,15 @@ from collections.abc import Iterable
 
 import pytest
 
-from vilaserve.domain.controller_messages import (
+from vilaserve.domain.controller.worker_registry import DispatchMethod, ModelKind, WorkerRegistry
+from vilaserve.domain.shared.controller_messages import (
     parse_heartbeat,
     parse_registration,
     parse_worker_status,
     requested_model,
 )
-from vilaserve.domain.errors import InvalidRequest
-from vilaserve.domain.status import WorkerStatus
-from vilaserve.domain.worker_registry import DispatchMethod, ModelKind, WorkerRegistry
+from vilaserve.domain.shared.errors import InvalidRequest
+from vilaserve.domain.shared.worker_status import WorkerStatus
 
 SHORTEST = DispatchMethod.SHORTEST_QUEUE
 LOTTERY = DispatchMethod.LOTTERY

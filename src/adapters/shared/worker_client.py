@@ -1,0 +1,93 @@
+"""Talking to a model worker over its FastChat / TinyChat HTTP protocol.
+
+Used by the controller (status polls, stream proxy) and the OpenAI-compatible API (metadata,
+generation). One pooled `httpx.AsyncClient` per process; the stream is read frame by frame so a
+slow worker only ever blocks the request that waits on it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from vilaserve.domain.shared.controller_messages import parse_worker_status
+from vilaserve.domain.shared.errors import InvalidRequest, WorkerUnavailable
+from vilaserve.domain.shared.worker_gateway import WorkerGateway
+from vilaserve.domain.shared.worker_status import WorkerStatus
+
+FRAME_SEPARATOR = b"\0"
+
+
+async def split_frames(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
+    """Reassembles `json + b"\\0"` frames from arbitrary byte chunks and decodes each one."""
+    pending = b""
+    async for chunk in chunks:
+        pending += chunk
+        *complete, pending = pending.split(FRAME_SEPARATOR)
+        for raw in complete:
+            if raw.strip():
+                yield json.loads(raw)
+    if pending.strip():
+        yield json.loads(pending)
+
+
+class HttpWorkerClient(WorkerGateway):
+    def __init__(self, timeout_s: float = 100.0, connect_timeout_s: float = 5.0) -> None:
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def post_json(
+        self,
+        worker_address: str,
+        path: str,
+        payload: dict[str, Any],
+        timeout_s: float | None = None,
+    ) -> Any:
+        """POSTs `payload` and returns the decoded JSON reply (any HTTP status)."""
+        url = worker_address.rstrip("/") + path
+        timeout = httpx.USE_CLIENT_DEFAULT if timeout_s is None else httpx.Timeout(timeout_s)
+        try:
+            response = await self._client.post(url, json=payload, timeout=timeout)
+            return response.json()
+        except httpx.TimeoutException as exc:
+            raise WorkerUnavailable(worker_address, f"timed out on {path}", True) from exc
+        except (httpx.HTTPError, ValueError) as exc:
+            raise WorkerUnavailable(worker_address, f"{path}: {type(exc).__name__}: {exc}") from exc
+
+    async def get_status(self, worker_address: str, timeout_s: float = 5.0) -> WorkerStatus:
+        """`/worker_get_status`, with a short timeout: a worker that cannot say how busy it is
+        within seconds is treated as gone."""
+        reply = await self.post_json(worker_address, "/worker_get_status", {}, timeout_s)
+        try:
+            return parse_worker_status(reply)
+        except InvalidRequest as exc:
+            raise WorkerUnavailable(
+                worker_address, f"/worker_get_status answered {repr(reply)[:200]}: {exc.message}"
+            ) from exc
+
+    async def stream_generate(
+        self, worker_address: str, payload: dict[str, Any]
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Streams `/worker_generate_stream` frames (cumulative `text`, `error_code`, ...).
+
+        A worker that refuses the request answers with one error frame (HTTP 400): it is yielded
+        like any other frame. Raises `WorkerUnavailable` if the worker cannot be reached or the
+        stream breaks before its end.
+        """
+        url = worker_address.rstrip("/") + "/worker_generate_stream"
+        try:
+            async with self._client.stream("POST", url, json=payload) as response:
+                async for frame in split_frames(response.aiter_bytes()):
+                    yield frame
+        except httpx.TimeoutException as exc:
+            raise WorkerUnavailable(worker_address, "generation timed out", True) from exc
+        except (httpx.HTTPError, ValueError) as exc:
+            raise WorkerUnavailable(worker_address, f"{type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,277 @@
+"""AVX-512 kernels for decode (int4_matmul.c, matmul.c): built on first use, called via ctypes.
+
+Two matmuls for few rows: W4A16 (packed 4-bit weights, AVX-512 VNNI, see int4_matmul.c) and
+dense bf16 (AVX-512 BF16).
+
+The C file is compiled once per source version and compiler into the user cache (a second or
+two with gcc; no torch headers involved) and loaded into the process. It links OpenMP by soname,
+so it shares the `libgomp.so.1` that torch has already loaded, and with it torch's thread pool.
+When there is no compiler, the CPU lacks AVX-512 BF16 + VNNI, or the shapes do not fit
+(N % 16, K % 64, group % 64, group <= 2048), `load()` / `fits()` say so and the caller falls
+back to PyTorch's int4 kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from vilaserve.adapters.worker.awq.quantized_weight import QuantizedWeight
+from vilaserve.adapters.worker.cpu_kernels.decoder import CachePointers, DecoderPlan
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+SOURCES = (HERE / "int4_matmul.c", HERE / "matmul.c", HERE / "decoder.c")
+HEADERS = (HERE / "kernels.h",)
+CFLAGS = (
+    "-O3", "-fPIC", "-shared", "-fopenmp",
+    "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma",
+    "-mf16c",
+)  # fmt: skip
+TILE_ROWS = 16
+BLOCK = 64
+MAX_GROUP = 2048  # keeps the kernel's int32 partial sums exact (int4_matmul.c)
+
+
+@dataclass(frozen=True)
+class PackedInt4:
+    """One linear layer in the kernel's layout (see the C file's header comment)."""
+
+    weight: Tensor  # uint8 [N * K / 2]
+    scales: Tensor  # float16 [N / 16, K / group, 16]
+    zeros: Tensor  # uint8 [N / 16, K / group, 16]
+
+
+def fits(out_features: int, in_features: int, group_size: int) -> bool:
+    return (
+        out_features % TILE_ROWS == 0
+        and in_features % BLOCK == 0
+        and group_size % BLOCK == 0
+        and group_size <= MAX_GROUP
+        and in_features % group_size == 0
+    )
+
+
+def pack_for_kernel(w: QuantizedWeight) -> PackedInt4:
+    n, k = w.out_features, w.in_features
+    if not fits(n, k, w.group_size):
+        raise ValueError(
+            f"the AVX-512 kernel needs N%16, K%64, group%64 == 0 and group <= {MAX_GROUP}; "
+            f"got {n}x{k} g{w.group_size}"
+        )
+    # Columns in chunks of 8: the low nibbles hold the first 4, the high nibbles the last 4.
+    q = w.q.to(torch.uint8).view(n // TILE_ROWS, TILE_ROWS, k // 8, 2, 4)
+    nibbles = q[:, :, :, 0] | (q[:, :, :, 1] << 4)  # [N/16, 16, K/8, 4]
+    weight = nibbles.permute(0, 2, 1, 3).contiguous().view(-1)
+
+    def tiles(t: Tensor, dtype: torch.dtype) -> Tensor:
+        groups = t.shape[1]
+        return t.to(dtype).view(n // TILE_ROWS, TILE_ROWS, groups).transpose(1, 2).contiguous()
+
+    return PackedInt4(weight, tiles(w.scales, torch.float16), tiles(w.zeros, torch.uint8))
+
+
+class CpuKernels:
+    def __init__(self, library: ctypes.CDLL) -> None:
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        self._matmul = library.vs_int4_matmul
+        self._matmul.argtypes = [
+            ptr,
+            i64,
+            ptr,
+            ptr,
+            ptr,
+            i64,
+            i64,
+            i64,
+            ptr,
+            ctypes.c_int,
+            ctypes.c_int,
+        ]
+        self._matmul.restype = ctypes.c_int
+        self._dequant = library.vs_int4_dequantize
+        self._dequant.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, ctypes.c_int, ctypes.c_int]
+        self._dequant.restype = ctypes.c_int
+        self._dense = library.vs_bf16_matmul
+        self._dense.argtypes = [ptr, i64, ptr, i64, i64, ptr, ctypes.c_int, ctypes.c_int]
+        self._dense.restype = ctypes.c_int
+        self._attention = library.vs_decode_attention
+        self._attention.argtypes = [ptr, ptr, ptr, *[i64] * 7, ctypes.c_float, ptr, ctypes.c_int]
+        self._attention.restype = ctypes.c_int
+        self._rms_norm = library.vs_rms_norm
+        self._rms_norm.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr]
+        self._rms_norm.restype = ctypes.c_int
+        self._rope = library.vs_rope
+        self._rope.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, i64, i64]
+        self._rope.restype = ctypes.c_int
+        self._decode_layers = library.vs_decode_layers
+        self._decode_layers.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr,
+                                        ctypes.c_int]  # fmt: skip
+        self._decode_layers.restype = ctypes.c_int
+
+    # One loaded library per process: copies and pickles of a model refer to it, not to a
+    # copy of ctypes handles (which cannot be copied).
+    def __deepcopy__(self, memo: dict[int, object]) -> CpuKernels:
+        return self
+
+    def __reduce__(self) -> tuple[object, tuple[()]]:
+        return (_load_or_fail, ())
+
+    def matmul(self, x: Tensor, w: PackedInt4, n: int, group: int, out: Tensor) -> None:
+        """out[M, N] (bf16 or fp32) = x[M, K] (bf16, contiguous) @ W^T."""
+        m, k = x.shape
+        status = self._matmul(
+            x.data_ptr(), m, w.weight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr(),
+            n, k, group, out.data_ptr(), out.dtype == torch.float32, torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise RuntimeError(f"vs_int4_matmul failed with status {status}")
+
+    def dense_matmul(self, x: Tensor, weight: Tensor, out: Tensor) -> None:
+        """out[M, N] (bf16 or fp32) = x[M, K] @ weight[N, K]^T, both bf16 and contiguous."""
+        m, k = x.shape
+        status = self._dense(
+            x.data_ptr(), m, weight.data_ptr(), weight.shape[0], k, out.data_ptr(),
+            out.dtype == torch.float32, torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise RuntimeError(f"vs_bf16_matmul failed with status {status}")
+
+    def decode_attention(self, q: Tensor, keys: Tensor, values: Tensor, scale: float) -> Tensor:
+        """softmax(q k^T * scale) v for one query per row and head, all bf16 on CPU.
+
+        q: [B, H, 1, D] contiguous; keys/values: [B, KVH, T, D] views of a cache whose rows
+        are contiguous (stride D); returns [B, H, 1, D].
+        """
+        batch, heads, _, dim = q.shape
+        kv_heads, length = keys.shape[1], keys.shape[2]
+        out = torch.empty_like(q)
+        status = self._attention(
+            q.data_ptr(), keys.data_ptr(), values.data_ptr(), batch, heads, kv_heads, length,
+            dim, keys.stride(0), keys.stride(1), scale, out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise RuntimeError(f"vs_decode_attention failed with status {status}")
+        return out
+
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        """HF LlamaRMSNorm of bf16 rows (weight bf16), bit-exact up to the fp32 sum order."""
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        out = torch.empty_like(rows)
+        if self._rms_norm(rows.data_ptr(), rows.shape[0], rows.shape[1], weight.data_ptr(), eps,
+                          out.data_ptr()):  # fmt: skip
+            raise RuntimeError("vs_rms_norm refused the shape")
+        return out.view(x.shape)
+
+    def rope(self, src: Tensor, cos: Tensor, sin: Tensor, dst: Tensor) -> None:
+        """dst = rotary(src) for one position. src: [B, H, D] with contiguous heads (any batch
+        stride); dst: [B, H, D] with any batch/head strides and contiguous D (a cache slot)."""
+        batch, heads, dim = src.shape
+        if src.stride(1) != dim or src.stride(2) != 1 or dst.stride(2) != 1:
+            raise ValueError("rope needs contiguous heads in src and contiguous rows in dst")
+        status = self._rope(
+            src.data_ptr(), batch, heads, dim, src.stride(0), cos.data_ptr(), sin.data_ptr(),
+            dst.data_ptr(), dst.stride(0), dst.stride(1),
+        )  # fmt: skip
+        if status:
+            raise RuntimeError("vs_rope refused the shape")
+
+    def decode_layers(
+        self,
+        plan: DecoderPlan,
+        hidden: Tensor,
+        pos: int,
+        cos: Tensor,
+        sin: Tensor,
+        cache: CachePointers,
+        scratch: Tensor,
+    ) -> None:
+        """Runs position `pos` of hidden [B, hidden] (bf16, contiguous, updated in place)
+        through every layer of `plan` (decoder.c), writing its keys/values into the cache."""
+        status = self._decode_layers(
+            plan.dims_address, plan.layers_address, hidden.data_ptr(), hidden.shape[0], pos,
+            cos.data_ptr(), sin.data_ptr(), cache.keys_address, cache.values_address,
+            cache.batch_stride, cache.head_stride, scratch.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise RuntimeError(f"vs_decode_layers failed with status {status}")
+
+    def dequantize(self, w: PackedInt4, n: int, k: int, group: int, out: Tensor) -> None:
+        """out[N, K] (bf16 or fp32) = (q - z) * s."""
+        status = self._dequant(
+            w.weight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr(), n, k, group,
+            out.data_ptr(), out.dtype == torch.float32, torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise RuntimeError(f"vs_int4_dequantize failed with status {status}")
+
+
+@functools.cache
+def load() -> CpuKernels | None:
+    """The kernel, or None (logged once) when it cannot run here."""
+    if os.environ.get("VILASERVE_DISABLE_AVX512_KERNEL"):
+        return None
+    try:
+        library = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.CalledProcessError, RuntimeError) as exc:
+        log.warning(
+            "AVX-512 W4A16 kernel unavailable, using PyTorch's int4 kernel",
+            extra={"reason": str(exc)},
+        )
+        return None
+    if not library.vs_cpu_supported():
+        log.info("this CPU lacks AVX-512 BF16 or VNNI; using PyTorch's int4 kernel")
+        return None
+    return CpuKernels(library)
+
+
+def _load_or_fail() -> CpuKernels:
+    kernels = load()
+    if kernels is None:
+        raise RuntimeError("this model was built with the AVX-512 kernels, which cannot run here")
+    return kernels
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("VILASERVE_CACHE") or Path.home() / ".cache" / "vilaserve"
+    return Path(root) / "kernels"
+
+
+def _build() -> Path:
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (gcc/cc) on PATH")
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    digest = hashlib.sha256(version.encode() + " ".join(CFLAGS).encode())
+    for path in (*SOURCES, *HEADERS):
+        digest.update(path.read_bytes())
+    target = _cache_dir() / f"vilaserve-kernels-{digest.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build to a private name, then rename: concurrent first uses never load a half-written file.
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        result = subprocess.run(
+            [compiler, *CFLAGS, "-o", str(built), *map(str, SOURCES)],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
+        os.replace(built, target)
+    return target

@@ -1,0 +1,47 @@
+"""Where the model runs and in which precision."""
+
+from __future__ import annotations
+
+import torch
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: fp16 on CUDA (as TinyChat), bf16 on CPU, fp32 where bf16 does not work."""
+    if name != "auto":
+        dtype = _DTYPES[name]
+        if dtype == torch.bfloat16 and not bf16_works(device):
+            raise ValueError(f"bfloat16 is not supported on {device}")
+        return dtype
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if bf16_works(device) else torch.float32
+
+
+def cpu_computes_bf16_natively() -> bool:
+    """Whether this CPU runs bf16 matmuls in hardware (oneDNN's bf16 path: AVX-512 cores, AMX,
+    Arm's BF16 extension). Elsewhere (AVX2-only x86) bf16 is emulated, and the same work runs
+    several times faster in fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def bf16_works(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        a = torch.ones(4, 4, dtype=torch.bfloat16, device=device)
+        return bool((a @ a).float().sum().item() == 64.0)
+    except RuntimeError:
+        return False

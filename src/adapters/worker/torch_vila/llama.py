@@ -1,0 +1,692 @@
+"""A compact Llama decoder (gpt-fast style) with a preallocated KV cache that we own.
+
+Parameter names match Hugging Face `LlamaForCausalLM` exactly, so an HF state dict loads
+unchanged, and every projection stays a plain `nn.Linear` at its HF name so that quantized
+linears can later be swapped in by name. Numerics follow HF's Llama (transformers v5) step for
+step -- RMSNorm in fp32, rotate-half RoPE with fp32 angles cast to the activation dtype, llama3
+and linear RoPE scaling -- so fp32 logits agree with HF to float rounding.
+
+Usage::
+
+    model = Llama(LlamaArgs.from_hf_config(config_json))
+    model.load_hf_state_dict(state)
+    cache = model.new_cache(batch=1, max_len=4096)
+    logits = model(cache, 0, input_ids=prompt)            # prefill
+    logits = model(cache, prompt_len, input_ids=next_ids)  # one decode step
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vilaserve.adapters.worker import cpu_kernels
+from vilaserve.adapters.worker.cpu_kernels.decoder import CachePointers
+from vilaserve.adapters.worker.torch_vila.native_decode import NativeDecoder
+
+DEFAULT_ROPE_THETA = 10_000.0
+# RoPE tables start this long (capped by max_position_embeddings) and grow on demand, so a
+# 128K-context config does not pin 128 MB of tables that a 4K serving cache never reads.
+_INITIAL_ROPE_POSITIONS = 4096
+
+# Every Linear of a decoder layer, as named under `model.layers.{i}.` (HF names): the units
+# that AWQ quantizes and that W4A16 swaps in.
+DECODER_LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+_EMBED_KEY = "model.embed_tokens.weight"
+_HEAD_KEY = "lm_head.weight"
+# Old HF checkpoints saved the rotary inverse frequencies; they are derived, never loaded.
+_DERIVED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
+_SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Position-interpolation settings: `linear` uses only `factor`; `llama3` uses all."""
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class LlamaArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: RopeScaling | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+    @classmethod
+    def from_hf_config(cls, cfg: Mapping[str, Any]) -> LlamaArgs:
+        """Reads a Hugging Face Llama `config.json` dict (transformers v4 or v5 layout)."""
+        activation = cfg.get("hidden_act", "silu")
+        if activation != "silu":
+            raise ValueError(f"only SwiGLU (hidden_act='silu') is supported, got {activation!r}")
+        heads = int(cfg["num_attention_heads"])
+        max_positions = int(cfg.get("max_position_embeddings", 2048))
+        theta, scaling = _parse_rope(cfg, max_positions)
+        return cls(
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=int(cfg["hidden_size"]),
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_hidden_layers=int(cfg["num_hidden_layers"]),
+            num_attention_heads=heads,
+            # v5 writes these keys as null when unset, so `or` rather than a .get default.
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+        )
+
+
+def _parse_rope(cfg: Mapping[str, Any], max_positions: int) -> tuple[float, RopeScaling | None]:
+    """Returns (theta, scaling) from either config layout.
+
+    v5 stores everything in `rope_parameters` ({"rope_type", "rope_theta", ...}); v4 files have a
+    top-level `rope_theta` plus an optional `rope_scaling` whose kind is `rope_type` (or `type`
+    in older files). Like HF, `rope_scaling` wins when both dicts are present.
+    """
+    params: Mapping[str, Any] = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", DEFAULT_ROPE_THETA)))
+    partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ValueError(f"partial_rotary_factor={partial} is not supported for Llama")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type == "linear":
+        return theta, RopeScaling("linear", float(_rope_field(params, "factor", rope_type)))
+    if rope_type == "llama3":
+        return theta, RopeScaling(
+            rope_type="llama3",
+            factor=float(_rope_field(params, "factor", rope_type)),
+            low_freq_factor=float(_rope_field(params, "low_freq_factor", rope_type)),
+            high_freq_factor=float(_rope_field(params, "high_freq_factor", rope_type)),
+            # HF falls back to max_position_embeddings when the pretraining length is absent.
+            original_max_position_embeddings=int(
+                params.get("original_max_position_embeddings", max_positions)
+            ),
+        )
+    raise ValueError(
+        f"unsupported rope type {rope_type!r} (supported: {', '.join(_SUPPORTED_ROPE_TYPES)})"
+    )
+
+
+def _rope_field(params: Mapping[str, Any], key: str, rope_type: str) -> Any:
+    if key not in params:
+        raise ValueError(f"rope type {rope_type!r} needs {key!r} in the rope parameters")
+    return params[key]
+
+
+def rope_inv_freq(args: LlamaArgs) -> Tensor:
+    """Per-pair inverse frequencies [head_dim // 2] in fp32, computed the way HF does."""
+    dim = args.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
+    inv_freq = 1.0 / (args.rope_theta**exponents)
+    scaling = args.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    return _llama3_inv_freq(inv_freq, scaling)
+
+
+def _llama3_inv_freq(inv_freq: Tensor, scaling: RopeScaling) -> Tensor:
+    """Llama 3.1 frequency-dependent interpolation.
+
+    Wavelengths shorter than original_len / high_freq_factor are kept, longer than
+    original_len / low_freq_factor are divided by `factor`, and the band between is blended
+    linearly in original_len / wavelength. Same operation order as HF for bitwise parity.
+    """
+    original = scaling.original_max_position_embeddings
+    low, high, factor = scaling.low_freq_factor, scaling.high_freq_factor, scaling.factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    long_waves = torch.where(wavelen > original / low, inv_freq / factor, blended)
+    return torch.where(wavelen < original / high, inv_freq, long_waves)
+
+
+class RotaryTable(nn.Module):
+    """cos/sin of every position's rotation angles, [positions, head_dim], always fp32.
+
+    The buffers are non-persistent (derived, not checkpoint state). They stay fp32 through
+    `model.to(bf16)`: HF computes angles and cos/sin in fp32 and casts only the result to the
+    activation dtype, which `Llama` does per forward on the few rows it reads.
+    """
+
+    inv_freq: Tensor
+    cos: Tensor
+    sin: Tensor
+
+    def __init__(self, inv_freq: Tensor, length: int) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        cos, sin = self._build(inv_freq, length)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        # Tables cast to an activation dtype, made once: the decode step then only slices.
+        self._cast: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
+
+    @property
+    def length(self) -> int:
+        return self.cos.shape[0]
+
+    def ensure(self, length: int) -> None:
+        """Grows the tables to cover positions [0, length); a no-op on the hot path."""
+        if length > self.length:
+            self.cos, self.sin = self._build(self.inv_freq, length)
+            self._cast.clear()
+
+    def rows(self, start: int, end: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos/sin for positions [start, end) in `dtype` (cast from fp32 as HF does)."""
+        if dtype == self.cos.dtype:
+            return self.cos[start:end], self.sin[start:end]
+        cast = self._cast.get(dtype)
+        if cast is None:
+            cast = self._cast[dtype] = (self.cos.to(dtype), self.sin.to(dtype))
+        return cast[0][start:end], cast[1][start:end]
+
+    @staticmethod
+    def _build(inv_freq: Tensor, length: int) -> tuple[Tensor, Tensor]:
+        positions = torch.arange(length, device=inv_freq.device, dtype=torch.float32)
+        angles = positions[:, None] * inv_freq[None, :]
+        # Rotate-half layout: dims i and i + head_dim/2 form a pair and share one angle.
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos(), angles.sin()
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> RotaryTable:
+        # Module.to(dtype) / .half() would cast these tables along with the weights, and a
+        # bf16 round trip would lose precision for good. Follow device moves, undo dtype casts.
+        before = dict(self._buffers)
+        super()._apply(fn, recurse)
+        self._cast.clear()
+        for name, old in before.items():
+            new = self._buffers[name]
+            if old is not None and new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
+
+class KVCache:
+    """Per-layer key/value storage [batch, kv_heads, max_len, head_dim], allocated once.
+
+    `Llama.forward` writes new positions into it in place; nothing is reallocated per step.
+    Create it with `Llama.new_cache`.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (batch, kv_heads, max_len, head_dim)
+        # Zeros rather than empty: positions past the written prefix are never attended to,
+        # but garbage NaNs there would poison any future full-length masked attention.
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self._native: CachePointers | None = None
+
+    def native_pointers(self) -> CachePointers:
+        """The buffers' addresses for the native decoder, gathered on first use."""
+        if self._native is None:
+            self._native = CachePointers.of(self.keys, self.values)
+        return self._native
+
+    @property
+    def batch(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    def update(
+        self, layer: int, start_pos: int, keys: Tensor, values: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Writes [B, kv_heads, T, D] at start_pos; returns views of positions [0, start_pos+T)."""
+        end = start_pos + keys.shape[2]
+        layer_keys, layer_values = self.keys[layer], self.values[layer]
+        layer_keys[:, :, start_pos:end] = keys
+        layer_values[:, :, start_pos:end] = values
+        return layer_keys[:, :, :end], layer_values[:, :, :end]
+
+
+class LayerStep(NamedTuple):
+    """What every layer needs about the positions of one forward call, built once per call."""
+
+    start_pos: int
+    cos: Tensor
+    sin: Tensor
+    mask: Tensor | None
+    is_causal: bool
+
+
+# Native decoders by model, built on a model's first decode step. Kept outside the module so
+# that deepcopy / pickling of a model (which cannot copy ctypes structs) never sees them.
+_NATIVE_DECODERS: weakref.WeakKeyDictionary[Llama, NativeDecoder | None] = (
+    weakref.WeakKeyDictionary()
+)
+_UNPLANNED: Any = object()  # no plan yet (None means: planned, and the model does not qualify)
+
+# Decode-sized calls (a few rows) go to the CPU kernels; PyTorch's ops win on long prefills.
+# Kernels run only without autograd (inference), so training through the LLM still works.
+_KERNEL_MAX_ROWS = 8
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self._kernels = cpu_kernels.load() if dim % 16 == 0 else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (
+            self._kernels is not None
+            and x.dtype == self.weight.dtype == torch.bfloat16
+            and x.device.type == "cpu"
+            and x.numel() <= _KERNEL_MAX_ROWS * x.shape[-1]
+            and not torch.is_grad_enabled()  # the kernels have no backward
+        ):
+            return self._kernels.rms_norm(x, self.weight, self.eps)
+        # Normalize in fp32 and cast back before the weight, exactly like HF's LlamaRMSNorm.
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: [B, heads, T, D]; cos/sin: [T, D] in x's dtype."""
+    return x * cos + _rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: LlamaArgs, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        self.head_dim = args.head_dim
+        self.scale = args.head_dim**-0.5
+        self.groups = args.num_attention_heads // args.num_key_value_heads
+        q_width = args.num_attention_heads * args.head_dim
+        kv_width = args.num_key_value_heads * args.head_dim
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(args.hidden_size, q_width, bias=bias)
+        self.k_proj = nn.Linear(args.hidden_size, kv_width, bias=bias)
+        self.v_proj = nn.Linear(args.hidden_size, kv_width, bias=bias)
+        self.o_proj = nn.Linear(q_width, args.hidden_size, bias=bias)
+        # The CPU decode-attention kernel, when it runs here and fits the head size.
+        kernels = cpu_kernels.load()
+        fits = kernels is not None and args.head_dim % 32 == 0 and args.head_dim <= 256
+        self._kernels = kernels if fits else None
+        # Set by `fuse_projections`: one layer computing [q | k | v] instead of three.
+        self.qkv_proj: nn.Module | None = None
+        self._qkv_widths = (q_width, kv_width, kv_width)
+
+    def fuse_projections(self, fuse: Callable[[list[nn.Module]], nn.Module | None]) -> bool:
+        fused = fuse([self.q_proj, self.k_proj, self.v_proj])
+        if fused is None:
+            return False
+        self.qkv_proj = fused
+        del self.q_proj, self.k_proj, self.v_proj
+        return True
+
+    def forward(self, x: Tensor, step: LayerStep, cache: KVCache) -> Tensor:
+        batch, length, _ = x.shape
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self._qkv_widths, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if (
+            self._kernels is not None
+            and length == 1
+            and step.mask is None
+            and q.dtype == torch.bfloat16
+            and q.device.type == "cpu"
+            and not torch.is_grad_enabled()
+        ):
+            out = self._decode_on_cpu_kernels(q, k, v, step, cache)
+            return self.o_proj(out.view(batch, 1, -1))
+        q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = _apply_rope(q, step.cos, step.sin)
+        k = _apply_rope(k, step.cos, step.sin)
+        keys, values = cache.update(self.layer_idx, step.start_pos, k, v)
+        out = self._attend(q, keys, values, step)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+    def _decode_on_cpu_kernels(
+        self, q: Tensor, k: Tensor, v: Tensor, step: LayerStep, cache: KVCache
+    ) -> Tensor:
+        """One position: rotary straight into a q buffer and the cache slot, then attention.
+        Same rounding as the torch path; replaces about a dozen small ops per layer."""
+        kernels = self._kernels
+        assert kernels is not None
+        batch, pos, dim = q.shape[0], step.start_pos, self.head_dim
+        cos, sin = step.cos[0], step.sin[0]
+        rotated_q = torch.empty(batch, self.n_heads, 1, dim, dtype=q.dtype)
+        kernels.rope(q.view(batch, self.n_heads, dim), cos, sin, rotated_q.view(batch, -1, dim))
+        layer_keys, layer_values = cache.keys[self.layer_idx], cache.values[self.layer_idx]
+        kernels.rope(k.view(batch, self.n_kv_heads, dim), cos, sin, layer_keys[:, :, pos])
+        layer_values[:, :, pos] = v.view(batch, self.n_kv_heads, dim)
+        end = pos + 1
+        return kernels.decode_attention(
+            rotated_q, layer_keys[:, :, :end], layer_values[:, :, :end], self.scale
+        )
+
+    def _attend(self, q: Tensor, keys: Tensor, values: Tensor, step: LayerStep) -> Tensor:
+        if step.mask is None and q.shape[2] == 1:
+            return self._attend_one(q, keys, values)
+        if step.mask is None:
+            # Decode (one query sees every cached key) or a fresh prefill (plain causal): the
+            # flash kernels handle GQA natively here, so the KV heads are not copied.
+            return F.scaled_dot_product_attention(
+                q,
+                keys,
+                values,
+                is_causal=step.is_causal,
+                scale=self.scale,
+                enable_gqa=self.groups > 1,
+            )
+        # Chunked prefill needs an explicit mask; the kernels that take a mask do not take
+        # GQA, so expand KV heads (query head h reads KV head h // groups, as in HF).
+        if self.groups > 1:
+            keys = keys.repeat_interleave(self.groups, dim=1)
+            values = values.repeat_interleave(self.groups, dim=1)
+        return F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=step.mask, scale=self.scale
+        )
+
+    def _attend_one(self, q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        """Decode: one query per row. Three small matmuls cost less than the flash kernel's
+        setup at this size, and GQA needs no copies: the query heads that share a KV head
+        become the rows of one matmul. Same arithmetic as HF's eager attention."""
+        batch, heads, _, dim = q.shape
+        if (
+            self._kernels is not None
+            and q.dtype == torch.bfloat16
+            and q.device.type == "cpu"
+            and not torch.is_grad_enabled()
+        ):
+            return self._kernels.decode_attention(q.contiguous(), keys, values, self.scale)
+        grouped = q.reshape(batch, self.n_kv_heads, self.groups, dim)
+        scores = torch.matmul(grouped, keys.transpose(-1, -2)) * self.scale
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs, values).view(batch, heads, 1, dim)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: LlamaArgs) -> None:
+        super().__init__()
+        bias = args.mlp_bias
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=bias)
+        self.gate_up_proj: nn.Module | None = None  # set by `fuse_projections`: [gate | up]
+
+    def fuse_projections(self, fuse: Callable[[list[nn.Module]], nn.Module | None]) -> bool:
+        fused = fuse([self.gate_proj, self.up_proj])
+        if fused is None:
+            return False
+        self.gate_up_proj = fused
+        del self.gate_proj, self.up_proj
+        return True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: LlamaArgs, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(args, layer_idx)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x: Tensor, step: LayerStep, cache: KVCache) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), step, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaBody(nn.Module):
+    """Holds what HF keeps under `model.` so the state-dict keys line up."""
+
+    def __init__(self, args: LlamaArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    def __init__(self, args: LlamaArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.model = LlamaBody(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        initial = min(args.max_position_embeddings, _INITIAL_ROPE_POSITIONS)
+        self.rope = RotaryTable(rope_inv_freq(args), initial)
+        # Decode through one native call for all layers where it can (native_decode.py);
+        # tests switch it off to compare with the per-op path.
+        self.use_native_decode = True
+
+    @classmethod
+    def empty(cls, args: LlamaArgs, dtype: torch.dtype, device: torch.device | str) -> Llama:
+        """A model with uninitialised weights, for loading into: random init of billions of
+        parameters would cost more than the load itself."""
+        with torch.device("meta"):
+            model = cls(args)
+        model.to_empty(device=device).to(dtype)
+        # The RoPE tables are derived, not loaded: rebuild them on the real device.
+        initial = min(args.max_position_embeddings, _INITIAL_ROPE_POSITIONS)
+        model.rope = RotaryTable(rope_inv_freq(args).to(device), initial)
+        if args.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        # The final norm, not the embedding: a compressed (int8) table must not change this.
+        return self.model.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
+    def fuse_projections(self, fuse: Callable[[list[nn.Module]], nn.Module | None]) -> int:
+        """Lets `fuse` merge each layer's q/k/v and gate/up layers (it returns None to decline:
+        only some kernels gain from it). Returns how many merges happened. Inference only: the
+        state dict of a fused model no longer has the separate projections."""
+        self._forget_native_decoder()
+        merged = 0
+        for layer in self.model.layers:
+            merged += layer.self_attn.fuse_projections(fuse) + layer.mlp.fuse_projections(fuse)
+        return merged
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """A zeroed cache for `batch` rows and up to `max_len` positions, in the model's dtype."""
+        self.rope.ensure(max_len)
+        args = self.args
+        return KVCache(
+            num_layers=args.num_hidden_layers,
+            batch=batch,
+            kv_heads=args.num_key_value_heads,
+            max_len=max_len,
+            head_dim=args.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        cache: KVCache,
+        start_pos: int,
+        input_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        last_only: bool = True,
+    ) -> Tensor:
+        """Runs T new positions [start_pos, start_pos + T) for every row of the batch.
+
+        Their keys/values go into `cache`; attention is causal over cache[:start_pos + T].
+        Returns fp32 logits [B, T, vocab], or [B, 1, vocab] for the last position when
+        `last_only`.
+        """
+        hidden = self._input_hidden(input_ids, inputs_embeds)
+        batch, length, _ = hidden.shape
+        _check_fits(cache, batch, start_pos, length)
+        step = self.make_step(start_pos, length, hidden)
+        native = self._native_decoder(hidden) if length == 1 else None
+        if native is not None:
+            if inputs_embeds is not None:
+                hidden = hidden.clone()  # updated in place: never the caller's tensor
+            hidden = native.run(hidden, cache, start_pos, step.cos, step.sin)
+        else:
+            for layer in self.model.layers:
+                hidden = layer(hidden, step, cache)
+        if last_only:
+            # Norm and head are per position: skip them for positions nobody reads.
+            hidden = hidden[:, -1:]
+        return self.lm_head(self.model.norm(hidden)).float()
+
+    def _native_decoder(self, hidden: Tensor) -> NativeDecoder | None:
+        """The one-call decoder for this decode step, when the model and the step qualify."""
+        if (
+            not self.use_native_decode
+            or hidden.dtype != torch.bfloat16
+            or hidden.device.type != "cpu"
+            or hidden.shape[0] > _KERNEL_MAX_ROWS
+            or not hidden.is_contiguous()
+            or torch.is_grad_enabled()  # the kernels have no backward
+        ):
+            return None
+        native = _NATIVE_DECODERS.get(self, _UNPLANNED)
+        if native is _UNPLANNED:
+            native = _NATIVE_DECODERS[self] = NativeDecoder.for_model(self)
+        return native
+
+    def _forget_native_decoder(self) -> None:
+        _NATIVE_DECODERS.pop(self, None)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Llama:
+        self._forget_native_decoder()  # .to() / .half() may move or recast the weights
+        return super()._apply(fn, recurse)
+
+    def _input_hidden(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            return self.embed(input_ids)
+        assert inputs_embeds is not None
+        # Vision features may arrive in fp32 while the model runs in bf16 (no-op otherwise).
+        return inputs_embeds.to(self.dtype)
+
+    def make_step(self, start_pos: int, length: int, hidden: Tensor) -> LayerStep:
+        """Positions, RoPE rows and mask shared by every layer of one forward (also used by
+        the AWQ quantizer to run single layers)."""
+        end = start_pos + length
+        self.rope.ensure(end)
+        # HF casts its fp32 cos/sin to the activation dtype before rotating; same here.
+        cos, sin = self.rope.rows(start_pos, end, hidden.dtype)
+        mask = None
+        if length > 1 and start_pos > 0:
+            # SDPA's is_causal aligns the triangle top-left, which is wrong when the queries
+            # start mid-sequence: query i (absolute start_pos + i) sees keys 0..start_pos + i.
+            mask = torch.ones(length, end, dtype=torch.bool, device=hidden.device)
+            mask = mask.tril(diagonal=start_pos)
+        return LayerStep(start_pos, cos, sin, mask, is_causal=length > 1 and start_pos == 0)
+
+    def load_hf_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Copies an HF `LlamaForCausalLM` state dict into this model (cast to its dtype).
+
+        With tied embeddings the head is the embedding: a saved `lm_head.weight` is ignored
+        (as HF does) and may be absent. Raises ValueError naming missing/unexpected keys.
+        """
+        tied = self.args.tie_word_embeddings
+        expected = set(self.state_dict())
+        provided = {k: v for k, v in state.items() if not k.endswith(_DERIVED_KEY_SUFFIXES)}
+        if tied:
+            expected.discard(_HEAD_KEY)
+            provided.pop(_HEAD_KEY, None)
+        missing = sorted(expected - provided.keys())
+        unexpected = sorted(provided.keys() - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"state dict does not match the Llama layout: missing {_describe(missing)}; "
+                f"unexpected {_describe(unexpected)}"
+            )
+        if tied:
+            provided[_HEAD_KEY] = provided[_EMBED_KEY]
+        self.load_state_dict(provided, strict=True)
+
+
+def _check_fits(cache: KVCache, batch: int, start_pos: int, length: int) -> None:
+    # Plain int comparisons: no device work, so they cost nothing on the decode path.
+    if batch != cache.batch:
+        raise ValueError(f"batch {batch} does not match the cache's batch {cache.batch}")
+    if length < 1 or start_pos < 0:
+        raise ValueError(f"need start_pos >= 0 and at least one position ({start_pos=}, {length=})")
+    if start_pos + length > cache.max_len:
+        raise ValueError(
+            f"positions up to {start_pos + length} exceed the cache length {cache.max_len}"
+        )
+
+
+def _describe(keys: list[str], limit: int = 20) -> str:
+    if not keys:
+        return "none"
+    shown = ", ".join(keys[:limit])
+    return shown if len(keys) <= limit else f"{shown} (+{len(keys) - limit} more)"

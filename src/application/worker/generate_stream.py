@@ -1,0 +1,198 @@
+"""The worker's main use case: one request in, a stream of cumulative-text chunks out.
+
+Every failure, whatever its layer, leaves here as one chunk with a FastChat error code and a
+message naming the cause; one bad request never disturbs another.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, replace
+from typing import Any
+
+from vilaserve.application.worker.image_payloads import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    decode_image_payload,
+)
+from vilaserve.application.worker.slots import ConcurrencySlots
+from vilaserve.domain.shared.errors import ErrorCode, InvalidRequest, ServingError
+from vilaserve.domain.shared.generation import (
+    DEFAULT_MAX_NEW_TOKENS_CAP,
+    IMAGE_PLACEHOLDER,
+    FinishReason,
+    GenerationRequest,
+    StreamChunk,
+    Usage,
+    parse_generation_request,
+)
+from vilaserve.domain.worker.ports import ImageFeatures, TextGenerator, VisionEncoder
+from vilaserve.domain.worker.stop_strings import StopStringMatcher
+
+log = logging.getLogger(__name__)
+
+# FastChat's OpenAI server puts one `$$<image>$$` marker *and* one `<image>\n` per image.
+FASTCHAT_IMAGE_MARKER = "$$<image>$$"
+
+
+@dataclass(frozen=True)
+class GenerationLimits:
+    max_new_tokens_cap: int = DEFAULT_MAX_NEW_TOKENS_CAP
+    stream_interval: int = 1
+    max_images: int = 16
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A validated request: `model_prompt` is what the model reads, `request.prompt` is echoed."""
+
+    request: GenerationRequest
+    model_prompt: str
+    image_files: tuple[bytes, ...]
+
+
+def error_chunk(error: ServingError) -> StreamChunk:
+    return StreamChunk(text=error.message, error_code=int(error.code))
+
+
+class GenerateStream:
+    def __init__(
+        self,
+        generator: TextGenerator,
+        vision: VisionEncoder | None,
+        slots: ConcurrencySlots,
+        limits: GenerationLimits,
+    ) -> None:
+        self._generator = generator
+        self._vision = vision
+        self._slots = slots
+        self._limits = limits
+
+    def prepare(self, body: Any) -> PreparedRequest:
+        """Checks everything that needs no model; raises `ServingError` naming the problem."""
+        request = parse_generation_request(body, self._limits.max_new_tokens_cap)
+        model_prompt = _normalise_placeholders(request.prompt, len(request.images))
+        placeholders = model_prompt.count(IMAGE_PLACEHOLDER)
+        if self._vision is None and request.images:
+            raise InvalidRequest("this model takes no images, but the request has some")
+        if placeholders != len(request.images):
+            raise InvalidRequest(
+                f"the prompt has {placeholders} '{IMAGE_PLACEHOLDER}' placeholders but "
+                f"{len(request.images)} images were sent; they must match one to one"
+            )
+        if len(request.images) > self._limits.max_images:
+            raise InvalidRequest(
+                f"{len(request.images)} images sent; at most {self._limits.max_images} allowed"
+            )
+        files = tuple(
+            decode_image_payload(p, i, self._limits.max_image_bytes)
+            for i, p in enumerate(request.images)
+        )
+        template = self._generator.conversation_template
+        params = request.params
+        stop = tuple(dict.fromkeys((*params.stop, *template.stop_str)))
+        request_id = request.request_id or uuid.uuid4().hex[:16]
+        request = replace(request, params=replace(params, stop=stop), request_id=request_id)
+        log.info(
+            "request accepted",
+            extra={
+                "request_id": request_id,
+                "prompt_chars": len(request.prompt),
+                "images": len(files),
+                "image_bytes": sum(len(f) for f in files),
+                "max_new_tokens": params.max_new_tokens,
+                "greedy": params.is_greedy,
+            },
+        )
+        return PreparedRequest(request, model_prompt, files)
+
+    async def stream(self, prepared: PreparedRequest) -> AsyncIterator[StreamChunk]:
+        """Never raises: failures end the stream with one error chunk."""
+        request = prepared.request
+        prefix = request.prompt if request.echo else ""
+        started = time.perf_counter()
+        try:
+            async with self._slots.hold():
+                features = await self._encode(prepared.image_files)
+                # aclosing: a client that goes away must stop the model, not just this loop.
+                async with aclosing(self._generate(prepared, features, prefix)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
+            log.info(
+                "request done",
+                extra={
+                    "request_id": request.request_id,
+                    "finish_reason": chunk.finish_reason,
+                    **(chunk.usage.to_dict() if chunk.usage else {}),
+                    "seconds": round(time.perf_counter() - started, 3),
+                },
+            )
+        except ServingError as error:
+            log.info(
+                "request failed",
+                extra={
+                    "request_id": request.request_id,
+                    "error_code": int(error.code),
+                    "reason": error.message,
+                },
+            )
+            yield error_chunk(error)
+        except Exception as exc:  # the worker must survive anything one request triggers
+            log.exception("request crashed", extra={"request_id": request.request_id})
+            yield StreamChunk(
+                text=f"internal error: {type(exc).__name__}: {exc}",
+                error_code=int(ErrorCode.INTERNAL_ERROR),
+            )
+
+    async def _encode(self, files: tuple[bytes, ...]) -> ImageFeatures | None:
+        if not files:
+            return None
+        assert self._vision is not None  # prepare() refused images for a text-only model
+        return await self._vision.encode(files)
+
+    async def _generate(
+        self, prepared: PreparedRequest, features: ImageFeatures | None, prefix: str
+    ) -> AsyncIterator[StreamChunk]:
+        params = prepared.request.params
+        matcher = StopStringMatcher(params.stop)
+        interval = self._limits.stream_interval
+        text = ""
+        usage = Usage(0, 0)
+        finish: FinishReason | None = None
+        unsent = 0
+        steps = self._generator.generate(prepared.model_prompt, features, params)
+        async with aclosing(steps):
+            async for step in steps:
+                scan = matcher.push(step.text)
+                text += scan.emit
+                usage = Usage(step.prompt_tokens, step.completion_tokens)
+                if scan.stopped:
+                    finish = "stop"
+                    break
+                if step.finish_reason is not None:
+                    text += matcher.flush()
+                    finish = step.finish_reason
+                    break
+                unsent += 1
+                if unsent >= interval and scan.emit:
+                    unsent = 0
+                    yield StreamChunk(text=prefix + text, usage=usage)
+        if finish is None:  # the generator ended without saying why: treat as a length stop
+            text += matcher.flush()
+            finish = "length"
+        yield StreamChunk(text=prefix + text, usage=usage, finish_reason=finish)
+
+
+def _normalise_placeholders(prompt: str, n_images: int) -> str:
+    """Drop FastChat's extra `$$<image>$$` markers so each image has one `<image>`."""
+    if FASTCHAT_IMAGE_MARKER not in prompt:
+        return prompt
+    if prompt.count(FASTCHAT_IMAGE_MARKER) == n_images and (
+        prompt.count(IMAGE_PLACEHOLDER) == 2 * n_images
+    ):
+        return prompt.replace(FASTCHAT_IMAGE_MARKER, "")
+    return prompt.replace(FASTCHAT_IMAGE_MARKER, IMAGE_PLACEHOLDER)

@@ -1,0 +1,60 @@
+"""Use cases that describe the worker: its status, its model, and token counts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from vilaserve.application.worker.slots import ConcurrencySlots
+from vilaserve.domain.shared.conversation import ConversationTemplate
+from vilaserve.domain.shared.errors import InvalidRequest
+from vilaserve.domain.shared.generation import IMAGE_PLACEHOLDER
+from vilaserve.domain.shared.worker_status import ModelDescription, WorkerStatus
+from vilaserve.domain.worker.ports import TextGenerator, VisionEncoder
+
+
+class ReportStatus:
+    """`/worker_get_status`: the model names, a speed weight and the queue length."""
+
+    def __init__(self, model_names: Sequence[str], slots: ConcurrencySlots, speed: int = 1):
+        self._model_names = tuple(model_names)
+        self._slots = slots
+        self._speed = speed
+
+    def __call__(self) -> WorkerStatus:
+        return WorkerStatus(self._model_names, self._speed, self._slots.queue_length)
+
+
+class DescribeModel:
+    """`/model_details`, `/count_token` and `/worker_get_conv_template`."""
+
+    def __init__(
+        self, model_name: str, generator: TextGenerator, vision: VisionEncoder | None
+    ) -> None:
+        self._name = model_name
+        self._generator = generator
+        self._vision = vision
+
+    def details(self) -> ModelDescription:
+        return ModelDescription(
+            name=self._name,
+            context_length=self._generator.context_length,
+            tokens_per_image=self._vision.tokens_per_image if self._vision else 0,
+            multimodal=self._vision is not None,
+        )
+
+    def conversation_template(self) -> ConversationTemplate:
+        return self._generator.conversation_template
+
+    def count_tokens(self, body: Any) -> int:
+        """Tokens the prompt will occupy, each `<image>` counted as the positions it takes.
+
+        FastChat counts text only; counting images too keeps `context_length - count` honest
+        for clients that size `max_new_tokens` from it.
+        """
+        if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+            raise InvalidRequest("'prompt' (a string) is required")
+        prompt: str = body["prompt"]
+        images = prompt.count(IMAGE_PLACEHOLDER) if self._vision else 0
+        per_image = self._vision.tokens_per_image if self._vision else 0
+        return self._generator.count_tokens(prompt) + images * per_image

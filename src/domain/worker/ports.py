@@ -1,0 +1,73 @@
+"""The ports: what the application needs from the outside world, stated without any library.
+
+Adapters implement them (torch for the model, httpx for the controller); unit tests use fakes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
+
+from vilaserve.domain.shared.conversation import ConversationTemplate
+from vilaserve.domain.shared.generation import GenerationStep, SamplingParams
+from vilaserve.domain.shared.worker_status import WorkerStatus
+
+
+class ImageFeatures(ABC):
+    """Encoded images, opaque to the application; only the adapter that made them reads them."""
+
+    @property
+    @abstractmethod
+    def num_images(self) -> int: ...
+
+
+class VisionEncoder(ABC):
+    """Turns raw image bytes into features the matching `TextGenerator` can splice in."""
+
+    @property
+    @abstractmethod
+    def tokens_per_image(self) -> int:
+        """How many LLM positions one image occupies (196 for VILA-1.5 SigLIP, 576 for CLIP-336)."""
+
+    @abstractmethod
+    async def encode(self, images: Sequence[bytes]) -> ImageFeatures:
+        """Decode and encode the images in order. Raises `InvalidImage` naming the bad one."""
+
+
+class TextGenerator(ABC):
+    """The language model: tokenizer, template and token-by-token generation."""
+
+    @property
+    @abstractmethod
+    def context_length(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def conversation_template(self) -> ConversationTemplate: ...
+
+    @abstractmethod
+    def count_tokens(self, text: str) -> int:
+        """Text tokens of `text` as the model would see them; `<image>` placeholders count 0."""
+
+    @abstractmethod
+    def generate(
+        self, prompt: str, images: ImageFeatures | None, params: SamplingParams
+    ) -> AsyncIterator[GenerationStep]:
+        """Stream the reply to `prompt`; `<image>` placeholders take `images` in order.
+
+        Stops on the params' stop token ids, the template's and the tokenizer's end tokens, or
+        `max_new_tokens`. Raises `ContextOverflow` before any step when the prompt cannot fit.
+        Closing the iterator early cancels the generation.
+        """
+
+
+class ControllerClient(ABC):
+    """The FastChat / TinyChat controller as seen by a worker."""
+
+    @abstractmethod
+    async def register(self, worker_address: str, status: WorkerStatus, multimodal: bool) -> None:
+        """Raises `ControllerUnavailable` when the controller cannot be reached."""
+
+    @abstractmethod
+    async def heartbeat(self, worker_address: str, queue_length: int) -> bool:
+        """Returns the controller's `exist`; raises `ControllerUnavailable` when unreachable."""

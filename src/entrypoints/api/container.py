@@ -1,0 +1,66 @@
+"""The API server's composition root. Unit tests override `model_directory`, `worker_api`
+and `image_fetcher` with fakes."""
+
+from __future__ import annotations
+
+from dependency_injector import containers, providers
+
+from vilaserve.adapters.api.model_directory import HttpModelDirectory
+from vilaserve.adapters.api.remote_images import HttpImageFetcher
+from vilaserve.adapters.api.worker_api import HttpWorkerApi
+from vilaserve.adapters.shared.worker_client import HttpWorkerClient
+from vilaserve.application.api.admission import Admission
+from vilaserve.application.api.completion_relay import CompletionRelay
+from vilaserve.application.api.image_inputs import ImageResolver
+from vilaserve.application.api.metrics import ApiMetrics
+from vilaserve.application.api.model_router import ModelRouter
+from vilaserve.application.api.use_cases import ChatCompletion, Completion, ListModels
+from vilaserve.domain.api.remote_images import RemoteImagePolicy
+from vilaserve.entrypoints.api.settings import ApiSettings
+
+
+def _image_fetcher(settings: ApiSettings) -> HttpImageFetcher | None:
+    if not settings.allow_remote_images:
+        return None  # remote URLs are refused with a 400 that says how to enable them
+    policy = RemoteImagePolicy(
+        domains=settings.image_domain_list,
+        timeout_s=settings.image_fetch_timeout_s,
+        max_bytes=settings.max_remote_image_bytes,
+    )
+    return HttpImageFetcher(policy)
+
+
+class ApiContainer(containers.DeclarativeContainer):
+    wiring_config = containers.WiringConfiguration(modules=["vilaserve.entrypoints.api.routes"])
+
+    settings = providers.Dependency(instance_of=ApiSettings)
+
+    worker_client = providers.Singleton(
+        HttpWorkerClient, timeout_s=settings.provided.worker_timeout_s
+    )
+    model_directory = providers.Singleton(
+        HttpModelDirectory,
+        controller_address=settings.provided.controller_address,
+        timeout_s=settings.provided.controller_timeout_s,
+    )
+    worker_api = providers.Singleton(HttpWorkerApi, client=worker_client)
+    image_fetcher = providers.Singleton(_image_fetcher, settings)
+
+    metrics = providers.Singleton(ApiMetrics)
+    admission = providers.Singleton(Admission, limit=settings.provided.max_concurrent_requests)
+    router = providers.Singleton(
+        ModelRouter,
+        directory=model_directory,
+        workers=worker_api,
+        address_ttl_s=settings.provided.worker_address_ttl_s,
+        info_ttl_s=settings.provided.model_info_ttl_s,
+    )
+    images = providers.Singleton(
+        ImageResolver, fetcher=image_fetcher, max_image_bytes=settings.provided.max_image_bytes
+    )
+    relay = providers.Singleton(
+        CompletionRelay, router=router, workers=worker_api, metrics=metrics, admission=admission
+    )
+    chat_completion = providers.Singleton(ChatCompletion, relay=relay, images=images)
+    completion = providers.Singleton(Completion, relay=relay)
+    list_models = providers.Singleton(ListModels, router=router)

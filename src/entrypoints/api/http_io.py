@@ -1,0 +1,110 @@
+"""HTTP plumbing of the API server: bounded body reading, API keys, SSE, error responses."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from vilaserve.application.api.completion_relay import Reply, ResponseStream
+from vilaserve.domain.api.errors import ApiError, BadRequest, PayloadTooLarge, Unauthorized
+from vilaserve.domain.shared.errors import ErrorCode
+
+# How much of an oversized body is read and dropped so the client sees the 413 instead of a
+# connection reset mid-upload; past this the connection is simply closed.
+_DRAIN_LIMIT = 256 * 1024 * 1024
+
+
+async def read_json_body(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        await _drain(request)
+        raise PayloadTooLarge(f"the request body is {declared} bytes; the limit is {limit}")
+    raw = bytearray()
+    async for piece in request.stream():
+        raw += piece
+        if len(raw) > limit:
+            await _drain(request)
+            raise PayloadTooLarge(f"the request body is larger than the limit of {limit} bytes")
+    if not raw:
+        raise BadRequest("the request body is empty; a JSON object is expected")
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the request body is not valid JSON ({exc})") from exc
+
+
+async def _drain(request: Request) -> None:
+    seen = 0
+    try:
+        async for piece in request.stream():
+            seen += len(piece)
+            if seen > _DRAIN_LIMIT:
+                return
+    except Exception:  # a client that hangs up mid-upload: nothing left to drain
+        return
+
+
+def check_api_key(request: Request, keys: Sequence[str]) -> None:
+    """OpenAI's `Authorization: Bearer <key>`; no keys configured means an open server."""
+    if not keys:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>'")
+    if not any(hmac.compare_digest(token.encode(), key.encode()) for key in keys):
+        raise Unauthorized("the API key is not valid", code=ErrorCode.INCORRECT_AUTH_KEY)
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    headers = {}
+    if error.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    elif error.status in (429, 503):
+        headers["Retry-After"] = "1"
+    return JSONResponse(error.to_dict(), error.status, headers=headers)
+
+
+def _sse_event(data: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
+
+
+async def _sse(stream: ResponseStream) -> AsyncIterator[bytes]:
+    async for chunk in stream:
+        yield _sse_event(chunk)
+    yield b"data: [DONE]\n\n"
+
+
+class SseResponse(StreamingResponse):
+    """Server-sent events that always close their `ResponseStream`, even when the client
+    disconnects before the first byte (a never-started generator runs no `finally`)."""
+
+    def __init__(self, stream: ResponseStream) -> None:
+        super().__init__(
+            _sse(stream),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            body = self.body_iterator
+            close = getattr(body, "aclose", None)
+            if close is not None:
+                await close()
+            await self._stream.aclose()
+
+
+def reply_response(reply: Reply) -> JSONResponse | SseResponse:
+    if reply.stream is not None:
+        return SseResponse(reply.stream)
+    return JSONResponse(reply.body)

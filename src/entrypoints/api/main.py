@@ -1,0 +1,62 @@
+"""`vilaserve api` / `python -m vilaserve.entrypoints.api.main`: the OpenAI-compatible API
+server and its web chat, in front of a FastChat-style controller and its workers."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+
+import uvicorn
+
+from vilaserve.entrypoints.api.app import create_api_app
+from vilaserve.entrypoints.api.container import ApiContainer
+from vilaserve.entrypoints.api.settings import ApiSettings
+from vilaserve.entrypoints.shared.logging_setup import configure_logging
+
+
+def add_api_arguments(parser: argparse.ArgumentParser) -> None:
+    # Defaults are None so that only flags given override VILASERVE_API_* and the settings.
+    add = parser.add_argument
+    add("--controller-address", help="controller URL (default http://localhost:21001)")
+    add("--host", help="address to bind (default 127.0.0.1)")
+    add("--port", type=int, help="port to bind (default 8000)")
+    add("--api-keys", help="comma-separated bearer keys clients must send (default: none)")
+    add(
+        "--allow-remote-images",
+        action="store_const",
+        const=True,
+        help="fetch image_url parts given as http(s) URLs (default: only data URLs)",
+    )
+    add("--image-domains", help="comma-separated hosts remote images may come from (default any)")
+    add("--image-fetch-timeout-s", type=float, help="time limit per remote image (default 5)")
+    add("--max-request-bytes", type=int, help="largest request body (default 32 MiB)")
+    add("--max-concurrent-requests", type=int, help="requests held at once (default 256)")
+    add("--worker-timeout-s", type=float, help="longest silence from a worker (default 300)")
+    add("--log-format", choices=["json", "text"], help="log line format (default json)")
+
+
+def settings_from_args(args: argparse.Namespace) -> ApiSettings:
+    fields = ApiSettings.model_fields
+    given = {k: v for k, v in vars(args).items() if v is not None and k in fields}
+    return ApiSettings(**given)
+
+
+def run_api(args: argparse.Namespace) -> None:
+    settings = settings_from_args(args)
+    configure_logging(settings.log_format)
+    app = create_api_app(ApiContainer(settings=settings))
+    logging.getLogger(__name__).info(
+        "starting api", extra={"host": settings.host, "port": settings.port}
+    )
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_api_arguments(parser)
+    run_api(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""The OpenAI-compatible routes, the health and metrics endpoints, and the web chat page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dependency_injector.wiring import Provide, inject
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+
+from vilaserve.application.api.metrics import ApiMetrics
+from vilaserve.application.api.use_cases import ChatCompletion, Completion, ListModels
+from vilaserve.domain.api.errors import ModelNotFound
+from vilaserve.entrypoints.api.http_io import check_api_key, read_json_body, reply_response
+from vilaserve.entrypoints.api.settings import ApiSettings
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+router = APIRouter()
+
+
+@inject
+async def require_api_key(
+    request: Request, settings: ApiSettings = Depends(Provide["settings"])
+) -> None:
+    check_api_key(request, settings.api_key_list)
+
+
+@router.post("/v1/chat/completions", dependencies=[Depends(require_api_key)])
+@inject
+async def chat_completions(
+    request: Request,
+    chat: ChatCompletion = Depends(Provide["chat_completion"]),
+    settings: ApiSettings = Depends(Provide["settings"]),
+) -> Response:
+    body = await read_json_body(request, settings.max_request_bytes)
+    return reply_response(await chat(body))
+
+
+@router.post("/v1/completions", dependencies=[Depends(require_api_key)])
+@inject
+async def completions(
+    request: Request,
+    completion: Completion = Depends(Provide["completion"]),
+    settings: ApiSettings = Depends(Provide["settings"]),
+) -> Response:
+    body = await read_json_body(request, settings.max_request_bytes)
+    return reply_response(await completion(body))
+
+
+@router.get("/v1/models", dependencies=[Depends(require_api_key)])
+@inject
+async def models(list_models: ListModels = Depends(Provide["list_models"])) -> dict[str, Any]:
+    return await list_models()
+
+
+@router.get("/v1/models/{model:path}", dependencies=[Depends(require_api_key)])
+@inject
+async def model(
+    model: str, list_models: ListModels = Depends(Provide["list_models"])
+) -> dict[str, Any]:
+    card = await list_models.model(model)
+    if card is None:
+        raise ModelNotFound(f"the model '{model}' does not exist", param="model")
+    return card
+
+
+@router.get("/health")
+async def health() -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/metrics")
+@inject
+async def metrics(metrics: ApiMetrics = Depends(Provide["metrics"])) -> PlainTextResponse:
+    return PlainTextResponse(metrics.render(), media_type=PROMETHEUS_TEXT)
+
+
+@router.get("/", include_in_schema=False)
+async def chat_page() -> FileResponse:
+    return FileResponse(STATIC_DIR / "chat.html", media_type="text/html")

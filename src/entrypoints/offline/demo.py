@@ -1,0 +1,243 @@
+"""`vilaserve train-demo-vision` and `build-demo`: the embedded demo model's offline commands.
+
+Torch and transformers are imported inside the commands, only when they are needed: a cached
+`build-demo` answers in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from vilaserve.adapters.offline.demo.build_cache import (
+    MODEL_DIR_NAME,
+    PROVENANCE_FILE,
+    VARIANTS,
+    WEIGHTS_FILE,
+    Variant,
+    is_built,
+    variant_dir,
+)
+from vilaserve.entrypoints.shared.logging_setup import configure_logging
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from vilaserve.adapters.offline.demo.training import TrainConfig
+    from vilaserve.adapters.offline.gguf_import import default_cache_dir
+
+    defaults = TrainConfig()
+    add = parser.add_argument
+    add("--seed", type=int, default=defaults.seed, help="seed of the init and of the pictures")
+    add(
+        "--instruction-steps",
+        type=int,
+        default=defaults.instruction_steps,
+        help="stage 0: steps learning the free image tokens through the LLM",
+    )
+    add("--instruction-lr", type=float, default=defaults.instruction_lr)
+    add(
+        "--instruction-quantized-llm",
+        default=BUILD_AWQ,
+        help=f"stage 0 also fits through this W4A16 AWQ demo checkpoint; {BUILD_AWQ!r} (the "
+        "default): quantize the LLM here exactly as `build-demo` will; 'none': 16-bit only",
+    )
+    add(
+        "--instruction-init",
+        default=defaults.instruction_init,
+        help="stage 0 starts from an earlier stage 0's vectors (its work dir's instruction.pt)",
+    )
+    add(
+        "--stage1-init-weights",
+        default=defaults.stage1_init_weights,
+        help="stage 1 starts from these trained weights (.safetensors) instead of a fresh init",
+    )
+    add("--stage1-steps", type=int, default=defaults.stage1_steps, help="tower pre-training steps")
+    add("--stage1-batch", type=int, default=defaults.stage1_batch, help="pictures per stage-1 step")
+    add("--stage1-lr", type=float, default=defaults.stage1_lr)
+    add("--stage2-steps", type=int, default=defaults.stage2_steps, help="steps through the LLM")
+    add("--stage2-batch", type=int, default=defaults.stage2_batch, help="pictures per stage-2 step")
+    add("--stage2-lr", type=float, default=defaults.stage2_lr)
+    add("--tower-lr-scale", type=float, default=defaults.tower_lr_scale, help="stage 2")
+    add("--caption-weight", type=float, default=defaults.caption_weight, help="stage 2")
+    add("--validate-every", type=int, default=defaults.validate_every)
+    add("--validation-size", type=int, default=defaults.validation_size, help="stages 1 and 2")
+    add(
+        "--instruction-validation-size",
+        type=int,
+        default=defaults.instruction_validation_size,
+        help="stage 0's held-out scenes per LLM",
+    )
+    add(
+        "--dtype",
+        choices=["auto", "bfloat16", "float32"],
+        default=defaults.dtype,
+        help="the frozen LLMs' dtype (auto: bf16 where the CPU computes it natively, else fp32)",
+    )
+    add("--threads", type=int, default=defaults.threads, help="torch threads (0: default)")
+    add("--device", default=defaults.device, help="stage 1's device: cpu or cuda")
+    add("--loader-workers", type=int, default=defaults.loader_workers, help="stage 1 drawers")
+    add("--output", type=Path, default=WEIGHTS_FILE, help="trained weights (.safetensors)")
+    add(
+        "--work-dir",
+        type=Path,
+        default=default_cache_dir().parent / "demo-train",
+        help="checkpoints; an interrupted run resumes from here",
+    )
+    add("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_train(args: argparse.Namespace, argv: list[str]) -> None:
+    from vilaserve.adapters.offline.demo.training import TrainConfig, train_demo_vision
+    from vilaserve.adapters.offline.gguf_import import ensure_smollm2_hf
+
+    configure_logging("text")
+    llm_dir = ensure_smollm2_hf()
+    quantized = args.instruction_quantized_llm
+    if quantized == BUILD_AWQ:
+        quantized = str(_quantized_like_the_build(llm_dir, args.work_dir, args.threads))
+    # Every option named like a TrainConfig field sets it (the rest keep their defaults).
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    given["instruction_quantized_llm"] = "" if quantized == "none" else quantized
+    config = TrainConfig(**given)
+    command = shlex.join(["vilaserve", *argv])
+    report = train_demo_vision(
+        config, llm_dir, args.output, args.work_dir, command, not args.no_progress
+    )
+    print(f"wrote {args.output} ({report.stage_seconds})", file=sys.stderr)
+
+
+BUILD_AWQ = "build"
+
+
+def _quantized_like_the_build(llm_hf_dir: Path, work_dir: Path, threads: int) -> Path:
+    """The W4A16 AWQ demo LLM exactly as `build-demo --variant awq` makes it (same
+    calibration and settings; the search reads only the LLM, so an untrained vision tower
+    beside it changes nothing), made once in `work_dir`. Stage 0 must fit its vectors through
+    this very build: fitted through another AWQ calibration they lose a third of the answers."""
+    import torch
+
+    from vilaserve.adapters.offline.demo.checkpoint import write_demo_checkpoint
+    from vilaserve.adapters.offline.demo.vision_model import new_demo_vision
+    from vilaserve.adapters.worker.torch_vila.checkpoint import VilaCheckpoint
+
+    if threads:
+        torch.set_num_threads(threads)
+    target = work_dir / "awq-llm" / MODEL_DIR_NAME
+    if is_built(target):
+        return target
+    sixteen_bit = work_dir / "16bit-llm" / MODEL_DIR_NAME
+    if not is_built(sixteen_bit):
+        hidden = int(VilaCheckpoint.open(llm_hf_dir).llm_config["hidden_size"])
+        untrained = new_demo_vision(hidden, seed=0).trained_state()
+        write_demo_checkpoint(sixteen_bit, llm_hf_dir, untrained, training_steps=0)
+    _quantize(sixteen_bit, target, search=True)
+    return target
+
+
+# --- build-demo ------------------------------------------------------------------------------
+
+QUANT_GROUP_SIZE = 64  # SmolLM2's hidden size 576 is not a multiple of 128
+CALIBRATION_LINES = 256
+# 16 blocks of 256 tokens: the demo's questions are short, and the AWQ search over 30 layers
+# then takes about a minute on two cores (64 blocks: four), which the integration test that
+# serves the W4A16 build pays on every fresh machine.
+CALIBRATION_SAMPLES = 16
+CALIBRATION_SEQLEN = 256
+
+
+def add_build_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add(
+        "--variant",
+        choices=VARIANTS,
+        default="awq",
+        help="16bit, awq (W4A16 AWQ, the default) or rtn (W4A16 round-to-nearest)",
+    )
+    add("--cache-dir", type=Path, default=None, help="default: ~/.cache/vilaserve/demo")
+
+
+def run_build(args: argparse.Namespace) -> Path:
+    """Prints the built directory's path on stdout (and nothing else there)."""
+    path = build_demo(args.variant, args.cache_dir)
+    print(path)
+    return path
+
+
+def build_demo(variant: Variant = "awq", cache_dir: Path | None = None) -> Path:
+    """The demo checkpoint for `variant`, built on first use and cached (a later call only
+    hashes the committed weights and checks the folder)."""
+    target = variant_dir(variant, cache_dir)
+    if is_built(target):
+        return target
+    configure_logging("text")
+    sixteen_bit = variant_dir("16bit", cache_dir)
+    if not is_built(sixteen_bit):
+        _say(f"building the demo model in {sixteen_bit.parent.parent} (first run only)")
+        from vilaserve.adapters.offline.demo.checkpoint import write_demo_checkpoint
+        from vilaserve.adapters.offline.demo.vision_model import load_weights
+
+        steps = _training_steps()
+        from vilaserve.adapters.offline.gguf_import import ensure_smollm2_hf
+
+        write_demo_checkpoint(sixteen_bit, ensure_smollm2_hf(), load_weights(), steps)
+    if variant != "16bit":
+        _quantize(sixteen_bit, target, search=variant == "awq")
+    return target
+
+
+def _quantize(source: Path, target: Path, search: bool) -> None:
+    import tempfile
+
+    from vilaserve.adapters.offline.demo.calibration import calibration_lines
+    from vilaserve.entrypoints.offline import quantize
+
+    method = "AWQ" if search else "round-to-nearest"
+    _say(f"quantizing the demo LLM to 4 bits ({method}, group {QUANT_GROUP_SIZE})")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    calibration = target.parent.parent / "calibration.txt"
+    calibration.write_text("\n".join(calibration_lines(CALIBRATION_LINES)) + "\n")
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        quantize.quantize_checkpoint(
+            argparse.Namespace(
+                model_path=str(source),
+                output=str(staging),
+                w_bit=4,
+                group_size=QUANT_GROUP_SIZE,
+                calib=str(calibration),
+                n_samples=CALIBRATION_SAMPLES,
+                seqlen=CALIBRATION_SEQLEN,
+                no_search=not search,
+                # The committed instruction vectors were fitted through this very build.
+                recipe="llm-awq",
+                export_tinychat=False,
+                device="auto",
+                seed=0,
+            ),
+            warn_little_calibration=False,  # small on purpose: see CALIBRATION_SAMPLES
+        )
+        staging.chmod(0o755)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _training_steps() -> int:
+    try:
+        provenance = json.loads(PROVENANCE_FILE.read_text(encoding="utf-8"))
+        config = provenance["config"]
+        return int(config["stage1_steps"]) + int(config["stage2_steps"])
+    except (OSError, ValueError, KeyError):
+        return 1
+
+
+def _say(text: str) -> None:
+    print(f"vilaserve: {text}", file=sys.stderr, flush=True)

@@ -1,0 +1,43 @@
+"""Builds the worker's FastAPI app from a container; starts and stops the heartbeat."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from vilaserve.entrypoints.worker import routes as worker_routes
+from vilaserve.entrypoints.worker.container import WorkerContainer
+
+log = logging.getLogger(__name__)
+
+
+def create_worker_app(container: WorkerContainer) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Load the model off the event loop (it takes seconds to minutes) before serving.
+        await asyncio.to_thread(container.generate_stream)
+        await asyncio.to_thread(container.describe_model)
+        heartbeat_task = None
+        if container.settings().register_with_controller:
+            heartbeat_task = asyncio.create_task(container.heartbeat().run(), name="heartbeat")
+        log.info(
+            "worker ready",
+            extra={"model": container.model_name(), "address": container.settings().host},
+        )
+        try:
+            yield
+        finally:
+            if heartbeat_task is not None:
+                heartbeat_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await heartbeat_task
+
+    container.wire(modules=[worker_routes])
+    app = FastAPI(title="vilaserve model worker", lifespan=lifespan)
+    app.state.container = container
+    app.include_router(worker_routes.router)
+    return app

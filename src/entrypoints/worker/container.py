@@ -1,0 +1,104 @@
+"""The composition root: the one place that decides which adapter serves which port.
+
+Unit tests override `text_generator`, `vision_encoder` and `controller_client` with fakes; the
+torch adapter is imported lazily inside its factory, so building the container imports no torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dependency_injector import containers, providers
+
+from vilaserve.adapters.worker.controller_client import HttpControllerClient
+from vilaserve.application.worker.generate_stream import GenerateStream, GenerationLimits
+from vilaserve.application.worker.heartbeat import Heartbeat, HeartbeatPolicy, Register
+from vilaserve.application.worker.report_status import DescribeModel, ReportStatus
+from vilaserve.application.worker.slots import ConcurrencySlots
+from vilaserve.domain.worker.naming import derive_model_name
+from vilaserve.entrypoints.worker.settings import WorkerSettings
+
+
+def _load_runtime(settings: WorkerSettings) -> Any:
+    # Imported here so that the container (and every unit test) stays free of torch.
+    from vilaserve.adapters.worker.torch_vila.runtime import VilaRuntime, VilaRuntimeOptions
+
+    return VilaRuntime.load(
+        VilaRuntimeOptions(
+            model_path=settings.model_path,
+            quant_path=settings.quant_path,
+            precision=settings.precision,
+            device=settings.device,
+            dtype=settings.dtype,
+            conv_template=settings.conv_template,
+            max_image_pixels=settings.max_image_pixels,
+            embedding_bits=settings.embedding_bits,
+        )
+    )
+
+
+def _is_multimodal(settings: WorkerSettings, vision: object | None) -> bool:
+    return settings.multi_modal if settings.multi_modal is not None else vision is not None
+
+
+class WorkerContainer(containers.DeclarativeContainer):
+    wiring_config = containers.WiringConfiguration(modules=["vilaserve.entrypoints.worker.routes"])
+
+    settings = providers.Dependency(instance_of=WorkerSettings)
+
+    runtime = providers.Singleton(_load_runtime, settings)
+    text_generator = providers.Singleton(lambda rt: rt.text_generator, runtime)
+    vision_encoder = providers.Singleton(lambda rt: rt.vision_encoder, runtime)
+    controller_client = providers.Singleton(
+        HttpControllerClient, controller_address=settings.provided.controller_address
+    )
+
+    model_name = providers.Singleton(
+        lambda s: derive_model_name(s.model_path, s.precision, s.model_name), settings
+    )
+    multimodal = providers.Singleton(_is_multimodal, settings, vision_encoder)
+    slots = providers.Singleton(
+        ConcurrencySlots,
+        limit=settings.provided.limit_model_concurrency,
+        max_waiting=settings.provided.max_queue_length,
+    )
+    limits = providers.Singleton(
+        GenerationLimits,
+        max_new_tokens_cap=settings.provided.max_new_tokens_cap,
+        stream_interval=settings.provided.stream_interval,
+        max_images=settings.provided.max_images,
+        max_image_bytes=settings.provided.max_image_bytes,
+    )
+
+    report_status = providers.Singleton(
+        ReportStatus, model_names=providers.List(model_name), slots=slots
+    )
+    describe_model = providers.Singleton(
+        DescribeModel, model_name=model_name, generator=text_generator, vision=vision_encoder
+    )
+    generate_stream = providers.Singleton(
+        GenerateStream,
+        generator=text_generator,
+        vision=vision_encoder,
+        slots=slots,
+        limits=limits,
+    )
+    register = providers.Singleton(
+        Register,
+        controller=controller_client,
+        worker_address=settings.provided.advertised_address,
+        report_status=report_status,
+        multimodal=multimodal,
+    )
+    heartbeat = providers.Singleton(
+        Heartbeat,
+        controller=controller_client,
+        register=register,
+        report_status=report_status,
+        worker_address=settings.provided.advertised_address,
+        policy=providers.Factory(
+            HeartbeatPolicy,
+            interval_s=settings.provided.heartbeat_interval_s,
+            retry_max_s=settings.provided.heartbeat_retry_max_s,
+        ),
+    )

@@ -1,0 +1,92 @@
+"""`python -m vilaserve.entrypoints.worker.main` / `vilaserve worker`: serve one VILA model.
+
+Accepts TinyChat's model_worker flags, so existing launch scripts keep working.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import uvicorn
+
+from vilaserve.entrypoints.shared.logging_setup import configure_logging
+from vilaserve.entrypoints.worker.app import create_worker_app
+from vilaserve.entrypoints.worker.container import WorkerContainer
+from vilaserve.entrypoints.worker.settings import WorkerSettings
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    # Every default is None so that only flags given on the command line override the
+    # environment (VILASERVE_*) and the settings' own defaults.
+    add = parser.add_argument
+    add("--host", help="address to bind (default 127.0.0.1)")
+    add("--port", type=int, help="port to bind (default 21002)")
+    add("--worker-address", help="URL the controller uses to reach this worker")
+    add("--controller-address", help="controller URL (default http://localhost:21001)")
+    add("--model-path", help="VILA checkpoint directory (config.json, llm/, vision_tower/, ...)")
+    add("--model-name", help="name to serve under (default: derived from the path)")
+    add("--model-type", help="accepted for TinyChat compatibility (the checkpoint decides)")
+    add("--quant-path", help="AWQ checkpoint of the LLM (W4A16)")
+    add("--precision", choices=["W16A16", "W4A16"], help="weights: 16-bit or 4-bit AWQ")
+    add(
+        "--embedding-bits",
+        type=int,
+        choices=[8, 16],
+        help="W4A16: token embedding table in int8 (default 8) or 16-bit as stored",
+    )
+    add("--device", choices=["auto", "cpu", "cuda"], help="where to run (default auto)")
+    add("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="compute dtype")
+    add("--conv-template", help="override the conversation template (vicuna_v1, llama_3, ...)")
+    add("--limit-model-concurrency", type=int, help="generations at once (default 5)")
+    add("--max-queue-length", type=int, help="requests allowed to wait (default 64)")
+    add("--stream-interval", type=int, help="tokens between streamed chunks (default 1)")
+    add("--max-new-tokens-cap", type=int, help="upper bound on max_new_tokens (default 1024)")
+    add("--heartbeat-interval-s", type=float, help="seconds between heartbeats (default 15)")
+    add(
+        "--no-register",
+        dest="register_with_controller",
+        action="store_const",
+        const=False,
+        help="do not register with a controller",
+    )
+    add(
+        "--multi-modal",
+        dest="multi_modal",
+        action="store_const",
+        const=True,
+        help="register as multimodal (default: when the checkpoint has a vision tower)",
+    )
+    add("--log-format", choices=["json", "text"], help="log line format (default json)")
+
+
+def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
+    given = {k: v for k, v in vars(args).items() if v is not None and k != "command"}
+    return WorkerSettings(**given)
+
+
+def serve(settings: WorkerSettings) -> None:
+    configure_logging(settings.log_format)
+    # Fail in a second, not after torch has loaded (~15 s), when the path is plainly wrong.
+    root = Path(settings.model_path)
+    if not (root / "config.json").is_file():
+        sys.exit(f"--model-path {root}: no config.json there (not a VILA checkpoint directory)")
+    container = WorkerContainer(settings=settings)
+    app = create_worker_app(container)
+    logging.getLogger(__name__).info(
+        "starting worker", extra={"host": settings.host, "port": settings.port}
+    )
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_worker_arguments(parser)
+    serve(settings_from_args(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

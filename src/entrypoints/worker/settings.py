@@ -1,0 +1,50 @@
+"""Worker settings: environment variables (`VILASERVE_*`) overridden by command-line flags."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from vilaserve.domain.shared.generation import DEFAULT_MAX_NEW_TOKENS_CAP
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VILASERVE_", extra="ignore")
+
+    model_path: str
+    model_name: str | None = None
+    model_type: str = "LLaMa"  # accepted for TinyChat compatibility; the checkpoint decides
+    quant_path: str | None = None
+    precision: Literal["W16A16", "W4A16"] = "W16A16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    conv_template: str | None = None
+    # W4A16: the token embedding table in int8 with per-row scales (8) or as stored (16).
+    embedding_bits: Literal[8, 16] = 8
+
+    host: str = "127.0.0.1"
+    port: int = 21002
+    worker_address: str | None = None
+    controller_address: str = "http://localhost:21001"
+    register_with_controller: bool = True
+    multi_modal: bool | None = None  # None: multimodal when the checkpoint has a vision tower
+
+    limit_model_concurrency: int = Field(5, ge=1)
+    max_queue_length: int = Field(64, ge=0)
+    stream_interval: int = Field(1, ge=1)
+    max_new_tokens_cap: int = Field(DEFAULT_MAX_NEW_TOKENS_CAP, ge=1)
+    max_images: int = Field(16, ge=0)
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(64_000_000, ge=1)
+
+    heartbeat_interval_s: float = Field(15.0, gt=0)
+    heartbeat_retry_max_s: float = Field(30.0, gt=0)
+    log_format: Literal["json", "text"] = "json"
+
+    @property
+    def advertised_address(self) -> str:
+        if self.worker_address:
+            return self.worker_address.rstrip("/")
+        return f"http://localhost:{self.port}"
