@@ -11,6 +11,8 @@ and should match to fp32 rounding (1e-5).
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -29,9 +31,26 @@ from vilaserve.adapters.worker.torch_vila.llama import DECODER_LINEARS, Llama, L
 
 BF16_REL_TOL = 2e-2
 FP32_REL_TOL = 1e-5
-AVX512 = cpu_kernels.load() is not None
+AVX512 = cpu_kernels.avx512_kernels() is not None
+FP32 = cpu_kernels.fp32_kernels()  # AVX2 on x86, NEON on ARM
+AVX2 = FP32 is not None  # the fp32 backend's name is the same on both
 CPU_BACKENDS = (
-    ["dequant"] + (["cpu_int4"] if cpu_int4_available() else []) + (["cpu_avx512"] * AVX512)
+    ["dequant"]
+    + (["cpu_int4"] if cpu_int4_available() else [])
+    + (["cpu_avx512"] * AVX512)
+    + (["cpu_fp32"] * AVX2)
+)
+# Every native kernel set this machine runs, each tested whatever path `auto` would pick.
+NATIVE_KERNELS = [
+    pytest.param(getter, id=name)
+    for name, getter, usable in (
+        ("avx512", cpu_kernels.avx512_kernels, AVX512),
+        ("fp32", cpu_kernels.fp32_kernels, AVX2),
+    )
+    if usable
+]
+needs_native = pytest.mark.skipif(
+    not NATIVE_KERNELS, reason="needs an AVX-512 BF16, AVX2 or NEON CPU and a C compiler"
 )
 
 
@@ -82,9 +101,10 @@ def test_backend_matches_oracle(
         # Route M=17 and M=64 through the CPU dequant + GEMM prefill paths as well.
         monkeypatch.setattr(qlinear, "PREFILL_MIN_ROWS", dense_from)
         monkeypatch.setattr(qlinear, "AVX512_PREFILL_MIN_ROWS", dense_from)
+        monkeypatch.setattr(qlinear, "FP32_PREFILL_MIN_ROWS", dense_from)
     w = random_qweight(n, k, group, seed=n + k + group)
     oracle = W4A16Linear.from_quantized(w, torch.float32, "cpu", "dequant")
-    if backend == "cpu_avx512" and not cpu_kernels.fits(n, k, group):
+    if backend in qlinear.NATIVE_BACKENDS and not cpu_kernels.fits(n, k, group):
         with pytest.raises(ValueError, match="group%64"):
             W4A16Linear.from_quantized(w, dtype, "cpu", backend)
         return
@@ -96,8 +116,10 @@ def test_backend_matches_oracle(
         got = layer(x)
         assert got.dtype == dtype and got.shape == (2, rows, n)
         want = oracle(x.float())
-        dense = (backend == "cpu_int4" and rows >= qlinear.PREFILL_MIN_ROWS) or (
-            backend == "cpu_avx512" and rows >= qlinear.AVX512_PREFILL_MIN_ROWS
+        dense = (
+            (backend == "cpu_int4" and rows >= qlinear.PREFILL_MIN_ROWS)
+            or (backend == "cpu_avx512" and rows >= qlinear.AVX512_PREFILL_MIN_ROWS)
+            or (backend == "cpu_fp32" and rows >= qlinear.FP32_PREFILL_MIN_ROWS)
         )
         exact = dtype == torch.float32 and (backend == "dequant" or dense)
         tol = FP32_REL_TOL if exact else BF16_REL_TOL
@@ -113,31 +135,60 @@ def test_fp16_activations_and_dequantized_weight() -> None:
     assert rel_err(layer.dequantized(), w.dequantize()) < BF16_REL_TOL
 
 
-def test_auto_picks_the_fastest_cpu_kernel_that_fits() -> None:
+@pytest.mark.parametrize("path", ["auto", "avx512_bf16", "fp32", "torch"])
+def test_auto_picks_the_fastest_cpu_kernel_that_fits(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs = {"auto": True, "avx512_bf16": AVX512, "fp32": AVX2, "torch": True}
+    if not runs[path]:
+        pytest.skip(f"this CPU cannot run the {path} kernels")
+    if path == "fp32":
+        assert FP32 is not None
+        path = FP32.path  # avx2, neon or neon_dotprod
+    monkeypatch.setenv("VILASERVE_CPU_PATH", path)
     int4 = "cpu_int4" if cpu_int4_available() else "dequant"
+    native = {"avx512_bf16": "cpu_avx512", "torch": int4}
+    native.update(dict.fromkeys(("avx2", "neon", "neon_dotprod"), "cpu_fp32"))
     fits = W4A16Linear.from_quantized(random_qweight(64, 128, 64, 0), torch.bfloat16, "cpu")
-    assert fits.backend == ("cpu_avx512" if AVX512 else int4)
+    assert fits.backend == native[cpu_kernels.cpu_path()]
+    if path != "auto":
+        assert cpu_kernels.cpu_path() == path
     # group 32 does not fit the AVX-512 kernel's 64-wide blocks: PyTorch's int4 kernel takes it
     small_groups = W4A16Linear.from_quantized(random_qweight(64, 128, 32, 0), torch.bfloat16, "cpu")
     assert small_groups.backend == int4
 
 
-def test_without_the_avx512_kernel_auto_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cpu_kernels, "load", lambda: None)
+def test_without_native_kernels_auto_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_kernels, "avx512_kernels", lambda: None)
+    monkeypatch.setattr(cpu_kernels, "fp32_kernels", lambda path=None: None)
+    monkeypatch.setenv("VILASERVE_CPU_PATH", "torch")
     w = random_qweight(64, 128, 64, 0)
     layer = W4A16Linear.from_quantized(w, torch.bfloat16, "cpu")
     assert layer.backend == ("cpu_int4" if cpu_int4_available() else "dequant")
     with pytest.raises(ValueError, match="AVX-512 BF16"):
         W4A16Linear.from_quantized(w, torch.bfloat16, "cpu", "cpu_avx512")
+    with pytest.raises(ValueError, match="fp32 kernels"):
+        W4A16Linear.from_quantized(w, torch.bfloat16, "cpu", "cpu_fp32")
 
 
-@pytest.mark.skipif(not AVX512, reason="needs an AVX-512 BF16 CPU and a C compiler")
-def test_avx512_kernel_exact_against_fp32_oracle_on_real_shapes() -> None:
+def test_a_forced_path_this_cpu_cannot_run_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VILASERVE_CPU_PATH", "sse2")
+    with pytest.raises(ValueError, match="VILASERVE_CPU_PATH=sse2"):
+        cpu_kernels.cpu_path()
+    if not AVX512:
+        monkeypatch.setenv("VILASERVE_CPU_PATH", "avx512_bf16")
+        with pytest.raises(ValueError, match="cannot run here"):
+            cpu_kernels.cpu_path()
+
+
+@needs_native
+@pytest.mark.parametrize("kernels", NATIVE_KERNELS)
+def test_native_kernel_exact_against_fp32_oracle_on_real_shapes(kernels: Any) -> None:
     """fp32 output of the kernel for bf16 x: besides fp32 summation order, only the 16-bit
     integer form of x (per row and group, error <= max|x_group| / 65278) differs."""
     w = random_qweight(2560, 6912, 128, seed=3, bias=False)
     packed = cpu_kernels.pack_for_kernel(w)
-    kernel = cpu_kernels.load()
+    kernel = kernels()
     assert kernel is not None
     x = torch.randn(3, 6912).to(torch.bfloat16)
     out = torch.empty(3, 2560)
@@ -148,15 +199,16 @@ def test_avx512_kernel_exact_against_fp32_oracle_on_real_shapes() -> None:
     assert torch.equal(dense, w.dequantize())
 
 
-@pytest.mark.skipif(not AVX512, reason="needs an AVX-512 BF16 CPU and a C compiler")
-def test_avx512_kernel_keeps_activations_16_bit_on_hard_rows() -> None:
+@needs_native
+@pytest.mark.parametrize("kernels", NATIVE_KERNELS)
+def test_native_kernel_keeps_activations_16_bit_on_hard_rows(kernels: Any) -> None:
     """Rows the integer form of x could get wrong: a group holding one huge outlier among tiny
     values, an all-zero group, tiny values alone, and more rows than the kernel's stack buffer
     (the heap path). Each is checked against the fp32 oracle, row by row."""
     n, k, group = 64, 1024, 128
     w = random_qweight(n, k, group, seed=11, bias=False)
     packed = cpu_kernels.pack_for_kernel(w)
-    kernel = cpu_kernels.load()
+    kernel = kernels()
     assert kernel is not None
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(24, k, generator=gen) * 1e-2  # 24 x 1024 columns: past the stack buffer
@@ -290,7 +342,7 @@ def test_fused_projections_answer_like_separate_ones(backend: str) -> None:
     ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(3))
     separate = run_prefill_and_decode(model, ids)
     merged = model.fuse_projections(fuse_w4a16)
-    if backend != "cpu_avx512":  # only the AVX-512 layout concatenates along N
+    if backend not in qlinear.NATIVE_BACKENDS:  # only the native layout concatenates along N
         assert merged == 0
         return
     assert merged == 2 * model.args.num_hidden_layers
@@ -301,14 +353,18 @@ def test_fused_projections_answer_like_separate_ones(backend: str) -> None:
     assert rel_err(run_prefill_and_decode(model, ids), separate) < BF16_REL_TOL
 
 
-@pytest.mark.skipif(not AVX512, reason="needs an AVX-512 BF16 CPU and a C compiler")
-def test_fused_layer_decode_rows_equal_the_concatenated_parts() -> None:
+@pytest.mark.skipif(not (AVX512 or AVX2), reason="needs native kernels (AVX-512, AVX2, NEON)")
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b in qlinear.NATIVE_BACKENDS])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_fused_layer_decode_rows_equal_the_concatenated_parts(
+    backend: str, dtype: torch.dtype
+) -> None:
     parts = [
-        W4A16Linear.from_quantized(random_qweight(n, 256, 64, seed=n), torch.bfloat16, "cpu")
+        W4A16Linear.from_quantized(random_qweight(n, 256, 64, seed=n), dtype, "cpu", backend)
         for n in (128, 64, 64)
     ]
     fused = fuse_w4a16(parts)  # type: ignore[arg-type]
     assert fused is not None
-    x = torch.randn(3, 256).to(torch.bfloat16)
+    x = torch.randn(3, 256).to(dtype)
     # each output row is computed by the same kernel code from the same bytes (bias included)
     assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))

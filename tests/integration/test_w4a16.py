@@ -15,7 +15,9 @@ from shared_data import golden_dir
 from test_worker_e2e import start_worker, stream_frames
 
 from vilaserve.adapters.offline.checkpoints.tiny_vila import make_png
+from vilaserve.adapters.worker import cpu_kernels
 from vilaserve.adapters.worker.awq.loading import load_awq_llm
+from vilaserve.adapters.worker.awq.qlinear import W4A16Linear
 from vilaserve.adapters.worker.torch_vila.checkpoint import VilaCheckpoint
 from vilaserve.adapters.worker.torch_vila.int8_embedding import Int8Embedding
 from vilaserve.adapters.worker.torch_vila.runtime import VilaRuntime, VilaRuntimeOptions
@@ -51,16 +53,28 @@ def test_golden_awq_checkpoints_reproduce_the_reference_logits(source: str) -> N
 
 @pytest.fixture(scope="module")
 def quantized_vila(tiny_vila_siglip: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return quantize_tiny(tiny_vila_siglip, tmp_path_factory, group_size=32)
+
+
+@pytest.fixture(scope="module")
+def quantized_vila_g64(tiny_vila_siglip: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Group 64: the shapes the native int4 kernels take (group % 64 == 0)."""
+    return quantize_tiny(tiny_vila_siglip, tmp_path_factory, group_size=64)
+
+
+def quantize_tiny(
+    tiny_vila_siglip: Path, tmp_path_factory: pytest.TempPathFactory, group_size: int
+) -> Path:
     calib = tmp_path_factory.mktemp("calib") / "calibration.txt"
     calib.write_text(
         "\n".join(f"The cat number {i} sat on a red mat near the river." for i in range(64))
     )
-    output = tmp_path_factory.mktemp("awq") / "VILA1.5-tiny-siglip"
+    output = tmp_path_factory.mktemp(f"awq-g{group_size}") / "VILA1.5-tiny-siglip"
     args = argparse.Namespace(
         model_path=str(tiny_vila_siglip),
         output=str(output),
         w_bit=4,
-        group_size=32,
+        group_size=group_size,
         calib=str(calib),
         n_samples=64,
         seqlen=32,
@@ -174,3 +188,43 @@ def test_too_little_calibration_text_is_warned_about(
     if warned:
         assert warnings[0].calibration_blocks < 16  # type: ignore[attr-defined]
         assert "--n-samples" in warnings[0].getMessage()
+
+
+W4A16_PATHS = {
+    "torch": ("cpu_int4", "dequant"),
+    "fp32": ("cpu_fp32",),  # avx2 on x86, neon(_dotprod) on ARM
+    "avx512_bf16": ("cpu_avx512",),
+}
+
+
+@pytest.mark.parametrize("path", list(W4A16_PATHS))
+def test_w4a16_runs_on_every_cpu_path_this_machine_has(
+    path: str, quantized_vila_g64: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fp32 compute (what `auto` picks where bf16 is emulated): the 4-bit layers take the
+    path's kernel, and greedy logits agree with the same model on the reference backend."""
+    fp32 = cpu_kernels.fp32_kernels()
+    usable = {"torch": True, "fp32": fp32, "avx512_bf16": cpu_kernels.avx512_kernels()}
+    if not usable[path]:
+        pytest.skip(f"this CPU cannot run the {path} kernels")
+    backends_of_path = W4A16_PATHS[path]
+    if path == "fp32" and fp32 is not None:
+        path = fp32.path
+    monkeypatch.setenv("VILASERVE_CPU_PATH", path)
+    runtime = VilaRuntime.load(
+        VilaRuntimeOptions(str(quantized_vila_g64), precision="W4A16", dtype="float32")
+    )
+    model = runtime.text_generator._model
+    assert runtime.text_generator.compute_path == path
+    backends = {m.backend for m in model.modules() if isinstance(m, W4A16Linear)}
+    assert backends and backends <= set(backends_of_path), backends
+    reference = load_awq_llm(VilaCheckpoint.open(quantized_vila_g64), None, torch.float32, "cpu")
+    for module in reference.modules():
+        if isinstance(module, W4A16Linear):
+            module._impl = module._forward_dequant  # the dequantize-then-F.linear oracle
+    ids = torch.arange(5, 37).unsqueeze(0)
+    with torch.inference_mode():
+        got = model(model.new_cache(1, 40), 0, input_ids=ids, last_only=False)
+        want = reference(reference.new_cache(1, 40), 0, input_ids=ids, last_only=False)
+    assert float((got - want).abs().max()) < 0.05 * float(want.abs().max())
+    runtime.executor.shutdown()

@@ -41,6 +41,7 @@ class DescribeModel:
             context_length=self._generator.context_length,
             tokens_per_image=self._vision.tokens_per_image if self._vision else 0,
             multimodal=self._vision is not None,
+            cpu_path=self._generator.compute_path,
         )
 
     def conversation_template(self) -> ConversationTemplate:

@@ -27,3 +27,4 @@ class ModelDescription:
     context_length: int
     tokens_per_image: int
     multimodal: bool
+    cpu_path: str | None = None  # the kernels that run it (`/model_details`), when known

@@ -42,6 +42,12 @@ class TextGenerator(ABC):
     def context_length(self) -> int: ...
 
     @property
+    def compute_path(self) -> str | None:
+        """Which kernels run the model: on CPU the ISA path (`avx512_bf16`, `avx2`, `torch`),
+        `cuda` on a GPU; None when the adapter does not say."""
+        return None
+
+    @property
     @abstractmethod
     def conversation_template(self) -> ConversationTemplate: ...
 

@@ -97,11 +97,14 @@ async def model_details(
     describe: DescribeModel = Depends(Provide["describe_model"]),
 ) -> dict[str, object]:
     details = describe.details()
-    return {
+    reply: dict[str, object] = {
         "context_length": details.context_length,
         "tokens_per_image": details.tokens_per_image,
         "multimodal": details.multimodal,
     }
+    if details.cpu_path is not None:
+        reply["cpu_path"] = details.cpu_path
+    return reply
 
 
 @router.post("/worker_get_conv_template")

@@ -6,6 +6,10 @@
   the packed weights at memory speed; from `AVX512_PREFILL_MIN_ROWS` rows it dequantizes into a
   reused per-thread buffer and runs one dense GEMM. Needs N % 16, K % 64, group % 64 == 0,
   group <= 2048.
+* ``cpu_fp32``   -- our AVX2 / NEON kernel (fp32_kernels.c: the same packed layout and integer
+  numerics, `vpmaddubsw` or `sdot` instead of VNNI) with fp32 or bf16 activations, for CPUs
+  that only emulate bf16; from `FP32_PREFILL_MIN_ROWS` rows it
+  dequantizes into the reused buffer and runs one dense GEMM. Same shape rules.
 * ``cpu_int4``  -- `aten._weight_int4pack_mm_for_cpu` for decode (few rows); many-row calls
   (prefill) dequantize the packed weight to 16 bits once per call and run a dense GEMM.
 * ``cuda_int4`` -- tinygemm (`aten._weight_int4pack_mm`, bf16 only, inner_k_tiles 8).
@@ -29,13 +33,21 @@ from torch import Tensor, nn
 from vilaserve.adapters.worker import cpu_kernels
 from vilaserve.adapters.worker.awq.quantized_weight import QuantizedWeight
 
-BACKENDS = ("auto", "cpu_avx512", "cpu_int4", "cuda_int4", "dequant")
+BACKENDS = ("auto", "cpu_avx512", "cpu_fp32", "cpu_int4", "cuda_int4", "dequant")
+NATIVE_BACKENDS = ("cpu_avx512", "cpu_fp32")
 
 # Rows from which the AVX-512 path dequantizes + runs one dense GEMM. Measured on the shared
 # 2-core EPYC (2 threads, g128, bf16, reused dequant buffer), ms per call, kernel | dequant+GEMM:
 #   2560x2560  M=8: 0.55 | 1.07   M=32: 2.2 | 1.8   M=64: 4.3 | 2.6   M=128: 8.8 | 5.1
 #   6912x2560  M=8: 1.6 | 3.0     M=32: 5.9 | 5.2   M=64: 11.6 | 8.0  M=128: 23 | 13
 AVX512_PREFILL_MIN_ROWS = 24
+# The same switch for the fp32 kernels (AVX2 / NEON). Measured on an AVX2-only 2-core EPYC (2
+# threads, g128, fp32 activations), ms per call, kernel | dequantize to fp32 + sgemm:
+#   2560x2560  M=16: 1.5 | 6.2   M=64: 11 | 14   M=128: 17 | 18   M=256: 28 | 29   M=512: 65 | 51
+#   6912x2560  M=16: 5.7 | 25    M=64: 21 | 40   M=128: 40 | 59   M=256: 72 | 83   M=512: 143 | 141
+# Writing a 4-byte dequantized weight costs as much as the integer kernel's extra work per row up
+# to a few hundred rows, so the switch sits where the two meet: no cliff at any row count.
+FP32_PREFILL_MIN_ROWS = 256
 
 # Rows from which the CPU path dequantizes + runs one dense GEMM instead of the int4 kernel.
 # Measured on the shared 2-core EPYC (AVX-512, torch 2.13, 1 thread, g128, bf16), ms per call,
@@ -99,7 +111,7 @@ class W4A16Linear(nn.Module):
         device = torch.device(device)
         chosen = resolve_backend(backend, device)
         shape = (w.out_features, w.in_features, w.group_size)
-        if backend == "auto" and chosen == "cpu_avx512" and not cpu_kernels.fits(*shape):
+        if backend == "auto" and chosen in NATIVE_BACKENDS and not cpu_kernels.fits(*shape):
             chosen = "cpu_int4" if cpu_int4_available() else "dequant"
         if backend == "auto" and chosen == "cpu_int4" and not cpu_int4_fits(*shape):
             chosen = "dequant"
@@ -109,6 +121,8 @@ class W4A16Linear(nn.Module):
             layer._pack_dequant(w, device)
         elif backend == "cpu_avx512":
             layer._pack_avx512(w, device)
+        elif backend == "cpu_fp32":
+            layer._pack_fp32(w, device)
         elif backend == "cpu_int4":
             layer._pack_cpu(w, device)
         else:
@@ -124,14 +138,25 @@ class W4A16Linear(nn.Module):
         self._impl = self._forward_dequant
 
     def _pack_avx512(self, w: QuantizedWeight, device: torch.device) -> None:
-        kernel = cpu_kernels.load()
+        kernel = cpu_kernels.avx512_kernels()
         if device.type != "cpu" or kernel is None:
             raise ValueError(
                 f"cpu_avx512 needs an AVX-512 BF16 + VNNI CPU and a C compiler ({device})"
             )
-        self._adopt_avx512(cpu_kernels.pack_for_kernel(w), kernel)
+        self._adopt_native(cpu_kernels.pack_for_kernel(w), kernel)
 
-    def _adopt_avx512(self, packed: cpu_kernels.PackedInt4, kernel: cpu_kernels.CpuKernels) -> None:
+    def _pack_fp32(self, w: QuantizedWeight, device: torch.device) -> None:
+        kernel = cpu_kernels.fp32_kernels()
+        if device.type != "cpu" or kernel is None:
+            raise ValueError(
+                f"cpu_fp32 needs an AVX2 + FMA + F16C or NEON CPU and a C compiler ({device})"
+            )
+        self._adopt_native(cpu_kernels.pack_for_kernel(w), kernel)
+
+    def _adopt_native(
+        self, packed: cpu_kernels.PackedInt4, kernel: cpu_kernels.NativeKernels
+    ) -> None:
+        """Takes the packed layout both native kernels read (AVX-512, and fp32 on AVX2/NEON)."""
         self.register_buffer("weight", packed.weight, persistent=False)
         self.register_buffer("kernel_scales", packed.scales, persistent=False)
         self.register_buffer("kernel_zeros", packed.zeros, persistent=False)
@@ -141,11 +166,20 @@ class W4A16Linear(nn.Module):
         self._decode_out_dtype = (
             torch.bfloat16 if self.compute_dtype == torch.bfloat16 else torch.float32
         )
-        self._impl = self._forward_avx512
+        # The AVX-512 kernel reads bf16 rows; the fp32 one reads fp32 or bf16 as they come.
+        self._decode_in_dtypes = (
+            (torch.bfloat16,) if self.backend == "cpu_avx512" else (torch.float32, torch.bfloat16)
+        )
+        self._prefill_min_rows = (
+            AVX512_PREFILL_MIN_ROWS if self.backend == "cpu_avx512" else FP32_PREFILL_MIN_ROWS
+        )
+        self._impl = self._forward_native
 
-    def avx512_layout(self) -> cpu_kernels.PackedInt4 | None:
-        """The packed weight the AVX-512 kernels read, for bf16 layers on that backend."""
-        if self.backend != "cpu_avx512" or self.compute_dtype != torch.bfloat16:
+    def native_layout(self, dtype: torch.dtype) -> cpu_kernels.PackedInt4 | None:
+        """The packed weight a native decoder reads: the AVX-512 one (bf16) for bf16 layers on
+        that backend, the fp32 one for fp32 layers on the fp32 (AVX2 / NEON) backend."""
+        wanted = {torch.bfloat16: "cpu_avx512", torch.float32: "cpu_fp32"}.get(dtype)
+        if self.backend != wanted or self.compute_dtype != dtype:
             return None
         return self._packed
 
@@ -210,15 +244,17 @@ class W4A16Linear(nn.Module):
             )
         return self._finish(out, x)
 
-    def _forward_avx512(self, x: Tensor) -> Tensor:
+    def _forward_native(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features)
         n, g = self.out_features, self.group_size
-        if rows.shape[0] >= AVX512_PREFILL_MIN_ROWS:
+        if rows.shape[0] >= self._prefill_min_rows:
             w = _dequant_buffer(n, self.in_features, self.prefill_dtype)
             self._kernel.dequantize(self._packed, n, self.in_features, g, w)
             out = torch.mm(rows.to(self.prefill_dtype), w.t())
         else:
-            rows = rows.to(torch.bfloat16).contiguous()  # no-ops on the bf16 decode path
+            if rows.dtype not in self._decode_in_dtypes:
+                rows = rows.to(self._decode_in_dtypes[0])
+            rows = rows.contiguous()  # a no-op on the decode path
             out = torch.empty(rows.shape[0], n, dtype=self._decode_out_dtype)
             self._kernel.matmul(rows, self._packed, n, g, out)
         return self._finish(out, x)
@@ -247,7 +283,7 @@ class W4A16Linear(nn.Module):
             scales = self.scales.repeat_interleave(g, dim=1)
             zeros = self.zeros.to(torch.float32).repeat_interleave(g, dim=1)
             return ((self.weight.to(torch.float32) - zeros) * scales).to(dtype)
-        if self.backend == "cpu_avx512":
+        if self.backend in NATIVE_BACKENDS:
             w = torch.empty(self.out_features, self.in_features, dtype=torch.float32)
             self._kernel.dequantize(self._packed, self.out_features, self.in_features, g, w)
             return w.to(dtype)
@@ -306,7 +342,7 @@ class W4A16Linear(nn.Module):
             buf = self._buffers[name]
             if buf is not None and buf.dtype != dtype:
                 self._buffers[name] = buf.to(dtype)
-        if self.backend == "cpu_avx512":
+        if self.backend in NATIVE_BACKENDS:
             self._packed = cpu_kernels.PackedInt4(
                 self.weight, self.kernel_scales, self.kernel_zeros
             )
@@ -330,12 +366,18 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
             return "cuda_int4"
         if device.type == "cpu" and cpu_kernels.load() is not None:
             return "cpu_avx512"
+        if device.type == "cpu" and cpu_kernels.load_fp32() is not None:
+            return "cpu_fp32"
         if device.type == "cpu" and cpu_int4_available():
             return "cpu_int4"
         return "dequant"
-    if backend == "cpu_avx512" and cpu_kernels.load() is None:
+    if backend == "cpu_avx512" and cpu_kernels.avx512_kernels() is None:
         raise ValueError(
             "the AVX-512 BF16 + VNNI kernels cannot run here (CPU or C compiler missing)"
+        )
+    if backend == "cpu_fp32" and cpu_kernels.fp32_kernels() is None:
+        raise ValueError(
+            "the fp32 kernels (AVX2 + FMA + F16C, or NEON) cannot run here (CPU or C compiler)"
         )
     if backend == "cpu_int4" and not cpu_int4_available():
         raise ValueError("this torch build has no _weight_int4pack_mm_for_cpu")
@@ -441,14 +483,14 @@ def quantize_model_linears(
 
 
 def fuse_w4a16(parts: list[nn.Module]) -> W4A16Linear | None:
-    """One AVX-512 layer computing the parts' outputs side by side, or None to decline.
+    """One native-kernel layer computing the parts' outputs side by side, or None to decline.
 
     Merging q/k/v (and gate/up) saves kernel launches per decode step; the packed layout is
     tiled by 16 output rows, so concatenating the parts' buffers along N is the merged layer.
     Other backends decline: their packings are not row-concatenable (or they gain nothing).
     """
-    layers = [p for p in parts if isinstance(p, W4A16Linear) and p.backend == "cpu_avx512"]
-    shared = {(p.in_features, p.group_size, p.compute_dtype) for p in layers}
+    layers = [p for p in parts if isinstance(p, W4A16Linear) and p.backend in NATIVE_BACKENDS]
+    shared = {(p.in_features, p.group_size, p.compute_dtype, p.backend) for p in layers}
     if len(layers) != len(parts) or len(shared) != 1:
         return None
     first = layers[0]
@@ -456,7 +498,7 @@ def fuse_w4a16(parts: list[nn.Module]) -> W4A16Linear | None:
         first.in_features,
         sum(p.out_features for p in layers),
         first.group_size,
-        "cpu_avx512",
+        first.backend,
         first.compute_dtype,
     )
     packed = cpu_kernels.PackedInt4(
@@ -464,7 +506,7 @@ def fuse_w4a16(parts: list[nn.Module]) -> W4A16Linear | None:
         torch.cat([p.kernel_scales for p in layers]),
         torch.cat([p.kernel_zeros for p in layers]),
     )
-    fused._adopt_avx512(packed, first._kernel)
+    fused._adopt_native(packed, first._kernel)
     biases = [p.bias for p in layers]
     bias = None
     if any(b is not None for b in biases):

@@ -1,14 +1,20 @@
-"""AVX-512 kernels for decode (int4_matmul.c, matmul.c): built on first use, called via ctypes.
+"""Native CPU kernels for decode, built on first use and called via ctypes, one set per ISA.
 
-Two matmuls for few rows: W4A16 (packed 4-bit weights, AVX-512 VNNI, see int4_matmul.c) and
-dense bf16 (AVX-512 BF16).
+* ``avx512_bf16`` (int4_matmul.c, matmul.c, decoder.c; AVX-512 BF16 + VNNI): W4A16 and dense
+  bf16 matmuls for few rows, attention, RMSNorm, RoPE and the one-call decoder, all in bf16.
+* ``avx2``, ``neon``, ``neon_dotprod`` (fp32_kernels.c, one source with a section per ISA;
+  AVX2 + FMA + F16C on any x86-64 of the last decade, NEON on any aarch64, `sdot` where the CPU
+  has it): W4A16 and dense 16-bit-weight matmuls for few rows with fp32 (or bf16) activations,
+  the W4A16 ones on the same packed layout as the AVX-512 kernel, and the one-call decoder in
+  fp32.
 
-The C file is compiled once per source version and compiler into the user cache (a second or
+Each set is compiled once per source version and compiler into the user cache (a second or
 two with gcc; no torch headers involved) and loaded into the process. It links OpenMP by soname,
 so it shares the `libgomp.so.1` that torch has already loaded, and with it torch's thread pool.
-When there is no compiler, the CPU lacks AVX-512 BF16 + VNNI, or the shapes do not fit
-(N % 16, K % 64, group % 64, group <= 2048), `load()` / `fits()` say so and the caller falls
-back to PyTorch's int4 kernel.
+When there is no compiler, the CPU lacks the ISA, or the shapes do not fit (N % 16, K % 64,
+group % 64, group <= 2048), `load()` / `load_fp32()` / `fits()` say so and the caller falls
+back to PyTorch's kernels. `cpu_path()` names the set this process uses (`VILASERVE_CPU_PATH`
+forces one of `CPU_PATHS`).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -34,12 +41,22 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 SOURCES = (HERE / "int4_matmul.c", HERE / "matmul.c", HERE / "decoder.c")
-HEADERS = (HERE / "kernels.h",)
+HEADERS = (HERE / "kernels.h", HERE / "plan.h")
 CFLAGS = (
     "-O3", "-fPIC", "-shared", "-fopenmp",
     "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma",
     "-mf16c",
 )  # fmt: skip
+FP32_SOURCES = (HERE / "fp32_kernels.c",)
+FP32_HEADERS = (HERE / "plan.h",)
+_COMMON_CFLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp")
+# The fp32 set's builds: ISA flags per CPU path (the C source picks its sections from them).
+FP32_CFLAGS = {
+    "avx2": (*_COMMON_CFLAGS, "-mavx2", "-mfma", "-mf16c"),
+    "neon": (*_COMMON_CFLAGS, "-march=armv8-a"),
+    "neon_dotprod": (*_COMMON_CFLAGS, "-march=armv8.2-a+dotprod+fp16"),
+}
+CPU_PATHS = ("avx512_bf16", "avx2", "neon_dotprod", "neon", "torch")
 TILE_ROWS = 16
 BLOCK = 64
 MAX_GROUP = 2048  # keeps the kernel's int32 partial sums exact (int4_matmul.c)
@@ -68,7 +85,7 @@ def pack_for_kernel(w: QuantizedWeight) -> PackedInt4:
     n, k = w.out_features, w.in_features
     if not fits(n, k, w.group_size):
         raise ValueError(
-            f"the AVX-512 kernel needs N%16, K%64, group%64 == 0 and group <= {MAX_GROUP}; "
+            f"the native int4 kernels need N%16, K%64, group%64 == 0 and group <= {MAX_GROUP}; "
             f"got {n}x{k} g{w.group_size}"
         )
     # Columns in chunks of 8: the low nibbles hold the first 4, the high nibbles the last 4.
@@ -218,13 +235,188 @@ class CpuKernels:
             raise RuntimeError(f"vs_int4_dequantize failed with status {status}")
 
 
+class Fp32Kernels:
+    """fp32_kernels.c built for one ISA: the W4A16 and dense matmuls for few rows (fp32 or bf16
+    activations) and the fp32 one-call decoder."""
+
+    def __init__(self, library: ctypes.CDLL, path: str) -> None:
+        self.path = path
+        i64, ptr, flag = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        self._matmul = library.vsf_int4_matmul
+        self._matmul.argtypes = [ptr, flag, i64, ptr, ptr, ptr, i64, i64, i64, ptr, i64, flag, flag]
+        self._matmul.restype = ctypes.c_int
+        self._dequant = library.vsf_int4_dequantize
+        self._dequant.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, flag, flag]
+        self._dequant.restype = ctypes.c_int
+        self._dense = library.vsf_dense_matmul
+        self._dense.argtypes = [ptr, flag, i64, ptr, flag, i64, i64, ptr, i64, flag, flag]
+        self._dense.restype = ctypes.c_int
+        self._decode_layers = library.vsf_decode_layers
+        self._decode_layers.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr,
+                                        flag]  # fmt: skip
+        self._decode_layers.restype = ctypes.c_int
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Fp32Kernels:
+        return self
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (_fp32_or_fail, (self.path,))
+
+    def matmul(self, x: Tensor, w: PackedInt4, n: int, group: int, out: Tensor) -> None:
+        """out[M, N] (fp32 or bf16) = x[M, K] (fp32 or bf16, contiguous) @ W^T."""
+        m, k = x.shape
+        status = self._matmul(
+            x.data_ptr(), x.dtype == torch.float32, m, w.weight.data_ptr(), w.scales.data_ptr(),
+            w.zeros.data_ptr(), n, k, group, out.data_ptr(), n, out.dtype == torch.float32,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise RuntimeError(f"vsf_int4_matmul failed with status {status}")
+
+    def dequantize(self, w: PackedInt4, n: int, k: int, group: int, out: Tensor) -> None:
+        """out[N, K] (fp32 or bf16) = (q - z) * s."""
+        status = self._dequant(
+            w.weight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr(), n, k, group,
+            out.data_ptr(), out.dtype == torch.float32, torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise RuntimeError(f"vsf_int4_dequantize failed with status {status}")
+
+    def dense_matmul(self, x: Tensor, weight: Tensor, out: Tensor) -> None:
+        """out[M, N] (fp32 or bf16) = x[M, K] (fp32 or bf16) @ weight[N, K]^T (bf16 or fp16);
+        all contiguous, K % 8 == 0."""
+        m, k = x.shape
+        status = self._dense(
+            x.data_ptr(), x.dtype == torch.float32, m, weight.data_ptr(),
+            weight.dtype == torch.float16, weight.shape[0], k, out.data_ptr(), weight.shape[0],
+            out.dtype == torch.float32, torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise RuntimeError(f"vsf_dense_matmul failed with status {status}")
+
+    def decode_layers(
+        self,
+        plan: DecoderPlan,
+        hidden: Tensor,
+        pos: int,
+        cos: Tensor,
+        sin: Tensor,
+        cache: CachePointers,
+        scratch: Tensor,
+    ) -> None:
+        """Position `pos` of hidden [B, hidden] (fp32, contiguous, updated in place) through
+        every layer of `plan`, writing its keys/values into the (fp32) cache."""
+        status = self._decode_layers(
+            plan.dims_address, plan.layers_address, hidden.data_ptr(), hidden.shape[0], pos,
+            cos.data_ptr(), sin.data_ptr(), cache.keys_address, cache.values_address,
+            cache.batch_stride, cache.head_stride, scratch.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise RuntimeError(f"vsf_decode_layers failed with status {status}")
+
+
+NativeKernels = CpuKernels | Fp32Kernels
+
+
+def cpu_path() -> str:
+    """The kernel set this process runs on the CPU: avx512_bf16, avx2 or torch (PyTorch's own
+    ops). Chosen once from the CPU's features; `VILASERVE_CPU_PATH` forces a path (tests force
+    each one the machine can run), and a forced path this CPU cannot run is refused."""
+    return _chosen_path(os.environ.get("VILASERVE_CPU_PATH", "auto"))
+
+
 @functools.cache
+def _chosen_path(wanted: str) -> str:
+    if wanted not in ("auto", *CPU_PATHS):
+        raise ValueError(f"VILASERVE_CPU_PATH={wanted}: choose from auto, {', '.join(CPU_PATHS)}")
+    if wanted == "torch":
+        return "torch"
+    runs = {"avx512_bf16": lambda: avx512_kernels() is not None}
+    runs.update({path: (lambda p=path: fp32_kernels(p) is not None) for path in FP32_CFLAGS})
+    if wanted != "auto":
+        if not runs[wanted]():
+            raise ValueError(f"VILASERVE_CPU_PATH={wanted}, but that kernel set cannot run here")
+        return wanted
+    # In order of speed; a CPU has at most one of each family.
+    return next((path for path in CPU_PATHS[:-1] if runs[path]()), "torch")
+
+
 def load() -> CpuKernels | None:
-    """The kernel, or None (logged once) when it cannot run here."""
-    if os.environ.get("VILASERVE_DISABLE_AVX512_KERNEL"):
+    """The AVX-512 kernel set when it is this process's CPU path, else None (what `auto`
+    choices go by; an explicit choice asks `avx512_kernels()`)."""
+    return avx512_kernels() if cpu_path() == "avx512_bf16" else None
+
+
+def load_fp32() -> Fp32Kernels | None:
+    """The fp32 kernel set (AVX2 or NEON) when it is this process's CPU path, else None."""
+    path = cpu_path()
+    return fp32_kernels(path) if path in FP32_CFLAGS else None
+
+
+def load_native() -> NativeKernels | None:
+    """Whichever native set is this process's CPU path (None on the torch path)."""
+    return load() or load_fp32()
+
+
+def fp32_kernels(path: str | None = None) -> Fp32Kernels | None:
+    """The fp32 set built for `path` (default: the one for this CPU's ISA family) if this CPU
+    and compiler can run it, whatever the chosen path."""
+    if path is None:
+        path = "avx2" if _machine() == "x86_64" else "neon_dotprod"
+        if path == "neon_dotprod" and not _has_dotprod():
+            path = "neon"
+    return _fp32_kernels(path)
+
+
+@functools.cache
+def _fp32_kernels(path: str) -> Fp32Kernels | None:
+    family = "x86_64" if path == "avx2" else "aarch64"
+    if _machine() != family or (path == "neon_dotprod" and not _has_dotprod()):
         return None
     try:
-        library = ctypes.CDLL(str(_build()))
+        library = ctypes.CDLL(str(_build(FP32_SOURCES, FP32_HEADERS, FP32_CFLAGS[path], path)))
+    except (OSError, subprocess.CalledProcessError, RuntimeError) as exc:
+        log.warning("fp32 kernels unavailable", extra={"path": path, "reason": str(exc)})
+        return None
+    if not library.vsf_cpu_supported():
+        log.info("this CPU lacks what the fp32 kernels need", extra={"path": path})
+        return None
+    return Fp32Kernels(library, path)
+
+
+def _machine() -> str:
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+@functools.cache
+def _has_dotprod() -> bool:
+    """aarch64 Linux: the CPU's `asimddp` feature (SDOT/UDOT)."""
+    try:
+        return any(
+            line.startswith("Features") and "asimddp" in line.split()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+        )
+    except OSError:
+        return False
+
+
+def _fp32_or_fail(path: str) -> Fp32Kernels:
+    kernels = _fp32_kernels(path)
+    if kernels is None:
+        raise RuntimeError(f"this model was built with the {path} kernels, which cannot run here")
+    return kernels
+
+
+@functools.cache
+def avx512_kernels() -> CpuKernels | None:
+    """The AVX-512 set if this CPU and compiler can run it, or None (logged once)."""
+    if os.environ.get("VILASERVE_DISABLE_AVX512_KERNEL"):
+        return None
+    if _machine() != "x86_64":
+        return None
+    try:
+        library = ctypes.CDLL(str(_build(SOURCES, HEADERS, CFLAGS, "avx512")))
     except (OSError, subprocess.CalledProcessError, RuntimeError) as exc:
         log.warning(
             "AVX-512 W4A16 kernel unavailable, using PyTorch's int4 kernel",
@@ -232,13 +424,13 @@ def load() -> CpuKernels | None:
         )
         return None
     if not library.vs_cpu_supported():
-        log.info("this CPU lacks AVX-512 BF16 or VNNI; using PyTorch's int4 kernel")
+        log.info("this CPU lacks AVX-512 BF16 or VNNI")
         return None
     return CpuKernels(library)
 
 
 def _load_or_fail() -> CpuKernels:
-    kernels = load()
+    kernels = avx512_kernels()
     if kernels is None:
         raise RuntimeError("this model was built with the AVX-512 kernels, which cannot run here")
     return kernels
@@ -249,17 +441,19 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _build() -> Path:
+def _build(
+    sources: tuple[Path, ...], headers: tuple[Path, ...], cflags: tuple[str, ...], isa: str
+) -> Path:
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         raise RuntimeError("no C compiler (gcc/cc) on PATH")
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=True
     ).stdout
-    digest = hashlib.sha256(version.encode() + " ".join(CFLAGS).encode())
-    for path in (*SOURCES, *HEADERS):
+    digest = hashlib.sha256(version.encode() + " ".join(cflags).encode())
+    for path in (*sources, *headers):
         digest.update(path.read_bytes())
-    target = _cache_dir() / f"vilaserve-kernels-{digest.hexdigest()[:16]}.so"
+    target = _cache_dir() / f"vilaserve-kernels-{isa}-{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -267,7 +461,7 @@ def _build() -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         result = subprocess.run(
-            [compiler, *CFLAGS, "-o", str(built), *map(str, SOURCES)],
+            [compiler, *cflags, "-o", str(built), *map(str, sources)],
             capture_output=True,
             text=True,
         )

@@ -17,30 +17,7 @@
 
 #include "kernels.h"
 
-enum { VS_LINEAR_NONE = 0, VS_LINEAR_INT4 = 1, VS_LINEAR_BF16 = 2 };
-
-/* One linear layer without bias: packed 4-bit (matmul.c's layout) or dense bf16 [n, k]. */
-typedef struct {
-    int64_t kind;
-    const void *weight;
-    const uint16_t *scales; /* int4 only: fp16 */
-    const uint8_t *zeros;   /* int4 only */
-    int64_t n, k, group;
-} vs_linear;
-
-/* A decoder layer. q|k|v come as one fused linear (parts 1-2 unused) or three; gate|up as one
- * or two. Each part writes its columns next to the previous part's. */
-typedef struct {
-    const uint16_t *input_norm, *post_norm;
-    vs_linear qkv[3];
-    vs_linear gate_up[2];
-    vs_linear o, down;
-} vs_layer;
-
-typedef struct {
-    int64_t layers, hidden, heads, kv_heads, head_dim, intermediate;
-    float eps, scale;
-} vs_dims;
+#include "plan.h"
 
 static int run_linears(const vs_linear *parts, int count, const uint16_t *x, int64_t rows,
                        uint16_t *out, int64_t ldo, int threads) {

@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-_NONE, _INT4, _BF16 = 0, 1, 2
+_NONE, _INT4, _BF16, _FP16 = 0, 1, 2, 3
 
 
 class _Linear(ctypes.Structure):
@@ -64,7 +64,8 @@ class PackedLinear(Protocol):
 
 @dataclass(frozen=True)
 class LinearSpec:
-    """One bias-free linear layer the C code can run: 4-bit packed or dense bf16 [N, K]."""
+    """One bias-free linear layer the C code can run: 4-bit packed or dense 16-bit [N, K]
+    (bf16; fp16 too on the AVX2 path)."""
 
     out_features: int
     in_features: int
@@ -80,8 +81,9 @@ class LinearSpec:
                 self.out_features, self.in_features, self.group_size,
             )  # fmt: skip
         assert self.dense is not None
+        kind = _FP16 if self.dense.dtype == torch.float16 else _BF16
         return _Linear(
-            _BF16, self.dense.data_ptr(), None, None, self.out_features, self.in_features, 0
+            kind, self.dense.data_ptr(), None, None, self.out_features, self.in_features, 0
         )
 
 
@@ -137,12 +139,13 @@ class DecoderPlan:
     def layers_address(self) -> int:
         return ctypes.addressof(self._structs)
 
-    def scratch(self, batch: int) -> Tensor:
-        """The work buffer decoder.c needs for `batch` rows (see its header comment)."""
+    def scratch(self, batch: int, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+        """The work buffer the decoder needs for `batch` rows, in the activations' dtype (see
+        decoder.c's header comment)."""
         q_width = self.heads * self.head_dim
         qkv_width = q_width + 2 * self.kv_heads * self.head_dim
         per_row = 2 * self.hidden + qkv_width + 2 * q_width + 3 * self.intermediate
-        return torch.empty(batch * per_row, dtype=torch.bfloat16)
+        return torch.empty(batch * per_row, dtype=dtype)
 
 
 @dataclass
@@ -159,8 +162,13 @@ class CachePointers:
     def of(cls, keys: Sequence[Tensor], values: Sequence[Tensor]) -> CachePointers:
         first = keys[0]
         for t in (*keys, *values):
-            if t.dtype != torch.bfloat16 or not t.is_contiguous() or t.shape != first.shape:
-                raise ValueError("cache buffers must be contiguous bf16 of one shape")
+            if (
+                t.dtype != first.dtype
+                or first.dtype not in (torch.bfloat16, torch.float32)
+                or not t.is_contiguous()
+                or t.shape != first.shape
+            ):
+                raise ValueError("cache buffers must be contiguous, of one shape, bf16 or fp32")
         key_array = (ctypes.c_void_p * len(keys))(*(t.data_ptr() for t in keys))
         value_array = (ctypes.c_void_p * len(values))(*(t.data_ptr() for t in values))
         return cls(

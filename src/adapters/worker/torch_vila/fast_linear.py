@@ -1,11 +1,19 @@
-"""Dense bf16 linears whose decode calls on CPU go through the AVX-512 kernel.
+"""Dense linears whose decode calls on CPU go through a native kernel.
 
 PyTorch's bf16 GEMV streams weights at about half the machine's read bandwidth; decode of a
 16-bit model (and the 16-bit LM head of a 4-bit one) is exactly that GEMV. Calls with many rows
 (prefill) keep `F.linear`, which is the faster GEMM there.
+
+On the AVX-512 path the model is bf16 throughout (`CpuDecodeLinear`). On the fp32 paths
+(AVX2, NEON) it
+computes in fp32, but a weight that is exactly 16-bit (every weight of a bf16 or fp16
+checkpoint) is kept in 16 bits (`Fp32DecodeLinear`): decode streams half the bytes, and the
+kernel widens them in registers.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,11 +52,69 @@ class CpuDecodeLinear(nn.Linear):
         return out.view(*x.shape[:-1], self.out_features)
 
 
-def accelerate_cpu_linears(model: nn.Module) -> int:
-    """Swaps every plain bf16 CPU `nn.Linear` with K % 32 == 0 for a `CpuDecodeLinear`.
+class Fp32DecodeLinear(nn.Module):
+    """A linear layer holding its weight in 16 bits (bf16 or fp16) for any activation dtype:
+    few rows (decode) run on the fp32 kernel (AVX2 / NEON), more rows widen the weight for one
+    GEMM."""
 
-    Returns how many were swapped (0 when the kernels cannot run on this machine).
+    def __init__(
+        self, weight: Tensor, bias: Tensor | None, kernels: cpu_kernels.Fp32Kernels
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight.contiguous(), persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+        self._kernels = kernels
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if (
+            rows.shape[0] > DECODE_MAX_ROWS
+            or x.dtype not in (torch.float32, torch.bfloat16)
+            or torch.is_grad_enabled()
+        ):
+            return F.linear(x, self.weight.to(x.dtype), self.bias)
+        out = torch.empty(rows.shape[0], self.out_features, dtype=x.dtype)
+        self._kernels.dense_matmul(rows.contiguous(), self.weight, out)
+        if self.bias is not None:
+            out += self.bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, {self.weight.dtype}"
+        )
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Fp32DecodeLinear:
+        # `model.float()` must not widen the 16-bit weight the kernel streams: it follows
+        # device moves only (the bias follows the model's dtype).
+        dtype = self.weight.dtype
+        super()._apply(fn, recurse)
+        self.weight = self.weight.to(dtype)
+        return self
+
+
+def exact_16_bit(weight: Tensor) -> Tensor | None:
+    """`weight` in bf16 or fp16 if one of them holds it exactly, else None."""
+    if weight.dtype in (torch.bfloat16, torch.float16):
+        return weight
+    for dtype in (torch.bfloat16, torch.float16):
+        narrow = weight.to(dtype)
+        if torch.equal(narrow.to(weight.dtype), weight):
+            return narrow
+    return None
+
+
+def accelerate_cpu_linears(model: nn.Module) -> int:
+    """Puts the plain CPU `nn.Linear`s on this machine's native decode kernel.
+
+    AVX-512: bf16 linears with K % 32 == 0 become `CpuDecodeLinear`. fp32 paths (AVX2, NEON):
+    linears whose weight is exactly 16-bit, with K % 8 == 0, become `Fp32DecodeLinear`.
+    Returns how many were swapped (0 on the torch path).
     """
+    fp32 = cpu_kernels.load_fp32()
+    if fp32 is not None:
+        return _swap_for_fp32(model, fp32)
     kernels = cpu_kernels.load()
     if kernels is None:
         return 0
@@ -64,4 +130,22 @@ def accelerate_cpu_linears(model: nn.Module) -> int:
     ]
     for parent, name, child in swaps:
         setattr(parent, name, CpuDecodeLinear(child, kernels))
+    return len(swaps)
+
+
+def _swap_for_fp32(model: nn.Module, kernels: cpu_kernels.Fp32Kernels) -> int:
+    swaps = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if (
+                type(child) is nn.Linear
+                and child.weight.device.type == "cpu"
+                and child.in_features % 8 == 0
+            ):
+                narrow = exact_16_bit(child.weight.detach())
+                if narrow is not None:
+                    swaps.append((parent, name, child, narrow))
+    for parent, name, child, narrow in swaps:
+        bias = None if child.bias is None else child.bias.detach()
+        setattr(parent, name, Fp32DecodeLinear(narrow, bias, kernels))
     return len(swaps)

@@ -606,7 +606,7 @@ class Llama(nn.Module):
         """The one-call decoder for this decode step, when the model and the step qualify."""
         if (
             not self.use_native_decode
-            or hidden.dtype != torch.bfloat16
+            or hidden.dtype not in (torch.bfloat16, torch.float32)
             or hidden.device.type != "cpu"
             or hidden.shape[0] > _KERNEL_MAX_ROWS
             or not hidden.is_contiguous()

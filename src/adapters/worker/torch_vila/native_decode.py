@@ -1,11 +1,17 @@
-"""Decode on CPU through one native call for all decoder layers (cpu_kernels/decoder.c).
+"""Decode on CPU through one native call for all decoder layers.
 
-The per-op path in llama.py already runs every matmul, norm and rotary on the CPU kernels, but
-dispatches a dozen small ops per layer from Python; at batch 1 that costs more than the ops
-themselves. A model qualifies when it is bf16 on CPU, bias-free, and every decoder linear is
-either a W4A16 layer on the AVX-512 backend or a plain bf16 `nn.Linear`; others keep the
-per-op path. The plan points at the model's weights: it is dropped whenever they may move
-(`Llama.fuse_projections`, `.to()`).
+The per-op path in llama.py runs every matmul on the CPU kernels, but dispatches a dozen small
+ops per layer from Python; at batch 1 that costs more than the ops themselves. Two native
+decoders exist, one per CPU path:
+
+* ``avx512_bf16`` (cpu_kernels/decoder.c): a bf16 model whose decoder linears are W4A16 layers
+  on the AVX-512 backend or plain bf16 `nn.Linear`s;
+* ``avx2``, ``neon``, ``neon_dotprod`` (vsf_decode_layers in cpu_kernels/fp32_kernels.c): an
+  fp32 model whose decoder linears are W4A16 layers on the fp32 backend or 16-bit
+  `Fp32DecodeLinear`s.
+
+Either also needs a bias-free model on CPU; others keep the per-op path. The plan points at the
+model's weights: it is dropped whenever they may move (`Llama.fuse_projections`, `.to()`).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from torch import Tensor, nn
 
 from vilaserve.adapters.worker import cpu_kernels
 from vilaserve.adapters.worker.cpu_kernels.decoder import DecoderPlan, LayerSpec, LinearSpec
+from vilaserve.adapters.worker.torch_vila.fast_linear import Fp32DecodeLinear
 
 if TYPE_CHECKING:
     from vilaserve.adapters.worker.torch_vila.llama import KVCache, Llama
@@ -29,9 +36,12 @@ _MAX_HEAD_DIM = 256
 class NativeDecoder:
     """Runs one position of every decoder layer; see `for_model`."""
 
-    def __init__(self, plan: DecoderPlan, kernels: cpu_kernels.CpuKernels) -> None:
+    def __init__(
+        self, plan: DecoderPlan, kernels: cpu_kernels.NativeKernels, dtype: torch.dtype
+    ) -> None:
         self.plan = plan
         self._kernels = kernels
+        self.dtype = dtype  # of the hidden state, the cache and the rotary rows
         # Work buffers by (thread, batch size), allocated once: two threads decoding with one
         # model (each with its own cache) never share one.
         self._scratch: dict[tuple[int, int], Tensor] = {}
@@ -39,11 +49,14 @@ class NativeDecoder:
     @classmethod
     def for_model(cls, model: Llama) -> NativeDecoder | None:
         """The decoder for `model`, or None when some layer is not one decoder.c can run."""
-        kernels = cpu_kernels.load()
+        kernels: cpu_kernels.NativeKernels | None = cpu_kernels.load()
+        dtype = torch.bfloat16
+        if kernels is None:
+            kernels, dtype = cpu_kernels.load_fp32(), torch.float32
         args = model.args
         if (
             kernels is None
-            or model.dtype != torch.bfloat16
+            or model.dtype != dtype
             or model.device.type != "cpu"
             or args.attention_bias
             or args.mlp_bias
@@ -55,7 +68,7 @@ class NativeDecoder:
             return None
         layers = []
         for layer in model.model.layers:
-            spec = _layer_spec(layer)
+            spec = _layer_spec(layer, dtype)
             if spec is None:
                 return None
             layers.append(spec)
@@ -69,22 +82,22 @@ class NativeDecoder:
             scale=args.head_dim**-0.5,
             layers=layers,
         )
-        return cls(plan, kernels)
+        return cls(plan, kernels, dtype)
 
     def run(self, hidden: Tensor, cache: KVCache, pos: int, cos: Tensor, sin: Tensor) -> Tensor:
-        """hidden [B, 1, hidden] bf16, contiguous and owned by the caller's forward (updated in
-        place and returned); cos/sin: the rotary rows of `pos` [1, head_dim] in bf16."""
+        """hidden [B, 1, hidden] in `self.dtype`, contiguous and owned by the caller's forward
+        (updated in place and returned); cos/sin: the rotary rows of `pos` [1, head_dim]."""
         key = (threading.get_ident(), hidden.shape[0])
         scratch = self._scratch.get(key)
         if scratch is None:
-            scratch = self._scratch[key] = self.plan.scratch(key[1])
+            scratch = self._scratch[key] = self.plan.scratch(key[1], self.dtype)
         self._kernels.decode_layers(
             self.plan, hidden, pos, cos, sin, cache.native_pointers(), scratch
         )
         return hidden
 
 
-def _layer_spec(layer: nn.Module) -> LayerSpec | None:
+def _layer_spec(layer: nn.Module, dtype: torch.dtype) -> LayerSpec | None:
     attn, mlp = layer.self_attn, layer.mlp
     qkv_modules = (
         [attn.qkv_proj] if attn.qkv_proj is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
@@ -92,15 +105,15 @@ def _layer_spec(layer: nn.Module) -> LayerSpec | None:
     gate_up_modules = (
         [mlp.gate_up_proj] if mlp.gate_up_proj is not None else [mlp.gate_proj, mlp.up_proj]
     )
-    qkv = [_linear_spec(m) for m in qkv_modules]
-    gate_up = [_linear_spec(m) for m in gate_up_modules]
-    o, down = _linear_spec(attn.o_proj), _linear_spec(mlp.down_proj)
+    qkv = [_linear_spec(m, dtype) for m in qkv_modules]
+    gate_up = [_linear_spec(m, dtype) for m in gate_up_modules]
+    o, down = _linear_spec(attn.o_proj, dtype), _linear_spec(mlp.down_proj, dtype)
     norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
     if (
         o is None
         or down is None
         or any(spec is None for spec in (*qkv, *gate_up))
-        or any(w.dtype != torch.bfloat16 or not w.is_contiguous() for w in norms)
+        or any(w.dtype != dtype or not w.is_contiguous() for w in norms)
     ):
         return None
     return LayerSpec(
@@ -113,18 +126,23 @@ def _layer_spec(layer: nn.Module) -> LayerSpec | None:
     )
 
 
-def _linear_spec(module: nn.Module) -> LinearSpec | None:
+def _linear_spec(module: nn.Module, dtype: torch.dtype) -> LinearSpec | None:
+    """The layer as the decoder of `dtype` reads it (bf16: AVX-512, fp32: AVX2/NEON), or None."""
     if getattr(module, "bias", None) is not None:
         return None
-    layout = getattr(module, "avx512_layout", None)
-    if callable(layout):  # a W4A16Linear: only its AVX-512 packing is readable here
-        packed = layout()
+    layout = getattr(module, "native_layout", None)
+    if callable(layout):  # a W4A16Linear: only a native packing of this path is readable here
+        packed = layout(dtype)
         if packed is None:
             return None
         return LinearSpec(
             module.out_features, module.in_features, packed=packed, group_size=module.group_size
         )
-    if isinstance(module, nn.Linear):
+    if isinstance(module, Fp32DecodeLinear):
+        if dtype != torch.float32 or module.in_features % 8:
+            return None
+        return LinearSpec(module.out_features, module.in_features, dense=module.weight)
+    if dtype == torch.bfloat16 and isinstance(module, nn.Linear):
         w = module.weight
         if (
             w.dtype == torch.bfloat16

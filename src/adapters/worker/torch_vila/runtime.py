@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from vilaserve.adapters.worker import cpu_kernels
 from vilaserve.adapters.worker.torch_vila.checkpoint import VilaCheckpoint, load_state_dict
 from vilaserve.adapters.worker.torch_vila.device import resolve_device, resolve_dtype
 from vilaserve.adapters.worker.torch_vila.executor import ModelExecutor
@@ -73,6 +74,7 @@ class VilaRuntime:
                 )
             model = load_llm(checkpoint, dtype, device)
         fast_linears = accelerate_cpu_linears(model) if device.type == "cpu" else 0
+        compute_path = cpu_kernels.cpu_path() if device.type == "cpu" else device.type
         template = pick_template(checkpoint.llm_config, tokenizer, options.conv_template)
         stop_ids = template_stop_ids(tokenizer, template)
         executor = ModelExecutor()
@@ -84,6 +86,7 @@ class VilaRuntime:
             context_length(checkpoint.llm_config),
             sorted(stop_ids),
             image_wrap(checkpoint, tokenizer),
+            compute_path,
         )
         vision = None
         if checkpoint.is_multimodal:
@@ -101,6 +104,7 @@ class VilaRuntime:
                 "template": template.name,
                 "multimodal": vision is not None,
                 "tokens_per_image": vision.tokens_per_image if vision else 0,
+                "compute_path": compute_path,
                 "cpu_kernel_linears": fast_linears,
                 "seconds": round(time.perf_counter() - started, 2),
             },

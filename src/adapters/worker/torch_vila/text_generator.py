@@ -48,8 +48,10 @@ class TorchTextGenerator(TextGenerator):
         context_length: int,
         stop_token_ids: Sequence[int],
         image_wrap: tuple[str, str] | None = None,
+        compute_path: str | None = None,
     ) -> None:
         self._model = model
+        self._compute_path = compute_path
         self._tokenizer = tokenizer
         self._template = template
         self._executor = executor
@@ -61,6 +63,10 @@ class TorchTextGenerator(TextGenerator):
     @property
     def context_length(self) -> int:
         return self._context_length
+
+    @property
+    def compute_path(self) -> str | None:
+        return self._compute_path
 
     @property
     def conversation_template(self) -> ConversationTemplate:
