@@ -42,7 +42,6 @@ from decode_speed import (
     read_bandwidth,
     rtn_quantize,
     shape,
-    streamed_bytes,
     w4_against_bandwidth,
 )
 from tqdm import tqdm
@@ -51,7 +50,10 @@ from vilaserve.adapters.worker import cpu_kernels
 from vilaserve.adapters.worker.awq.qlinear import fuse_w4a16, quantize_model_linears
 from vilaserve.adapters.worker.torch_vila.device import resolve_dtype
 from vilaserve.adapters.worker.torch_vila.fast_linear import accelerate_cpu_linears
-from vilaserve.adapters.worker.torch_vila.int8_embedding import compress_token_embeddings
+from vilaserve.adapters.worker.torch_vila.int8_embedding import (
+    compress_tied_embeddings,
+    compress_token_embeddings,
+)
 from vilaserve.adapters.worker.torch_vila.llama import Llama
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -71,8 +73,25 @@ def w4a16_model(size: str, dtype: torch.dtype) -> Llama:
                     quantize_model_linears(model, {name: rtn_quantize(weight, group)}, dtype, "cpu")
     model.fuse_projections(fuse_w4a16)
     compress_token_embeddings(model)
+    compress_tied_embeddings(model)  # the fp32 paths: one int8 table, also the head
     accelerate_cpu_linears(model)
     return model.to(dtype)  # the 4-bit layers and the 16-bit head keep their storage
+
+
+def streamed_bytes(model: Llama) -> int:
+    """Bytes a W4A16 decode step reads: every 4-bit layer's buffers and the head."""
+    seen: set[int] = set()
+    total = 0
+    for module in (*model.model.layers.modules(), model.lm_head, model.model.embed_tokens):
+        if module is model.model.embed_tokens and model.lm_head.__class__.__name__ != (
+            "Int8TiedHead"
+        ):
+            continue  # an untied table is read one row per step
+        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+            if tensor.data_ptr() not in seen and "norm" not in type(module).__name__.lower():
+                seen.add(tensor.data_ptr())
+                total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def decode_ms(model: Llama, tokens: int) -> float:
@@ -178,6 +197,7 @@ def main() -> None:
     if not args.skip_3b:
         os.environ["VILASERVE_CPU_PATH"] = native
         model = w4a16_model("3b", configs[-1][2])
+        # each round between two bandwidth readings; the median of the per-round ratios
         seconds, bandwidth, over = w4_against_bandwidth(model, args.tokens_3b, args.rounds_3b)
         report["3b"] = {
             "path": native,

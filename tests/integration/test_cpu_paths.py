@@ -63,8 +63,14 @@ def test_the_path_is_one_of_the_known_ones_and_can_be_forced(
         assert cpu_kernels.load_fp32() is FP32 and cpu_kernels.load() is None
 
 
-def test_auto_dtype_on_cpu_is_bf16_only_where_the_cpu_computes_it() -> None:
-    want = torch.bfloat16 if cpu_computes_bf16_natively() else torch.float32
+@pytest.mark.parametrize("path", PATHS)
+def test_auto_dtype_on_cpu_is_what_the_path_computes_in(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VILASERVE_CPU_PATH", path)
+    want = {"avx512_bf16": torch.bfloat16, "torch": None}.get(path, torch.float32)
+    if want is None:  # PyTorch's own kernels: bf16 only where the CPU computes it natively
+        want = torch.bfloat16 if cpu_computes_bf16_natively() else torch.float32
     assert resolve_dtype("auto", torch.device("cpu")) == want
     assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
 
@@ -215,3 +221,28 @@ def greedy_text(model_path: Path) -> tuple[str, str | None]:
         return "".join([step.text async for step in generator.generate("Hello", None, params)])
 
     return asyncio.run(run()), generator.compute_path
+
+
+@needs_fp32
+def test_the_fp32_decoder_refuses_a_hidden_state_of_another_dtype(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The C decoder reads and writes the hidden state in place: a bf16 buffer handed to the
+    fp32 decoder would be overrun, so the model never hands one and `run` refuses it."""
+    from vilaserve.adapters.worker.torch_vila.native_decode import NativeDecoder
+
+    assert FP32 is not None
+    monkeypatch.setenv("VILASERVE_CPU_PATH", FP32.path)
+    torch.manual_seed(0)
+    model = Llama(tiny_args()).to(torch.bfloat16).float().eval()
+    accelerate_cpu_linears(model)
+    native = NativeDecoder.for_model(model)
+    assert native is not None and native.dtype == torch.float32
+    cache = model.new_cache(1, 8)
+    cos, sin = model.rope.rows(0, 1, torch.float32)
+    with pytest.raises(ValueError, match="float32"):
+        native.run(torch.zeros(1, 1, 128, dtype=torch.bfloat16), cache, 0, cos, sin)
+    with torch.inference_mode():
+        assert model._native_decoder(torch.zeros(1, 1, 128, dtype=torch.bfloat16)) is None
+        planned = model._native_decoder(torch.zeros(1, 1, 128))
+    assert planned is not None and planned.dtype == torch.float32

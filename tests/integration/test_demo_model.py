@@ -38,7 +38,7 @@ def demo_model() -> Path:
 
 @pytest.fixture(scope="module")
 def demo_stack(demo_model: Path) -> Iterator[ApiStack]:
-    # As `make demo` serves it: 4-bit AWQ LLM, and dtype auto (bf16 on CPU).
+    # As `make demo` serves it: 4-bit AWQ LLM, and dtype auto (what the CPU path computes in).
     with serving_stack(demo_model, precision="W4A16", dtype="auto") as stack:
         yield stack
 

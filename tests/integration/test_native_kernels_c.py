@@ -1,7 +1,7 @@
 """fp32_kernels.c checked at the C level (tests/native/fp32_kernels_check.c) for every ISA it
-builds for: AVX2 natively on x86, NEON with and without the dot-product extension under
-qemu-aarch64. The harness checks each kernel (int4 dequantize and matmul, dense bf16 / fp16
-matmul, the one-call decoder) against scalar references computed in double.
+builds for: AVX2 natively on x86, NEON under qemu-aarch64 (plain, with the dot-product
+extension, and with dot product and BF16). The harness checks each kernel (int4 dequantize and
+matmul, dense bf16 / fp16 matmul, the one-call decoder) against scalar references in double.
 
 The ARM builds need Debian's `gcc-aarch64-linux-gnu` and `qemu-user` (`.ci/run` installs them);
 without them those cases skip, saying so. Speed on ARM is not measured here.
@@ -63,8 +63,8 @@ QEMU = shutil.which("qemu-aarch64") or shutil.which("qemu-aarch64-static")
 )
 @pytest.mark.parametrize(
     ("path", "cpu"),
-    [("neon_dotprod", "max"), ("neon", "max"), ("neon", "cortex-a53")],
-    ids=["neon_dotprod", "neon", "neon-on-a53"],
+    [("neon_bf16", "max"), ("neon_dotprod", "max"), ("neon", "max"), ("neon", "cortex-a53")],
+    ids=["neon_bf16", "neon_dotprod", "neon", "neon-on-a53"],
 )
 def test_neon_builds_pass_the_c_checks_under_qemu(path: str, cpu: str, tmp_path: Path) -> None:
     """`cortex-a53` has no dot product: the plain NEON build must not use it."""

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from vilaserve.adapters.offline.checkpoints.tiny_vila import build_tiny_vila
+from vilaserve.adapters.worker import cpu_kernels
 from vilaserve.adapters.worker.torch_vila.checkpoint import VilaCheckpoint, safetensors_files
 from vilaserve.adapters.worker.torch_vila.device import cpu_computes_bf16_natively
 from vilaserve.adapters.worker.torch_vila.runtime import VilaRuntime, VilaRuntimeOptions
@@ -79,12 +80,19 @@ def test_w4a16_without_awq_weights_says_what_is_missing(tiny_vila_siglip: Path) 
         VilaRuntime.load(VilaRuntimeOptions(model_path=str(tiny_vila_siglip), precision="W4A16"))
 
 
-def test_cpu_default_dtype_is_bf16_where_the_cpu_computes_it_else_fp32(
-    tiny_vila_siglip: Path,
-) -> None:
+def test_cpu_default_dtype_is_the_one_its_cpu_path_computes_in(tiny_vila_siglip: Path) -> None:
+    """bf16 on the AVX-512 kernels, fp32 on the AVX2 / NEON ones, and on PyTorch's own kernels
+    bf16 only where the CPU computes it natively."""
     runtime = VilaRuntime.load(VilaRuntimeOptions(model_path=str(tiny_vila_siglip), device="cpu"))
     parameter = next(runtime.text_generator._model.parameters())
-    assert parameter.dtype == (torch.bfloat16 if cpu_computes_bf16_natively() else torch.float32)
+    path = cpu_kernels.cpu_path()
+    if path == "avx512_bf16":
+        assert parameter.dtype == torch.bfloat16
+    elif path == "torch":
+        native = cpu_computes_bf16_natively()
+        assert parameter.dtype == (torch.bfloat16 if native else torch.float32)
+    else:
+        assert parameter.dtype == torch.float32
 
 
 LOGITS = torch.tensor([0.0, 3.0, 2.9, 1.0, -2.0])

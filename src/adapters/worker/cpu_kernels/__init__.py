@@ -2,11 +2,11 @@
 
 * ``avx512_bf16`` (int4_matmul.c, matmul.c, decoder.c; AVX-512 BF16 + VNNI): W4A16 and dense
   bf16 matmuls for few rows, attention, RMSNorm, RoPE and the one-call decoder, all in bf16.
-* ``avx2``, ``neon``, ``neon_dotprod`` (fp32_kernels.c, one source with a section per ISA;
-  AVX2 + FMA + F16C on any x86-64 of the last decade, NEON on any aarch64, `sdot` where the CPU
-  has it): W4A16 and dense 16-bit-weight matmuls for few rows with fp32 (or bf16) activations,
-  the W4A16 ones on the same packed layout as the AVX-512 kernel, and the one-call decoder in
-  fp32.
+* ``avx2``, ``neon``, ``neon_dotprod``, ``neon_bf16`` (fp32_kernels.c, one source with a
+  section per ISA; AVX2 + FMA + F16C on any x86-64 of the last decade, NEON on any aarch64,
+  `sdot` where the CPU has the dot-product extension, `bfdot` where it also has BF16): W4A16
+  and dense 16-bit-weight matmuls for few rows with fp32 (or bf16) activations, the W4A16 ones
+  on the same packed layout as the AVX-512 kernel, and the one-call decoder in fp32.
 
 Each set is compiled once per source version and compiler into the user cache (a second or
 two with gcc; no torch headers involved) and loaded into the process. It links OpenMP by soname,
@@ -55,8 +55,11 @@ FP32_CFLAGS = {
     "avx2": (*_COMMON_CFLAGS, "-mavx2", "-mfma", "-mf16c"),
     "neon": (*_COMMON_CFLAGS, "-march=armv8-a"),
     "neon_dotprod": (*_COMMON_CFLAGS, "-march=armv8.2-a+dotprod+fp16"),
+    "neon_bf16": (*_COMMON_CFLAGS, "-march=armv8.6-a+fp16"),  # 8.6: dotprod and BF16
 }
-CPU_PATHS = ("avx512_bf16", "avx2", "neon_dotprod", "neon", "torch")
+CPU_PATHS = ("avx512_bf16", "avx2", "neon_bf16", "neon_dotprod", "neon", "torch")
+# The aarch64 builds and the CPU features (/proc/cpuinfo) each needs.
+_ARM_FEATURES = {"neon": (), "neon_dotprod": ("asimddp",), "neon_bf16": ("asimddp", "bf16")}
 TILE_ROWS = 16
 BLOCK = 64
 MAX_GROUP = 2048  # keeps the kernel's int32 partial sums exact (int4_matmul.c)
@@ -251,6 +254,9 @@ class Fp32Kernels:
         self._dense = library.vsf_dense_matmul
         self._dense.argtypes = [ptr, flag, i64, ptr, flag, i64, i64, ptr, i64, flag, flag]
         self._dense.restype = ctypes.c_int
+        self._int8 = library.vsf_int8_matmul
+        self._int8.argtypes = [ptr, i64, ptr, ptr, i64, i64, ptr, i64, flag]
+        self._int8.restype = ctypes.c_int
         self._decode_layers = library.vsf_decode_layers
         self._decode_layers.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr,
                                         flag]  # fmt: skip
@@ -293,6 +299,17 @@ class Fp32Kernels:
         )  # fmt: skip
         if status:
             raise RuntimeError(f"vsf_dense_matmul failed with status {status}")
+
+    def int8_matmul(self, x: Tensor, table: Tensor, scales: Tensor, out: Tensor) -> None:
+        """out[M, N] = x[M, K] @ (scales * table)^T: x, scales [N] and out fp32, table int8
+        [N, K]; all contiguous, K % 8 == 0."""
+        m, k = x.shape
+        status = self._int8(
+            x.data_ptr(), m, table.data_ptr(), scales.data_ptr(), table.shape[0], k,
+            out.data_ptr(), table.shape[0], torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise RuntimeError(f"vsf_int8_matmul failed with status {status}")
 
     def decode_layers(
         self,
@@ -362,16 +379,17 @@ def fp32_kernels(path: str | None = None) -> Fp32Kernels | None:
     """The fp32 set built for `path` (default: the one for this CPU's ISA family) if this CPU
     and compiler can run it, whatever the chosen path."""
     if path is None:
-        path = "avx2" if _machine() == "x86_64" else "neon_dotprod"
-        if path == "neon_dotprod" and not _has_dotprod():
-            path = "neon"
+        if _machine() == "x86_64":
+            path = "avx2"
+        else:
+            path = next(p for p in ("neon_bf16", "neon_dotprod", "neon") if _arm_has(p))
     return _fp32_kernels(path)
 
 
 @functools.cache
 def _fp32_kernels(path: str) -> Fp32Kernels | None:
     family = "x86_64" if path == "avx2" else "aarch64"
-    if _machine() != family or (path == "neon_dotprod" and not _has_dotprod()):
+    if _machine() != family or (family == "aarch64" and not _arm_has(path)):
         return None
     try:
         library = ctypes.CDLL(str(_build(FP32_SOURCES, FP32_HEADERS, FP32_CFLAGS[path], path)))
@@ -389,16 +407,18 @@ def _machine() -> str:
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
 
 
+def _arm_has(path: str) -> bool:
+    return all(feature in _arm_features() for feature in _ARM_FEATURES[path])
+
+
 @functools.cache
-def _has_dotprod() -> bool:
-    """aarch64 Linux: the CPU's `asimddp` feature (SDOT/UDOT)."""
+def _arm_features() -> frozenset[str]:
+    """aarch64 Linux: the CPU's feature names (`asimddp` for SDOT, `bf16` for BFDOT)."""
     try:
-        return any(
-            line.startswith("Features") and "asimddp" in line.split()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-        )
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return False
+        return frozenset()
+    return frozenset(w for line in lines if line.startswith("Features") for w in line.split()[2:])
 
 
 def _fp32_or_fail(path: str) -> Fp32Kernels:

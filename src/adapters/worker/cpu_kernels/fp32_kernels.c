@@ -15,9 +15,13 @@
  *                  eight add up without overflow), one `vpmaddwd` per 32 columns to widen;
  *   NEON dotprod:  `sdot`, four columns per int32 lane, as VNNI;
  *   NEON:          `smull` + `sadalp`, the same sums in two steps.
+ * On ARM CPUs with the BF16 extension (`+bf16` builds) the dense bf16 matmul below uses
+ * `bfdot` on x rounded to bf16 once per call (the precision of the bf16 worker path).
  *
  * Dense, y = x @ W^T with W bf16 or fp16 [N, K] (16-bit models, the LM head): W streamed once
- * per call, widened to fp32 in registers, 4 rows of W sharing each load of x.
+ * per call, widened to fp32 in registers, 4 rows of W sharing each load of x. The same with W
+ * in int8 and one fp32 scale per row (the tied embedding table that is also the LM head of a
+ * W4A16 model, `--embedding-bits 8`): half the bytes of the 16-bit head.
  *
  * The decoder, `vsf_decode_layers`: one decode position through every layer in one call (as
  * decoder.c does in bf16 on AVX-512), in fp32 as PyTorch's fp32 path computes it: RMSNorm,
@@ -44,7 +48,7 @@
 #define CHUNK 8 /* columns per 64-byte block of a tile */
 #define MAX_GROUP 2048
 #define X_LEVELS 32639.0f
-#define PREFETCH_BYTES 1024
+#define PREFETCH_BYTES 4096
 #define STACK_COLUMNS 16384
 #define DENSE_ROWS 4
 
@@ -97,6 +101,9 @@ static inline void vf_store_bf16(uint16_t *p, vf v) { /* round to nearest even *
     _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(u),
                                                     _mm256_extracti128_si256(u, 1)));
 }
+static inline vf vf_load_i8(const int8_t *p) { /* VL int8 values, widened */
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
 static inline void prefetch(const void *p) { _mm_prefetch((const char *)p, _MM_HINT_T0); }
 #elif VS_NEON
 typedef float32x4_t vf;
@@ -130,6 +137,12 @@ static inline void vf_store_bf16(uint16_t *p, vf v) {
     const uint32x4_t odd = vandq_u32(vshrq_n_u32(u, 16), vdupq_n_u32(1));
     u = vshrq_n_u32(vaddq_u32(vaddq_u32(u, vdupq_n_u32(0x7FFF)), odd), 16);
     vst1_u16(p, vmovn_u32(u));
+}
+static inline vf vf_load_i8(const int8_t *p) {
+    int32_t four;
+    memcpy(&four, p, 4); /* exactly VL bytes: never past the end of a row */
+    const int16x8_t wide = vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(four)));
+    return vcvtq_f32_s32(vmovl_s16(vget_low_s16(wide)));
 }
 static inline void prefetch(const void *p) { __builtin_prefetch(p); }
 #endif
@@ -205,6 +218,45 @@ typedef struct {
     int32_t *sum;
 } vsf_int16_rows;
 
+#if VS_AVX2
+static void quantize_rows(const void *x, int x_fp32, int64_t m_rows, int64_t k, int64_t group,
+                          vsf_int16_rows *xq) {
+    const int64_t groups = k / group;
+    for (int64_t m = 0; m < m_rows; m++) {
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t base = m * k + g * group;
+            vf amax = vf_zero();
+            for (int64_t i = 0; i < group; i += VL) {
+                amax = vf_max(amax, vf_abs(vf_load_x(x, x_fp32, base + i)));
+            }
+            const float top = vf_hmax(amax);
+            const vf inverse = vf_set1(top > 0.0f ? X_LEVELS / top : 0.0f);
+            __m256i sum = _mm256_setzero_si256();
+            for (int64_t i = 0; i < group; i += VL) {
+                const __m256i v = _mm256_cvtps_epi32(vf_mul(vf_load_x(x, x_fp32, base + i), inverse));
+                /* minor = ((v + 128) & 255) - 128, major = (v - minor) >> 8: both in [-128, 127] */
+                const __m256i minor = _mm256_sub_epi32(
+                    _mm256_and_si256(_mm256_add_epi32(v, _mm256_set1_epi32(128)),
+                                     _mm256_set1_epi32(255)),
+                    _mm256_set1_epi32(128));
+                const __m256i major = _mm256_srai_epi32(_mm256_sub_epi32(v, minor), 8);
+                const __m128i minor16 = _mm_packs_epi32(_mm256_castsi256_si128(minor),
+                                                        _mm256_extracti128_si256(minor, 1));
+                const __m128i major16 = _mm_packs_epi32(_mm256_castsi256_si128(major),
+                                                        _mm256_extracti128_si256(major, 1));
+                _mm_storel_epi64((__m128i *)(xq->minor + base + i), _mm_packs_epi16(minor16, minor16));
+                _mm_storel_epi64((__m128i *)(xq->major + base + i), _mm_packs_epi16(major16, major16));
+                sum = _mm256_add_epi32(sum, v);
+            }
+            __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+            s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+            s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+            xq->scale[m * groups + g] = top / X_LEVELS;
+            xq->sum[m * groups + g] = _mm_cvtsi128_si32(s);
+        }
+    }
+}
+#else
 static void quantize_rows(const void *x, int x_fp32, int64_t m_rows, int64_t k, int64_t group,
                           vsf_int16_rows *xq) {
     const int64_t groups = k / group;
@@ -235,6 +287,7 @@ static void quantize_rows(const void *x, int x_fp32, int64_t m_rows, int64_t k, 
         }
     }
 }
+#endif
 
 static inline int32_t load4(const int8_t *p) {
     int32_t v;
@@ -423,6 +476,43 @@ static inline vf load_w(const uint16_t *w, int w_fp16) {
     return w_fp16 ? vf_load_fp16(w) : vf_load_bf16(w);
 }
 
+#if VS_NEON && defined(__ARM_FEATURE_BF16_VECTOR_ARITHMETIC)
+/* bf16 W with BFDOT: eight bf16 products per instruction into four fp32 lanes. */
+static int dense_bfdot(const float *x, int64_t m_rows, const uint16_t *w, int64_t n, int64_t k,
+                       void *out, int64_t ldo, int out_fp32, int threads) {
+    uint16_t *xb = malloc(2 * m_rows * k);
+    if (!xb) return 2;
+    for (int64_t i = 0; i < m_rows * k; i += VL) vf_store_bf16(xb + i, vf_load(x + i));
+    const int64_t tiles = (n + DENSE_ROWS - 1) / DENSE_ROWS;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        const int64_t n0 = t * DENSE_ROWS, rows = n - n0 < DENSE_ROWS ? n - n0 : DENSE_ROWS;
+        for (int64_t m = 0; m < m_rows; m++) {
+            float32x4_t acc[DENSE_ROWS];
+            for (int r = 0; r < DENSE_ROWS; r++) acc[r] = vdupq_n_f32(0.0f);
+            for (int64_t i = 0; i < k; i += 8) {
+                const bfloat16x8_t xv = vreinterpretq_bf16_u16(vld1q_u16(xb + m * k + i));
+                for (int r = 0; r < DENSE_ROWS; r++) {
+                    const uint16_t *wr = w + (n0 + (r < rows ? r : rows - 1)) * k + i;
+                    prefetch(wr + PREFETCH_BYTES / 2);
+                    acc[r] = vbfdotq_f32(acc[r], vreinterpretq_bf16_u16(vld1q_u16(wr)), xv);
+                }
+            }
+            for (int64_t r = 0; r < rows; r++) {
+                const float y = vaddvq_f32(acc[r]);
+                if (out_fp32) {
+                    ((float *)out)[m * ldo + n0 + r] = y;
+                } else {
+                    ((uint16_t *)out)[m * ldo + n0 + r] = to_bf16(y);
+                }
+            }
+        }
+    }
+    free(xb);
+    return 0;
+}
+#endif
+
 /* Dense y[M, N] = x[M, K] @ W[N, K]^T for few rows; W bf16 (or fp16 with `w_fp16`), x and y
  * fp32 or bf16. Needs K % 8 == 0. Two rows of x share each pass over 4 rows of W. */
 int vsf_dense_matmul(const void *x, int x_fp32, int64_t m_rows, const uint16_t *w, int w_fp16,
@@ -435,6 +525,13 @@ int vsf_dense_matmul(const void *x, int x_fp32, int64_t m_rows, const uint16_t *
         for (int64_t i = 0; i < m_rows * k; i += VL) vf_store(xf + i, vf_load_x(x, 0, i));
     }
     const float *xs = x_fp32 ? (const float *)x : xf;
+#if VS_NEON && defined(__ARM_FEATURE_BF16_VECTOR_ARITHMETIC)
+    if (!w_fp16) {
+        const int status = dense_bfdot(xs, m_rows, w, n, k, out, ldo, out_fp32, threads);
+        free(xf);
+        return status;
+    }
+#endif
     const int64_t tiles = (n + DENSE_ROWS - 1) / DENSE_ROWS;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
@@ -470,6 +567,33 @@ int vsf_dense_matmul(const void *x, int x_fp32, int64_t m_rows, const uint16_t *
         }
     }
     free(xf);
+    return 0;
+}
+
+/* y[M, N] = x[M, K] @ (scale[n] * W[n, :])^T for few rows; W int8 [N, K], scale fp32 [N];
+ * x and y fp32. Needs K % 8 == 0. */
+int vsf_int8_matmul(const float *x, int64_t m_rows, const int8_t *w, const float *scale,
+                    int64_t n, int64_t k, float *out, int64_t ldo, int threads) {
+    if (k % 8) return 1;
+    const int64_t tiles = (n + DENSE_ROWS - 1) / DENSE_ROWS;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        const int64_t n0 = t * DENSE_ROWS, rows = n - n0 < DENSE_ROWS ? n - n0 : DENSE_ROWS;
+        for (int64_t m = 0; m < m_rows; m++) {
+            vf acc[DENSE_ROWS];
+            for (int r = 0; r < DENSE_ROWS; r++) acc[r] = vf_zero();
+            const float *xr = x + m * k;
+            for (int64_t i = 0; i < k; i += VL) {
+                const vf xv = vf_load(xr + i);
+                for (int r = 0; r < DENSE_ROWS; r++) {
+                    const int8_t *wr = w + (n0 + (r < rows ? r : rows - 1)) * k + i;
+                    prefetch(wr + PREFETCH_BYTES);
+                    acc[r] = vf_fma(vf_load_i8(wr), xv, acc[r]);
+                }
+            }
+            for (int64_t r = 0; r < rows; r++) out[m * ldo + n0 + r] = vf_sum(acc[r]) * scale[n0 + r];
+        }
+    }
     return 0;
 }
 

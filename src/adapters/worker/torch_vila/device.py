@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from vilaserve.adapters.worker import cpu_kernels
+
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -16,9 +18,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: fp16 on CUDA (as TinyChat); on CPU bf16 where the CPU computes it natively,
-    else fp32 (where bf16 is emulated the same forward runs several times faster in fp32;
-    weights stay 4-bit or 16-bit in memory either way)."""
+    """`auto`: fp16 on CUDA (as TinyChat); on CPU what the CPU path computes in: bf16 on the
+    AVX-512 kernels, fp32 on the AVX2 / NEON ones, and on PyTorch's own kernels bf16 where the
+    CPU computes it natively, else fp32 (where bf16 is emulated the same forward runs several
+    times faster in fp32). Weights stay 4-bit or 16-bit in memory either way."""
     if name != "auto":
         dtype = _DTYPES[name]
         if dtype == torch.bfloat16 and not bf16_works(device):
@@ -26,7 +29,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return dtype
     if device.type == "cuda":
         return torch.float16
-    if cpu_computes_bf16_natively() and bf16_works(device):
+    path = cpu_kernels.cpu_path()
+    if path in cpu_kernels.FP32_CFLAGS:  # avx2, neon*: the native fp32 decoder
+        return torch.float32
+    if path == "avx512_bf16" or (cpu_computes_bf16_natively() and bf16_works(device)):
         return torch.bfloat16
     return torch.float32
 

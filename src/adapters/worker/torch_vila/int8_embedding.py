@@ -3,14 +3,21 @@
 A decode step reads one row of the table, so its size is memory, not speed: in a W4A16 model
 the 16-bit table is the largest single tensor after the head (6% of VILA1.5-3B's LLM). Per-row
 absmax int8 halves it with an error (<= 0.4% of the row's largest value) of the order of bf16's
-own rounding. Tied embeddings are left alone: the 16-bit head needs the table anyway.
+own rounding. Tied embeddings are left alone on most paths: the 16-bit head needs the table
+anyway. On the fp32 CPU paths (AVX2, NEON) the tied table is kept once, in int8, as both the
+token lookup and the LM head (`Int8TiedHead`): decode streams the head every step, and int8
+halves it (llama.cpp's SmolLM2 Q4_1 GGUF keeps that table in Q8_0 likewise).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vilaserve.adapters.worker import cpu_kernels
 from vilaserve.adapters.worker.torch_vila.llama import Llama
 
 _ROWS_PER_CHUNK = 4096  # bounds the fp32 temporary while quantizing (a 32k x 2560 table: 42 MB)
@@ -42,10 +49,69 @@ class Int8Embedding(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, out_dtype={self.out_dtype}"
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Int8Embedding:
+        # `model.to(dtype)` changes the dtype rows come out in (the model's activations); the
+        # int8 table and the fp32 scales only follow device moves.
+        self.out_dtype = fn(torch.empty(0, dtype=self.out_dtype, device=self.scales.device)).dtype
+        scales = self.scales
+        super()._apply(fn, recurse)
+        self.scales = scales.to(self.scales.device)
+        return self
+
 
 def compress_token_embeddings(model: Llama) -> bool:
     """Replaces the model's untied embedding table by an `Int8Embedding`; True if it did."""
     if model.args.tie_word_embeddings or not isinstance(model.model.embed_tokens, nn.Embedding):
         return False
     model.model.embed_tokens = Int8Embedding(model.model.embed_tokens.weight)
+    return True
+
+
+# Rows (positions) up to which the head runs on the int8 kernel; more widen the table once.
+_HEAD_KERNEL_MAX_ROWS = 8
+
+
+class Int8TiedHead(nn.Module):
+    """The LM head of a tied model, reading the `Int8Embedding`'s table and scales (one copy)."""
+
+    def __init__(self, embedding: Int8Embedding, kernels: cpu_kernels.Fp32Kernels) -> None:
+        super().__init__()
+        self.embedding = [embedding]  # a plain list: the embedding stays the model's submodule
+        self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
+        self._kernels = kernels
+
+    def forward(self, x: Tensor) -> Tensor:
+        embedding = self.embedding[0]
+        rows = x.reshape(-1, self.in_features)
+        if (
+            rows.shape[0] > _HEAD_KERNEL_MAX_ROWS
+            or x.dtype != torch.float32
+            or torch.is_grad_enabled()
+        ):
+            weight = (embedding.table.float() * embedding.scales).to(x.dtype)
+            return F.linear(x, weight)
+        out = torch.empty(rows.shape[0], self.out_features)
+        self._kernels.int8_matmul(
+            rows.contiguous(), embedding.table, embedding.scales.view(-1), out
+        )
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 (tied)"
+
+
+def compress_tied_embeddings(model: Llama) -> bool:
+    """On the fp32 CPU paths, a tied model's table becomes one int8 copy serving as both the
+    embedding and the head; True if it did (elsewhere, or untied, nothing changes)."""
+    kernels = cpu_kernels.load_fp32()
+    if (
+        kernels is None
+        or not model.args.tie_word_embeddings
+        or not isinstance(model.model.embed_tokens, nn.Embedding)
+        or model.args.hidden_size % 8
+    ):
+        return False
+    embedding = Int8Embedding(model.model.embed_tokens.weight)
+    model.model.embed_tokens = embedding
+    model.lm_head = Int8TiedHead(embedding, kernels)
     return True

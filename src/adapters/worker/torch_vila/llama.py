@@ -616,7 +616,8 @@ class Llama(nn.Module):
         native = _NATIVE_DECODERS.get(self, _UNPLANNED)
         if native is _UNPLANNED:
             native = _NATIVE_DECODERS[self] = NativeDecoder.for_model(self)
-        return native
+        # The C decoder reads and writes the hidden state in its own dtype: never hand it another.
+        return native if native is not None and native.dtype == hidden.dtype else None
 
     def _forget_native_decoder(self) -> None:
         _NATIVE_DECODERS.pop(self, None)

@@ -87,6 +87,8 @@ class NativeDecoder:
     def run(self, hidden: Tensor, cache: KVCache, pos: int, cos: Tensor, sin: Tensor) -> Tensor:
         """hidden [B, 1, hidden] in `self.dtype`, contiguous and owned by the caller's forward
         (updated in place and returned); cos/sin: the rotary rows of `pos` [1, head_dim]."""
+        if hidden.dtype != self.dtype or not hidden.is_contiguous():
+            raise ValueError(f"the native decoder runs {self.dtype} contiguous hidden states")
         key = (threading.get_ident(), hidden.shape[0])
         scratch = self._scratch.get(key)
         if scratch is None:

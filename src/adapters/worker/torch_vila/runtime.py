@@ -14,7 +14,10 @@ from vilaserve.adapters.worker.torch_vila.checkpoint import VilaCheckpoint, load
 from vilaserve.adapters.worker.torch_vila.device import resolve_device, resolve_dtype
 from vilaserve.adapters.worker.torch_vila.executor import ModelExecutor
 from vilaserve.adapters.worker.torch_vila.fast_linear import accelerate_cpu_linears
-from vilaserve.adapters.worker.torch_vila.int8_embedding import compress_token_embeddings
+from vilaserve.adapters.worker.torch_vila.int8_embedding import (
+    compress_tied_embeddings,
+    compress_token_embeddings,
+)
 from vilaserve.adapters.worker.torch_vila.llama import Llama, LlamaArgs
 from vilaserve.adapters.worker.torch_vila.text_generator import TorchTextGenerator
 from vilaserve.adapters.worker.torch_vila.tokenization import load_tokenizer, stop_token_ids
@@ -64,6 +67,7 @@ class VilaRuntime:
             model.fuse_projections(fuse_w4a16)
             if options.embedding_bits == 8:
                 compress_token_embeddings(model)
+                compress_tied_embeddings(model)
         else:
             from vilaserve.adapters.worker.awq.loading import is_awq_config
 
