@@ -18,6 +18,7 @@ from servers import ServerThread, start_worker
 from transformers import LlamaForCausalLM
 
 from vilaserve.adapters.offline.checkpoints.tiny_vila import make_png, make_png_b64
+from vilaserve.adapters.worker import cpu_kernels
 from vilaserve.adapters.worker.torch_vila.checkpoint import VilaCheckpoint
 from vilaserve.adapters.worker.torch_vila.image_processing import decode_image
 from vilaserve.adapters.worker.torch_vila.tokenization import (
@@ -106,6 +107,7 @@ def test_tinychat_web_server_flow(siglip_worker: ServerThread, tiny_vila_siglip:
     count = httpx.post(siglip_worker.url + "/count_token", json={"prompt": prompt}).json()
     assert usage["prompt_tokens"] == count["count"]
     assert details["tokens_per_image"] == 4  # 16 SigLIP patches merged 2x2, from the config
+    assert details["cpu_path"] == cpu_kernels.cpu_path()  # the kernels this worker runs on
 
 
 def test_fastchat_openai_server_flow(siglip_worker: ServerThread) -> None:
