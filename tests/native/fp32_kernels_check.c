@@ -5,7 +5,7 @@
  *
  * The references compute in double from the same quantized weights and the same fp16 scales,
  * so they check the packing, the integer dot products (16-bit activations split into two
- * bytes), the bf16 / fp16 widening and the decoder's glue (RMSNorm, rotary, GQA attention,
+ * bytes), the bf16 / fp16 / int8 widening and the decoder's glue (RMSNorm, rotary, GQA attention,
  * SiLU, residuals) independently of the kernels' code.
  */
 #include "fp32_kernels.c"
@@ -201,6 +201,31 @@ static void check_dense(int64_t n, int64_t k, int fp16) {
     free(w);
 }
 
+static void check_int8(int64_t n, int64_t k) {
+    int8_t *w = malloc(n * k);
+    float *scale = malloc(sizeof(float) * n);
+    for (int64_t i = 0; i < n * k; i++) w[i] = (int8_t)((int32_t)(next_u32() % 255) - 127);
+    for (int64_t r = 0; r < n; r++) scale[r] = uniform(0.001f, 0.02f);
+    for (int64_t m = 1; m <= 3; m++) {
+        float *x = malloc(sizeof(float) * m * k), *y = malloc(sizeof(float) * m * n);
+        double *want = malloc(sizeof(double) * m * n);
+        for (int64_t j = 0; j < m * k; j++) x[j] = gaussian();
+        for (int64_t r = 0; r < m; r++) {
+            for (int64_t c = 0; c < n; c++) {
+                double s = 0.0;
+                for (int64_t j = 0; j < k; j++) s += (double)x[r * k + j] * w[c * k + j];
+                want[r * n + c] = s * scale[c];
+            }
+        }
+        vsf_int8_matmul(x, m, w, scale, n, k, y, n, 1);
+        char what[96];
+        snprintf(what, sizeof what, "int8 head %ldx%ld, %ld rows", (long)n, (long)k, (long)m);
+        report(what, rel_err(y, want, m * n), 1e-5);
+        free(x), free(y), free(want);
+    }
+    free(w), free(scale);
+}
+
 /* ---------------------------------------------------------------- the decoder, end to end */
 
 enum { LAYERS = 2, HIDDEN = 64, HEADS = 4, KV_HEADS = 2, DIM = 16, INNER = 128, POSITIONS = 6 };
@@ -332,6 +357,9 @@ int main(void) {
     check_dense(37, 64, 0);
     check_dense(37, 64, 1);
     check_dense(8, 576, 0);
+    check_int8(37, 64);
+    check_int8(5, 40); /* K % 16 != 0: the 4-wide loop */
+    check_int8(300, 576);
     check_decoder();
     printf("%s\n", failures ? "FAILED" : "all kernel checks passed");
     return failures ? 1 : 0;

@@ -583,7 +583,27 @@ int vsf_int8_matmul(const float *x, int64_t m_rows, const int8_t *w, const float
             vf acc[DENSE_ROWS];
             for (int r = 0; r < DENSE_ROWS; r++) acc[r] = vf_zero();
             const float *xr = x + m * k;
+#if VS_NEON
+            /* 16 weights per load: widening 4 bytes at a time cost more than the bytes (the
+             * head is instruction-bound on NEON otherwise) */
+            for (int64_t i = 0; k % 16 == 0 && i < k; i += 16) {
+                const float32x4_t x0 = vld1q_f32(xr + i), x1 = vld1q_f32(xr + i + 4);
+                const float32x4_t x2 = vld1q_f32(xr + i + 8), x3 = vld1q_f32(xr + i + 12);
+                for (int r = 0; r < DENSE_ROWS; r++) {
+                    const int8_t *wr = w + (n0 + (r < rows ? r : rows - 1)) * k + i;
+                    prefetch(wr + PREFETCH_BYTES);
+                    const int8x16_t b = vld1q_s8(wr);
+                    const int16x8_t lo = vmovl_s8(vget_low_s8(b)), hi = vmovl_high_s8(b);
+                    acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo))), x0);
+                    acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(vmovl_high_s16(lo)), x1);
+                    acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi))), x2);
+                    acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(vmovl_high_s16(hi)), x3);
+                }
+            }
+            for (int64_t i = 0; k % 16 != 0 && i < k; i += VL) {
+#else
             for (int64_t i = 0; i < k; i += VL) {
+#endif
                 const vf xv = vf_load(xr + i);
                 for (int r = 0; r < DENSE_ROWS; r++) {
                     const int8_t *wr = w + (n0 + (r < rows ? r : rows - 1)) * k + i;
