@@ -41,6 +41,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     add("--device", choices=["auto", "cpu", "cuda"], help="where to run (default auto)")
     add("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="compute dtype")
     add("--conv-template", help="override the conversation template (vicuna_v1, llama_3, ...)")
+    add(
+        "--image-cache-mb",
+        type=int,
+        help="MB of projected image embeddings kept, so a picture asked about again is not "
+        "encoded again (default 256; 0: off)",
+    )
     add("--limit-model-concurrency", type=int, help="generations at once (default 5)")
     add("--max-queue-length", type=int, help="requests allowed to wait (default 64)")
     add("--stream-interval", type=int, help="tokens between streamed chunks (default 1)")

@@ -14,6 +14,7 @@ from vilaserve.adapters.worker.torch_vila.checkpoint import VilaCheckpoint, load
 from vilaserve.adapters.worker.torch_vila.device import resolve_device, resolve_dtype
 from vilaserve.adapters.worker.torch_vila.executor import ModelExecutor
 from vilaserve.adapters.worker.torch_vila.fast_linear import accelerate_cpu_linears
+from vilaserve.adapters.worker.torch_vila.image_cache import ImageEmbeddingCache
 from vilaserve.adapters.worker.torch_vila.int8_embedding import (
     compress_tied_embeddings,
     compress_token_embeddings,
@@ -38,6 +39,7 @@ class VilaRuntimeOptions:
     conv_template: str | None = None
     max_image_pixels: int = 64_000_000
     embedding_bits: int = 8  # W4A16 only: the token embedding table in int8 (8) or 16-bit (16)
+    image_cache_mb: int = 256  # projected embeddings of recent images (0: no cache)
 
 
 @dataclass
@@ -97,7 +99,13 @@ class VilaRuntime:
             pipeline = VisionPipeline.from_checkpoint(
                 checkpoint.root, checkpoint.config, dtype, device
             )
-            vision = TorchVisionEncoder(pipeline, executor, options.max_image_pixels)
+            cache = None
+            if options.image_cache_mb > 0:
+                preprocessing = repr(
+                    (pipeline.preprocessor.config, pipeline.preprocessor.aspect_ratio)
+                )
+                cache = ImageEmbeddingCache(options.image_cache_mb * 2**20, preprocessing)
+            vision = TorchVisionEncoder(pipeline, executor, options.max_image_pixels, cache)
         log.info(
             "model loaded",
             extra={

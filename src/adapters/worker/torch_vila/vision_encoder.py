@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from vilaserve.adapters.worker.torch_vila.executor import ModelExecutor
+from vilaserve.adapters.worker.torch_vila.image_cache import ImageEmbeddingCache
 from vilaserve.adapters.worker.torch_vila.image_processing import decode_image
 from vilaserve.adapters.worker.torch_vila.text_generator import TorchImageFeatures
 from vilaserve.adapters.worker.torch_vila.vision_pipeline import VisionPipeline
@@ -22,26 +23,43 @@ from vilaserve.domain.worker.ports import ImageFeatures, VisionEncoder
 
 class TorchVisionEncoder(VisionEncoder):
     def __init__(
-        self, pipeline: VisionPipeline, executor: ModelExecutor, max_image_pixels: int
+        self,
+        pipeline: VisionPipeline,
+        executor: ModelExecutor,
+        max_image_pixels: int,
+        cache: ImageEmbeddingCache | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._executor = executor
         self._max_pixels = max_image_pixels
+        self.cache = cache
 
     @property
     def tokens_per_image(self) -> int:
         return self._pipeline.tokens_per_image
 
     async def encode(self, images: Sequence[bytes]) -> ImageFeatures:
-        pixels = await asyncio.to_thread(self._pixels, images)
-        embeddings = await self._executor.run(self._pipeline.encode_pixels, pixels)
-        return TorchImageFeatures(embeddings)
+        """Only images the cache does not hold are decoded and encoded (in one batch)."""
+        cache = self.cache
+        keys = [cache.key(data) for data in images] if cache is not None else []
+        found = [cache.get(key) for key in keys] if cache is not None else [None] * len(images)
+        missing = [index for index, hit in enumerate(found) if hit is None]
+        if missing:
+            pixels = await asyncio.to_thread(self._pixels, images, missing)
+            fresh = await self._executor.run(self._pipeline.encode_pixels, pixels)
+            for slot, index in enumerate(missing):
+                found[index] = fresh[slot]
+                if cache is not None:  # its own copy: a view would pin the whole batch
+                    cache.put(keys[index], fresh[slot].clone())
+        if len(missing) == len(images) and missing:
+            return TorchImageFeatures(fresh)  # nothing cached: the batch as the tower made it
+        return TorchImageFeatures(torch.stack([f for f in found if f is not None]))
 
-    def _pixels(self, images: Sequence[bytes]) -> torch.Tensor:
+    def _pixels(self, images: Sequence[bytes], indices: Sequence[int]) -> torch.Tensor:
         decoded = []
-        for index, data in enumerate(images):
+        for index in indices:
             try:
-                decoded.append(decode_image(data, self._max_pixels))
+                decoded.append(decode_image(images[index], self._max_pixels))
             except ValueError as exc:
                 raise InvalidImage(f"image {index + 1} could not be decoded: {exc}") from exc
         return self._pipeline.preprocess(decoded)
