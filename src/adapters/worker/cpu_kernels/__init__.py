@@ -103,8 +103,60 @@ def pack_for_kernel(w: QuantizedWeight) -> PackedInt4:
     return PackedInt4(weight, tiles(w.scales, torch.float16), tiles(w.zeros, torch.uint8))
 
 
-class CpuKernels:
+class _NativeSet:
+    """What both kernel sets export with one signature under their own prefix (`vs_` for
+    AVX-512, `vsf_` for the fp32 set): the int4 dequantize and the one-call decoder."""
+
+    def __init__(self, library: ctypes.CDLL, prefix: str) -> None:
+        i64, ptr, flag = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        self._prefix = prefix
+        self._dequant = getattr(library, f"{prefix}int4_dequantize")
+        self._dequant.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, flag, flag]
+        self._dequant.restype = ctypes.c_int
+        self._decode_layers = getattr(library, f"{prefix}decode_layers")
+        self._decode_layers.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr,
+                                        flag]  # fmt: skip
+        self._decode_layers.restype = ctypes.c_int
+
+    # One loaded library per process: copies of a model refer to it, not to a copy of ctypes
+    # handles (which cannot be copied).
+    def __deepcopy__(self, memo: dict[int, object]) -> _NativeSet:
+        return self
+
+    def dequantize(self, w: PackedInt4, n: int, k: int, group: int, out: Tensor) -> None:
+        """out[N, K] (bf16 or fp32) = (q - z) * s."""
+        status = self._dequant(
+            w.weight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr(), n, k, group,
+            out.data_ptr(), out.dtype == torch.float32, torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise RuntimeError(f"{self._prefix}int4_dequantize failed with status {status}")
+
+    def decode_layers(
+        self,
+        plan: DecoderPlan,
+        hidden: Tensor,
+        pos: int,
+        cos: Tensor,
+        sin: Tensor,
+        cache: CachePointers,
+        scratch: Tensor,
+    ) -> None:
+        """Runs position `pos` of hidden [B, hidden] (contiguous, in the set's dtype: bf16 for
+        AVX-512, fp32 for the fp32 set; updated in place) through every layer of `plan`,
+        writing its keys/values into the cache."""
+        status = self._decode_layers(
+            plan.dims_address, plan.layers_address, hidden.data_ptr(), hidden.shape[0], pos,
+            cos.data_ptr(), sin.data_ptr(), cache.keys_address, cache.values_address,
+            cache.batch_stride, cache.head_stride, scratch.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise RuntimeError(f"{self._prefix}decode_layers failed with status {status}")
+
+
+class CpuKernels(_NativeSet):
     def __init__(self, library: ctypes.CDLL) -> None:
+        super().__init__(library, "vs_")
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         self._matmul = library.vs_int4_matmul
         self._matmul.argtypes = [
@@ -121,9 +173,6 @@ class CpuKernels:
             ctypes.c_int,
         ]
         self._matmul.restype = ctypes.c_int
-        self._dequant = library.vs_int4_dequantize
-        self._dequant.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, ctypes.c_int, ctypes.c_int]
-        self._dequant.restype = ctypes.c_int
         self._dense = library.vs_bf16_matmul
         self._dense.argtypes = [ptr, i64, ptr, i64, i64, ptr, ctypes.c_int, ctypes.c_int]
         self._dense.restype = ctypes.c_int
@@ -136,15 +185,6 @@ class CpuKernels:
         self._rope = library.vs_rope
         self._rope.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, i64, i64]
         self._rope.restype = ctypes.c_int
-        self._decode_layers = library.vs_decode_layers
-        self._decode_layers.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr,
-                                        ctypes.c_int]  # fmt: skip
-        self._decode_layers.restype = ctypes.c_int
-
-    # One loaded library per process: copies and pickles of a model refer to it, not to a
-    # copy of ctypes handles (which cannot be copied).
-    def __deepcopy__(self, memo: dict[int, object]) -> CpuKernels:
-        return self
 
     def __reduce__(self) -> tuple[object, tuple[()]]:
         return (_load_or_fail, ())
@@ -208,62 +248,24 @@ class CpuKernels:
         if status:
             raise RuntimeError("vs_rope refused the shape")
 
-    def decode_layers(
-        self,
-        plan: DecoderPlan,
-        hidden: Tensor,
-        pos: int,
-        cos: Tensor,
-        sin: Tensor,
-        cache: CachePointers,
-        scratch: Tensor,
-    ) -> None:
-        """Runs position `pos` of hidden [B, hidden] (bf16, contiguous, updated in place)
-        through every layer of `plan` (decoder.c), writing its keys/values into the cache."""
-        status = self._decode_layers(
-            plan.dims_address, plan.layers_address, hidden.data_ptr(), hidden.shape[0], pos,
-            cos.data_ptr(), sin.data_ptr(), cache.keys_address, cache.values_address,
-            cache.batch_stride, cache.head_stride, scratch.data_ptr(), torch.get_num_threads(),
-        )  # fmt: skip
-        if status:
-            raise RuntimeError(f"vs_decode_layers failed with status {status}")
 
-    def dequantize(self, w: PackedInt4, n: int, k: int, group: int, out: Tensor) -> None:
-        """out[N, K] (bf16 or fp32) = (q - z) * s."""
-        status = self._dequant(
-            w.weight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr(), n, k, group,
-            out.data_ptr(), out.dtype == torch.float32, torch.get_num_threads(),
-        )  # fmt: skip
-        if status:
-            raise RuntimeError(f"vs_int4_dequantize failed with status {status}")
-
-
-class Fp32Kernels:
+class Fp32Kernels(_NativeSet):
     """fp32_kernels.c built for one ISA: the W4A16 and dense matmuls for few rows (fp32 or bf16
     activations) and the fp32 one-call decoder."""
 
     def __init__(self, library: ctypes.CDLL, path: str) -> None:
+        super().__init__(library, "vsf_")
         self.path = path
         i64, ptr, flag = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
         self._matmul = library.vsf_int4_matmul
         self._matmul.argtypes = [ptr, flag, i64, ptr, ptr, ptr, i64, i64, i64, ptr, i64, flag, flag]
         self._matmul.restype = ctypes.c_int
-        self._dequant = library.vsf_int4_dequantize
-        self._dequant.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, flag, flag]
-        self._dequant.restype = ctypes.c_int
         self._dense = library.vsf_dense_matmul
         self._dense.argtypes = [ptr, flag, i64, ptr, flag, i64, i64, ptr, i64, flag, flag]
         self._dense.restype = ctypes.c_int
         self._int8 = library.vsf_int8_matmul
         self._int8.argtypes = [ptr, i64, ptr, ptr, i64, i64, ptr, i64, flag]
         self._int8.restype = ctypes.c_int
-        self._decode_layers = library.vsf_decode_layers
-        self._decode_layers.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr,
-                                        flag]  # fmt: skip
-        self._decode_layers.restype = ctypes.c_int
-
-    def __deepcopy__(self, memo: dict[int, object]) -> Fp32Kernels:
-        return self
 
     def __reduce__(self) -> tuple[object, tuple[str]]:
         return (_fp32_or_fail, (self.path,))
@@ -278,15 +280,6 @@ class Fp32Kernels:
         )  # fmt: skip
         if status:
             raise RuntimeError(f"vsf_int4_matmul failed with status {status}")
-
-    def dequantize(self, w: PackedInt4, n: int, k: int, group: int, out: Tensor) -> None:
-        """out[N, K] (fp32 or bf16) = (q - z) * s."""
-        status = self._dequant(
-            w.weight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr(), n, k, group,
-            out.data_ptr(), out.dtype == torch.float32, torch.get_num_threads(),
-        )  # fmt: skip
-        if status:
-            raise RuntimeError(f"vsf_int4_dequantize failed with status {status}")
 
     def dense_matmul(self, x: Tensor, weight: Tensor, out: Tensor) -> None:
         """out[M, N] (fp32 or bf16) = x[M, K] (fp32 or bf16) @ weight[N, K]^T (bf16 or fp16);
@@ -311,32 +304,12 @@ class Fp32Kernels:
         if status:
             raise RuntimeError(f"vsf_int8_matmul failed with status {status}")
 
-    def decode_layers(
-        self,
-        plan: DecoderPlan,
-        hidden: Tensor,
-        pos: int,
-        cos: Tensor,
-        sin: Tensor,
-        cache: CachePointers,
-        scratch: Tensor,
-    ) -> None:
-        """Position `pos` of hidden [B, hidden] (fp32, contiguous, updated in place) through
-        every layer of `plan`, writing its keys/values into the (fp32) cache."""
-        status = self._decode_layers(
-            plan.dims_address, plan.layers_address, hidden.data_ptr(), hidden.shape[0], pos,
-            cos.data_ptr(), sin.data_ptr(), cache.keys_address, cache.values_address,
-            cache.batch_stride, cache.head_stride, scratch.data_ptr(), torch.get_num_threads(),
-        )  # fmt: skip
-        if status:
-            raise RuntimeError(f"vsf_decode_layers failed with status {status}")
-
 
 NativeKernels = CpuKernels | Fp32Kernels
 
 
 def cpu_path() -> str:
-    """The kernel set this process runs on the CPU: avx512_bf16, avx2 or torch (PyTorch's own
+    """The kernel set this process runs on the CPU, one of `CPU_PATHS` (torch: PyTorch's own
     ops). Chosen once from the CPU's features; `VILASERVE_CPU_PATH` forces a path (tests force
     each one the machine can run), and a forced path this CPU cannot run is refused."""
     return _chosen_path(os.environ.get("VILASERVE_CPU_PATH", "auto"))
