@@ -42,6 +42,7 @@ from decode_speed import (
     read_bandwidth,
     rtn_quantize,
     shape,
+    streamed_bytes,
     w4_against_bandwidth,
 )
 from tqdm import tqdm
@@ -76,22 +77,6 @@ def w4a16_model(size: str, dtype: torch.dtype) -> Llama:
     compress_tied_embeddings(model)  # the fp32 paths: one int8 table, also the head
     accelerate_cpu_linears(model)
     return model.to(dtype)  # the 4-bit layers and the 16-bit head keep their storage
-
-
-def streamed_bytes(model: Llama) -> int:
-    """Bytes a W4A16 decode step reads: every 4-bit layer's buffers and the head."""
-    seen: set[int] = set()
-    total = 0
-    for module in (*model.model.layers.modules(), model.lm_head, model.model.embed_tokens):
-        if module is model.model.embed_tokens and model.lm_head.__class__.__name__ != (
-            "Int8TiedHead"
-        ):
-            continue  # an untied table is read one row per step
-        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
-            if tensor.data_ptr() not in seen and "norm" not in type(module).__name__.lower():
-                seen.add(tensor.data_ptr())
-                total += tensor.numel() * tensor.element_size()
-    return total
 
 
 def decode_ms(model: Llama, tokens: int) -> float:

@@ -39,7 +39,10 @@ from vilaserve.adapters.worker.awq.qlinear import (
 )
 from vilaserve.adapters.worker.awq.quantized_weight import QuantizedWeight
 from vilaserve.adapters.worker.torch_vila.fast_linear import accelerate_cpu_linears
-from vilaserve.adapters.worker.torch_vila.int8_embedding import compress_token_embeddings
+from vilaserve.adapters.worker.torch_vila.int8_embedding import (
+    Int8TiedHead,
+    compress_token_embeddings,
+)
 from vilaserve.adapters.worker.torch_vila.llama import Llama, LlamaArgs
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -189,14 +192,19 @@ def kernel_ceiling(threads: int) -> float | None:
 
 
 def streamed_bytes(model: Llama) -> int:
-    """Bytes a W4A16 decode step must read: packed weights + scales/zeros + the bf16 head."""
+    """Bytes a W4A16 decode step must read: packed weights + scales/zeros + the head (16-bit,
+    or the int8 table a tied head shares with the embedding on the fp32 CPU paths)."""
     total = sum(
         b.numel() * b.element_size()
         for m in model.modules()
         if isinstance(m, W4A16Linear)
         for b in m.buffers()
     )
-    return total + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    head = model.lm_head
+    if isinstance(head, Int8TiedHead):
+        table = head.embedding[0]
+        return total + table.table.nbytes + table.scales.nbytes
+    return total + head.weight.numel() * head.weight.element_size()
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from vilaserve.entrypoints.worker import main as worker_main
 
 # The offline commands and the terminal chat import torch and transformers (seconds): their
 # modules load only when one of them is the command, so `serve` and the services start fast.
-_OFFLINE_COMMANDS = {
+_LAZY_COMMANDS = {
     "quantize": "AWQ 4-bit quantization of a checkpoint",
     "train-demo-vision": "train the demo model's vision tower and projector (CPU, ~37 min)",
     "build-demo": "build (once, cached) the demo model and print its directory",
@@ -36,24 +36,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         "serve", help="run controller, worker and API on this machine and print the chat URL"
     )
     serve.add_serve_arguments(stack)
-    offline = {
-        name: commands.add_parser(name, help=text) for name, text in _OFFLINE_COMMANDS.items()
-    }
+    lazy = {name: commands.add_parser(name, help=text) for name, text in _LAZY_COMMANDS.items()}
     wanted = _chosen_command(args_list)
     if wanted == "quantize":
         from vilaserve.entrypoints.offline import quantize
 
-        quantize.add_quantize_arguments(offline["quantize"])
+        quantize.add_quantize_arguments(lazy["quantize"])
     elif wanted in ("train-demo-vision", "build-demo"):
         from vilaserve.entrypoints.offline import demo
 
-        demo.add_train_arguments(offline["train-demo-vision"])
-        demo.add_build_arguments(offline["build-demo"])
+        demo.add_train_arguments(lazy["train-demo-vision"])
+        demo.add_build_arguments(lazy["build-demo"])
     elif wanted == "chat":
         from vilaserve.entrypoints import chat
 
-        chat.add_chat_arguments(offline["chat"])
-    offline["build-tiny"].add_argument("path", nargs="?", default=".cache/tiny-vila")
+        chat.add_chat_arguments(lazy["chat"])
+    lazy["build-tiny"].add_argument("path", nargs="?", default=".cache/tiny-vila")
     args = parser.parse_args(args_list)
     if args.command == "worker":
         worker_main.serve(worker_main.settings_from_args(args))

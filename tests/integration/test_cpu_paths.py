@@ -14,17 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_qlinear import random_qweight, rel_err, tiny_args
 from torch import nn
 
 from vilaserve.adapters.worker import cpu_kernels
-from vilaserve.adapters.worker.awq.quantized_weight import QuantizedWeight
 from vilaserve.adapters.worker.torch_vila.device import cpu_computes_bf16_natively, resolve_dtype
 from vilaserve.adapters.worker.torch_vila.fast_linear import (
     Fp32DecodeLinear,
     accelerate_cpu_linears,
     exact_16_bit,
 )
-from vilaserve.adapters.worker.torch_vila.llama import Llama, LlamaArgs
+from vilaserve.adapters.worker.torch_vila.llama import Llama
 
 FP32 = cpu_kernels.fp32_kernels()
 needs_fp32 = pytest.mark.skipif(FP32 is None, reason="needs an AVX2 (or NEON) CPU and gcc")
@@ -33,22 +33,6 @@ PATHS = (
     + ([FP32.path] if FP32 else [])
     + (["avx512_bf16"] if cpu_kernels.avx512_kernels() else [])
 )
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    want = want.float()
-    return float((got.float() - want).abs().max() / want.abs().max().clamp(min=1e-6))
-
-
-def random_qweight(n: int, k: int, group: int, seed: int) -> QuantizedWeight:
-    gen = torch.Generator().manual_seed(seed)
-    return QuantizedWeight(
-        q=torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8),
-        scales=(torch.rand(n, k // group, generator=gen) * 0.02 + 1e-3).to(torch.float16),
-        zeros=torch.randint(0, 16, (n, k // group), generator=gen, dtype=torch.uint8),
-        group_size=group,
-        bias=None,
-    )
 
 
 def test_the_path_is_one_of_the_known_ones_and_can_be_forced(
@@ -85,7 +69,7 @@ def test_fp32_int4_matmul_and_dequantize_against_the_oracle(
     """Rows 1 to 16 (the batching engine's range): the only difference from fp32 is the
     16-bit integer form of x, so fp32 outputs agree to 1e-4; bf16 outputs to their rounding."""
     assert FP32 is not None
-    w = random_qweight(n, k, group, seed=n + k)
+    w = random_qweight(n, k, group, seed=n + k, bias=False)
     packed = cpu_kernels.pack_for_kernel(w)
     dense = torch.empty(n, k)
     FP32.dequantize(packed, n, k, group, dense)
@@ -104,7 +88,7 @@ def test_fp32_int4_matmul_on_hard_rows_in_fp32() -> None:
     """An outlier among tiny values, a silent group, only tiny values, and the heap path."""
     assert FP32 is not None
     n, k, group = 64, 1024, 128
-    w = random_qweight(n, k, group, seed=11)
+    w = random_qweight(n, k, group, seed=11, bias=False)
     packed = cpu_kernels.pack_for_kernel(w)
     x = torch.randn(24, k, generator=torch.Generator().manual_seed(5)) * 1e-2
     x[0, 5] = 1e4
@@ -149,27 +133,10 @@ def test_fp32_linear_keeps_exact_16_bit_weights_and_answers_like_f_linear() -> N
     assert exact_16_bit(not_16_bit.weight.detach() + 1e-9) is None
 
 
-def tiny_args() -> LlamaArgs:
-    return LlamaArgs(
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        rms_norm_eps=1e-5,
-        rope_theta=10_000.0,
-        rope_scaling=None,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-
-
 @needs_fp32
 def test_a_fp32_model_on_the_fp32_path_keeps_16_bit_weights_and_its_logits() -> None:
     torch.manual_seed(0)
-    model = Llama(tiny_args()).to(torch.bfloat16).float().eval()  # fp32, exactly 16-bit
+    model = Llama(tiny_args(tied=True)).to(torch.bfloat16).float().eval()  # fp32, exactly 16-bit
     ids = torch.randint(0, 512, (1, 10))
     with torch.inference_mode():
         want = model(model.new_cache(1, 32), 0, input_ids=ids, last_only=False)
@@ -234,7 +201,7 @@ def test_the_fp32_decoder_refuses_a_hidden_state_of_another_dtype(
     assert FP32 is not None
     monkeypatch.setenv("VILASERVE_CPU_PATH", FP32.path)
     torch.manual_seed(0)
-    model = Llama(tiny_args()).to(torch.bfloat16).float().eval()
+    model = Llama(tiny_args(tied=True)).to(torch.bfloat16).float().eval()
     accelerate_cpu_linears(model)
     native = NativeDecoder.for_model(model)
     assert native is not None and native.dtype == torch.float32

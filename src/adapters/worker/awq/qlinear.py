@@ -8,8 +8,8 @@
   group <= 2048.
 * ``cpu_fp32``   -- our AVX2 / NEON kernel (fp32_kernels.c: the same packed layout and integer
   numerics, `vpmaddubsw` or `sdot` instead of VNNI) with fp32 or bf16 activations, for CPUs
-  that only emulate bf16; from `FP32_PREFILL_MIN_ROWS` rows it
-  dequantizes into the reused buffer and runs one dense GEMM. Same shape rules.
+  that only emulate bf16; from `FP32_PREFILL_MIN_ROWS` rows it dequantizes into the reused
+  buffer and runs one dense GEMM. Same shape rules.
 * ``cpu_int4``  -- `aten._weight_int4pack_mm_for_cpu` for decode (few rows); many-row calls
   (prefill) dequantize the packed weight to 16 bits once per call and run a dense GEMM.
 * ``cuda_int4`` -- tinygemm (`aten._weight_int4pack_mm`, bf16 only, inner_k_tiles 8).
@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from vilaserve.adapters.worker import cpu_kernels
 from vilaserve.adapters.worker.awq.quantized_weight import QuantizedWeight
+from vilaserve.adapters.worker.torch_vila.device import apply_keeping_dtypes
 
 BACKENDS = ("auto", "cpu_avx512", "cpu_fp32", "cpu_int4", "cuda_int4", "dequant")
 NATIVE_BACKENDS = ("cpu_avx512", "cpu_fp32")
@@ -146,7 +147,8 @@ class W4A16Linear(nn.Module):
         self._adopt_native(cpu_kernels.pack_for_kernel(w), kernel)
 
     def _pack_fp32(self, w: QuantizedWeight, device: torch.device) -> None:
-        kernel = cpu_kernels.fp32_kernels()
+        # The build of this process's path (a forced `neon` stays `neon`), else this CPU's best.
+        kernel = cpu_kernels.load_fp32() or cpu_kernels.fp32_kernels()
         if device.type != "cpu" or kernel is None:
             raise ValueError(
                 f"cpu_fp32 needs an AVX2 + FMA + F16C or NEON CPU and a C compiler ({device})"
@@ -336,12 +338,7 @@ class W4A16Linear(nn.Module):
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> W4A16Linear:
         # `model.to(dtype)` would cast the packed scales (and break the kernels' dtype
         # contracts); follow device moves only, keep every buffer's dtype.
-        before = {name: buf.dtype for name, buf in self._buffers.items() if buf is not None}
-        super()._apply(fn, recurse)
-        for name, dtype in before.items():
-            buf = self._buffers[name]
-            if buf is not None and buf.dtype != dtype:
-                self._buffers[name] = buf.to(dtype)
+        apply_keeping_dtypes(self, fn, recurse)
         if self.backend in NATIVE_BACKENDS:
             self._packed = cpu_kernels.PackedInt4(
                 self.weight, self.kernel_scales, self.kernel_zeros

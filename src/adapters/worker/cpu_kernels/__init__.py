@@ -321,14 +321,16 @@ def _chosen_path(wanted: str) -> str:
         raise ValueError(f"VILASERVE_CPU_PATH={wanted}: choose from auto, {', '.join(CPU_PATHS)}")
     if wanted == "torch":
         return "torch"
-    runs = {"avx512_bf16": lambda: avx512_kernels() is not None}
-    runs.update({path: (lambda p=path: fp32_kernels(p) is not None) for path in FP32_CFLAGS})
     if wanted != "auto":
-        if not runs[wanted]():
+        if _kernels_for(wanted) is None:
             raise ValueError(f"VILASERVE_CPU_PATH={wanted}, but that kernel set cannot run here")
         return wanted
-    # In order of speed; a CPU has at most one of each family.
-    return next((path for path in CPU_PATHS[:-1] if runs[path]()), "torch")
+    # CPU_PATHS is in order of speed; paths of another ISA family answer None at once.
+    return next((path for path in CPU_PATHS[:-1] if _kernels_for(path) is not None), "torch")
+
+
+def _kernels_for(path: str) -> NativeKernels | None:
+    return avx512_kernels() if path == "avx512_bf16" else fp32_kernels(path)
 
 
 def load() -> CpuKernels | None:
@@ -343,19 +345,12 @@ def load_fp32() -> Fp32Kernels | None:
     return fp32_kernels(path) if path in FP32_CFLAGS else None
 
 
-def load_native() -> NativeKernels | None:
-    """Whichever native set is this process's CPU path (None on the torch path)."""
-    return load() or load_fp32()
-
-
 def fp32_kernels(path: str | None = None) -> Fp32Kernels | None:
     """The fp32 set built for `path` (default: the one for this CPU's ISA family) if this CPU
     and compiler can run it, whatever the chosen path."""
     if path is None:
-        if _machine() == "x86_64":
-            path = "avx2"
-        else:
-            path = next(p for p in ("neon_bf16", "neon_dotprod", "neon") if _arm_has(p))
+        fastest = (_fp32_kernels(p) for p in CPU_PATHS if p in FP32_CFLAGS)
+        return next((kernels for kernels in fastest if kernels is not None), None)
     return _fp32_kernels(path)
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
+
 import torch
+from torch import Tensor, nn
 
 from vilaserve.adapters.worker import cpu_kernels
 
@@ -45,6 +48,27 @@ def cpu_computes_bf16_natively() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch built without oneDNN
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def apply_keeping_dtypes(
+    module: nn.Module,
+    fn: Callable[[Tensor], Tensor],
+    recurse: bool,
+    names: Collection[str] | None = None,
+) -> None:
+    """`nn.Module._apply` (what `.to()`, `.float()`, `.cuda()` run) for a module whose buffers
+    `names` (default: all) have a dtype of their own: they follow device moves, never a dtype
+    cast. The original is kept, so a cast there and back never rounds them."""
+    kept = {
+        name: buf
+        for name, buf in module._buffers.items()
+        if buf is not None and (names is None or name in names)
+    }
+    nn.Module._apply(module, fn, recurse)
+    for name, old in kept.items():
+        new = module._buffers[name]
+        if new is not None and new.dtype != old.dtype:
+            module._buffers[name] = old.to(device=new.device)
 
 
 def bf16_works(device: torch.device) -> bool:

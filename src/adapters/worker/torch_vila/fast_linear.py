@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vilaserve.adapters.worker import cpu_kernels
+from vilaserve.adapters.worker.torch_vila.device import apply_keeping_dtypes
 
 # Up to this many rows the kernel's one pass over W beats PyTorch's GEMM (it reaches ~1 row per
 # weight load; a GEMM tiles rows and wins once there are enough of them).
@@ -88,9 +89,7 @@ class Fp32DecodeLinear(nn.Module):
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Fp32DecodeLinear:
         # `model.float()` must not widen the 16-bit weight the kernel streams: it follows
         # device moves only (the bias follows the model's dtype).
-        dtype = self.weight.dtype
-        super()._apply(fn, recurse)
-        self.weight = self.weight.to(dtype)
+        apply_keeping_dtypes(self, fn, recurse, names=("weight",))
         return self
 
 

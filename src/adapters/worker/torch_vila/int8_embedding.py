@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vilaserve.adapters.worker import cpu_kernels
+from vilaserve.adapters.worker.torch_vila.device import apply_keeping_dtypes
+from vilaserve.adapters.worker.torch_vila.fast_linear import DECODE_MAX_ROWS
 from vilaserve.adapters.worker.torch_vila.llama import Llama
 
 _ROWS_PER_CHUNK = 4096  # bounds the fp32 temporary while quantizing (a 32k x 2560 table: 42 MB)
@@ -53,9 +55,7 @@ class Int8Embedding(nn.Module):
         # `model.to(dtype)` changes the dtype rows come out in (the model's activations); the
         # int8 table and the fp32 scales only follow device moves.
         self.out_dtype = fn(torch.empty(0, dtype=self.out_dtype, device=self.scales.device)).dtype
-        scales = self.scales
-        super()._apply(fn, recurse)
-        self.scales = scales.to(self.scales.device)
+        apply_keeping_dtypes(self, fn, recurse, names=("scales",))
         return self
 
 
@@ -65,10 +65,6 @@ def compress_token_embeddings(model: Llama) -> bool:
         return False
     model.model.embed_tokens = Int8Embedding(model.model.embed_tokens.weight)
     return True
-
-
-# Rows (positions) up to which the head runs on the int8 kernel; more widen the table once.
-_HEAD_KERNEL_MAX_ROWS = 8
 
 
 class Int8TiedHead(nn.Module):
@@ -84,7 +80,7 @@ class Int8TiedHead(nn.Module):
         embedding = self.embedding[0]
         rows = x.reshape(-1, self.in_features)
         if (
-            rows.shape[0] > _HEAD_KERNEL_MAX_ROWS
+            rows.shape[0] > DECODE_MAX_ROWS  # more rows widen the table once, for one GEMM
             or x.dtype != torch.float32
             or torch.is_grad_enabled()
         ):

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from vilaserve.adapters.worker import cpu_kernels
 from vilaserve.adapters.worker.cpu_kernels.decoder import CachePointers
+from vilaserve.adapters.worker.torch_vila.device import apply_keeping_dtypes
 from vilaserve.adapters.worker.torch_vila.native_decode import NativeDecoder
 
 DEFAULT_ROPE_THETA = 10_000.0
@@ -229,13 +230,8 @@ class RotaryTable(nn.Module):
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> RotaryTable:
         # Module.to(dtype) / .half() would cast these tables along with the weights, and a
         # bf16 round trip would lose precision for good. Follow device moves, undo dtype casts.
-        before = dict(self._buffers)
-        super()._apply(fn, recurse)
+        apply_keeping_dtypes(self, fn, recurse)
         self._cast.clear()
-        for name, old in before.items():
-            new = self._buffers[name]
-            if old is not None and new is not None and new.dtype != old.dtype:
-                self._buffers[name] = old.to(device=new.device)
         return self
 
 

@@ -41,19 +41,22 @@ class TorchVisionEncoder(VisionEncoder):
     async def encode(self, images: Sequence[bytes]) -> ImageFeatures:
         """Only images the cache does not hold are decoded and encoded (in one batch)."""
         cache = self.cache
-        keys = [cache.key(data) for data in images] if cache is not None else []
-        found = [cache.get(key) for key in keys] if cache is not None else [None] * len(images)
+        if cache is None:
+            return TorchImageFeatures(await self._encode(images, range(len(images))))
+        # Hashing megabytes of image bytes is no work for the event loop.
+        keys = await asyncio.to_thread(lambda: [cache.key(data) for data in images])
+        found = [cache.get(key) for key in keys]
         missing = [index for index, hit in enumerate(found) if hit is None]
         if missing:
-            pixels = await asyncio.to_thread(self._pixels, images, missing)
-            fresh = await self._executor.run(self._pipeline.encode_pixels, pixels)
+            fresh = await self._encode(images, missing)
             for slot, index in enumerate(missing):
-                found[index] = fresh[slot]
-                if cache is not None:  # its own copy: a view would pin the whole batch
-                    cache.put(keys[index], fresh[slot].clone())
-        if len(missing) == len(images) and missing:
-            return TorchImageFeatures(fresh)  # nothing cached: the batch as the tower made it
-        return TorchImageFeatures(torch.stack([f for f in found if f is not None]))
+                found[index] = fresh[slot].clone()  # its own copy: a view pins the whole batch
+                cache.put(keys[index], found[index])
+        return TorchImageFeatures(torch.stack(found))  # type: ignore[arg-type]
+
+    async def _encode(self, images: Sequence[bytes], indices: Sequence[int]) -> torch.Tensor:
+        pixels = await asyncio.to_thread(self._pixels, images, indices)
+        return await self._executor.run(self._pipeline.encode_pixels, pixels)
 
     def _pixels(self, images: Sequence[bytes], indices: Sequence[int]) -> torch.Tensor:
         decoded = []
