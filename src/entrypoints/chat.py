@@ -34,6 +34,9 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
 def run_chat(args: argparse.Namespace) -> int:
     from vilaserve.adapters.worker.torch_vila.runtime import VilaRuntime, VilaRuntimeOptions
     from vilaserve.application.chat.ask_image import AskAboutImages, AskFailed
+    from vilaserve.application.worker.engine.engine import Engine
+    from vilaserve.application.worker.engine.scheduler import SchedulerConfig
+    from vilaserve.application.worker.engine.text_generator import EngineTextGenerator
 
     configure_logging("text", logging.WARNING)
     from transformers.utils import logging as transformers_logging
@@ -51,9 +54,12 @@ def run_chat(args: argparse.Namespace) -> int:
     except OSError as exc:
         sys.exit(f"cannot read the image: {exc}")
     runtime = VilaRuntime.load(
-        VilaRuntimeOptions(model_path=model_path, precision=precision, device=args.device)
+        VilaRuntimeOptions(
+            model_path=model_path, precision=precision, device=args.device, kv_slots=1
+        )
     )
-    asker = AskAboutImages(runtime.text_generator, runtime.vision_encoder)
+    engine = Engine(runtime.model_runner, SchedulerConfig(max_num_seqs=1))
+    asker = AskAboutImages(EngineTextGenerator(engine), runtime.vision_encoder)
 
     async def stream() -> None:
         pieces = asker.ask(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_wiring import engine_generator
 from test_qlinear import random_qweight, rel_err, tiny_args
 from torch import nn
 
@@ -181,7 +182,7 @@ def greedy_text(model_path: Path) -> tuple[str, str | None]:
     from vilaserve.domain.shared.generation import SamplingParams
 
     runtime = VilaRuntime.load(VilaRuntimeOptions(model_path=str(model_path), dtype="float32"))
-    generator = runtime.text_generator
+    generator = engine_generator(runtime)
     params = SamplingParams(temperature=0.0, max_new_tokens=12)
 
     async def run() -> str:
@@ -207,8 +208,9 @@ def test_the_fp32_decoder_refuses_a_hidden_state_of_another_dtype(
     assert native is not None and native.dtype == torch.float32
     cache = model.new_cache(1, 8)
     cos, sin = model.rope.rows(0, 1, torch.float32)
+    zero = torch.zeros(1, dtype=torch.int64)
     with pytest.raises(ValueError, match="float32"):
-        native.run(torch.zeros(1, 1, 128, dtype=torch.bfloat16), cache, 0, cos, sin)
+        native.run(torch.zeros(1, 1, 128, dtype=torch.bfloat16), cache, zero, zero, cos, sin)
     with torch.inference_mode():
         assert model._native_decoder(torch.zeros(1, 1, 128, dtype=torch.bfloat16)) is None
         planned = model._native_decoder(torch.zeros(1, 1, 128))

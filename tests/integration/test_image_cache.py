@@ -9,8 +9,8 @@ import torch
 
 from vilaserve.adapters.offline.checkpoints.tiny_vila import make_png
 from vilaserve.adapters.worker.torch_vila.image_cache import ImageEmbeddingCache
+from vilaserve.adapters.worker.torch_vila.model_runner import TorchImageFeatures
 from vilaserve.adapters.worker.torch_vila.runtime import VilaRuntime, VilaRuntimeOptions
-from vilaserve.adapters.worker.torch_vila.text_generator import TorchImageFeatures
 
 
 def test_the_cache_is_bounded_in_bytes_and_evicts_the_least_recently_used() -> None:

@@ -216,7 +216,7 @@ def test_cache_is_written_in_place() -> None:
     assert [t.data_ptr() for t in (*cache.keys, *cache.values)] == pointers
     assert cache.keys[0].shape == (1, 2, 16, 16)
     assert bool(cache.keys[1][:, :, :6].abs().sum(-1).gt(0).all())
-    assert not cache.values[1][:, :, 6:].any()
+    # Positions past the written prefix are left uninitialised (never read): not checked.
     with pytest.raises(ValueError, match="cache length"):
         ours(cache, 16, input_ids=ids[:, :1])
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_wiring import engine_generator
 
 from vilaserve.adapters.offline.checkpoints.tiny_vila import build_tiny_vila
 from vilaserve.adapters.worker import cpu_kernels
@@ -54,7 +55,7 @@ def test_missing_config_is_named(tmp_path: Path) -> None:
 def test_chatml_tokenizer_template_is_chosen_and_its_end_token_stops(tmp_path: Path) -> None:
     root = build_tiny_vila(tmp_path / "vila-chatml", "siglip", seed=3, tokenizer_kind="chatml")
     runtime = VilaRuntime.load(VilaRuntimeOptions(model_path=str(root), dtype="float32"))
-    generator = runtime.text_generator
+    generator = engine_generator(runtime)
     template = generator.conversation_template
     assert template.name == "tokenizer"
     assert template.chat_template is not None
@@ -63,7 +64,7 @@ def test_chatml_tokenizer_template_is_chosen_and_its_end_token_stops(tmp_path: P
     overridden = VilaRuntime.load(
         VilaRuntimeOptions(model_path=str(root), dtype="float32", conv_template="hermes-2")
     )
-    assert overridden.text_generator.conversation_template.name == "hermes-2"
+    assert overridden.model_runner.conversation_template.name == "hermes-2"
 
 
 def test_im_start_end_checkpoints_need_the_tokens(tmp_path: Path) -> None:
@@ -84,7 +85,7 @@ def test_cpu_default_dtype_is_the_one_its_cpu_path_computes_in(tiny_vila_siglip:
     """bf16 on the AVX-512 kernels, fp32 on the AVX2 / NEON ones, and on PyTorch's own kernels
     bf16 only where the CPU computes it natively."""
     runtime = VilaRuntime.load(VilaRuntimeOptions(model_path=str(tiny_vila_siglip), device="cpu"))
-    parameter = next(runtime.text_generator._model.parameters())
+    parameter = next(runtime.model_runner.model.parameters())
     path = cpu_kernels.cpu_path()
     if path == "avx512_bf16":
         assert parameter.dtype == torch.bfloat16
@@ -146,7 +147,7 @@ def test_cuda_fp16_logits_match_cpu_fp32_and_generation_runs(tiny_vila_siglip: P
 
     async def generate() -> list:
         params = SamplingParams(temperature=0.7, max_new_tokens=8, seed=1)
-        steps = runtime.text_generator.generate("USER: hi ASSISTANT:", None, params)
+        steps = engine_generator(runtime).generate("USER: hi ASSISTANT:", None, params)
         return [s async for s in steps]
 
     steps = asyncio.run(generate())

@@ -143,7 +143,7 @@ def test_runtime_stores_the_embedding_table_in_int8_unless_told(quantized_vila: 
             VilaRuntimeOptions(str(quantized_vila), precision="W4A16", dtype="bfloat16",
                                embedding_bits=bits)
         )  # fmt: skip
-        model = runtime.text_generator._model
+        model = runtime.model_runner.model
         assert isinstance(model.model.embed_tokens, Int8Embedding) == (bits == 8)
         ids = torch.arange(5, 37).unsqueeze(0)
         with torch.inference_mode():
@@ -214,8 +214,8 @@ def test_w4a16_runs_on_every_cpu_path_this_machine_has(
     runtime = VilaRuntime.load(
         VilaRuntimeOptions(str(quantized_vila_g64), precision="W4A16", dtype="float32")
     )
-    model = runtime.text_generator._model
-    assert runtime.text_generator.compute_path == path
+    model = runtime.model_runner.model
+    assert runtime.model_runner.compute_path == path
     backends = {m.backend for m in model.modules() if isinstance(m, W4A16Linear)}
     assert backends and backends <= set(backends_of_path), backends
     reference = load_awq_llm(VilaCheckpoint.open(quantized_vila_g64), None, torch.float32, "cpu")

@@ -226,3 +226,75 @@ def test_clip_checkpoint_with_mlp2x_gelu_serves(tiny_vila_clip: Path) -> None:
         assert frames[-1]["text"] == reference_greedy(tiny_vila_clip, prompt, png, 8)
         details = httpx.post(server.url + "/model_details", json={}).json()
         assert details["tokens_per_image"] == 16  # CLIP drops the CLS token, no merge
+
+
+def metric(url: str, name: str) -> float:
+    """One sample of the worker's /metrics (Prometheus text), summed over its labels."""
+    text = httpx.get(url + "/metrics").text
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and line[len(name)] in " {"
+    ]
+    assert values, f"{name} not in /metrics"
+    return sum(values)
+
+
+LONG = {"max_new_tokens": 400, "temperature": 0.9, "stop_token_ids": [-1]}
+
+
+def test_a_client_that_disconnects_frees_its_sequence(siglip_worker: ServerThread) -> None:
+    body = {"prompt": "USER: hi ASSISTANT:", **LONG}
+    with httpx.stream("POST", siglip_worker.url + "/worker_generate_stream", json=body) as r:
+        chunks = r.iter_bytes()
+        next(chunks)
+        next(chunks)
+        assert metric(siglip_worker.url, "vllm:num_requests_running") == 1
+    # The connection is closed: the sequence leaves the batch, its slot is free.
+    deadline = time.monotonic() + 5
+    while metric(siglip_worker.url, "vllm:num_requests_running") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert metric(siglip_worker.url, "vllm:num_requests_running") == 0
+    assert metric(siglip_worker.url, "vllm:kv_cache_usage_perc") == 0
+    status = httpx.post(siglip_worker.url + "/worker_get_status").json()
+    assert status["queue_length"] == 0
+
+
+def test_overload_beyond_the_queue_is_refused_at_once(tiny_vila_siglip: Path) -> None:
+    with start_worker(tiny_vila_siglip, limit_model_concurrency=1, max_queue_length=0) as worker:
+        answers: list[tuple[int, str, float]] = []
+
+        def ask(i: int) -> None:
+            started = time.perf_counter()
+            body = {"prompt": f"USER: hi {i} ASSISTANT:", **LONG}
+            last = stream_frames(worker.url, body)[-1]
+            answers.append((last["error_code"], last["text"], time.perf_counter() - started))
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    refused = [a for a in answers if a[0] == 42903]
+    served = [a for a in answers if a[0] == 0]
+    assert refused and served and len(refused) + len(served) == 4
+    assert all("busy" in text for _, text, _ in refused)
+    assert max(seconds for _, _, seconds in refused) < min(s for _, _, s in served)
+
+
+def test_turn_two_about_one_picture_reuses_its_prefix_and_encoding(
+    siglip_worker: ServerThread,
+) -> None:
+    url = siglip_worker.url
+    image = make_png_b64(48, 40, "purple")
+    turn1 = "USER: <image>\nWhat is this? ASSISTANT:"
+    params = {"temperature": 0, "max_new_tokens": 8}
+    first = stream_frames(url, {"prompt": turn1, "images": [image], **params})[-1]
+    hits = metric(url, "vllm:prefix_cache_hits_total"), metric(url, "vllm:mm_cache_hits_total")
+    turn2 = f"{first['text']}</s>USER: And its color? ASSISTANT:"
+    second = stream_frames(url, {"prompt": turn2, "images": [image], **params})[-1]
+    assert second["error_code"] == 0
+    reused = metric(url, "vllm:prefix_cache_hits_total") - hits[0]
+    per_image = httpx.post(url + "/model_details").json()["tokens_per_image"]
+    assert reused >= per_image + 5  # the image's positions, the text around it, the answer
+    assert metric(url, "vllm:mm_cache_hits_total") == hits[1] + 1

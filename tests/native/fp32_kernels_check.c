@@ -300,7 +300,9 @@ static void check_decoder(void) {
             sin[i] = (float)sinl(angle);
         }
         /* the cache is [1, KV_HEADS, POSITIONS, DIM]: batch stride, head stride */
-        if (vsf_decode_layers(&dims, layers, hidden, 1, pos, cos, sin, key_ptrs, value_ptrs,
+        const int64_t position = pos, cache_row = 0;
+        if (vsf_decode_layers(&dims, layers, hidden, 1, &position, &cache_row, cos, sin, key_ptrs,
+                              value_ptrs,
                               KV_HEADS * POSITIONS * DIM, POSITIONS * DIM, scratch, 1)) {
             report("decoder refused its inputs", 1.0, 0.0);
             return;

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
+from typing import Generic, TypeVar
 
 from vilaserve.domain.shared.conversation import ConversationTemplate
 from vilaserve.domain.shared.generation import GenerationStep, SamplingParams
 from vilaserve.domain.shared.worker_status import WorkerStatus
+from vilaserve.domain.worker.batch import ModelBatch, PositionKey
 
 
 class ImageFeatures(ABC):
@@ -65,6 +67,78 @@ class TextGenerator(ABC):
         `max_new_tokens`. Raises `ContextOverflow` before any step when the prompt cannot fit.
         Closing the iterator early cancels the generation.
         """
+
+
+class PreparedPrompt(ABC):
+    """A tokenized prompt with its images spliced in, ready to prefill; the runner that made it
+    keeps what else it needs (embeddings, the request's sampler) inside."""
+
+    @property
+    @abstractmethod
+    def keys(self) -> Sequence[PositionKey]:
+        """One key per prompt position (see `PositionKey`); its length is the prompt's."""
+
+    @property
+    @abstractmethod
+    def max_new_tokens(self) -> int:
+        """New tokens allowed: the request's limit, capped by the room left in the context."""
+
+    @property
+    @abstractmethod
+    def stop_token_ids(self) -> frozenset[int]: ...
+
+
+class Detokenizer(ABC):
+    """Token ids of one stream in, text out as soon as it is printable."""
+
+    @abstractmethod
+    def push(self, token: int) -> str: ...
+
+    @abstractmethod
+    def flush(self) -> str: ...
+
+
+P = TypeVar("P", bound=PreparedPrompt)
+
+
+class ModelRunner(ABC, Generic[P]):
+    """The model as the engine drives it: a KV cache of `num_slots` rows of `slot_length`
+    positions, filled and extended by batched steps."""
+
+    @property
+    @abstractmethod
+    def context_length(self) -> int: ...
+
+    @property
+    def compute_path(self) -> str | None:
+        return None
+
+    @property
+    @abstractmethod
+    def conversation_template(self) -> ConversationTemplate: ...
+
+    @property
+    @abstractmethod
+    def num_slots(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def slot_length(self) -> int: ...
+
+    @abstractmethod
+    def count_tokens(self, text: str) -> int: ...
+
+    @abstractmethod
+    def prepare(self, prompt: str, images: ImageFeatures | None, params: SamplingParams) -> P:
+        """Tokenize and splice; raises `InvalidRequest` / `ContextOverflow` naming the problem."""
+
+    @abstractmethod
+    async def run(self, batch: ModelBatch[P]) -> Sequence[int]:
+        """Executes one step on the model's own thread; returns the sampled tokens in the
+        batch's order (`ModelBatch`). Raises `OutOfDeviceMemory` when the device is full."""
+
+    @abstractmethod
+    def detokenizer(self) -> Detokenizer: ...
 
 
 class ControllerClient(ABC):

@@ -11,6 +11,10 @@ from typing import Any
 from dependency_injector import containers, providers
 
 from vilaserve.adapters.worker.controller_client import HttpControllerClient
+from vilaserve.adapters.worker.engine_metrics import PrometheusEngineObserver
+from vilaserve.application.worker.engine.engine import Engine
+from vilaserve.application.worker.engine.scheduler import SchedulerConfig
+from vilaserve.application.worker.engine.text_generator import EngineTextGenerator
 from vilaserve.application.worker.generate_stream import GenerateStream, GenerationLimits
 from vilaserve.application.worker.heartbeat import Heartbeat, HeartbeatPolicy, Register
 from vilaserve.application.worker.report_status import DescribeModel, ReportStatus
@@ -34,6 +38,24 @@ def _load_runtime(settings: WorkerSettings) -> Any:
             max_image_pixels=settings.max_image_pixels,
             image_cache_mb=settings.image_cache_mb,
             embedding_bits=settings.embedding_bits,
+            kv_slots=settings.cache_slots,
+            max_model_len=settings.max_model_len,
+        )
+    )
+
+
+def _engine_text_generator(settings: WorkerSettings, runtime: Any, observer: Any) -> Any:
+    return EngineTextGenerator(
+        Engine(
+            runtime.model_runner,
+            SchedulerConfig(
+                max_num_seqs=settings.running_sequences,
+                max_num_batched_tokens=max(
+                    settings.max_num_batched_tokens, settings.running_sequences
+                ),
+                prefill_chunk_while_decoding=settings.prefill_chunk,
+            ),
+            observer,
         )
     )
 
@@ -48,8 +70,12 @@ class WorkerContainer(containers.DeclarativeContainer):
     settings = providers.Dependency(instance_of=WorkerSettings)
 
     runtime = providers.Singleton(_load_runtime, settings)
-    text_generator = providers.Singleton(lambda rt: rt.text_generator, runtime)
     vision_encoder = providers.Singleton(lambda rt: rt.vision_encoder, runtime)
+    engine_observer = providers.Singleton(
+        PrometheusEngineObserver,
+        image_cache=providers.Callable(lambda v: getattr(v, "cache", None), vision_encoder),
+    )
+    text_generator = providers.Singleton(_engine_text_generator, settings, runtime, engine_observer)
     controller_client = providers.Singleton(
         HttpControllerClient, controller_address=settings.provided.controller_address
     )

@@ -47,7 +47,34 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         help="MB of projected image embeddings kept, so a picture asked about again is not "
         "encoded again (default 256; 0: off)",
     )
-    add("--limit-model-concurrency", type=int, help="generations at once (default 5)")
+    add(
+        "--limit-model-concurrency",
+        type=int,
+        help="requests in service at once (default 8); more wait in the queue",
+    )
+    add(
+        "--max-num-seqs",
+        type=int,
+        help="sequences decoded together in one step (default: --limit-model-concurrency)",
+    )
+    add(
+        "--max-num-batched-tokens",
+        type=int,
+        help="positions computed per engine step (default 2048)",
+    )
+    add(
+        "--prefill-chunk",
+        type=int,
+        help="prompt positions per step while other streams decode (default 64): smaller keeps "
+        "their inter-token latency lower, larger fills long prompts sooner",
+    )
+    add(
+        "--kv-slots",
+        type=int,
+        help="KV-cache rows: running sequences plus finished prefixes kept for reuse "
+        "(default 2 x --max-num-seqs)",
+    )
+    add("--max-model-len", type=int, help="positions per sequence (default: the model's context)")
     add("--max-queue-length", type=int, help="requests allowed to wait (default 64)")
     add("--stream-interval", type=int, help="tokens between streamed chunks (default 1)")
     add("--max-new-tokens-cap", type=int, help="upper bound on max_new_tokens (default 1024)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from dependency_injector.wiring import Provide, inject
 from fastapi import APIRouter, Depends, Request
@@ -113,6 +114,13 @@ async def worker_get_conv_template(
     describe: DescribeModel = Depends(Provide["describe_model"]),
 ) -> dict[str, object]:
     return {"conv": describe.conversation_template().to_fastchat_dict()}
+
+
+@router.get("/metrics")
+@inject
+async def metrics(observer: Any = Depends(Provide["engine_observer"])) -> Response:
+    """Prometheus text format: the engine's load, caches and latencies (vLLM's names)."""
+    return Response(observer.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 @router.get("/health")

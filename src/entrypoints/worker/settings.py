@@ -31,7 +31,15 @@ class WorkerSettings(BaseSettings):
     register_with_controller: bool = True
     multi_modal: bool | None = None  # None: multimodal when the checkpoint has a vision tower
 
-    limit_model_concurrency: int = Field(5, ge=1)
+    # Requests in service at once (images being encoded, sequences in the engine); the engine
+    # runs up to `max_num_seqs` of them per step (default: this many).
+    limit_model_concurrency: int = Field(8, ge=1)
+    max_num_seqs: int | None = Field(None, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=1)  # positions computed per step
+    # Prompt positions per step while other sequences decode: bounds their inter-token latency.
+    prefill_chunk: int = Field(64, ge=1)
+    kv_slots: int | None = Field(None, ge=1)  # KV-cache rows (default: 2 x max_num_seqs)
+    max_model_len: int | None = Field(None, ge=2)  # positions per KV row (default: context)
     max_queue_length: int = Field(64, ge=0)
     stream_interval: int = Field(1, ge=1)
     max_new_tokens_cap: int = Field(DEFAULT_MAX_NEW_TOKENS_CAP, ge=1)
@@ -43,6 +51,14 @@ class WorkerSettings(BaseSettings):
     heartbeat_interval_s: float = Field(15.0, gt=0)
     heartbeat_retry_max_s: float = Field(30.0, gt=0)
     log_format: Literal["json", "text"] = "json"
+
+    @property
+    def running_sequences(self) -> int:
+        return self.max_num_seqs or self.limit_model_concurrency
+
+    @property
+    def cache_slots(self) -> int:
+        return max(self.kv_slots or 2 * self.running_sequences, self.running_sequences)
 
     @property
     def advertised_address(self) -> str:

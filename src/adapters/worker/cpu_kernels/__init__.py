@@ -114,8 +114,8 @@ class _NativeSet:
         self._dequant.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, flag, flag]
         self._dequant.restype = ctypes.c_int
         self._decode_layers = getattr(library, f"{prefix}decode_layers")
-        self._decode_layers.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr,
-                                        flag]  # fmt: skip
+        self._decode_layers.argtypes = [ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64,
+                                        i64, ptr, flag]  # fmt: skip
         self._decode_layers.restype = ctypes.c_int
 
     # One loaded library per process: copies of a model refer to it, not to a copy of ctypes
@@ -136,18 +136,21 @@ class _NativeSet:
         self,
         plan: DecoderPlan,
         hidden: Tensor,
-        pos: int,
+        positions: Tensor,
+        rows: Tensor,
         cos: Tensor,
         sin: Tensor,
         cache: CachePointers,
         scratch: Tensor,
     ) -> None:
-        """Runs position `pos` of hidden [B, hidden] (contiguous, in the set's dtype: bf16 for
-        AVX-512, fp32 for the fp32 set; updated in place) through every layer of `plan`,
-        writing its keys/values into the cache."""
+        """Runs one new position per row of hidden [B, hidden] (contiguous, in the set's dtype:
+        bf16 for AVX-512, fp32 for the fp32 set; updated in place) through every layer of
+        `plan`: row b at positions[b] of cache row rows[b] (int64 [B] each), with its rotary
+        row cos[b] / sin[b] ([B, head_dim], contiguous), writing its keys/values there."""
         status = self._decode_layers(
-            plan.dims_address, plan.layers_address, hidden.data_ptr(), hidden.shape[0], pos,
-            cos.data_ptr(), sin.data_ptr(), cache.keys_address, cache.values_address,
+            plan.dims_address, plan.layers_address, hidden.data_ptr(), hidden.shape[0],
+            positions.data_ptr(), rows.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+            cache.keys_address, cache.values_address,
             cache.batch_stride, cache.head_stride, scratch.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         if status:

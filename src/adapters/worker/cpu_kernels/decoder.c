@@ -9,8 +9,10 @@
  * bf16 once): RMSNorm, rotary and attention are the very kernels that path uses; residual adds
  * and SiLU * up round like torch's elementwise ops.
  *
- * Layouts: hidden [B, hidden] (updated in place); keys[l] / values[l] point at layer l's cache
- * [B, kv_heads, max_len, head_dim] (strides given); cos / sin are the rotary rows of `pos`.
+ * Layouts: hidden [B, hidden] (updated in place); row b sits at position positions[b] of cache
+ * row rows[b], where keys[l] / values[l] point at layer l's cache [slots, kv_heads, max_len,
+ * head_dim] (strides given); cos / sin [B, head_dim] hold each row's rotary row. Rows of one call
+ * may sit at different positions (a batch of running sequences).
  * Scratch: B * (2 hidden + (heads + 2 kv_heads) head_dim + 2 heads head_dim + 3 intermediate).
  */
 #include <string.h>
@@ -62,13 +64,17 @@ static void silu_times_up(const uint16_t *gate_up, int64_t rows, int64_t width, 
 }
 
 int vs_decode_layers(const vs_dims *d, const vs_layer *layers, uint16_t *hidden, int64_t batch,
-                     int64_t pos, const uint16_t *cos, const uint16_t *sin,
-                     uint16_t *const *keys, uint16_t *const *values, int64_t kv_batch_stride,
-                     int64_t kv_head_stride, uint16_t *scratch, int threads) {
+                     const int64_t *positions, const int64_t *rows, const uint16_t *cos,
+                     const uint16_t *sin, uint16_t *const *keys, uint16_t *const *values,
+                     int64_t kv_batch_stride, int64_t kv_head_stride, uint16_t *scratch,
+                     int threads) {
     const int64_t width = d->hidden, dim = d->head_dim, inner = d->intermediate;
     const int64_t q_width = d->heads * dim, kv_width = d->kv_heads * dim;
     const int64_t qkv_width = q_width + 2 * kv_width;
-    if (width % 16 || inner % 16 || dim % 32 || batch < 1 || pos < 0) return 1;
+    if (width % 16 || inner % 16 || dim % 32 || batch < 1 || batch > VS_MAX_DECODE_ROWS) return 1;
+    for (int64_t b = 0; b < batch; b++) {
+        if (positions[b] < 0 || rows[b] < 0) return 1;
+    }
     uint16_t *normed = scratch;                   /* [B, hidden] */
     uint16_t *qkv = normed + batch * width;       /* [B, q | k | v] */
     uint16_t *q = qkv + batch * qkv_width;        /* [B, heads, dim] after rotary */
@@ -86,20 +92,25 @@ int vs_decode_layers(const vs_dims *d, const vs_layer *layers, uint16_t *hidden,
         if ((status = run_linears(layer->qkv, 3, normed, batch, qkv, qkv_width, threads))) {
             return 20 + status;
         }
-        vs_rope(qkv, batch, d->heads, dim, qkv_width, cos, sin, q, q_width, dim);
-        vs_rope(qkv + q_width, batch, d->kv_heads, dim, qkv_width, cos, sin,
-                layer_keys + pos * dim, kv_batch_stride, kv_head_stride);
         for (int64_t b = 0; b < batch; b++) {
+            const uint16_t *row_qkv = qkv + b * qkv_width, *c = cos + b * dim, *s = sin + b * dim;
+            const int64_t at = rows[b] * kv_batch_stride + positions[b] * dim;
+            vs_rope(row_qkv, 1, d->heads, dim, 0, c, s, q + b * q_width, 0, dim);
+            vs_rope(row_qkv + q_width, 1, d->kv_heads, dim, 0, c, s, layer_keys + at, 0,
+                    kv_head_stride);
             for (int64_t h = 0; h < d->kv_heads; h++) {
-                memcpy(layer_values + b * kv_batch_stride + h * kv_head_stride + pos * dim,
-                       qkv + b * qkv_width + q_width + kv_width + h * dim,
-                       sizeof(uint16_t) * dim);
+                memcpy(layer_values + at + h * kv_head_stride,
+                       row_qkv + q_width + kv_width + h * dim, sizeof(uint16_t) * dim);
             }
-        }
-        if ((status = vs_decode_attention(q, layer_keys, layer_values, batch, d->heads,
-                                          d->kv_heads, pos + 1, dim, kv_batch_stride,
-                                          kv_head_stride, d->scale, attended, threads))) {
-            return 30 + status;
+            /* One row at a time: each reads its own cache row over its own length. */
+            const int64_t base = rows[b] * kv_batch_stride;
+            if ((status = vs_decode_attention(q + b * q_width, layer_keys + base,
+                                              layer_values + base, 1, d->heads, d->kv_heads,
+                                              positions[b] + 1, dim, kv_batch_stride,
+                                              kv_head_stride, d->scale, attended + b * q_width,
+                                              threads))) {
+                return 30 + status;
+            }
         }
         if ((status = run_linears(&layer->o, 1, attended, batch, projected, width, threads))) {
             return 40 + status;

@@ -656,19 +656,21 @@ static void rope32(const float *src, int64_t batch, int64_t heads, int64_t dim, 
     }
 }
 
-/* softmax(q k^T * scale) v for one query per (row, head) over `length` cached positions; query
- * heads share KV heads in groups (GQA). dim % VL == 0. */
+/* softmax(q k^T * scale) v for one query per (row, head); row b reads cache row rows[b] over
+ * its own lengths[b] positions (rows of one batch sit at different positions); query heads
+ * share KV heads in groups (GQA). dim % VL == 0. */
 static int attention32(const float *q, const float *keys, const float *values, int64_t batch,
-                       int64_t heads, int64_t kv_heads, int64_t length, int64_t dim,
-                       int64_t kv_b, int64_t kv_h, float scale, float *out, int threads) {
+                       int64_t heads, int64_t kv_heads, const int64_t *rows,
+                       const int64_t *lengths, int64_t dim, int64_t kv_b, int64_t kv_h,
+                       float scale, float *out, int threads) {
     const int64_t group = heads / kv_heads;
     int failed = 0;
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(| : failed)
     for (int64_t bh = 0; bh < batch * heads; bh++) {
-        const int64_t b = bh / heads, h = bh % heads;
+        const int64_t b = bh / heads, h = bh % heads, length = lengths[b];
         const float *qv = q + bh * dim;
-        const float *k = keys + b * kv_b + (h / group) * kv_h;
-        const float *v = values + b * kv_b + (h / group) * kv_h;
+        const float *k = keys + rows[b] * kv_b + (h / group) * kv_h;
+        const float *v = values + rows[b] * kv_b + (h / group) * kv_h;
         float stack[4096];
         float *scores = length <= 4096 ? stack : malloc(sizeof(float) * length);
         if (!scores) {
@@ -747,19 +749,28 @@ static void silu_times_up(const float *gate_up, int64_t rows, int64_t width, flo
     }
 }
 
-/* Position `pos` of hidden [B, hidden] (fp32, updated in place) through every layer; keys[l] /
- * values[l] point at layer l's fp32 cache [B, kv_heads, max_len, head_dim] (strides given);
- * cos / sin: the fp32 rotary rows of `pos`. Scratch: B * (2 hidden + (heads + 2 kv_heads)
- * head_dim + 2 heads head_dim + 3 intermediate) floats. */
+/* One new position per row of hidden [B, hidden] (fp32, updated in place) through every layer.
+ * Row b sits at position positions[b] of cache row rows[b]: keys[l] / values[l] point at layer
+ * l's fp32 cache [slots, kv_heads, max_len, head_dim] (strides given), and cos / sin [B, head_dim]
+ * hold each row's fp32 rotary row. Rows of one call may sit at different positions (a batch of
+ * running sequences). Scratch: B * (2 hidden + (heads + 2 kv_heads) head_dim + 2 heads head_dim
+ * + 3 intermediate) floats. */
 int vsf_decode_layers(const vs_dims *d, const vs_layer *layers, float *hidden, int64_t batch,
-                      int64_t pos, const float *cos, const float *sin, float *const *keys,
-                      float *const *values, int64_t kv_batch_stride, int64_t kv_head_stride,
-                      float *scratch, int threads) {
+                      const int64_t *positions, const int64_t *rows, const float *cos,
+                      const float *sin, float *const *keys, float *const *values,
+                      int64_t kv_batch_stride, int64_t kv_head_stride, float *scratch,
+                      int threads) {
     const int64_t width = d->hidden, dim = d->head_dim, inner = d->intermediate;
     const int64_t q_width = d->heads * dim, kv_width = d->kv_heads * dim;
     const int64_t qkv_width = q_width + 2 * kv_width;
-    if (width % 8 || inner % 8 || dim % 16 || batch < 1 || pos < 0 || d->heads % d->kv_heads) {
+    if (width % 8 || inner % 8 || dim % 16 || batch < 1 || d->heads % d->kv_heads) {
         return 1;
+    }
+    int64_t lengths[VS_MAX_DECODE_ROWS];
+    if (batch > VS_MAX_DECODE_ROWS) return 2;
+    for (int64_t b = 0; b < batch; b++) {
+        if (positions[b] < 0 || rows[b] < 0) return 1;
+        lengths[b] = positions[b] + 1;
     }
     float *normed = scratch;                       /* [B, hidden] */
     float *qkv = normed + batch * width;           /* [B, q | k | v] */
@@ -776,17 +787,19 @@ int vsf_decode_layers(const vs_dims *d, const vs_layer *layers, float *hidden, i
         if ((status = run_linears32(layer->qkv, 3, normed, batch, qkv, qkv_width, threads))) {
             return 20 + status;
         }
-        rope32(qkv, batch, d->heads, dim, qkv_width, cos, sin, q, q_width, dim);
-        rope32(qkv + q_width, batch, d->kv_heads, dim, qkv_width, cos, sin,
-               layer_keys + pos * dim, kv_batch_stride, kv_head_stride);
         for (int64_t b = 0; b < batch; b++) {
+            const float *row_qkv = qkv + b * qkv_width, *c = cos + b * dim, *s = sin + b * dim;
+            const int64_t at = rows[b] * kv_batch_stride + positions[b] * dim;
+            rope32(row_qkv, 1, d->heads, dim, 0, c, s, q + b * q_width, 0, dim);
+            rope32(row_qkv + q_width, 1, d->kv_heads, dim, 0, c, s, layer_keys + at, 0,
+                   kv_head_stride);
             for (int64_t h = 0; h < d->kv_heads; h++) {
-                memcpy(layer_values + b * kv_batch_stride + h * kv_head_stride + pos * dim,
-                       qkv + b * qkv_width + q_width + kv_width + h * dim, sizeof(float) * dim);
+                memcpy(layer_values + at + h * kv_head_stride, row_qkv + q_width + kv_width + h * dim,
+                       sizeof(float) * dim);
             }
         }
-        if ((status = attention32(q, layer_keys, layer_values, batch, d->heads, d->kv_heads,
-                                  pos + 1, dim, kv_batch_stride, kv_head_stride, d->scale,
+        if ((status = attention32(q, layer_keys, layer_values, batch, d->heads, d->kv_heads, rows,
+                                  lengths, dim, kv_batch_stride, kv_head_stride, d->scale,
                                   attended, threads))) {
             return 30 + status;
         }

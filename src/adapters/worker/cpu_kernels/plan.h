@@ -6,6 +6,9 @@
 
 #include <stdint.h>
 
+/* The most rows one decode call takes (the engine's largest decode batch). */
+#define VS_MAX_DECODE_ROWS 256
+
 enum { VS_LINEAR_NONE = 0, VS_LINEAR_INT4 = 1, VS_LINEAR_BF16 = 2, VS_LINEAR_FP16 = 3 };
 
 /* One linear layer without bias: packed 4-bit (int4_matmul.c's layout) or dense 16-bit [n, k]

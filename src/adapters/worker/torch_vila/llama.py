@@ -236,10 +236,11 @@ class RotaryTable(nn.Module):
 
 
 class KVCache:
-    """Per-layer key/value storage [batch, kv_heads, max_len, head_dim], allocated once.
+    """Per-layer key/value storage [rows, kv_heads, max_len, head_dim], allocated once.
 
-    `Llama.forward` writes new positions into it in place; nothing is reallocated per step.
-    Create it with `Llama.new_cache`.
+    One row per sequence: a single request's cache has one row, the engine's pool one row per
+    slot. `Llama.forward` writes new positions into it in place; nothing is reallocated per
+    step. Create it with `Llama.new_cache`.
     """
 
     def __init__(
@@ -253,11 +254,29 @@ class KVCache:
         device: torch.device | str,
     ) -> None:
         shape = (batch, kv_heads, max_len, head_dim)
-        # Zeros rather than empty: positions past the written prefix are never attended to,
-        # but garbage NaNs there would poison any future full-length masked attention.
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # Uninitialised: attention reads only the positions a row has written, and on the CPU
+        # untouched pages stay unallocated, so a large pool costs memory only as it fills.
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self._native: CachePointers | None = None
+
+    @classmethod
+    def _of(cls, keys: list[Tensor], values: list[Tensor]) -> KVCache:
+        cache = cls.__new__(cls)
+        cache.keys, cache.values, cache._native = keys, values, None
+        return cache
+
+    def row(self, index: int) -> KVCache:
+        """Row `index` as a one-row cache sharing this one's storage (a slot's prefill)."""
+        return KVCache._of(
+            [k[index : index + 1] for k in self.keys], [v[index : index + 1] for v in self.values]
+        )
+
+    @property
+    def bytes_per_position(self) -> int:
+        """Bytes one position of one row takes over all layers, keys and values."""
+        per_layer = self.keys[0][0, :, 0].numel() * self.keys[0].element_size()
+        return 2 * len(self.keys) * per_layer
 
     def native_pointers(self) -> CachePointers:
         """The buffers' addresses for the native decoder, gathered on first use."""
@@ -285,13 +304,21 @@ class KVCache:
 
 
 class LayerStep(NamedTuple):
-    """What every layer needs about the positions of one forward call, built once per call."""
+    """What every layer needs about the positions of one forward call, built once per call.
+
+    A batch of running sequences (`Llama.decode_rows`) has one position per row: then `rows`
+    and `positions` (int64 [B]) say where each row's new key goes, `lengths` how many cached
+    positions each row attends to, and cos / sin are [B, 1, 1, head_dim].
+    """
 
     start_pos: int
     cos: Tensor
     sin: Tensor
     mask: Tensor | None
     is_causal: bool
+    rows: Tensor | None = None
+    positions: Tensor | None = None
+    lengths: tuple[tuple[int, int], ...] = ()  # (cache row, length) per batch row
 
 
 # Native decoders by model, built on a model's first decode step. Kept outside the module so
@@ -304,6 +331,9 @@ _UNPLANNED: Any = object()  # no plan yet (None means: planned, and the model do
 # Decode-sized calls (a few rows) go to the CPU kernels; PyTorch's ops win on long prefills.
 # Kernels run only without autograd (inference), so training through the LLM still works.
 _KERNEL_MAX_ROWS = 8
+# The one-call decoder streams every weight once per step for all rows, so a whole batch of
+# running sequences goes through it (decoder.c / fp32_kernels.c: VS_MAX_DECODE_ROWS).
+_NATIVE_DECODE_MAX_ROWS = 64
 
 
 class RMSNorm(nn.Module):
@@ -376,6 +406,8 @@ class Attention(nn.Module):
             q, k, v = self.qkv_proj(x).split(self._qkv_widths, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if step.rows is not None:
+            return self.o_proj(self._attend_rows(q, k, v, step, cache).view(batch, 1, -1))
         if (
             self._kernels is not None
             and length == 1
@@ -394,6 +426,25 @@ class Attention(nn.Module):
         keys, values = cache.update(self.layer_idx, step.start_pos, k, v)
         out = self._attend(q, keys, values, step)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+    def _attend_rows(
+        self, q: Tensor, k: Tensor, v: Tensor, step: LayerStep, cache: KVCache
+    ) -> Tensor:
+        """One new position per row, each row at its own position of its own cache row."""
+        batch, dim = q.shape[0], self.head_dim
+        q = _apply_rope(q.view(batch, 1, self.n_heads, dim).transpose(1, 2), step.cos, step.sin)
+        k = _apply_rope(k.view(batch, 1, self.n_kv_heads, dim).transpose(1, 2), step.cos, step.sin)
+        layer_keys, layer_values = cache.keys[self.layer_idx], cache.values[self.layer_idx]
+        layer_keys[step.rows, :, step.positions] = k[:, :, 0]
+        layer_values[step.rows, :, step.positions] = v.view(batch, self.n_kv_heads, dim)
+        # Rows differ in length: each attends over its own prefix (views, no copies).
+        outs = [
+            self._attend_one(
+                q[b : b + 1], layer_keys[r : r + 1, :, :n], layer_values[r : r + 1, :, :n]
+            )
+            for b, (r, n) in enumerate(step.lengths)
+        ]
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def _decode_on_cpu_kernels(
         self, q: Tensor, k: Tensor, v: Tensor, step: LayerStep, cache: KVCache
@@ -589,7 +640,10 @@ class Llama(nn.Module):
         if native is not None:
             if inputs_embeds is not None:
                 hidden = hidden.clone()  # updated in place: never the caller's tensor
-            hidden = native.run(hidden, cache, start_pos, step.cos, step.sin)
+            positions = torch.full((batch,), start_pos, dtype=torch.int64)
+            rows = torch.arange(batch, dtype=torch.int64)
+            cos, sin = step.cos.expand(batch, -1), step.sin.expand(batch, -1)
+            hidden = native.run(hidden, cache, positions, rows, cos, sin)
         else:
             for layer in self.model.layers:
                 hidden = layer(hidden, step, cache)
@@ -598,13 +652,50 @@ class Llama(nn.Module):
             hidden = hidden[:, -1:]
         return self.lm_head(self.model.norm(hidden)).float()
 
+    def decode_rows(
+        self, cache: KVCache, rows: Tensor, positions: Tensor, input_ids: Tensor
+    ) -> Tensor:
+        """One decode step for a batch of sequences that sit at different positions.
+
+        Row b feeds token input_ids[b] at position positions[b] of cache row rows[b] (all int64
+        [B], `rows` distinct) and attends to that row's positions [0, positions[b]]. Returns
+        fp32 logits [B, vocab]. `positions` and `rows` must be on the CPU (the per-row lengths
+        are read on the host); they are copied to the model's device here.
+        """
+        hidden = self.embed(input_ids.to(self.device).view(-1, 1))
+        batch = hidden.shape[0]
+        top = int(positions.max()) + 1
+        if top > cache.max_len or int(rows.max()) >= cache.batch:
+            raise ValueError(f"rows/positions outside the cache ({cache.batch} x {cache.max_len})")
+        self.rope.ensure(top)
+        cos_table, sin_table = self.rope.rows(0, top, hidden.dtype)
+        native = self._native_decoder(hidden)
+        if native is not None:
+            cos, sin = cos_table[positions], sin_table[positions]
+            hidden = native.run(hidden, cache, positions, rows, cos, sin)
+        else:
+            device_positions = positions.to(self.device)
+            step = LayerStep(
+                start_pos=0,
+                cos=cos_table[device_positions].view(batch, 1, 1, -1),
+                sin=sin_table[device_positions].view(batch, 1, 1, -1),
+                mask=None,
+                is_causal=False,
+                rows=rows.to(self.device),
+                positions=device_positions,
+                lengths=tuple(zip(rows.tolist(), (positions + 1).tolist(), strict=True)),
+            )
+            for layer in self.model.layers:
+                hidden = layer(hidden, step, cache)
+        return self.lm_head(self.model.norm(hidden))[:, 0].float()
+
     def _native_decoder(self, hidden: Tensor) -> NativeDecoder | None:
         """The one-call decoder for this decode step, when the model and the step qualify."""
         if (
             not self.use_native_decode
             or hidden.dtype not in (torch.bfloat16, torch.float32)
             or hidden.device.type != "cpu"
-            or hidden.shape[0] > _KERNEL_MAX_ROWS
+            or hidden.shape[0] > _NATIVE_DECODE_MAX_ROWS
             or not hidden.is_contiguous()
             or torch.is_grad_enabled()  # the kernels have no backward
         ):

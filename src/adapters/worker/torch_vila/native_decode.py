@@ -84,9 +84,18 @@ class NativeDecoder:
         )
         return cls(plan, kernels, dtype)
 
-    def run(self, hidden: Tensor, cache: KVCache, pos: int, cos: Tensor, sin: Tensor) -> Tensor:
+    def run(
+        self,
+        hidden: Tensor,
+        cache: KVCache,
+        positions: Tensor,
+        rows: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+    ) -> Tensor:
         """hidden [B, 1, hidden] in `self.dtype`, contiguous and owned by the caller's forward
-        (updated in place and returned); cos/sin: the rotary rows of `pos` [1, head_dim]."""
+        (updated in place and returned). Row b is at positions[b] of cache row rows[b] (int64
+        [B] on the CPU); cos / sin [B, head_dim] are each row's rotary row in `self.dtype`."""
         if hidden.dtype != self.dtype or not hidden.is_contiguous():
             raise ValueError(f"the native decoder runs {self.dtype} contiguous hidden states")
         key = (threading.get_ident(), hidden.shape[0])
@@ -94,8 +103,9 @@ class NativeDecoder:
         if scratch is None:
             scratch = self._scratch[key] = self.plan.scratch(key[1], self.dtype)
         self._kernels.decode_layers(
-            self.plan, hidden, pos, cos, sin, cache.native_pointers(), scratch
-        )
+            self.plan, hidden, positions, rows, cos.contiguous(), sin.contiguous(),
+            cache.native_pointers(), scratch,
+        )  # fmt: skip
         return hidden
 
 

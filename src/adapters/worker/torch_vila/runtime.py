@@ -20,7 +20,7 @@ from vilaserve.adapters.worker.torch_vila.int8_embedding import (
     compress_token_embeddings,
 )
 from vilaserve.adapters.worker.torch_vila.llama import Llama, LlamaArgs
-from vilaserve.adapters.worker.torch_vila.text_generator import TorchTextGenerator
+from vilaserve.adapters.worker.torch_vila.model_runner import TorchModelRunner
 from vilaserve.adapters.worker.torch_vila.tokenization import load_tokenizer, stop_token_ids
 from vilaserve.adapters.worker.torch_vila.vision_encoder import TorchVisionEncoder
 from vilaserve.adapters.worker.torch_vila.vision_pipeline import VisionPipeline
@@ -40,17 +40,29 @@ class VilaRuntimeOptions:
     max_image_pixels: int = 64_000_000
     embedding_bits: int = 8  # W4A16 only: the token embedding table in int8 (8) or 16-bit (16)
     image_cache_mb: int = 256  # projected embeddings of recent images (0: no cache)
+    kv_slots: int = 16  # KV-cache rows: running sequences plus prefixes kept for reuse
+    max_model_len: int | None = None  # positions per KV row (None: the model's context)
 
 
 @dataclass
 class VilaRuntime:
     checkpoint: VilaCheckpoint
-    text_generator: TorchTextGenerator
+    model_runner: TorchModelRunner
     vision_encoder: TorchVisionEncoder | None
     executor: ModelExecutor
 
     @classmethod
     def load(cls, options: VilaRuntimeOptions) -> VilaRuntime:
+        """Loads on the model thread (see executor.py): the process's torch work stays there."""
+        executor = ModelExecutor()
+        try:
+            return executor.call(cls._load, options, executor)
+        except BaseException:
+            executor.shutdown()
+            raise
+
+    @classmethod
+    def _load(cls, options: VilaRuntimeOptions, executor: ModelExecutor) -> VilaRuntime:
         if options.precision not in ("W16A16", "W4A16"):
             raise ValueError(f"--precision {options.precision}: expected W16A16 or W4A16")
         if options.embedding_bits not in (8, 16):
@@ -83,8 +95,7 @@ class VilaRuntime:
         compute_path = cpu_kernels.cpu_path() if device.type == "cpu" else device.type
         template = pick_template(checkpoint.llm_config, tokenizer, options.conv_template)
         stop_ids = template_stop_ids(tokenizer, template)
-        executor = ModelExecutor()
-        generator = TorchTextGenerator(
+        runner = TorchModelRunner(
             model,
             tokenizer,
             template.with_stop_token_ids(sorted(stop_ids)),
@@ -93,6 +104,8 @@ class VilaRuntime:
             sorted(stop_ids),
             image_wrap(checkpoint, tokenizer),
             compute_path,
+            num_slots=options.kv_slots,
+            slot_length=options.max_model_len,
         )
         vision = None
         if checkpoint.is_multimodal:
@@ -118,10 +131,12 @@ class VilaRuntime:
                 "tokens_per_image": vision.tokens_per_image if vision else 0,
                 "compute_path": compute_path,
                 "cpu_kernel_linears": fast_linears,
+                "kv_slots": runner.num_slots,
+                "kv_slot_length": runner.slot_length,
                 "seconds": round(time.perf_counter() - started, 2),
             },
         )
-        return cls(checkpoint, generator, vision, executor)
+        return cls(checkpoint, runner, vision, executor)
 
 
 def load_llm(checkpoint: VilaCheckpoint, dtype: torch.dtype, device: torch.device) -> Llama:

@@ -24,6 +24,10 @@ class Sampler:
             else:
                 self._generator.manual_seed(params.seed % 2**64)
 
+    @property
+    def is_greedy(self) -> bool:
+        return self._greedy
+
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits` [vocab] (fp32) -> the chosen token id as a 0-d int64 tensor."""
         if self._greedy:

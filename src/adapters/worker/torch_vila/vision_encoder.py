@@ -1,21 +1,24 @@
 """The `VisionEncoder` port: image bytes -> projected embeddings for the LLM.
 
-Decoding and resizing run on a worker thread of their own (they need no model), so they
-overlap with generation steps of other requests; only the tower and projector use the
-model thread.
+Decoding and resizing (PIL + numpy) run on a worker thread of their own, so they overlap with
+generation steps of other requests; only the tower and projector use the model thread, in one
+batch for all requests whose images are ready when it gets there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import threading
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from vilaserve.adapters.worker.torch_vila.executor import ModelExecutor
 from vilaserve.adapters.worker.torch_vila.image_cache import ImageEmbeddingCache
 from vilaserve.adapters.worker.torch_vila.image_processing import decode_image
-from vilaserve.adapters.worker.torch_vila.text_generator import TorchImageFeatures
+from vilaserve.adapters.worker.torch_vila.model_runner import TorchImageFeatures
 from vilaserve.adapters.worker.torch_vila.vision_pipeline import VisionPipeline
 from vilaserve.domain.shared.errors import InvalidImage
 from vilaserve.domain.worker.ports import ImageFeatures, VisionEncoder
@@ -33,30 +36,81 @@ class TorchVisionEncoder(VisionEncoder):
         self._executor = executor
         self._max_pixels = max_image_pixels
         self.cache = cache
+        self._lock = threading.Lock()
+        self._pending: list[tuple[torch.Tensor, asyncio.Future[list[torch.Tensor]]]] = []
+        self._jobs: set[asyncio.Future[None]] = set()
 
     @property
     def tokens_per_image(self) -> int:
         return self._pipeline.tokens_per_image
 
     async def encode(self, images: Sequence[bytes]) -> ImageFeatures:
-        """Only images the cache does not hold are decoded and encoded (in one batch)."""
+        """Only images the cache does not hold are decoded and encoded (in one batch). Each
+        image also gets a content key, so prompts about one picture share a cached prefix."""
         cache = self.cache
-        if cache is None:
-            return TorchImageFeatures(await self._encode(images, range(len(images))))
         # Hashing megabytes of image bytes is no work for the event loop.
-        keys = await asyncio.to_thread(lambda: [cache.key(data) for data in images])
-        found = [cache.get(key) for key in keys]
+        keys = await asyncio.to_thread(lambda: [self._key(data) for data in images])
+        if cache is None:
+            encoded = await self._encode(images, range(len(images)))
+            return TorchImageFeatures(await self._executor.run(torch.stack, encoded), keys)
+        found: list[torch.Tensor | None] = [cache.get(key) for key in keys]
         missing = [index for index, hit in enumerate(found) if hit is None]
         if missing:
             fresh = await self._encode(images, missing)
             for slot, index in enumerate(missing):
-                found[index] = fresh[slot].clone()  # its own copy: a view pins the whole batch
-                cache.put(keys[index], found[index])
-        return TorchImageFeatures(torch.stack(found))  # type: ignore[arg-type]
+                found[index] = fresh[slot]
+                cache.put(keys[index], fresh[slot])
+        # Stacked on the model thread, like all torch work with parallel regions (executor.py).
+        stacked = await self._executor.run(torch.stack, found)
+        return TorchImageFeatures(stacked, keys)
 
-    async def _encode(self, images: Sequence[bytes], indices: Sequence[int]) -> torch.Tensor:
+    def _key(self, data: bytes) -> str:
+        if self.cache is not None:
+            return self.cache.key(data)
+        return hashlib.sha256(data).hexdigest()  # one process, one preprocessing: no salt
+
+    async def _encode(self, images: Sequence[bytes], indices: Sequence[int]) -> list[torch.Tensor]:
+        """Encodes on the model thread, batched with whatever other requests queued images
+        meanwhile: the first to queue schedules one job, which takes every pending batch."""
         pixels = await asyncio.to_thread(self._pixels, images, indices)
-        return await self._executor.run(self._pipeline.encode_pixels, pixels)
+        future: asyncio.Future[list[torch.Tensor]] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            self._pending.append((pixels, future))
+            first = len(self._pending) == 1
+        if first:
+            self._jobs.add(job := asyncio.ensure_future(self._encode_pending()))
+            job.add_done_callback(self._jobs.discard)
+        return await future
+
+    async def _encode_pending(self) -> None:
+        results = await self._executor.run(self._encode_batch)
+        for future, result in results:
+            if future.done():
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    def _encode_batch(self) -> list[tuple[asyncio.Future[list[torch.Tensor]], Any]]:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        shapes = {tuple(p.shape[1:]) for p, _ in pending}
+        groups = [pending] if len(shapes) == 1 else [[item] for item in pending]
+        results: list[tuple[asyncio.Future[list[torch.Tensor]], Any]] = []
+        for group in groups:
+            try:
+                encoded = self._pipeline.encode_pixels(torch.cat([p for p, _ in group]))
+            except Exception as exc:
+                results += [(future, exc) for _, future in group]
+                continue
+            start = 0
+            for pixels, future in group:
+                # One copy per image: a view would pin the whole batch in the cache.
+                rows = encoded[start : start + pixels.shape[0]]
+                results.append((future, [row.clone() for row in rows]))
+                start += pixels.shape[0]
+        return results
 
     def _pixels(self, images: Sequence[bytes], indices: Sequence[int]) -> torch.Tensor:
         decoded = []

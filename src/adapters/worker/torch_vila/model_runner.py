@@ -1,0 +1,254 @@
+"""The `ModelRunner` port on our own Llama: the engine's batches run here, on the model thread.
+
+A KV pool of `num_slots` rows x `slot_length` positions is allocated once (on the CPU its pages
+are taken only as positions fill). A step runs every decode row in one batched forward (each
+row at its own position of its own slot), then each prefill chunk into its slot, then samples
+all rows at once: one host sync per step, for the token ids the streams need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from vilaserve.adapters.worker.torch_vila.executor import ModelExecutor
+from vilaserve.adapters.worker.torch_vila.llama import Llama
+from vilaserve.adapters.worker.torch_vila.sampling import Sampler
+from vilaserve.adapters.worker.torch_vila.tokenization import (
+    IMAGE_TOKEN,
+    IMAGE_TOKEN_INDEX,
+    IncrementalDetokenizer,
+    tokenize_with_images,
+)
+from vilaserve.domain.shared.conversation import ConversationTemplate
+from vilaserve.domain.shared.errors import ContextOverflow, InvalidRequest, OutOfDeviceMemory
+from vilaserve.domain.shared.generation import SamplingParams
+from vilaserve.domain.worker.batch import ModelBatch, PositionKey
+from vilaserve.domain.worker.ports import Detokenizer, ImageFeatures, ModelRunner, PreparedPrompt
+
+
+class TorchImageFeatures(ImageFeatures):
+    """Projected image embeddings [N, tokens_per_image, llm_hidden] in the LLM's dtype, and a
+    content key per image (a hash of its bytes and preprocessing) for prefix matching."""
+
+    def __init__(self, embeddings: torch.Tensor, image_keys: Sequence[str] = ()) -> None:
+        self.embeddings = embeddings
+        self.image_keys = tuple(image_keys)
+
+    @property
+    def num_images(self) -> int:
+        return int(self.embeddings.shape[0])
+
+
+class TorchPrompt(PreparedPrompt):
+    """Token ids with image slots, the images' embeddings until the prompt is prefilled, and
+    the request's own sampler (its seed's generator)."""
+
+    def __init__(
+        self,
+        ids: list[int],
+        images: torch.Tensor | None,
+        keys: list[PositionKey],
+        max_new: int,
+        stop_ids: frozenset[int],
+        sampler: Sampler,
+    ) -> None:
+        self.ids = ids
+        self._images = images
+        self._keys = keys
+        self._max_new = max_new
+        self._stop_ids = stop_ids
+        self.sampler = sampler
+        self._embeds: torch.Tensor | None = None
+
+    @property
+    def keys(self) -> Sequence[PositionKey]:
+        return self._keys
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self._max_new
+
+    @property
+    def stop_token_ids(self) -> frozenset[int]:
+        return self._stop_ids
+
+    def embeddings(self, model: Llama, start: int, end: int) -> torch.Tensor:
+        """Input embeddings of positions [start, end) as [1, end - start, hidden]."""
+        if self._embeds is None:
+            self._embeds = _splice(model, self.ids, self._images)
+        return self._embeds[:, start:end]
+
+    def prefilled(self) -> None:
+        # The prompt lives on in the KV cache only.
+        self._embeds = None
+        self._images = None
+
+
+class TorchModelRunner(ModelRunner[TorchPrompt]):
+    def __init__(
+        self,
+        model: Llama,
+        tokenizer: Any,
+        template: ConversationTemplate,
+        executor: ModelExecutor,
+        context_length: int,
+        stop_token_ids: Sequence[int],
+        image_wrap: tuple[str, str] | None = None,
+        compute_path: str | None = None,
+        num_slots: int = 8,
+        slot_length: int | None = None,
+    ) -> None:
+        self.model = model
+        self._compute_path = compute_path
+        self._tokenizer = tokenizer
+        self._template = template
+        self._executor = executor
+        self._context_length = context_length
+        self._stop_ids = frozenset(stop_token_ids)
+        # Checkpoints trained with `mm_use_im_start_end` see each image between two tokens.
+        self._image_wrap = image_wrap
+        self._num_slots = num_slots
+        self._slot_length = min(slot_length or context_length, context_length)
+        self.cache = model.new_cache(num_slots, self._slot_length)
+
+    @property
+    def context_length(self) -> int:
+        return self._context_length
+
+    @property
+    def compute_path(self) -> str | None:
+        return self._compute_path
+
+    @property
+    def conversation_template(self) -> ConversationTemplate:
+        return self._template
+
+    @property
+    def num_slots(self) -> int:
+        return self._num_slots
+
+    @property
+    def slot_length(self) -> int:
+        return self._slot_length
+
+    def _tokenize(self, prompt: str) -> list[int]:
+        if self._image_wrap is not None:
+            start, end = self._image_wrap
+            prompt = prompt.replace(IMAGE_TOKEN, f"{start}{IMAGE_TOKEN}{end}")
+        return tokenize_with_images(self._tokenizer, prompt)
+
+    def count_tokens(self, text: str) -> int:
+        ids = self._tokenize(text)
+        return sum(1 for i in ids if i != IMAGE_TOKEN_INDEX)
+
+    def detokenizer(self) -> Detokenizer:
+        return IncrementalDetokenizer(self._tokenizer)
+
+    def prepare(
+        self, prompt: str, images: ImageFeatures | None, params: SamplingParams
+    ) -> TorchPrompt:
+        ids = self._tokenize(prompt)
+        n_slots = sum(1 for i in ids if i == IMAGE_TOKEN_INDEX)
+        features = images if isinstance(images, TorchImageFeatures) else None
+        embeddings = None if features is None else features.embeddings
+        n_images = 0 if embeddings is None else int(embeddings.shape[0])
+        if n_slots != n_images:
+            raise InvalidRequest(
+                f"the prompt has {n_slots} image placeholders for {n_images} images"
+            )
+        per_image = 0 if embeddings is None else int(embeddings.shape[1])
+        prompt_len = len(ids) - n_slots + n_slots * per_image
+        room = self._slot_length
+        if prompt_len >= room:
+            limit = "context" if room == self._context_length else "per-sequence cache length"
+            raise ContextOverflow(
+                f"the prompt takes {prompt_len} positions ({len(ids) - n_slots} text tokens + "
+                f"{n_slots} images x {per_image}); the model's {limit} is {room}, leaving no "
+                "room to generate"
+            )
+        image_keys = features.image_keys if features is not None else ()
+        return TorchPrompt(
+            ids,
+            embeddings,
+            _position_keys(ids, image_keys, per_image),
+            min(params.max_new_tokens, room - prompt_len),
+            self._stop_ids | frozenset(params.stop_token_ids),
+            Sampler(params, self.model.device),
+        )
+
+    async def run(self, batch: ModelBatch[TorchPrompt]) -> Sequence[int]:
+        return await self._executor.run(self._guarded_step, batch)
+
+    def _guarded_step(self, batch: ModelBatch[TorchPrompt]) -> list[int]:
+        try:
+            with torch.inference_mode():
+                return self._step(batch)
+        except torch.OutOfMemoryError as exc:
+            raise OutOfDeviceMemory(f"the device ran out of memory: {exc}") from exc
+
+    def _step(self, batch: ModelBatch[TorchPrompt]) -> list[int]:
+        model, cache = self.model, self.cache
+        logits: list[torch.Tensor] = []
+        samplers: list[Sampler] = []
+        if batch.decodes:
+            rows = torch.tensor([d.slot for d in batch.decodes], dtype=torch.int64)
+            positions = torch.tensor([d.position for d in batch.decodes], dtype=torch.int64)
+            tokens = torch.tensor([d.token for d in batch.decodes], dtype=torch.int64)
+            logits.append(model.decode_rows(cache, rows, positions, tokens))
+            samplers.extend(d.prompt.sampler for d in batch.decodes)
+        for chunk in batch.prefills:
+            embeds = chunk.prompt.embeddings(model, chunk.start, chunk.end)
+            out = model(cache.row(chunk.slot), chunk.start, inputs_embeds=embeds)
+            if chunk.samples:
+                logits.append(out[:, -1])
+                samplers.append(chunk.prompt.sampler)
+                chunk.prompt.prefilled()
+        if not logits:
+            return []
+        return _sample(torch.cat(logits) if len(logits) > 1 else logits[0], samplers)
+
+
+def _sample(logits: torch.Tensor, samplers: list[Sampler]) -> list[int]:
+    """Greedy rows in one argmax, the others each with its own generator; one host sync."""
+    if all(s.is_greedy for s in samplers):
+        return logits.argmax(dim=-1).tolist()  # type: ignore[no-any-return]
+    chosen = logits.argmax(dim=-1)
+    for row, sampler in enumerate(samplers):
+        if not sampler.is_greedy:
+            chosen[row] = sampler(logits[row])
+    return chosen.tolist()  # type: ignore[no-any-return]
+
+
+def _position_keys(ids: list[int], image_keys: Sequence[str], per_image: int) -> list[PositionKey]:
+    """Token ids for text; (image key, row) for each image position; an image without a key
+    (never two alike) gets a key no other prompt shares."""
+    keys: list[PositionKey] = []
+    image = 0
+    for token in ids:
+        if token != IMAGE_TOKEN_INDEX:
+            keys.append(token)
+            continue
+        tag: object = image_keys[image] if image < len(image_keys) else object()
+        keys.extend((tag, row) for row in range(per_image))
+        image += 1
+    return keys
+
+
+def _splice(model: Llama, ids: list[int], images: torch.Tensor | None) -> torch.Tensor:
+    """Token embeddings with each -200 replaced by one image's rows (VILA's order)."""
+    device = model.device
+    ids_t = torch.tensor(ids, dtype=torch.long, device=device)
+    text = model.embed(ids_t.clamp(min=0).unsqueeze(0))[0]
+    if images is None:
+        return text.unsqueeze(0)
+    pieces: list[torch.Tensor] = []
+    start = 0
+    slots = [i for i, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX]
+    for k, slot in enumerate(slots):
+        pieces += [text[start:slot], images[k].to(text.dtype)]
+        start = slot + 1
+    pieces.append(text[start:])
+    return torch.cat(pieces).unsqueeze(0)

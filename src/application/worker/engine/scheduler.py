@@ -1,0 +1,154 @@
+"""The scheduling policy: which sequences run in the next step, and how much of each prompt.
+
+Every step decodes all running sequences that finished their prompt, one token each. Prompts
+are prefilled in chunks inside the same steps: up to `max_num_batched_tokens` positions when
+nothing is decoding, but only `prefill_chunk_while_decoding` while streams are running, so a
+long prompt that arrives mid-stream delays each running token by one small chunk rather than by
+the whole prompt. Sequences are admitted first come, first served, while a cache slot is free
+and fewer than `max_num_seqs` run.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from vilaserve.application.worker.engine.sequence import Sequence, TokenOut
+from vilaserve.application.worker.engine.slot_table import SlotTable
+from vilaserve.domain.shared.generation import FinishReason
+from vilaserve.domain.worker.batch import DecodeRow, ModelBatch, PrefillChunk
+from vilaserve.domain.worker.ports import PreparedPrompt
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 8
+    max_num_batched_tokens: int = 2048
+    prefill_chunk_while_decoding: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"need max_num_seqs >= 1 and max_num_batched_tokens >= max_num_seqs "
+                f"(got {self.max_num_seqs} and {self.max_num_batched_tokens})"
+            )
+        if self.prefill_chunk_while_decoding < 1:
+            raise ValueError("prefill_chunk_while_decoding must be >= 1")
+
+
+@dataclass(frozen=True)
+class ScheduledStep:
+    batch: ModelBatch[PreparedPrompt]
+    decoding: tuple[Sequence, ...]  # in the batch's decode order
+    prefilling: tuple[Sequence, ...]  # in the batch's prefill order
+
+
+@dataclass
+class StepOutcome:
+    """What a step produced, per sequence, and who left."""
+
+    tokens: list[tuple[Sequence, TokenOut]] = field(default_factory=list)
+    finished: list[Sequence] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, slots: SlotTable) -> None:
+        self.config = config
+        self.slots = slots
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Takes a sequence out wherever it is (a client went away); its slot is freed now,
+        keeping the prefix it computed for later requests."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self._free_slot(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def fail(self, seqs: tuple[Sequence, ...]) -> None:
+        """Drops sequences whose step failed; their slots' contents are not trusted."""
+        for seq in seqs:
+            if seq in self.running:
+                self.running.remove(seq)
+                self.slots.release(seq.slot, [])
+                seq.slot = -1
+
+    def schedule(self) -> ScheduledStep:
+        config = self.config
+        decoding = tuple(seq for seq in self.running if seq.is_prefilled)
+        self._admit()
+        budget = config.max_num_batched_tokens - len(decoding)
+        if decoding:
+            budget = min(budget, config.prefill_chunk_while_decoding)
+        prefilling: list[Sequence] = []
+        chunks: list[PrefillChunk[PreparedPrompt]] = []
+        for seq in self.running:
+            if budget <= 0:
+                break
+            if seq.is_prefilled:
+                continue
+            end = min(seq.prompt_length, seq.computed + budget)
+            chunks.append(
+                PrefillChunk(seq.prompt, seq.slot, seq.computed, end, end == seq.prompt_length)
+            )
+            prefilling.append(seq)
+            budget -= end - seq.computed
+        rows = tuple(
+            DecodeRow(seq.prompt, seq.slot, seq.computed, seq.output[-1]) for seq in decoding
+        )
+        return ScheduledStep(ModelBatch(rows, tuple(chunks)), decoding, tuple(prefilling))
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            found = self.slots.acquire(seq.prompt.keys)
+            if found is None:
+                return
+            self.waiting.popleft()
+            seq.slot, seq.computed = found
+            seq.reused = seq.computed
+            self.running.append(seq)
+
+    def update(self, step: ScheduledStep, sampled: list[int]) -> StepOutcome:
+        """Applies a step's results: positions computed, tokens appended, finished sequences
+        out (their slots freed at once)."""
+        outcome = StepOutcome()
+        samples = iter(sampled)
+        for seq in step.decoding:
+            seq.computed += 1
+            self._append(seq, next(samples), outcome)
+        for seq, chunk in zip(step.prefilling, step.batch.prefills, strict=True):
+            seq.computed = chunk.end
+            if chunk.samples:
+                self._append(seq, next(samples), outcome)
+        for seq in outcome.finished:
+            self.running.remove(seq)
+            self._free_slot(seq)
+        return outcome
+
+    def _append(self, seq: Sequence, token: int, outcome: StepOutcome) -> None:
+        if seq.aborted:
+            return
+        seq.output.append(token)
+        finish: FinishReason | None = None
+        if token in seq.prompt.stop_token_ids:
+            finish = "stop"
+        elif len(seq.output) >= seq.prompt.max_new_tokens:
+            finish = "length"
+        outcome.tokens.append((seq, TokenOut(token, finish)))
+        if finish is not None:
+            seq.finished = True
+            outcome.finished.append(seq)
+
+    def _free_slot(self, seq: Sequence) -> None:
+        self.slots.release(seq.slot, seq.written_keys())
+        seq.slot = -1

@@ -1,0 +1,54 @@
+"""One request inside the engine: its prompt, its cache slot and what it has produced."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from vilaserve.domain.shared.errors import ServingError
+from vilaserve.domain.shared.generation import FinishReason
+from vilaserve.domain.worker.batch import PositionKey
+from vilaserve.domain.worker.ports import PreparedPrompt
+
+
+@dataclass(frozen=True)
+class TokenOut:
+    """One produced token, as the request's stream receives it."""
+
+    token: int
+    finish_reason: FinishReason | None
+
+
+# What a request's outbox carries: tokens, then at most one error.
+Outcome = TokenOut | ServingError
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    prompt: PreparedPrompt
+    arrived: float
+    outbox: asyncio.Queue[Outcome] = field(default_factory=asyncio.Queue)
+    slot: int = -1
+    computed: int = 0  # leading positions whose keys/values are in the slot
+    reused: int = 0  # of those, how many came from the prefix cache
+    output: list[int] = field(default_factory=list)
+    finished: bool = False
+    aborted: bool = False
+    last_token_at: float = 0.0
+
+    @property
+    def prompt_length(self) -> int:
+        return len(self.prompt.keys)
+
+    @property
+    def is_prefilled(self) -> bool:
+        return self.computed >= self.prompt_length
+
+    def written_keys(self) -> list[PositionKey]:
+        """Keys of the positions whose KV is in the slot: the prompt, then the fed tokens."""
+        keys = list(self.prompt.keys[: self.computed])
+        fed = self.computed - self.prompt_length
+        if fed > 0:
+            keys.extend(self.output[:fed])
+        return keys

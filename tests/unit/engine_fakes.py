@@ -1,0 +1,133 @@
+"""A fake `ModelRunner`: a deterministic "model" that keeps honest books on its KV slots.
+
+Each prompt word is one position (its key is the word). The fake remembers, per slot, the key
+written at every position; a step that reads a position nobody wrote, or writes out of order,
+fails the test. The token it samples is a hash of everything the slot holds up to the new
+position (plus the seed when sampling), so a sequence whose slot held someone else's KV, or
+whose prefix reuse was wrong, produces different tokens than it does alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from vilaserve.domain.shared.conversation import TEMPLATES, ConversationTemplate
+from vilaserve.domain.shared.errors import ContextOverflow, ServingError
+from vilaserve.domain.shared.generation import SamplingParams
+from vilaserve.domain.worker.batch import ModelBatch, PositionKey
+from vilaserve.domain.worker.ports import Detokenizer, ImageFeatures, ModelRunner, PreparedPrompt
+
+STOP = 0  # the fake's end-of-text token
+VOCAB = 50
+
+
+@dataclass
+class FakePrompt(PreparedPrompt):
+    words: list[PositionKey]
+    limit: int
+    seed: int | None = None
+    stops: frozenset[int] = frozenset({STOP})
+
+    @property
+    def keys(self) -> Sequence[PositionKey]:
+        return self.words
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.limit
+
+    @property
+    def stop_token_ids(self) -> frozenset[int]:
+        return self.stops
+
+
+class FakeDetokenizer(Detokenizer):
+    def push(self, token: int) -> str:
+        return f" t{token}"
+
+    def flush(self) -> str:
+        return ""
+
+
+@dataclass
+class FakeModelRunner(ModelRunner[FakePrompt]):
+    slots: int = 4
+    length: int = 512
+    delay_s: float = 0.0
+    stop_at: int | None = None  # sample STOP once a sequence has this many positions
+    fail_next: ServingError | None = None
+    batches: list[ModelBatch[FakePrompt]] = field(default_factory=list)
+    kv: dict[int, list[PositionKey]] = field(default_factory=dict)
+
+    @property
+    def context_length(self) -> int:
+        return self.length
+
+    @property
+    def conversation_template(self) -> ConversationTemplate:
+        return TEMPLATES["vicuna_v1"]
+
+    @property
+    def num_slots(self) -> int:
+        return self.slots
+
+    @property
+    def slot_length(self) -> int:
+        return self.length
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def detokenizer(self) -> Detokenizer:
+        return FakeDetokenizer()
+
+    def prepare(
+        self, prompt: str, images: ImageFeatures | None, params: SamplingParams
+    ) -> FakePrompt:
+        # "t7" is how token 7 reads back (FakeDetokenizer): the same key, as a real tokenizer
+        # would give the same id for a generated word sent back in the next turn.
+        words: list[PositionKey] = [
+            int(w[1:]) if w[:1] == "t" and w[1:].isdigit() else w for w in prompt.split()
+        ]
+        if len(words) >= self.length:
+            raise ContextOverflow(f"{len(words)} positions; the context holds {self.length}")
+        seed = None if params.is_greedy else (params.seed or 0)
+        limit = min(params.max_new_tokens, self.length - len(words))
+        return FakePrompt(words, limit, seed, frozenset({STOP, *params.stop_token_ids}))
+
+    async def run(self, batch: ModelBatch[FakePrompt]) -> Sequence[int]:
+        self.batches.append(batch)
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        else:
+            await asyncio.sleep(0)
+        if self.fail_next is not None:
+            error, self.fail_next = self.fail_next, None
+            raise error
+        sampled = []
+        for row in batch.decodes:
+            self._write(row.slot, row.position, row.token)
+            sampled.append(self._sample(row.slot, row.position + 1, row.prompt.seed))
+        for chunk in batch.prefills:
+            for position in range(chunk.start, chunk.end):
+                self._write(chunk.slot, position, chunk.prompt.words[position])
+            if chunk.samples:
+                sampled.append(self._sample(chunk.slot, chunk.end, chunk.prompt.seed))
+        return sampled
+
+    def _write(self, slot: int, position: int, key: PositionKey) -> None:
+        held = self.kv.setdefault(slot, [])
+        assert position <= len(held), f"slot {slot}: position {position} written before earlier"
+        del held[position:]
+        held.append(key)
+
+    def _sample(self, slot: int, length: int, seed: int | None) -> int:
+        held = self.kv[slot]
+        assert len(held) == length, f"slot {slot} holds {len(held)} positions, expected {length}"
+        if self.stop_at is not None and length >= self.stop_at:
+            return STOP
+        digest = hashlib.blake2b(repr((held, seed)).encode(), digest_size=4).digest()
+        return 1 + int.from_bytes(digest, "little") % (VOCAB - 1)

@@ -1,0 +1,217 @@
+"""The engine's scheduling, off-GPU: a fake runner that checks its KV books (engine_fakes.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from engine_fakes import STOP, FakeModelRunner
+
+from vilaserve.application.worker.engine.engine import Engine
+from vilaserve.application.worker.engine.scheduler import SchedulerConfig
+from vilaserve.application.worker.engine.text_generator import EngineTextGenerator
+from vilaserve.domain.shared.errors import OutOfDeviceMemory, ServingError
+from vilaserve.domain.shared.generation import GenerationStep, SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=12)
+
+
+def make(runner: FakeModelRunner, **config: int) -> EngineTextGenerator:
+    return EngineTextGenerator(Engine(runner, SchedulerConfig(**config)))
+
+
+def prompt(n: int, tag: str = "p") -> str:
+    return " ".join(f"{tag}{i}" for i in range(n))
+
+
+async def collect(steps: AsyncIterator[GenerationStep]) -> tuple[str, str | None, int]:
+    text, finish, produced = "", None, 0
+    async for step in steps:
+        text += step.text
+        finish, produced = step.finish_reason, step.completion_tokens
+    return text, finish, produced
+
+
+async def alone(text: str, params: SamplingParams = GREEDY) -> str:
+    generator = make(FakeModelRunner(slots=1), max_num_seqs=1)
+    try:
+        return (await collect(generator.generate(text, None, params)))[0]
+    finally:
+        await generator.close()
+
+
+def test_a_batch_gives_each_request_what_it_gets_alone() -> None:
+    prompts = [prompt(3 + 7 * i, f"r{i}-") for i in range(8)]
+
+    async def scenario() -> None:
+        expected = [await alone(p) for p in prompts]
+        runner = FakeModelRunner(slots=8, delay_s=0.0005)
+        generator = make(runner, max_num_seqs=8, prefill_chunk_while_decoding=4)
+
+        async def late(i: int) -> str:
+            await asyncio.sleep(0.001 * i)  # requests join while others decode
+            return (await collect(generator.generate(prompts[i], None, GREEDY)))[0]
+
+        got = await asyncio.gather(*(late(i) for i in range(8)))
+        await generator.close()
+        assert got == expected
+        assert max(len(b.decodes) for b in runner.batches) > 1  # they really shared steps
+
+    asyncio.run(scenario())
+
+
+def test_seeded_sampling_is_the_same_alone_or_batched() -> None:
+    params = SamplingParams(temperature=0.8, seed=1234, max_new_tokens=10)
+
+    async def scenario() -> None:
+        expected = await alone(prompt(5), params)
+        generator = make(FakeModelRunner(slots=4), max_num_seqs=4)
+        results = await asyncio.gather(
+            collect(generator.generate(prompt(5), None, params)),
+            collect(generator.generate(prompt(9, "x"), None, GREEDY)),
+        )
+        await generator.close()
+        assert results[0][0] == expected
+
+    asyncio.run(scenario())
+
+
+def test_every_step_decodes_all_running_sequences_together() -> None:
+    async def scenario() -> None:
+        runner = FakeModelRunner(slots=4)
+        generator = make(runner, max_num_seqs=4)
+        await asyncio.gather(
+            *(collect(generator.generate(prompt(4), None, GREEDY)) for _ in range(4))
+        )
+        await generator.close()
+        # 4 prompts prefilled in the first step, then 11 steps of 4 decodes each
+        assert [len(b.prefills) for b in runner.batches][:1] == [4]
+        assert all(len(b.decodes) == 4 for b in runner.batches[1:])
+        assert len(runner.batches) == 12
+
+    asyncio.run(scenario())
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_others_keep_decoding() -> None:
+    async def scenario() -> None:
+        runner = FakeModelRunner(slots=4, delay_s=0.001)
+        generator = make(runner, max_num_seqs=4, prefill_chunk_while_decoding=16)
+        running = [
+            asyncio.ensure_future(
+                collect(
+                    generator.generate(
+                        prompt(3, f"s{i}"), None, SamplingParams(temperature=0, max_new_tokens=200)
+                    )
+                )
+            )
+            for i in range(3)
+        ]
+        while not runner.batches or not runner.batches[-1].decodes:
+            await asyncio.sleep(0.001)
+        long_text, finish, _ = await collect(generator.generate(prompt(200, "L"), None, GREEDY))
+        await asyncio.gather(*running)
+        await generator.close()
+        assert finish == "length" and long_text
+        chunked = [b for b in runner.batches if any(c.prompt.words[0] == "L0" for c in b.prefills)]
+        assert len(chunked) == 200 // 16 + 1
+        for batch in chunked:
+            assert sum(c.end - c.start for c in batch.prefills) <= 16
+            assert len(batch.decodes) == 3  # the running streams advanced in the same step
+
+    asyncio.run(scenario())
+
+
+def test_turn_two_reuses_the_cached_prefix_of_turn_one_and_answers_the_same() -> None:
+    async def scenario() -> None:
+        runner = FakeModelRunner(slots=2)
+        generator = make(runner, max_num_seqs=1)
+        first = prompt(40, "chat")
+        answer, _, _ = await collect(generator.generate(first, None, GREEDY))
+        second = f"{first}{answer} and then?"
+        reply, _, _ = await collect(generator.generate(second, None, GREEDY))
+        await generator.close()
+        last = [b for b in runner.batches if b.prefills][-1].prefills[0]
+        # turn 1's prompt and its answer (but the last, unfed, token) come from the cache
+        assert last.start == 40 + 12 - 1
+        assert reply == await alone(second)
+
+    asyncio.run(scenario())
+
+
+def test_a_cached_prefix_is_evicted_for_a_new_request_when_no_slot_is_free() -> None:
+    async def scenario() -> None:
+        runner = FakeModelRunner(slots=1)
+        generator = make(runner, max_num_seqs=1)
+        await collect(generator.generate(prompt(10, "a"), None, GREEDY))
+        other, _, _ = await collect(generator.generate(prompt(10, "b"), None, GREEDY))
+        again, _, _ = await collect(generator.generate(prompt(10, "a"), None, GREEDY))
+        await generator.close()
+        assert runner.batches[-12].prefills[0].start == 0  # "a" was recomputed, not reused
+        assert other == await alone(prompt(10, "b"))
+        assert again == await alone(prompt(10, "a"))
+
+    asyncio.run(scenario())
+
+
+def test_a_client_that_goes_away_frees_its_slot_within_one_step() -> None:
+    async def scenario() -> None:
+        runner = FakeModelRunner(slots=2, delay_s=0.002)
+        generator = make(runner, max_num_seqs=2)
+        engine = generator.engine
+        steps = generator.generate(
+            prompt(4), None, SamplingParams(temperature=0, max_new_tokens=500)
+        )
+        await steps.__anext__()
+        assert engine.scheduler.slots.free_count == 1
+        steps_before = len(runner.batches)
+        await steps.aclose()  # what the HTTP layer does when the client disconnects
+        await asyncio.sleep(0.01)
+        assert engine.scheduler.slots.free_count == 2
+        assert engine.num_running == 0
+        assert len(runner.batches) <= steps_before + 1  # at most the step already running
+        await generator.close()
+
+    asyncio.run(scenario())
+
+
+def test_requests_beyond_the_running_limit_wait_and_then_run() -> None:
+    async def scenario() -> None:
+        runner = FakeModelRunner(slots=2)
+        generator = make(runner, max_num_seqs=2)
+        results = await asyncio.gather(
+            *(collect(generator.generate(prompt(3, f"w{i}"), None, GREEDY)) for i in range(5))
+        )
+        await generator.close()
+        assert all(r[1] == "length" and r[2] == 12 for r in results)
+        assert max(len(b.decodes) + len(b.prefills) for b in runner.batches) <= 2
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_serves_the_next_one() -> None:
+    async def scenario() -> None:
+        runner = FakeModelRunner(slots=2)
+        generator = make(runner, max_num_seqs=2)
+        runner.fail_next = OutOfDeviceMemory("the device ran out of memory")
+        with pytest.raises(ServingError) as failed:
+            await collect(generator.generate(prompt(3), None, GREEDY))
+        assert failed.value.code == OutOfDeviceMemory.code
+        assert generator.engine.scheduler.slots.free_count == 2
+        text, finish, _ = await collect(generator.generate(prompt(3), None, GREEDY))
+        await generator.close()
+        assert finish == "length" and text == await alone(prompt(3))
+
+    asyncio.run(scenario())
+
+
+def test_a_stop_token_ends_the_stream_with_reason_stop() -> None:
+    async def scenario() -> None:
+        runner = FakeModelRunner(slots=1, stop_at=6)
+        generator = make(runner, max_num_seqs=1)
+        text, finish, produced = await collect(generator.generate(prompt(3), None, GREEDY))
+        await generator.close()
+        assert (finish, produced) == ("stop", 4)
+        assert f"t{STOP}" not in text
+
+    asyncio.run(scenario())
