@@ -34,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +60,7 @@ def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 @dataclass
@@ -91,7 +90,7 @@ class Server:
             self.command,
             env=self.env,
             stdout=subprocess.DEVNULL,
-            stderr=open(RESULTS / "server.log", "wb"),  # noqa: SIM115 - closed with the process
+            stderr=open(RESULTS / "server.log", "wb"),
         )
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
@@ -229,11 +228,16 @@ def make_png_b64(seed: int) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+RUNS = iter(range(10**6))  # every run's prompts are new: no prefix cache helps a sweep
+
+
 def sweep(kind: str, url: str, levels: list[int], tokens: int, image: bool) -> dict[str, Any]:
     out = {}
     for c in levels:
+        run = next(RUNS)
         prompts = [
-            chatml(("<image>\nWhat is in this picture? " if image else "")
+            chatml(f"Run {run}, reader {i}. "
+                   + ("<image>\nWhat is in this picture? " if image else "")
                    + f"Tell me a long story about {TOPICS[i % len(TOPICS)]}.")
             for i in range(c)
         ]  # fmt: skip
@@ -250,13 +254,15 @@ def long_prompt_scenario(kind: str, url: str, tokens: int, long_tokens: int) -> 
     words = filler.split()
     # ~1.3 tokens per word for this filler (SmolLM2's tokenizer); trimmed to about long_tokens
     long_prompt = chatml(" ".join(words[: int(long_tokens / 1.3)]) + " Summarise this.")
-    base = [chatml(f"Tell me a long story about {TOPICS[i]}.") for i in range(7)]
     results = {}
-    for name, prompts, delays in (
-        ("without", base, [0.0] * 7),
-        ("with", [*base, long_prompt], [0.0] * 7 + [0.5]),
+    for name, extra, delays in (
+        ("without", [], [0.0] * 7),
+        ("with", [long_prompt], [0.0] * 7 + [0.5]),
     ):
-        streams, started = asyncio.run(run_clients(kind, url, prompts, tokens, [], delays))
+        run = next(RUNS)
+        base = [chatml(f"Run {run}. Tell me a long story about {TOPICS[i]}.") for i in range(7)]
+        prompts = [*base, *extra]
+        streams, _started = asyncio.run(run_clients(kind, url, prompts, tokens, [], delays))
         running = streams[:7]
         gaps = [g for s in running for g in s.gaps]
         results[name] = {
@@ -339,8 +345,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
                          label=label)  # fmt: skip
             axes[1].plot(levels, [results[str(c)]["ttft_p95_s"] for c in levels], "o-",
                          label=label)  # fmt: skip
-    axes[0].set(xlabel="concurrent streams", ylabel="aggregate tok/s", xscale="log", title="throughput")
-    axes[1].set(xlabel="concurrent streams", ylabel="TTFT p95 (s)", xscale="log", title="first token")
+    axes[0].set(
+        xlabel="concurrent streams", ylabel="aggregate tok/s", xscale="log", title="throughput"
+    )
+    axes[1].set(
+        xlabel="concurrent streams", ylabel="TTFT p95 (s)", xscale="log", title="first token"
+    )
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -381,8 +391,9 @@ def main() -> None:
             sweeps["image"] = sweep("vilaserve", server.url, levels, args.tokens, image=True)
         report["sweeps"]["vilaserve"] = sweeps
         report["long_prompt"] = {
-            "vilaserve": long_prompt_scenario("vilaserve", server.url, args.tokens * 2,
-                                              args.long_tokens)  # fmt: skip
+            "vilaserve": long_prompt_scenario(
+                "vilaserve", server.url, args.tokens * 2, args.long_tokens
+            )
         }
         if details.get("multimodal"):
             report["image_turns"] = image_turns(server.url)
@@ -391,7 +402,9 @@ def main() -> None:
         report["sweeps"]["llama.cpp"] = {"text": {}}
         rss = 0.0
         for c in levels:
-            with llama_server(args.llama_server, args.gguf, 21103, c, args.threads, args.ctx) as srv:
+            with llama_server(
+                args.llama_server, args.gguf, 21103, c, args.threads, args.ctx
+            ) as srv:
                 report["sweeps"]["llama.cpp"]["text"].update(
                     sweep("llama.cpp", srv.url, [c], args.tokens, image=False)
                 )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from vilaserve.domain.shared.conversation import TEMPLATES, ConversationTemplate
@@ -98,12 +98,12 @@ class FakeModelRunner(ModelRunner[FakePrompt]):
         limit = min(params.max_new_tokens, self.length - len(words))
         return FakePrompt(words, limit, seed, frozenset({STOP, *params.stop_token_ids}))
 
-    async def run(self, batch: ModelBatch[FakePrompt]) -> Sequence[int]:
+    def submit(self, work: Callable[[], None]) -> None:
+        # The fake's "model thread" is the event loop itself, one step per `delay_s`.
+        asyncio.get_running_loop().call_later(self.delay_s, work)
+
+    def execute(self, batch: ModelBatch[FakePrompt]) -> Sequence[int]:
         self.batches.append(batch)
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
-        else:
-            await asyncio.sleep(0)
         if self.fail_next is not None:
             error, self.fail_next = self.fail_next, None
             raise error

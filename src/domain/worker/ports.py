@@ -6,7 +6,7 @@ Adapters implement them (torch for the model, httpx for the controller); unit te
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Generic, TypeVar
 
 from vilaserve.domain.shared.conversation import ConversationTemplate
@@ -133,9 +133,15 @@ class ModelRunner(ABC, Generic[P]):
         """Tokenize and splice; raises `InvalidRequest` / `ContextOverflow` naming the problem."""
 
     @abstractmethod
-    async def run(self, batch: ModelBatch[P]) -> Sequence[int]:
-        """Executes one step on the model's own thread; returns the sampled tokens in the
-        batch's order (`ModelBatch`). Raises `OutOfDeviceMemory` when the device is full."""
+    def execute(self, batch: ModelBatch[P]) -> Sequence[int]:
+        """Runs one step; called only on the model's own thread (see `submit`). Returns the
+        sampled tokens in the batch's order (`ModelBatch`). Raises `OutOfDeviceMemory` when the
+        device is full."""
+
+    @abstractmethod
+    def submit(self, work: Callable[[], None]) -> None:
+        """Queues `work` on the model's own thread, first in first out with the other work
+        there (image encodes). `work` must not raise."""
 
     @abstractmethod
     def detokenizer(self) -> Detokenizer: ...

@@ -54,6 +54,7 @@ def _engine_text_generator(settings: WorkerSettings, runtime: Any, observer: Any
                     settings.max_num_batched_tokens, settings.running_sequences
                 ),
                 prefill_chunk_while_decoding=settings.prefill_chunk,
+                max_itl_slowdown=settings.max_itl_slowdown,
             ),
             observer,
         )

@@ -65,8 +65,14 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--prefill-chunk",
         type=int,
-        help="prompt positions per step while other streams decode (default 64): smaller keeps "
-        "their inter-token latency lower, larger fills long prompts sooner",
+        help="most prompt positions per step while other streams decode (default 512)",
+    )
+    add(
+        "--max-itl-slowdown",
+        type=float,
+        help="while streams decode, size prompt chunks so a step takes at most this many times "
+        "a decode-only step (default 2.5): lower keeps their inter-token latency flatter, "
+        "higher fills long prompts sooner",
     )
     add(
         "--kv-slots",

@@ -36,8 +36,10 @@ class WorkerSettings(BaseSettings):
     limit_model_concurrency: int = Field(8, ge=1)
     max_num_seqs: int | None = Field(None, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=1)  # positions computed per step
-    # Prompt positions per step while other sequences decode: bounds their inter-token latency.
-    prefill_chunk: int = Field(64, ge=1)
+    # While other sequences decode, a step's prompt chunk is sized to keep it within
+    # `max_itl_slowdown` x a decode-only step, and at most `prefill_chunk` positions.
+    prefill_chunk: int = Field(512, ge=1)
+    max_itl_slowdown: float = Field(2.5, gt=1.0)
     kv_slots: int | None = Field(None, ge=1)  # KV-cache rows (default: 2 x max_num_seqs)
     max_model_len: int | None = Field(None, ge=2)  # positions per KV row (default: context)
     max_queue_length: int = Field(64, ge=0)

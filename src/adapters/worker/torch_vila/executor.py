@@ -30,6 +30,10 @@ class ModelExecutor:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
 
+    def submit(self, fn: Callable[[], None]) -> None:
+        """Queues `fn` behind the thread's other work and returns at once."""
+        self._pool.submit(fn)
+
     def call(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """Runs `fn` on the model thread and waits for it (loading, before serving starts)."""
         return self._pool.submit(fn, *args, **kwargs).result()

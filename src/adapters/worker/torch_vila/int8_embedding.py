@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from vilaserve.adapters.worker import cpu_kernels
 from vilaserve.adapters.worker.torch_vila.device import apply_keeping_dtypes
-from vilaserve.adapters.worker.torch_vila.fast_linear import DECODE_MAX_ROWS
+from vilaserve.adapters.worker.torch_vila.fast_linear import FP32_KERNEL_MAX_ROWS
 from vilaserve.adapters.worker.torch_vila.llama import Llama
 
 _ROWS_PER_CHUNK = 4096  # bounds the fp32 temporary while quantizing (a 32k x 2560 table: 42 MB)
@@ -80,7 +80,7 @@ class Int8TiedHead(nn.Module):
         embedding = self.embedding[0]
         rows = x.reshape(-1, self.in_features)
         if (
-            rows.shape[0] > DECODE_MAX_ROWS  # more rows widen the table once, for one GEMM
+            rows.shape[0] > FP32_KERNEL_MAX_ROWS  # more rows widen the table once, for a GEMM
             or x.dtype != torch.float32
             or torch.is_grad_enabled()
         ):

@@ -3,12 +3,13 @@
 A KV pool of `num_slots` rows x `slot_length` positions is allocated once (on the CPU its pages
 are taken only as positions fill). A step runs every decode row in one batched forward (each
 row at its own position of its own slot), then each prefill chunk into its slot, then samples
-all rows at once: one host sync per step, for the token ids the streams need.
+all rows at once: one host sync per step, for the token ids the streams need. Steps run on the
+model thread (executor.py), queued by the engine through `submit`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -179,10 +180,10 @@ class TorchModelRunner(ModelRunner[TorchPrompt]):
             Sampler(params, self.model.device),
         )
 
-    async def run(self, batch: ModelBatch[TorchPrompt]) -> Sequence[int]:
-        return await self._executor.run(self._guarded_step, batch)
+    def submit(self, work: Callable[[], None]) -> None:
+        self._executor.submit(work)
 
-    def _guarded_step(self, batch: ModelBatch[TorchPrompt]) -> list[int]:
+    def execute(self, batch: ModelBatch[TorchPrompt]) -> list[int]:
         try:
             with torch.inference_mode():
                 return self._step(batch)

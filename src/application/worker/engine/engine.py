@@ -1,33 +1,38 @@
-"""The engine loop: schedule -> execute -> update, one model step at a time.
+"""The engine loop: schedule -> execute -> update, one model step at a time, on the model thread.
 
-It runs as one asyncio task. Each step's model work hops onto the runner's own model thread
-(one hop per step for the whole batch, not per token per request); scheduling, bookkeeping and
-handing tokens to the requests' queues happen on the event loop between steps, which is also
-where new requests join and aborted ones leave. So a client that goes away has its sequence out
-and its slot free before the next step starts.
+Each step is one piece of work queued on the model's own thread (`ModelRunner.submit`); when it
+ends it queues the next, behind whatever else waits there (image encodes), so the model never
+waits for the event loop between steps. The event loop only receives tokens (one callback per
+step hands them to the requests' queues) and sends requests in and aborts, through a
+thread-safe inbox that each step drains first. A client that goes away therefore has its
+sequence out and its slot free before the next step runs.
+
+The scheduler's state is touched on the model thread only.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
+import threading
 import time
+from collections import deque
 
 from vilaserve.application.worker.engine.observer import EngineObserver, NoObserver
 from vilaserve.application.worker.engine.scheduler import (
     ScheduledStep,
     Scheduler,
     SchedulerConfig,
-    StepOutcome,
 )
-from vilaserve.application.worker.engine.sequence import Sequence
+from vilaserve.application.worker.engine.sequence import Outcome, Sequence
 from vilaserve.application.worker.engine.slot_table import SlotTable
 from vilaserve.domain.shared.errors import ErrorCode, ServingError
 from vilaserve.domain.worker.ports import ModelRunner, PreparedPrompt
 
 log = logging.getLogger(__name__)
+
+Delivery = list[tuple[Sequence, Outcome]]
 
 
 class Engine:
@@ -41,112 +46,117 @@ class Engine:
         self.scheduler = Scheduler(config, SlotTable(runner.num_slots))
         self._observer: EngineObserver = observer or NoObserver()
         self._ids = itertools.count()
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._inbox: deque[Sequence] = deque()  # appended on the loop, drained by steps
+        self._lock = threading.Lock()
+        self._stepping = False  # a step is queued or running on the model thread
+        self._closed = False
         self.steps = 0
-
-    @property
-    def num_running(self) -> int:
-        return len(self.scheduler.running)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
+        # Read by /worker_get_status and /metrics from the event loop; written by steps.
+        self.num_running = 0
+        self.num_waiting = 0
 
     def submit(self, prompt: PreparedPrompt) -> Sequence:
         """Queues a prepared prompt; its tokens arrive on the returned sequence's outbox."""
-        self._ensure_running()
         seq = Sequence(next(self._ids), prompt, time.perf_counter())
-        self.scheduler.add(seq)
-        assert self._wake is not None
-        self._wake.set()
+        seq.loop = asyncio.get_running_loop()
+        self._inbox.append(seq)
+        self._kick()
         return seq
 
     def abort(self, seq: Sequence) -> None:
-        """The request is gone: it leaves now (between steps) or right after the running one."""
+        """The request is gone: it leaves before the next step."""
         seq.aborted = True
-        if self._task is not None and self._stepping is None:
-            self._leave(seq)
-        elif self._wake is not None:
-            self._wake.set()
-
-    _stepping: ScheduledStep | None = None
-
-    def _ensure_running(self) -> None:
-        if self._task is None or self._task.done():
-            self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name="engine")
+        self._kick()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        self._closed = True
 
-    async def _loop(self) -> None:
-        assert self._wake is not None
-        while True:
-            if not self.scheduler.has_work:
-                self._report_load()
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            self._drop_aborted()
-            step = self.scheduler.schedule()
-            self._report_admissions(step)
-            if not step.batch:
-                # Sequences wait for a slot that no running sequence will free: impossible
-                # while the table has at least max_num_seqs slots; guard against a spin anyway.
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            await self._run(step)
+    def _kick(self) -> None:
+        with self._lock:
+            if self._stepping or self._closed:
+                return
+            self._stepping = True
+        self.runner.submit(self._step)
 
-    async def _run(self, step: ScheduledStep) -> None:
-        started = time.perf_counter()
-        self._stepping = step
+    # ---------------------------------------------------------------- on the model thread
+    def _step(self) -> None:
         try:
-            sampled = list(await self.runner.run(step.batch))
+            more = self._run_one_step()
+        except Exception:  # the engine must outlive anything one step does
+            log.exception("engine step crashed")
+            more = True
+        with self._lock:
+            # Nothing to do: stop, unless a request slipped into the inbox meanwhile.
+            if self._closed or (not more and not self._inbox):
+                self._stepping = False
+                return
+        self.runner.submit(self._step)
+
+    def _run_one_step(self) -> bool:
+        scheduler = self.scheduler
+        while self._inbox:
+            scheduler.add(self._inbox.popleft())
+        self._drop_aborted()
+        if not scheduler.has_work:
+            self._report_load()
+            return False
+        step = scheduler.schedule()
+        self._report_admissions(step)
+        if not step.batch:
+            return False  # every slot is taken by sequences that wait on nothing: impossible
+        started = time.perf_counter()
+        try:
+            sampled = list(self.runner.execute(step.batch))
         except ServingError as error:
             self._fail(step, error)
-            return
+            return True
         except Exception as exc:  # one step's failure must not end the engine
             log.exception("engine step failed")
-            self._fail(
-                step,
-                ServingError(
-                    f"internal error: {type(exc).__name__}: {exc}", ErrorCode.INTERNAL_ERROR
-                ),
-            )
-            return
-        finally:
-            self._stepping = None
+            message = f"internal error: {type(exc).__name__}: {exc}"
+            self._fail(step, ServingError(message, ErrorCode.INTERNAL_ERROR))
+            return True
         now = time.perf_counter()
         self.steps += 1
+        prefilled = step.batch.num_tokens - len(step.decoding)
+        scheduler.chunks.observe(now - started, len(step.decoding), prefilled)
         self._observer.step(
             tokens=step.batch.num_tokens, decodes=len(step.decoding), seconds=now - started
         )
-        self._deliver(self.scheduler.update(step, sampled), now)
-        self._drop_aborted()
-        self._report_load()
-
-    def _deliver(self, outcome: StepOutcome, now: float) -> None:
+        outcome = scheduler.update(step, sampled)
+        delivery: Delivery = []
         for seq, out in outcome.tokens:
             if seq.last_token_at == 0.0:
                 self._observer.first_token(now - seq.arrived)
             else:
                 self._observer.inter_token(now - seq.last_token_at)
             seq.last_token_at = now
-            seq.outbox.put_nowait(out)
+            delivery.append((seq, out))
             if out.finish_reason is not None:
                 self._observer.finished(reason=out.finish_reason, generated=len(seq.output))
+        self._send(delivery)
+        self._report_load()
+        return True
+
+    def _send(self, delivery: Delivery) -> None:
+        """Hands the step's tokens to their requests' queues on the event loop, in one call per
+        loop (all requests normally share one)."""
+        by_loop: dict[asyncio.AbstractEventLoop, Delivery] = {}
+        for seq, out in delivery:
+            assert seq.loop is not None
+            by_loop.setdefault(seq.loop, []).append((seq, out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed: nobody is listening any more
+                for seq, _ in items:
+                    seq.aborted = True
 
     def _fail(self, step: ScheduledStep, error: ServingError) -> None:
         failed = step.decoding + step.prefilling
         self.scheduler.fail(failed)
         for seq in failed:
             seq.finished = True
-            seq.outbox.put_nowait(error)
+        self._send([(seq, error) for seq in failed])
         log.warning(
             "engine step failed",
             extra={
@@ -157,14 +167,10 @@ class Engine:
         )
 
     def _drop_aborted(self) -> None:
-        for seq in [s for s in self.scheduler.running if s.aborted]:
-            self._leave(seq)
-        for seq in [s for s in self.scheduler.waiting if s.aborted]:
-            self._leave(seq)
-
-    def _leave(self, seq: Sequence) -> None:
-        self.scheduler.remove(seq)
-        seq.finished = True
+        scheduler = self.scheduler
+        for seq in [s for s in (*scheduler.running, *scheduler.waiting) if s.aborted]:
+            scheduler.remove(seq)
+            seq.finished = True
 
     def _report_admissions(self, step: ScheduledStep) -> None:
         for seq, chunk in zip(step.prefilling, step.batch.prefills, strict=True):
@@ -172,9 +178,16 @@ class Engine:
                 self._observer.admitted(prompt_tokens=seq.prompt_length, reused_tokens=seq.reused)
 
     def _report_load(self) -> None:
-        slots = self.scheduler.slots
+        scheduler, slots = self.scheduler, self.scheduler.slots
+        self.num_running = len(scheduler.running)
+        self.num_waiting = len(scheduler.waiting) + len(self._inbox)
         self._observer.load(
             running=self.num_running,
             waiting=self.num_waiting,
             kv_usage=slots.used_count / slots.num_slots,
         )
+
+
+def _put_all(items: Delivery) -> None:
+    for seq, out in items:
+        seq.outbox.put_nowait(out)

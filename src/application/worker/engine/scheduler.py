@@ -2,10 +2,13 @@
 
 Every step decodes all running sequences that finished their prompt, one token each. Prompts
 are prefilled in chunks inside the same steps: up to `max_num_batched_tokens` positions when
-nothing is decoding, but only `prefill_chunk_while_decoding` while streams are running, so a
-long prompt that arrives mid-stream delays each running token by one small chunk rather than by
-the whole prompt. Sequences are admitted first come, first served, while a cache slot is free
-and fewer than `max_num_seqs` run.
+nothing is decoding, but while streams are running only as many as keep the step within
+`max_itl_slowdown` times a decode-only step (chunk_control.py, at most
+`prefill_chunk_while_decoding`), so a long prompt that arrives mid-stream delays each running
+token by a bounded factor rather than by the whole prompt (a short prompt, `short_prompt`
+positions or fewer, is taken whole: its first token matters more than one slower step for the
+others). Sequences are admitted first come, first served, while a cache slot is free and fewer
+than `max_num_seqs` run.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from vilaserve.application.worker.engine.chunk_control import ChunkController
 from vilaserve.application.worker.engine.sequence import Sequence, TokenOut
 from vilaserve.application.worker.engine.slot_table import SlotTable
 from vilaserve.domain.shared.generation import FinishReason
@@ -24,7 +28,11 @@ from vilaserve.domain.worker.ports import PreparedPrompt
 class SchedulerConfig:
     max_num_seqs: int = 8
     max_num_batched_tokens: int = 2048
-    prefill_chunk_while_decoding: int = 64
+    prefill_chunk_while_decoding: int = 512
+    max_itl_slowdown: float = 2.5
+    # Prompts with at most this many positions left are prefilled whole (their first token
+    # soon); only longer ones are chunked to protect the running streams.
+    short_prompt: int = 256
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < self.max_num_seqs:
@@ -34,6 +42,8 @@ class SchedulerConfig:
             )
         if self.prefill_chunk_while_decoding < 1:
             raise ValueError("prefill_chunk_while_decoding must be >= 1")
+        if self.max_itl_slowdown <= 1.0:
+            raise ValueError("max_itl_slowdown must be > 1")
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, slots: SlotTable) -> None:
         self.config = config
         self.slots = slots
+        self.chunks = ChunkController(config.prefill_chunk_while_decoding, config.max_itl_slowdown)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -87,8 +98,7 @@ class Scheduler:
         decoding = tuple(seq for seq in self.running if seq.is_prefilled)
         self._admit()
         budget = config.max_num_batched_tokens - len(decoding)
-        if decoding:
-            budget = min(budget, config.prefill_chunk_while_decoding)
+        long_budget = min(budget, self.chunks.chunk) if decoding else budget
         prefilling: list[Sequence] = []
         chunks: list[PrefillChunk[PreparedPrompt]] = []
         for seq in self.running:
@@ -96,12 +106,20 @@ class Scheduler:
                 break
             if seq.is_prefilled:
                 continue
-            end = min(seq.prompt_length, seq.computed + budget)
+            remaining = seq.prompt_length - seq.computed
+            if remaining <= config.short_prompt:
+                take = min(remaining, budget)
+            elif long_budget > 0:
+                take = min(remaining, budget, long_budget)
+                long_budget -= take
+            else:
+                continue
+            end = seq.computed + take
             chunks.append(
                 PrefillChunk(seq.prompt, seq.slot, seq.computed, end, end == seq.prompt_length)
             )
             prefilling.append(seq)
-            budget -= end - seq.computed
+            budget -= take
         rows = tuple(
             DecodeRow(seq.prompt, seq.slot, seq.computed, seq.output[-1]) for seq in decoding
         )

@@ -36,6 +36,7 @@ class Sequence:
     finished: bool = False
     aborted: bool = False
     last_token_at: float = 0.0
+    loop: asyncio.AbstractEventLoop | None = None  # where the request's stream awaits
 
     @property
     def prompt_length(self) -> int:
