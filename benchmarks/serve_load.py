@@ -149,12 +149,24 @@ async def vilaserve_stream(
     return stream
 
 
+TOKENIZER: Any = None  # set for random-vocabulary GGUFs: prompts go as ids of the same length
+
+
+def as_llama_prompt(prompt: str) -> str | list[int]:
+    """The text itself, or (with a random-vocabulary GGUF) as many token ids as the worker's
+    tokenizer makes of it, so both servers prefill the same number of positions."""
+    if TOKENIZER is None:
+        return prompt
+    count = len(TOKENIZER(prompt).input_ids)
+    return [1] + [259 + (7919 * i + len(prompt)) % 31000 for i in range(count - 1)]
+
+
 async def llama_stream(
     client: httpx.AsyncClient, url: str, prompt: str, tokens: int, images: list[str]
 ) -> Stream:
     """llama-server's /completion with SSE; one event per token; EOS ignored (128 tokens)."""
     body = {
-        "prompt": prompt,
+        "prompt": as_llama_prompt(prompt),
         "n_predict": tokens,
         "temperature": 0,
         "stream": True,
@@ -302,6 +314,61 @@ def image_turns(url: str) -> dict[str, Any]:
     return result
 
 
+def transformers_generate(model_dir: str, tokens: int) -> dict[str, Any]:
+    """transformers' own `generate`, one stream, greedy, bf16 and fp32: the LLM of the served
+    checkpoint (its 16-bit sibling for the demo; random weights of the same shape when the
+    served LLM is 4-bit, which transformers cannot run without AutoAWQ)."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    llm = Path(model_dir) / "llm"
+    sixteen = Path(str(model_dir).replace("/awq/", "/16bit/")) / "llm"
+    tokenizer = AutoTokenizer.from_pretrained(llm)
+    ids = tokenizer(chatml("Tell me a long story about a lighthouse keeper."), return_tensors="pt")
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        if (sixteen / "config.json").is_file() and "quantization_config" not in json.loads(
+            (sixteen / "config.json").read_text()
+        ):
+            model = LlamaForCausalLM.from_pretrained(sixteen, dtype=dtype)
+        else:
+            config = AutoConfig.from_pretrained(llm)
+            config.quantization_config = None
+            with torch.device("meta"):
+                model = LlamaForCausalLM(config)
+            model = model.to_empty(device="cpu").to(dtype)
+            for param in model.parameters():
+                torch.nn.init.normal_(param, 0.0, 0.02)
+        model.eval()
+        with torch.inference_mode():
+            model.generate(**ids, max_new_tokens=2, do_sample=False)  # warm-up
+            started = time.perf_counter()
+            generated = model.generate(
+                **ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False
+            )
+            seconds = time.perf_counter() - started
+        count = generated.shape[1] - ids["input_ids"].shape[1]
+        out[str(dtype).removeprefix("torch.")] = round(count / seconds, 2)
+        print(f"transformers generate {dtype}: {out[str(dtype).removeprefix('torch.')]} tok/s")
+        del model
+    return out
+
+
+def shaped_checkpoints() -> tuple[str, Path]:
+    from vilaserve.adapters.offline.checkpoints.shaped_vila import (
+        build_shaped_vila,
+        write_q4_0_gguf,
+    )
+
+    home = Path.home() / ".cache" / "vilaserve" / "bench"
+    root, gguf_path = home / "vila15-3b-random", home / "vila15-3b-random-q4_0.gguf"
+    if not (root / "config.json").is_file():
+        build_shaped_vila(root)
+    if not gguf_path.is_file():
+        write_q4_0_gguf(gguf_path)
+    return str(root), gguf_path
+
+
 def vilaserve_server(model: str, port: int, concurrency: int, extra: list[str]) -> Server:
     command = [
         sys.executable, "-m", "vilaserve.entrypoints.worker.main", "--model-path", model,
@@ -361,7 +428,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="a W4A16 VILA checkpoint directory")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="a W4A16 VILA checkpoint directory, or `3b`: random weights at VILA1.5-3B's shape "
+        "(built once under ~/.cache/vilaserve/bench, with a Q4_0 GGUF of its LLM for --gguf)",
+    )
     parser.add_argument("--label", default="demo")
     parser.add_argument("--llama-server", default=None)
     parser.add_argument("--gguf", default=None, help="the same LLM for llama-server")
@@ -370,10 +442,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--ctx", type=int, default=2048, help="llama-server context per slot")
     parser.add_argument("--no-images", action="store_true")
+    parser.add_argument("--hf-tokens", type=int, default=32, help="transformers generate tokens")
     parser.add_argument("--long-tokens", type=int, default=1500)
     parser.add_argument("--worker-args", default="", help="extra worker flags")
     args = parser.parse_args()
     levels = [int(c) for c in args.levels.split(",")]
+    if args.model == "3b":
+        args.model, gguf_path = shaped_checkpoints()
+        args.gguf = args.gguf or str(gguf_path)
+        global TOKENIZER
+        from transformers import AutoTokenizer
+
+        TOKENIZER = AutoTokenizer.from_pretrained(Path(args.model) / "llm")
     top = max(levels)
     RESULTS.mkdir(exist_ok=True)
     report: dict[str, Any] = {
@@ -415,6 +495,7 @@ def main() -> None:
                 "llama.cpp", srv.url, args.tokens * 2, args.long_tokens
             )
         report["llama_cpp_peak_rss_mb"] = round(rss)
+    report["transformers_generate_tok_s"] = transformers_generate(args.model, args.hf_tokens)
     suffix = "" if args.label == "demo" else f"-{args.label}"
     (RESULTS / f"serve_load{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(report, RESULTS / f"serve_load{suffix}.png")
