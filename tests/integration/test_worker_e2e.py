@@ -262,24 +262,60 @@ def test_a_client_that_disconnects_frees_its_sequence(siglip_worker: ServerThrea
 
 def test_overload_beyond_the_queue_is_refused_at_once(tiny_vila_siglip: Path) -> None:
     with start_worker(tiny_vila_siglip, limit_model_concurrency=1, max_queue_length=0) as worker:
-        answers: list[tuple[int, str, float]] = []
+        answers: list[tuple[int, int, str, float, str | None]] = []
 
         def ask(i: int) -> None:
             started = time.perf_counter()
             body = {"prompt": f"USER: hi {i} ASSISTANT:", **LONG}
-            last = stream_frames(worker.url, body)[-1]
-            answers.append((last["error_code"], last["text"], time.perf_counter() - started))
+            url = worker.url + "/worker_generate_stream"
+            with httpx.stream("POST", url, json=body, timeout=60) as r:
+                raw = r.read()
+            last = json.loads(raw.rstrip(b"\0").split(b"\0")[-1])
+            answers.append(
+                (
+                    r.status_code,
+                    last["error_code"],
+                    last["text"],
+                    time.perf_counter() - started,
+                    r.headers.get("retry-after"),
+                )
+            )
 
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-    refused = [a for a in answers if a[0] == 42903]
-    served = [a for a in answers if a[0] == 0]
+    refused = [a for a in answers if a[1] == 42903]
+    served = [a for a in answers if a[1] == 0]
     assert refused and served and len(refused) + len(served) == 4
-    assert all("busy" in text for _, text, _ in refused)
-    assert max(seconds for _, _, seconds in refused) < min(s for _, _, s in served)
+    assert all(status == 429 and retry == "1" for status, _, _, _, retry in refused)
+    assert all("busy" in text for _, _, text, _, _ in refused)
+    assert max(a[3] for a in refused) < min(a[3] for a in served)  # refused at once
+
+
+def test_a_non_streaming_client_that_gives_up_stops_its_generation(
+    siglip_worker: ServerThread,
+) -> None:
+    url = siglip_worker.url
+    body = {"prompt": "USER: hi ASSISTANT:", **LONG, "max_new_tokens": 1000, "seed": 3}
+    full = httpx.post(url + "/worker_generate", json=body, timeout=60).json()
+    whole = full["usage"]["completion_tokens"]
+    assert whole > 300  # the context's worth: long enough to give up in the middle
+    before = metric(url, "vllm:generation_tokens_total")
+    started = time.perf_counter()
+    httpx.post(url + "/worker_generate", json=body, timeout=60)
+    seconds_whole = time.perf_counter() - started
+    generated_whole = metric(url, "vllm:generation_tokens_total") - before
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/worker_generate", json=body, timeout=seconds_whole / 5)
+    deadline = time.monotonic() + 5
+    while metric(url, "vllm:num_requests_running") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert metric(url, "vllm:num_requests_running") == 0
+    generated = metric(url, "vllm:generation_tokens_total") - before - generated_whole
+    assert generated < whole / 2  # stopped early, not run to the end for nobody
+    assert httpx.post(url + "/worker_get_status").json()["queue_length"] == 0
 
 
 def test_turn_two_about_one_picture_reuses_its_prefix_and_encoding(

@@ -218,8 +218,17 @@ def test_api_keys() -> None:
         assert wrong.status_code == 401 and wrong.json()["error"]["code"] == 40102
         ok = api.client.get("/v1/models", headers={"Authorization": "Bearer beta"})
         assert ok.status_code == 200
-        for open_path in ("/health", "/metrics", "/"):
+        for open_path in ("/health", "/"):
             assert api.client.get(open_path).status_code == 200
+        # With keys, the metrics need one too, unless the operator opens them on purpose.
+        assert api.client.get("/metrics").status_code == 401
+        keyed = api.client.get("/metrics", headers={"Authorization": "Bearer alpha"})
+        assert keyed.status_code == 200
+    with fake_api(api_keys="alpha", public_metrics=True) as api:
+        assert api.client.get("/metrics").status_code == 200
+    with fake_api(web_chat=False) as api:
+        page = api.client.get("/")
+        assert page.status_code == 404 and "--no-web-chat" in page.json()["error"]["message"]
 
 
 def test_oversized_bodies_get_413_declared_or_not() -> None:

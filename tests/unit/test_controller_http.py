@@ -195,13 +195,50 @@ def test_refresh_updates_live_workers_and_drops_dead_ones(
 def test_malformed_bodies_get_400_with_a_clear_message(
     client: TestClient, path: str, body: bytes, message: str | None
 ) -> None:
-    response = client.post(path, content=body)
+    response = client.post(path, content=body, headers={"content-type": "application/json"})
     if message is None:  # queue_length may be left out: FastChat's heartbeats always send it
         assert response.status_code == 200
         return
     assert response.status_code == 400
     assert response.json()["error_code"] == ErrorCode.VALIDATION_TYPE_ERROR
     assert message in response.json()["text"]
+
+
+@pytest.mark.parametrize("kind", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_only_json_bodies_are_read_so_web_pages_cannot_post_here(
+    client: TestClient, kind: str | None
+) -> None:
+    """Browsers post text/plain and form bodies cross-site without asking first: a page open
+    on the host must not be able to register a worker on a loopback controller."""
+    body = b'{"worker_name": "http://evil:1", "check_heart_beat": true, "worker_status": {}}'
+    headers = {"content-type": kind} if kind else {}
+    response = client.post("/register_worker", content=body, headers=headers)
+    assert response.status_code == 415
+    assert "application/json" in response.json()["text"]
+    assert client.post("/list_models").json() == {"models": []}
+
+
+def test_oversized_and_deeply_nested_bodies_are_refused_clearly(client: TestClient) -> None:
+    big = b'{"model": "' + b"x" * (65 * 1024 * 1024) + b'"}'
+    response = client.post(
+        "/get_worker_address", content=big, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413 and "limit" in response.json()["text"]
+    deep = b"[" * 100_000 + b"]" * 100_000
+    response = client.post(
+        "/get_worker_address", content=deep, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400 and "nested too deeply" in response.json()["text"]
+
+
+def test_a_workers_refusal_before_its_first_token_keeps_its_status(
+    client: TestClient, gateway: FakeGateway
+) -> None:
+    register(client, "http://w:1", "m")
+    refusal = {"text": "the worker is busy", "error_code": 42903}
+    gateway.streams["http://w:1"] = [refusal]
+    status, frames = stream(client, {"model": "m", "prompt": "hi"})
+    assert (status, frames) == (429, [refusal])
 
 
 def test_stream_relays_the_workers_frames(client: TestClient, gateway: FakeGateway) -> None:

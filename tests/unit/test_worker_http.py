@@ -95,18 +95,23 @@ def test_bad_inputs_get_clear_errors_and_the_worker_keeps_serving(client: TestCl
     assert ok.json()["text"] == "Hello, world!"
 
 
-def test_in_stream_failures_are_framed_error_chunks(
+def test_refusals_before_the_first_token_are_4xx_and_later_failures_framed(
     client: TestClient, generator: FakeTextGenerator
 ) -> None:
     not_an_image = {"prompt": "<image>", "images": ["aGVsbG8="]}
-    chunks = frames(client.post("/worker_generate_stream", json=not_an_image).content)
-    assert chunks[-1]["error_code"] == ErrorCode.VALIDATION_TYPE_ERROR
-    assert "could not be decoded" in chunks[-1]["text"]
+    response = client.post("/worker_generate_stream", json=not_an_image)
+    [chunk] = frames(response.content)
+    assert response.status_code == 400
+    assert chunk["error_code"] == ErrorCode.VALIDATION_TYPE_ERROR
+    assert "could not be decoded" in chunk["text"]
     too_long = {"prompt": " ".join(["w"] * 100)}
-    chunks = frames(client.post("/worker_generate_stream", json=too_long).content)
-    assert chunks[-1]["error_code"] == ErrorCode.CONTEXT_OVERFLOW
-    generator.fail_after = 1
-    chunks = frames(client.post("/worker_generate_stream", json={"prompt": "q"}).content)
+    response = client.post("/worker_generate_stream", json=too_long)
+    assert response.status_code == 400
+    assert frames(response.content)[-1]["error_code"] == ErrorCode.CONTEXT_OVERFLOW
+    generator.fail_after = 1  # after the first token: the stream has started, it ends framed
+    response = client.post("/worker_generate_stream", json={"prompt": "q"})
+    chunks = frames(response.content)
+    assert response.status_code == 200 and chunks[0]["error_code"] == 0
     assert chunks[-1]["error_code"] == ErrorCode.INTERNAL_ERROR
     generator.fail_after = None
     assert client.post("/worker_generate", json={"prompt": "q"}).status_code == 200
@@ -143,3 +148,14 @@ def test_logs_never_carry_image_payloads(
     for record in caplog.records:
         text = record.getMessage() + " " + " ".join(str(v) for v in vars(record).values())
         assert secret[:40] not in text and not_png[:40] not in text  # ... without the images
+
+
+def test_oversized_and_deeply_nested_bodies_are_refused_clearly(client: TestClient) -> None:
+    big = b'{"prompt": "' + b"x" * (65 * 1024 * 1024) + b'"}'
+    response = client.post("/worker_generate_stream", content=big)
+    assert response.status_code == 413
+    assert "limit" in frames(response.content)[0]["text"]
+    deep = b"[" * 100_000 + b"]" * 100_000
+    response = client.post("/worker_generate", content=deep)
+    assert response.status_code == 400
+    assert "nested too deeply" in response.json()["text"]

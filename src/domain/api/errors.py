@@ -55,6 +55,12 @@ class Unauthorized(ApiError):
     code = ErrorCode.INVALID_AUTH_KEY
 
 
+class NotFound(ApiError):
+    status = 404
+    error_type = "not_found_error"
+    code = ErrorCode.VALIDATION_TYPE_ERROR
+
+
 class ModelNotFound(ApiError):
     status = 404
     error_type = "not_found_error"

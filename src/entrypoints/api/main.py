@@ -23,6 +23,19 @@ def add_api_arguments(parser: argparse.ArgumentParser) -> None:
     add("--port", type=int, help="port to bind (default 8000)")
     add("--api-keys", help="comma-separated bearer keys clients must send (default: none)")
     add(
+        "--public-metrics",
+        action="store_const",
+        const=True,
+        help="with --api-keys: serve /metrics without a key (default: a key is needed)",
+    )
+    add(
+        "--no-web-chat",
+        dest="web_chat",
+        action="store_const",
+        const=False,
+        help="do not serve the web chat page at /",
+    )
+    add(
         "--allow-remote-images",
         action="store_const",
         const=True,

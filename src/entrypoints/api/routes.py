@@ -11,7 +11,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 
 from vilaserve.application.api.metrics import ApiMetrics
 from vilaserve.application.api.use_cases import ChatCompletion, Completion, ListModels
-from vilaserve.domain.api.errors import ModelNotFound
+from vilaserve.domain.api.errors import ModelNotFound, NotFound
 from vilaserve.entrypoints.api.http_io import check_api_key, read_json_body, reply_response
 from vilaserve.entrypoints.api.settings import ApiSettings
 
@@ -74,10 +74,19 @@ async def health() -> JSONResponse:
 
 @router.get("/metrics")
 @inject
-async def metrics(metrics: ApiMetrics = Depends(Provide["metrics"])) -> PlainTextResponse:
+async def metrics(
+    request: Request,
+    metrics: ApiMetrics = Depends(Provide["metrics"]),
+    settings: ApiSettings = Depends(Provide["settings"]),
+) -> PlainTextResponse:
+    if not settings.public_metrics:
+        check_api_key(request, settings.api_key_list)
     return PlainTextResponse(metrics.render(), media_type=PROMETHEUS_TEXT)
 
 
 @router.get("/", include_in_schema=False)
-async def chat_page() -> FileResponse:
+@inject
+async def chat_page(settings: ApiSettings = Depends(Provide["settings"])) -> Response:
+    if not settings.web_chat:
+        raise NotFound("the web chat is turned off on this server (--no-web-chat)")
     return FileResponse(STATIC_DIR / "chat.html", media_type="text/html")

@@ -27,6 +27,9 @@ class ApiSettings(BaseSettings):
     port: int = 8000
     # Comma-separated bearer keys; empty: no key needed. Env: VILASERVE_API_API_KEYS.
     api_keys: str = ""
+    # With keys set, /metrics asks for one too unless this is on (a scraper without a key).
+    public_metrics: bool = False
+    web_chat: bool = True  # serve the chat page at / (it asks the user for a key when needed)
 
     allow_remote_images: bool = False
     image_domains: str = ""  # comma-separated allow-list; empty: any host (when allowed)

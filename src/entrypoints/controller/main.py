@@ -38,6 +38,11 @@ def add_controller_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="seconds a proxied generation may wait for the worker's next frame (default 100)",
     )
+    add(
+        "--max-request-bytes",
+        type=int,
+        help="largest request body read (default 64 MiB); larger ones get 413",
+    )
     add("--log-format", choices=["json", "text"], help="log line format (default json)")
 
 

@@ -6,6 +6,8 @@ proxy answers a request it cannot serve with one `\\0`-terminated error frame.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from dependency_injector.wiring import Provide, inject
@@ -16,11 +18,12 @@ from vilaserve.application.controller.proxy_stream import ProxyGenerateStream, e
 from vilaserve.application.controller.worker_directory import WorkerDirectory
 from vilaserve.domain.controller.worker_registry import ModelKind
 from vilaserve.domain.shared.controller_messages import requested_model
-from vilaserve.domain.shared.errors import ServingError
+from vilaserve.domain.shared.errors import ErrorCode, ServingError
 from vilaserve.entrypoints.shared.worker_protocol_http import (
     FRAME_MEDIA_TYPE,
     encode_frame,
     encode_frames,
+    http_status_of,
     read_json,
 )
 
@@ -28,7 +31,26 @@ router = APIRouter()
 
 
 def _status_of(error: ServingError) -> int:
-    return 400 if error.is_client_error else 503
+    return http_status_of(error, 400 if error.is_client_error else 503)
+
+
+async def _body(request: Request) -> Any:
+    """JSON only (a web page on the host cannot post text/plain here), bounded in size."""
+    settings = request.app.state.container.settings()
+    return await read_json(request, settings.max_request_bytes, json_only=True)
+
+
+def _frame_status(code: int) -> int:
+    if code == int(ErrorCode.ENGINE_OVERLOADED):
+        return 429
+    return 400 if code < 50000 else 503
+
+
+async def _then(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    yield first
+    async with aclosing(rest):  # type: ignore[type-var]
+        async for frame in rest:
+            yield frame
 
 
 def _error_response(error: ServingError) -> JSONResponse:
@@ -41,7 +63,7 @@ async def register_worker(
     request: Request, directory: WorkerDirectory = Depends(Provide["directory"])
 ) -> Response:
     try:
-        await directory.register(await read_json(request))
+        await directory.register(await _body(request))
     except ServingError as error:
         return _error_response(error)
     return JSONResponse(None)
@@ -53,7 +75,7 @@ async def receive_heart_beat(
     request: Request, directory: WorkerDirectory = Depends(Provide["directory"])
 ) -> Response:
     try:
-        exist = directory.heartbeat(await read_json(request))
+        exist = directory.heartbeat(await _body(request))
     except ServingError as error:
         return _error_response(error)
     return JSONResponse({"exist": exist})
@@ -97,7 +119,7 @@ async def get_worker_address(
     request: Request, directory: WorkerDirectory = Depends(Provide["directory"])
 ) -> Response:
     try:
-        model = requested_model(await read_json(request))
+        model = requested_model(await _body(request))
     except ServingError as error:
         return _error_response(error)
     # FastChat's convention: an empty address means "no worker serves this model".
@@ -118,12 +140,19 @@ async def worker_generate_stream(
     request: Request, proxy: ProxyGenerateStream = Depends(Provide["proxy_stream"])
 ) -> Response:
     try:
-        frames = await proxy.open(await read_json(request))
+        frames = await proxy.open(await _body(request))
     except ServingError as error:
         return Response(
             encode_frame(error_frame(error)), _status_of(error), media_type=FRAME_MEDIA_TYPE
         )
-    return StreamingResponse(encode_frames(frames), media_type=FRAME_MEDIA_TYPE)
+    # The worker's refusal before its first token keeps its status (it is not a 200 stream).
+    first = await anext(frames)
+    code = int(first.get("error_code") or 0)
+    if code:
+        await frames.aclose()  # type: ignore[attr-defined]
+        headers = {"Retry-After": "1"} if code == int(ErrorCode.ENGINE_OVERLOADED) else {}
+        return Response(encode_frame(first), _frame_status(code), headers, FRAME_MEDIA_TYPE)
+    return StreamingResponse(encode_frames(_then(first, frames)), media_type=FRAME_MEDIA_TYPE)
 
 
 @router.get("/test_connection")

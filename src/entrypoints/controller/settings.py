@@ -25,6 +25,7 @@ class ControllerSettings(BaseSettings):
     worker_api_timeout: float = Field(FASTCHAT_WORKER_API_TIMEOUT_S, gt=0)
     # Status polls (registration without a status, /refresh_all_workers).
     worker_status_timeout: float = Field(5.0, gt=0)
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)  # a larger body gets 413
     log_format: Literal["json", "text"] = "json"
 
     @property

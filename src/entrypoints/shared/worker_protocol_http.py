@@ -1,15 +1,18 @@
 """The worker protocol's HTTP pieces, shared by the worker's and the controller's routes.
 
-Both services read JSON request bodies the same way (an empty or malformed body is an
-`InvalidRequest` naming the problem) and write generation streams the same way: one JSON object
-per frame, each followed by `b"\\0"` (FastChat / LLaVA / TinyChat framing).
+Both services read JSON request bodies the same way (an empty, oversized, too deeply nested or
+malformed body is an `InvalidRequest` naming the problem, with the HTTP status it deserves) and
+write generation streams the same way: one JSON object per frame, each followed by `b"\\0"`
+(FastChat / LLaVA / TinyChat framing).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from typing import Any, TypeVar
 
 from fastapi import Request
 
@@ -17,6 +20,23 @@ from vilaserve.domain.shared.errors import InvalidRequest
 
 FRAME_MEDIA_TYPE = "application/octet-stream"
 FRAME_SEPARATOR = b"\0"
+# A worker request carries its images inline (base64): 16 images of the default 20 MB limit
+# would not fit, but a body this size already holds more pixels than any model reads.
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+_DRAIN_LIMIT = 256 * 1024 * 1024
+T = TypeVar("T")
+
+
+class BodyRefused(InvalidRequest):
+    """A body refused for its size or type: answered with `http_status`, not a plain 400."""
+
+    def __init__(self, message: str, http_status: int) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+
+
+def http_status_of(error: InvalidRequest | Exception, default: int) -> int:
+    return int(getattr(error, "http_status", default))
 
 
 def encode_frame(frame: Mapping[str, Any]) -> bytes:
@@ -28,11 +48,74 @@ async def encode_frames(frames: AsyncIterator[Mapping[str, Any]]) -> AsyncIterat
         yield encode_frame(frame)
 
 
-async def read_json(request: Request) -> Any:
-    raw = await request.body()
+async def read_json(
+    request: Request, limit: int = DEFAULT_MAX_BODY_BYTES, json_only: bool = False
+) -> Any:
+    """The body as JSON. `json_only`: refuse other content types (415), so that a web page on
+    the same host cannot post here (browsers send text/plain or form types without asking)."""
+    if json_only:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise BodyRefused(
+                f"the body must be sent as Content-Type: application/json, not {kind or 'none'}",
+                415,
+            )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        await _drain(request)
+        raise BodyRefused(f"the request body is {declared} bytes; the limit is {limit}", 413)
+    raw = bytearray()
+    async for piece in request.stream():
+        raw += piece
+        if len(raw) > limit:
+            await _drain(request)
+            raise BodyRefused(f"the request body is larger than the limit of {limit} bytes", 413)
     if not raw:
         raise InvalidRequest("the request body is empty; a JSON object is expected")
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"the request body is not valid JSON ({exc})") from exc
+    except RecursionError as exc:
+        raise InvalidRequest("the request body is nested too deeply to be read") from exc
+
+
+async def _drain(request: Request) -> None:
+    """Reads and drops the rest of an oversized upload (up to a bound), so the client gets the
+    refusal rather than a connection reset mid-upload."""
+    seen = 0
+    try:
+        async for piece in request.stream():
+            seen += len(piece)
+            if seen > _DRAIN_LIMIT:
+                return
+    except Exception:  # a client that hangs up mid-upload: nothing left to drain
+        return
+
+
+class ClientGone(Exception):
+    """The client closed the connection while its request was being worked on."""
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Awaits `work`, cancelling it (and so the generation behind it) as soon as the client
+    hangs up; raises `ClientGone` then. The body must already be read."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):  # the client is gone anyway
+            await task
+        raise ClientGone()
+    finally:
+        watcher.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -82,6 +82,11 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--max-model-len", type=int, help="positions per sequence (default: the model's context)")
     add("--max-queue-length", type=int, help="requests allowed to wait (default 64)")
+    add(
+        "--max-request-bytes",
+        type=int,
+        help="largest request body read (default 64 MiB); larger ones get 413",
+    )
     add("--stream-interval", type=int, help="tokens between streamed chunks (default 1)")
     add("--max-new-tokens-cap", type=int, help="upper bound on max_new_tokens (default 1024)")
     add("--heartbeat-interval-s", type=float, help="seconds between heartbeats (default 15)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from dependency_injector.wiring import Provide, inject
@@ -17,22 +18,38 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from vilaserve.application.worker.generate_stream import GenerateStream, error_chunk
 from vilaserve.application.worker.report_status import DescribeModel, ReportStatus
-from vilaserve.domain.shared.errors import ServingError
+from vilaserve.domain.shared.errors import ErrorCode, ServingError
 from vilaserve.domain.shared.generation import StreamChunk
 from vilaserve.entrypoints.shared.worker_protocol_http import (
     FRAME_MEDIA_TYPE,
+    ClientGone,
     encode_frame,
+    http_status_of,
     read_json,
+    unless_disconnected,
 )
+from vilaserve.entrypoints.worker.settings import WorkerSettings
 
 router = APIRouter()
 log = logging.getLogger(__name__)
 
 
+def _status(code: int) -> int:
+    """The HTTP status of a refusal with FastChat `code`: 429 when busy (with Retry-After),
+    another 4xx for the client's own errors, 5xx for ours."""
+    if code == int(ErrorCode.ENGINE_OVERLOADED):
+        return 429
+    return 400 if code < 50000 else 500
+
+
 def _refused(error: ServingError) -> int:
     """Logs a request refused before generation; returns its HTTP status."""
     log.info("request refused", extra={"error_code": int(error.code), "reason": error.message})
-    return 400 if error.is_client_error else 500
+    return http_status_of(error, _status(int(error.code)))
+
+
+def _headers(code: int) -> dict[str, str]:
+    return {"Retry-After": "1"} if code == int(ErrorCode.ENGINE_OVERLOADED) else {}
 
 
 async def _frames(chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[bytes]:
@@ -40,19 +57,41 @@ async def _frames(chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[bytes]:
         yield encode_frame(chunk.to_dict())
 
 
+async def _then(first: StreamChunk, rest: AsyncIterator[StreamChunk]) -> AsyncIterator[StreamChunk]:
+    yield first
+    async with aclosing(rest):  # type: ignore[type-var]
+        async for chunk in rest:
+            yield chunk
+
+
 @router.post("/worker_generate_stream")
 @inject
 async def worker_generate_stream(
     request: Request,
     generate: GenerateStream = Depends(Provide["generate_stream"]),
+    settings: WorkerSettings = Depends(Provide["settings"]),
 ) -> Response:
     try:
-        prepared = generate.prepare(await read_json(request))
+        prepared = generate.prepare(await read_json(request, settings.max_request_bytes))
     except ServingError as error:
+        frame = encode_frame(error_chunk(error).to_dict())
+        status = _refused(error)
+        return Response(frame, status, _headers(int(error.code)), media_type=FRAME_MEDIA_TYPE)
+    chunks = generate.stream(prepared)
+    # Headers wait for the first chunk, so that whatever is refused before the first token
+    # (a picture that does not decode, a prompt longer than the context, a full queue) gets
+    # its 4xx status rather than a 200 with an error frame.
+    try:
+        first = await unless_disconnected(request, anext(chunks))
+    except ClientGone:
+        return Response(status_code=499)  # nobody reads it; the generation is cancelled
+    if first.error_code:
+        await chunks.aclose()  # type: ignore[attr-defined]
+        status = _status(first.error_code)
         return Response(
-            encode_frame(error_chunk(error).to_dict()), _refused(error), media_type=FRAME_MEDIA_TYPE
+            encode_frame(first.to_dict()), status, _headers(first.error_code), FRAME_MEDIA_TYPE
         )
-    return StreamingResponse(_frames(generate.stream(prepared)), media_type=FRAME_MEDIA_TYPE)
+    return StreamingResponse(_frames(_then(first, chunks)), media_type=FRAME_MEDIA_TYPE)
 
 
 @router.post("/worker_generate")
@@ -60,16 +99,27 @@ async def worker_generate_stream(
 async def worker_generate(
     request: Request,
     generate: GenerateStream = Depends(Provide["generate_stream"]),
-) -> JSONResponse:
+    settings: WorkerSettings = Depends(Provide["settings"]),
+) -> Response:
     try:
-        prepared = generate.prepare(await read_json(request))
+        prepared = generate.prepare(await read_json(request, settings.max_request_bytes))
     except ServingError as error:
-        return JSONResponse(error_chunk(error).to_dict(), _refused(error))
-    last = StreamChunk(text="")
-    async for last in generate.stream(prepared):  # noqa: B007 - only the final chunk matters
-        pass
-    status = 200 if last.error_code == 0 else (400 if last.error_code < 50000 else 500)
-    return JSONResponse(last.to_dict(), status)
+        status = _refused(error)
+        return JSONResponse(error_chunk(error).to_dict(), status, _headers(int(error.code)))
+
+    async def last_chunk() -> StreamChunk:
+        last = StreamChunk(text="")
+        async for last in generate.stream(prepared):  # noqa: B007 - only the final chunk counts
+            pass
+        return last
+
+    try:
+        # A client that gives up is not waited for: its generation stops within a step.
+        last = await unless_disconnected(request, last_chunk())
+    except ClientGone:
+        return Response(status_code=499)
+    status = 200 if last.error_code == 0 else _status(last.error_code)
+    return JSONResponse(last.to_dict(), status, _headers(last.error_code))
 
 
 @router.post("/worker_get_status")

@@ -48,6 +48,7 @@ class WorkerSettings(BaseSettings):
     max_images: int = Field(16, ge=0)
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(64_000_000, ge=1)
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)  # a larger body gets 413
     image_cache_mb: int = Field(256, ge=0)  # projected embeddings of recent images; 0: off
 
     heartbeat_interval_s: float = Field(15.0, gt=0)

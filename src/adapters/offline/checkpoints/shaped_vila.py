@@ -84,11 +84,24 @@ def _random_int4(n: int, k: int, gen: torch.Generator) -> QuantizedWeight:
     )
 
 
+def fill_vocabulary(llm_dir: Path, vocab: int) -> Path:
+    """Pads the small trained tokenizer with plain word tokens up to the model's `vocab`, so
+    that every id a random model samples decodes to text (and streams as it comes)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+    missing = vocab - len(tokenizer)
+    if missing > 0:
+        tokenizer.add_tokens([f" w{i}" for i in range(missing)])
+        tokenizer.save_pretrained(llm_dir)
+    return llm_dir
+
+
 def build_shaped_vila(root: Path, shape: VilaShape = VILA15_3B, seed: int = 0) -> Path:
     """A random W4A16 VILA-1.5 checkpoint (HF AWQ GEMM `llm/`, 16-bit tower and projector)."""
     root.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
-    llm_dir = build_tokenizer(root / "llm", "llama")
+    llm_dir = fill_vocabulary(build_tokenizer(root / "llm", "llama"), shape.vocab)
     quantized = {
         name: _random_int4(n, k, gen)
         for name, (n, k) in tqdm(_linears(shape).items(), desc="random int4 layers", leave=False)
