@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -131,6 +133,9 @@ def _exit_with_parent() -> None:
     with contextlib.suppress(Exception):
         pr_set_pdeathsig = 1
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+REGISTRATION_SECRET_ENV = "VILASERVE_REGISTRATION_SECRET"
 
 
 class Supervisor:
@@ -274,6 +279,9 @@ def run_serve(args: argparse.Namespace) -> int:
             say(f"port {port} on {host} is already in use; choose another with {flag}")
             return 1
 
+    # The controller takes registrations only from holders of this run's secret; the children
+    # inherit it through the environment (never on a command line, where `ps` shows it).
+    os.environ.setdefault(REGISTRATION_SECRET_ENV, secrets.token_urlsafe(32))
     startup = _Startup(args)
     supervisor = Supervisor(args.stop_timeout, say)
     with _Signals() as signals:

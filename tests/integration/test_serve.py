@@ -111,6 +111,10 @@ def test_serve_prints_the_chat_url_and_stops_cleanly_on_ctrl_c(tiny_vila_siglip:
         assert listed == {"models": [tiny_vila_siglip.name]}
         models = httpx.get(f"http://127.0.0.1:{api}/v1/models", timeout=10).json()
         assert [m["id"] for m in models["data"]] == [tiny_vila_siglip.name]
+        # Its controller takes registrations only with this run's secret (which the worker got).
+        intruder = {"worker_name": "http://127.0.0.1:9", "worker_status": {"model_names": ["x"]}}
+        refused = httpx.post(f"http://127.0.0.1:{controller}/register_worker", json=intruder)
+        assert refused.status_code == 401
 
         stack.process.send_signal(signal.SIGINT)
         assert stack.process.wait(timeout=60) == 0, stack.log()

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 from servers import FakeControllerApp, ServerThread, free_port
 from test_worker_e2e import start_worker
 
@@ -61,3 +62,38 @@ def test_waits_for_a_controller_that_is_down(tiny_vila_siglip: Path) -> None:
         with ServerThread(controller.app, port=control_port):
             wait_for(lambda: len(controller.registrations) >= 1)
             wait_for(lambda: len(controller.heartbeats) >= 1)
+
+
+def test_a_controller_with_a_secret_takes_only_workers_that_send_it(
+    tiny_vila_siglip: Path,
+) -> None:
+    from servers import start_controller
+
+    with start_controller(registration_secret="the-run-secret") as control:
+
+        def models() -> list[str]:
+            return httpx.post(control.url + "/list_models").json()["models"]
+
+        outsider_port = free_port()
+        with start_worker(
+            tiny_vila_siglip,
+            register_with_controller=True,
+            controller_address=control.url,
+            worker_address=f"http://127.0.0.1:{outsider_port}",
+            port=outsider_port,
+            heartbeat_interval_s=0.2,
+            model_name="outsider",
+        ):
+            time.sleep(1.0)
+            assert models() == []  # no secret: refused (401), never listed
+        port = free_port()
+        with start_worker(
+            tiny_vila_siglip,
+            register_with_controller=True,
+            controller_address=control.url,
+            worker_address=f"http://127.0.0.1:{port}",
+            port=port,
+            heartbeat_interval_s=0.2,
+            registration_secret="the-run-secret",
+        ):
+            wait_for(lambda: models() == [tiny_vila_siglip.name])

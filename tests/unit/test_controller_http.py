@@ -347,3 +347,58 @@ def test_dispatch_method_comes_from_the_settings(container: ControllerContainer)
 class _AlwaysLast:
     def random(self) -> float:
         return 0.999
+
+
+def secured_client(gateway: FakeGateway, secret: str) -> TestClient:
+    settings = ControllerSettings(log_format="text", registration_secret=secret)
+    container = ControllerContainer(settings=settings)
+    container.worker_gateway.override(providers.Object(gateway))
+    return TestClient(create_controller_app(container))
+
+
+def registration(address: str, *models: str) -> dict[str, Any]:
+    status = {"model_names": list(models), "speed": 1, "queue_length": 0}
+    return {"worker_name": address, "check_heart_beat": True, "worker_status": status}
+
+
+def test_with_a_secret_only_its_holders_register_and_heart_beat(gateway: FakeGateway) -> None:
+    with secured_client(gateway, "s3cret") as client:
+        body = registration("http://evil:1", "vila")
+        missing = client.post("/register_worker", json=body)
+        assert missing.status_code == 401 and missing.json()["error_code"] == 40101
+        wrong = client.post("/register_worker", json=body, headers={"Authorization": "Bearer x"})
+        assert wrong.status_code == 401 and wrong.json()["error_code"] == 40102
+        assert client.post("/list_models").json() == {"models": []}
+        beat = client.post("/receive_heart_beat", json={"worker_name": "http://evil:1"})
+        assert beat.status_code == 401
+        good = {"Authorization": "Bearer s3cret"}
+        assert client.post("/register_worker", json=body, headers=good).status_code == 200
+        assert client.post("/list_models").json() == {"models": ["vila"]}
+        beat = client.post(
+            "/receive_heart_beat", json={"worker_name": "http://evil:1"}, headers=good
+        )
+        assert beat.json() == {"exist": True}
+
+
+def test_a_registered_worker_cannot_be_rebound_to_other_models_by_someone_else(
+    client: TestClient, gateway: FakeGateway
+) -> None:
+    gateway.statuses["http://real:1"] = WorkerStatus(("vila",), 1, 0)
+    register(client, "http://real:1", "vila")
+    # Someone posts the real worker's URL with other names: the worker itself is asked.
+    hijack = client.post("/register_worker", json=registration("http://real:1", "evil"))
+    assert hijack.status_code == 200
+    assert client.post("/list_models").json() == {"models": ["vila"]}
+    gateway.statuses.pop("http://real:1")  # and if it does not answer, nothing changes
+    hijack = client.post("/register_worker", json=registration("http://real:1", "evil"))
+    assert hijack.status_code == 503
+    assert client.post("/list_models").json() == {"models": ["vila"]}
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["http://w:1/path", "http://w:1?x=1", "http://user@w:1", "http://w:1#f", "ftp://w:1", "w:1"],
+)
+def test_worker_names_are_bare_http_urls(client: TestClient, name: str) -> None:
+    response = client.post("/register_worker", json=registration(name, "m"))
+    assert response.status_code == 400 and "bare http(s) URL" in response.json()["text"]

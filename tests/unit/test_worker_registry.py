@@ -203,7 +203,7 @@ def test_parses_fastchat_and_tinychat_registrations() -> None:
     ("body", "message"),
     [
         ([], "must be a JSON object"),
-        ({"worker_name": "h:1"}, "'worker_name' must be the worker's http(s) URL"),
+        ({"worker_name": "h:1"}, "'worker_name' must be the worker's bare http(s) URL"),
         ({"worker_name": "http://h", "check_heart_beat": "yes"}, "'check_heart_beat'"),
         ({"worker_name": "http://h", "worker_status": {"model_names": "m"}}, "'model_names'"),
         (

@@ -10,9 +10,13 @@ from vilaserve.domain.worker.ports import ControllerClient
 
 
 class HttpControllerClient(ControllerClient):
-    def __init__(self, controller_address: str, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, controller_address: str, timeout_s: float = 5.0, secret: str | None = None
+    ) -> None:
         self._base = controller_address.rstrip("/")
         self._timeout = httpx.Timeout(timeout_s)
+        # The controller's registration secret, sent with registrations and heartbeats.
+        self._headers = {"Authorization": f"Bearer {secret}"} if secret else {}
 
     async def register(self, worker_address: str, status: WorkerStatus, multimodal: bool) -> None:
         await self._post(
@@ -39,7 +43,7 @@ class HttpControllerClient(ControllerClient):
             # A fresh client per call: heartbeats are rare, and a controller restart then
             # never leaves us holding a dead keep-alive connection.
             async with httpx.AsyncClient(timeout=self._timeout) as client:
-                response = await client.post(url, json=payload)
+                response = await client.post(url, json=payload, headers=self._headers)
                 response.raise_for_status()
                 return response.json() if response.content else None
         except (httpx.HTTPError, ValueError) as exc:

@@ -32,10 +32,14 @@ class WorkerDirectory:
         self._status_timeout_s = status_timeout_s
 
     async def register(self, body: Any) -> None:
-        """`/register_worker`. Without `worker_status` the worker is asked for it (FastChat)."""
+        """`/register_worker`. Without `worker_status` the worker is asked for it (FastChat).
+
+        An address already registered is re-registered with what the worker itself reports,
+        never with the body's claims: whoever can post here cannot re-bind a live worker to
+        other models (or make its model vanish)."""
         registration = parse_registration(body)
         status = registration.worker_status
-        if status is None:
+        if status is None or self._registry.is_registered(registration.worker_name):
             try:
                 status = await self._gateway.get_status(
                     registration.worker_name, self._status_timeout_s

@@ -111,6 +111,9 @@ class WorkerRegistry:
         record.last_heart_beat = self._clock()
         return True
 
+    def is_registered(self, address: str) -> bool:
+        return address in self._workers
+
     def remove(self, address: str) -> bool:
         return self._workers.pop(address, None) is not None
 

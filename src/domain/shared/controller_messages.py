@@ -6,6 +6,7 @@ Every malformed body becomes `InvalidRequest` with a message that names the fiel
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -73,11 +74,17 @@ def _object(body: Any, what: str) -> Mapping[str, Any]:
     return body
 
 
+_BARE_URL = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?/?")
+
+
 def _worker_name(body: Mapping[str, Any]) -> str:
+    """A bare `http(s)://host[:port]`: the controller calls this address, so no path, query,
+    user info or fragment may ride along."""
     name = body.get("worker_name")
-    if not isinstance(name, str) or not name.startswith(("http://", "https://")):
+    if not isinstance(name, str) or not _BARE_URL.fullmatch(name):
         raise InvalidRequest(
-            f"'worker_name' must be the worker's http(s) URL, e.g. http://host:21002; got {name!r}"
+            "'worker_name' must be the worker's bare http(s) URL, e.g. http://host:21002 (no "
+            f"path, query or user info); got {name!r:.200}"
         )
     return name.rstrip("/")
 

@@ -43,6 +43,11 @@ def add_controller_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="largest request body read (default 64 MiB); larger ones get 413",
     )
+    add(
+        "--registration-secret",
+        help="shared secret required from workers on registration and heartbeats; prefer the "
+        "VILASERVE_REGISTRATION_SECRET environment variable (a flag shows in `ps`)",
+    )
     add("--log-format", choices=["json", "text"], help="log line format (default json)")
 
 

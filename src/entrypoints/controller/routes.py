@@ -6,6 +6,7 @@ proxy answers a request it cannot serve with one `\\0`-terminated error frame.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
@@ -21,6 +22,7 @@ from vilaserve.domain.shared.controller_messages import requested_model
 from vilaserve.domain.shared.errors import ErrorCode, ServingError
 from vilaserve.entrypoints.shared.worker_protocol_http import (
     FRAME_MEDIA_TYPE,
+    BodyRefused,
     encode_frame,
     encode_frames,
     http_status_of,
@@ -32,6 +34,28 @@ router = APIRouter()
 
 def _status_of(error: ServingError) -> int:
     return http_status_of(error, 400 if error.is_client_error else 503)
+
+
+def _check_secret(request: Request) -> None:
+    """Registration and heartbeats need the shared secret when the controller has one."""
+    secret = request.app.state.container.settings().registration_secret
+    if not secret:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise RegistrationRefused(
+            "this controller needs the registration secret: send 'Authorization: Bearer "
+            "<secret>' (the worker's --registration-secret)",
+            ErrorCode.INVALID_AUTH_KEY,
+        )
+    if not hmac.compare_digest(token.strip().encode(), secret.encode()):
+        raise RegistrationRefused("the registration secret is wrong", ErrorCode.INCORRECT_AUTH_KEY)
+
+
+class RegistrationRefused(BodyRefused):
+    def __init__(self, message: str, code: ErrorCode) -> None:
+        super().__init__(message, 401)
+        self.code = code
 
 
 async def _body(request: Request) -> Any:
@@ -63,6 +87,7 @@ async def register_worker(
     request: Request, directory: WorkerDirectory = Depends(Provide["directory"])
 ) -> Response:
     try:
+        _check_secret(request)
         await directory.register(await _body(request))
     except ServingError as error:
         return _error_response(error)
@@ -75,6 +100,7 @@ async def receive_heart_beat(
     request: Request, directory: WorkerDirectory = Depends(Provide["directory"])
 ) -> Response:
     try:
+        _check_secret(request)
         exist = directory.heartbeat(await _body(request))
     except ServingError as error:
         return _error_response(error)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # FastChat's defaults; TinyChat and LLaVA expire after 30 s (their workers beat every 15 s).
@@ -26,6 +26,11 @@ class ControllerSettings(BaseSettings):
     # Status polls (registration without a status, /refresh_all_workers).
     worker_status_timeout: float = Field(5.0, gt=0)
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)  # a larger body gets 413
+    # Workers must send it (Authorization: Bearer) to register and heart-beat; unset: anyone
+    # who reaches the controller may (FastChat's behaviour). Env: VILASERVE_REGISTRATION_SECRET.
+    registration_secret: str | None = Field(
+        None, validation_alias=AliasChoices("registration_secret", "VILASERVE_REGISTRATION_SECRET")
+    )
     log_format: Literal["json", "text"] = "json"
 
     @property

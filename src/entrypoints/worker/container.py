@@ -78,7 +78,9 @@ class WorkerContainer(containers.DeclarativeContainer):
     )
     text_generator = providers.Singleton(_engine_text_generator, settings, runtime, engine_observer)
     controller_client = providers.Singleton(
-        HttpControllerClient, controller_address=settings.provided.controller_address
+        HttpControllerClient,
+        controller_address=settings.provided.controller_address,
+        secret=settings.provided.registration_secret,
     )
 
     model_name = providers.Singleton(

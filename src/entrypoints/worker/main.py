@@ -104,6 +104,11 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         const=True,
         help="register as multimodal (default: when the checkpoint has a vision tower)",
     )
+    add(
+        "--registration-secret",
+        help="shared secret sent to the controller on registration and heartbeats; prefer the "
+        "VILASERVE_REGISTRATION_SECRET environment variable (a flag shows in `ps`)",
+    )
     add("--log-format", choices=["json", "text"], help="log line format (default json)")
 
 
