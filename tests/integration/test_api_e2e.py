@@ -13,7 +13,7 @@ import openai
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from servers import ApiStack, FakeControllerApp, ServerThread, start_api
+from servers import ApiStack, FakeControllerApp, ServerThread, free_port, start_api
 
 from vilaserve.adapters.offline.checkpoints.tiny_vila import make_png
 
@@ -308,7 +308,10 @@ def test_remote_images_are_fetched_only_when_allowed(
     ):
         client_for(api.url).chat.completions.create(model=api_stack.model, messages=question)
     with start_api(
-        api_stack.controller_url, allow_remote_images=True, image_domains="127.0.0.1"
+        api_stack.controller_url,
+        allow_remote_images=True,
+        image_domains="127.0.0.1",
+        allow_private_image_hosts=True,  # the test's image host is on loopback
     ) as api:
         client = client_for(api.url)
         fetched = client.chat.completions.create(
@@ -331,12 +334,31 @@ def test_remote_images_are_fetched_only_when_allowed(
             )
 
 
+def test_remote_images_from_non_public_addresses_are_refused_without_saying_what_is_there(
+    api_stack: ApiStack, image_host: ServerThread
+) -> None:
+    with start_api(api_stack.controller_url, allow_remote_images=True) as api:
+        client = client_for(api.url)
+        closed = f"http://127.0.0.1:{free_port()}/x.png"
+        messages = []
+        for url in (image_host.url + "/red.png", closed, "http://localhost:9/x.png"):
+            with pytest.raises(openai.BadRequestError, match="not a public address") as refused:
+                client.chat.completions.create(
+                    model=api_stack.model, messages=image_message("?", url)
+                )
+            messages.append(str(refused.value).replace(url, "URL"))
+        # An open port, a closed one and a name: one answer, nothing about what listens there.
+        assert all("public hosts only" in m for m in messages)
+        assert not any(word in m for m in messages for word in ("Connect", "refused", "404"))
+
+
 def test_remote_images_have_a_time_limit_and_a_size_cap(
     api_stack: ApiStack, image_host: ServerThread
 ) -> None:
     with start_api(
         api_stack.controller_url,
         allow_remote_images=True,
+        allow_private_image_hosts=True,
         image_fetch_timeout_s=0.5,
         max_remote_image_bytes=100_000,
     ) as api:

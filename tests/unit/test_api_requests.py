@@ -323,3 +323,32 @@ def test_remote_image_policy() -> None:
         with pytest.raises(BadRequest, match=says):
             policy.check(url, "image 1")
     RemoteImagePolicy().check("https://anything.net/x.png", "image 1")  # no list: any host
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        ("93.184.216.34", True),
+        ("2606:2800:220:1:248:1893:25c8:1946", True),
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("172.16.0.1", False),
+        ("192.168.1.1", False),
+        ("169.254.169.254", False),  # cloud metadata
+        ("100.64.0.1", False),  # carrier-grade NAT
+        ("0.0.0.0", False),
+        ("::1", False),
+        ("fe80::1%eth0", False),
+        ("fd00:ec2::254", False),  # cloud metadata over IPv6
+        ("::ffff:127.0.0.1", False),
+        ("224.0.0.1", False),
+    ],
+)
+def test_only_public_addresses_are_fetched(address: str, public: bool) -> None:
+    policy = RemoteImagePolicy()
+    if public:
+        policy.check_addresses("h", [address], "image URL")
+    else:
+        with pytest.raises(BadRequest, match="not a public address"):
+            policy.check_addresses("h", ["93.184.216.34", address], "image URL")
+    RemoteImagePolicy(allow_private=True).check_addresses("h", [address], "image URL")

@@ -26,6 +26,7 @@ def _image_fetcher(settings: ApiSettings) -> HttpImageFetcher | None:
         domains=settings.image_domain_list,
         timeout_s=settings.image_fetch_timeout_s,
         max_bytes=settings.max_remote_image_bytes,
+        allow_private=settings.allow_private_image_hosts,
     )
     return HttpImageFetcher(policy)
 

@@ -23,6 +23,13 @@ def add_api_arguments(parser: argparse.ArgumentParser) -> None:
     add("--port", type=int, help="port to bind (default 8000)")
     add("--api-keys", help="comma-separated bearer keys clients must send (default: none)")
     add(
+        "--allow-private-image-hosts",
+        action="store_const",
+        const=True,
+        help="with --allow-remote-images: also fetch from loopback, private and link-local "
+        "addresses (default: public addresses only)",
+    )
+    add(
         "--public-metrics",
         action="store_const",
         const=True,

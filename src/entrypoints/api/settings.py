@@ -32,6 +32,7 @@ class ApiSettings(BaseSettings):
     web_chat: bool = True  # serve the chat page at / (it asks the user for a key when needed)
 
     allow_remote_images: bool = False
+    allow_private_image_hosts: bool = False  # fetch from loopback / private addresses too
     image_domains: str = ""  # comma-separated allow-list; empty: any host (when allowed)
     image_fetch_timeout_s: float = Field(DEFAULT_FETCH_TIMEOUT_S, gt=0)
     max_remote_image_bytes: int = Field(DEFAULT_MAX_REMOTE_IMAGE_BYTES, ge=1)
