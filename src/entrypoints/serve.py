@@ -107,6 +107,9 @@ def child_specs(args: argparse.Namespace) -> list[ChildSpec]:
                 f"http://{LOOPBACK}:{args.worker_port}",
                 "--port",
                 str(args.worker_port),
+                # Streams in flight at Ctrl-C end (with an error chunk) before serve's SIGKILL.
+                "--drain-timeout-s",
+                f"{max(args.stop_timeout - 2, 0):g}",
                 *log,
             ),
         ),

@@ -37,6 +37,10 @@ class HttpControllerClient(ControllerClient):
             raise ControllerUnavailable(self._base, f"unexpected heartbeat reply {reply!r:.200}")
         return bool(reply["exist"])
 
+    async def leave(self, worker_address: str) -> None:
+        body = {"worker_name": worker_address, "queue_length": 0, "leaving": True}
+        await self._post("/receive_heart_beat", body)
+
     async def _post(self, path: str, payload: dict[str, object]) -> object:
         url = self._base + path
         try:

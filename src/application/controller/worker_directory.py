@@ -69,6 +69,9 @@ class WorkerDirectory:
     def heartbeat(self, body: Any) -> bool:
         """`/receive_heart_beat`: the reply's `exist`; False asks the worker to register again."""
         report = parse_heartbeat(body)
+        if report.leaving:  # a worker shutting down: no new requests go to it from now on
+            self.drop(report.worker_name, "it is shutting down")
+            return False
         exist = self._registry.heartbeat(report.worker_name, report.queue_length)
         if not exist:
             log.info("heartbeat from an unknown worker", extra={"worker": report.worker_name})

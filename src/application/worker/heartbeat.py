@@ -80,6 +80,14 @@ class Heartbeat:
             log.warning("the controller does not know this worker; registering again")
             await self._register()
 
+    async def leave(self) -> None:
+        """Once, without retrying: a controller that cannot be told expires us anyway."""
+        try:
+            await self._controller.leave(self._address)
+            log.info("told the controller this worker is leaving")
+        except ControllerUnavailable as exc:
+            log.warning("could not tell the controller we are leaving", extra={"reason": str(exc)})
+
     async def _retrying(self, action: Callable[[], Awaitable[None]], what: str) -> None:
         """Repeat `action` with exponential back-off while the controller is unreachable."""
         delay = self._policy.retry_min_s

@@ -27,6 +27,7 @@ class Registration:
 class HeartbeatReport:
     worker_name: str
     queue_length: int
+    leaving: bool = False  # the worker is shutting down: forget it now
 
 
 def parse_registration(body: Any) -> Registration:
@@ -42,7 +43,9 @@ def parse_registration(body: Any) -> Registration:
 
 def parse_heartbeat(body: Any) -> HeartbeatReport:
     body = _object(body, "/receive_heart_beat")
-    return HeartbeatReport(_worker_name(body), _count(body, "queue_length", 0))
+    return HeartbeatReport(
+        _worker_name(body), _count(body, "queue_length", 0), _flag(body, "leaving", False)
+    )
 
 
 def parse_worker_status(status: Any) -> WorkerStatus:

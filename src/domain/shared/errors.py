@@ -83,6 +83,12 @@ class OutOfDeviceMemory(ServingError):
     code = ErrorCode.CUDA_OUT_OF_MEMORY
 
 
+class ShuttingDown(ServingError):
+    """The worker is stopping and its drain time ran out before this request finished."""
+
+    code = ErrorCode.CONTROLLER_WORKER_TIMEOUT
+
+
 class NoWorkerForModel(ServingError):
     """The controller knows no live worker that serves the requested model."""
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Generic, TypeVar
 
 from vilaserve.domain.shared.conversation import ConversationTemplate
+from vilaserve.domain.shared.errors import ServingError
 from vilaserve.domain.shared.generation import GenerationStep, SamplingParams
 from vilaserve.domain.shared.worker_status import WorkerStatus
 from vilaserve.domain.worker.batch import ModelBatch, PositionKey
@@ -67,6 +68,10 @@ class TextGenerator(ABC):
         `max_new_tokens`. Raises `ContextOverflow` before any step when the prompt cannot fit.
         Closing the iterator early cancels the generation.
         """
+
+    async def stop_all(self, error: ServingError) -> None:  # noqa: B027 - optional hook
+        """Ends every generation in flight with `error` (the worker's drain time is over); new
+        ones fail the same way. Generators without an engine need not do anything."""
 
 
 class PreparedPrompt(ABC):
@@ -157,3 +162,7 @@ class ControllerClient(ABC):
     @abstractmethod
     async def heartbeat(self, worker_address: str, queue_length: int) -> bool:
         """Returns the controller's `exist`; raises `ControllerUnavailable` when unreachable."""
+
+    async def leave(self, worker_address: str) -> None:  # noqa: B027 - optional hook
+        """Tells the controller this worker is shutting down (a heartbeat with `leaving`;
+        FastChat's controller ignores the flag and expires the worker instead)."""

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
+from vilaserve.domain.shared.errors import ShuttingDown
 from vilaserve.entrypoints.worker import routes as worker_routes
 from vilaserve.entrypoints.worker.container import WorkerContainer
 
@@ -24,6 +25,20 @@ def create_worker_app(container: WorkerContainer) -> FastAPI:
         heartbeat_task = None
         if container.settings().register_with_controller:
             heartbeat_task = asyncio.create_task(container.heartbeat().run(), name="heartbeat")
+
+        async def drain() -> None:
+            """SIGTERM: the server stops accepting; the controller forgets us now; what runs
+            gets `--drain-timeout-s` to finish, then ends with an error chunk."""
+            timeout = container.settings().drain_timeout_s
+            log.info("draining", extra={"timeout_s": timeout})
+            if heartbeat_task is not None:
+                heartbeat_task.cancel()
+                await container.heartbeat().leave()
+            await asyncio.sleep(timeout)
+            reason = f"the worker is shutting down; its drain time ({timeout:g} s) ran out"
+            await container.text_generator().stop_all(ShuttingDown(reason))
+
+        app.state.drain = drain
         log.info(
             "worker ready",
             extra={"model": container.model_name(), "address": container.settings().host},

@@ -36,6 +36,7 @@ def _load_runtime(settings: WorkerSettings) -> Any:
             dtype=settings.dtype,
             conv_template=settings.conv_template,
             max_image_pixels=settings.max_image_pixels,
+            max_request_pixels=settings.max_request_pixels,
             image_cache_mb=settings.image_cache_mb,
             embedding_bits=settings.embedding_bits,
             kv_slots=settings.cache_slots,

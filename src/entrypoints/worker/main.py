@@ -6,10 +6,13 @@ Accepts TinyChat's model_worker flags, so existing launch scripts keep working.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -83,6 +86,17 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-model-len", type=int, help="positions per sequence (default: the model's context)")
     add("--max-queue-length", type=int, help="requests allowed to wait (default 64)")
     add(
+        "--max-image-pixels",
+        type=int,
+        help="largest picture accepted, width x height from its header (default 64M)",
+    )
+    add(
+        "--max-request-pixels",
+        type=int,
+        help="pixels of all of a request's images together (default 256M); each image is "
+        "also held to --max-image-pixels",
+    )
+    add(
         "--max-request-bytes",
         type=int,
         help="largest request body read (default 64 MiB); larger ones get 413",
@@ -90,6 +104,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     add("--stream-interval", type=int, help="tokens between streamed chunks (default 1)")
     add("--max-new-tokens-cap", type=int, help="upper bound on max_new_tokens (default 1024)")
     add("--heartbeat-interval-s", type=float, help="seconds between heartbeats (default 15)")
+    add(
+        "--drain-timeout-s",
+        type=float,
+        help="on SIGTERM: seconds in-flight requests get to finish before they end with an "
+        "error chunk (default 30); the controller forgets the worker at once",
+    )
     add(
         "--no-register",
         dest="register_with_controller",
@@ -128,7 +148,45 @@ def serve(settings: WorkerSettings) -> None:
     logging.getLogger(__name__).info(
         "starting worker", extra={"host": settings.host, "port": settings.port}
     )
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        # A backstop only: the drain ends streams itself at --drain-timeout-s.
+        timeout_graceful_shutdown=int(settings.drain_timeout_s) + 10,
+    )
+    DrainingServer(config, app).run()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, plus the worker's drain at the first SIGTERM / SIGINT (app.py's `drain`):
+    uvicorn stops accepting and waits for open connections; the drain tells the controller
+    and bounds the wait."""
+
+    def __init__(self, config: uvicorn.Config, app: Any) -> None:
+        super().__init__(config)
+        self._app = app
+        self._draining = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                # uvicorn re-raises the signal once shut down; a drained worker exits 0.
+                self._captured_signals.clear()
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        drain = getattr(self._app.state, "drain", None)
+        if not self._draining and drain is not None and not self.should_exit:
+            self._draining = True
+            # In a signal handler: start the drain from the event loop's own next turn.
+            loop = asyncio.get_event_loop()
+            loop.call_soon_threadsafe(lambda: self._tasks.add(loop.create_task(drain())))
+        super().handle_exit(sig, frame)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -48,11 +48,13 @@ class WorkerSettings(BaseSettings):
     max_images: int = Field(16, ge=0)
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(64_000_000, ge=1)
+    max_request_pixels: int = Field(256_000_000, ge=1)  # all images of one request
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)  # a larger body gets 413
     image_cache_mb: int = Field(256, ge=0)  # projected embeddings of recent images; 0: off
 
     # Sent to the controller on registration and heartbeats (Authorization: Bearer).
     registration_secret: str | None = None  # env: VILASERVE_REGISTRATION_SECRET
+    drain_timeout_s: float = Field(30.0, ge=0)  # SIGTERM: time in-flight requests get
     heartbeat_interval_s: float = Field(15.0, gt=0)
     heartbeat_retry_max_s: float = Field(30.0, gt=0)
     log_format: Literal["json", "text"] = "json"

@@ -279,6 +279,21 @@ def _available_formats() -> list[str]:
     return [name for name in ALLOWED_IMAGE_FORMATS if name in Image.OPEN]
 
 
+def image_pixels(data: bytes) -> int:
+    """width x height from the header alone (nothing decoded); ValueError if unreadable."""
+    try:
+        with Image.open(io.BytesIO(data), formats=_available_formats()) as image:
+            width, height = image.size
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"image is too large to decode: {exc}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(
+            "image payload is not a decodable image "
+            f"(supported formats: {', '.join(ALLOWED_IMAGE_FORMATS)})"
+        ) from exc
+    return int(width) * int(height)
+
+
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """Decodes untrusted image bytes into an RGB PIL image, or raises ValueError.
 

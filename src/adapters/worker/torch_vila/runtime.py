@@ -38,6 +38,7 @@ class VilaRuntimeOptions:
     dtype: str = "auto"
     conv_template: str | None = None
     max_image_pixels: int = 64_000_000
+    max_request_pixels: int | None = None  # all of a request's images (None: 4 x per image)
     embedding_bits: int = 8  # W4A16 only: the token embedding table in int8 (8) or 16-bit (16)
     image_cache_mb: int = 256  # projected embeddings of recent images (0: no cache)
     kv_slots: int = 16  # KV-cache rows: running sequences plus prefixes kept for reuse
@@ -118,7 +119,9 @@ class VilaRuntime:
                     (pipeline.preprocessor.config, pipeline.preprocessor.aspect_ratio)
                 )
                 cache = ImageEmbeddingCache(options.image_cache_mb * 2**20, preprocessing)
-            vision = TorchVisionEncoder(pipeline, executor, options.max_image_pixels, cache)
+            vision = TorchVisionEncoder(
+                pipeline, executor, options.max_image_pixels, cache, options.max_request_pixels
+            )
         log.info(
             "model loaded",
             extra={

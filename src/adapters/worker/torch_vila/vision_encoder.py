@@ -17,7 +17,7 @@ import torch
 
 from vilaserve.adapters.worker.torch_vila.executor import ModelExecutor
 from vilaserve.adapters.worker.torch_vila.image_cache import ImageEmbeddingCache
-from vilaserve.adapters.worker.torch_vila.image_processing import decode_image
+from vilaserve.adapters.worker.torch_vila.image_processing import decode_image, image_pixels
 from vilaserve.adapters.worker.torch_vila.model_runner import TorchImageFeatures
 from vilaserve.adapters.worker.torch_vila.vision_pipeline import VisionPipeline
 from vilaserve.domain.shared.errors import InvalidImage
@@ -31,10 +31,12 @@ class TorchVisionEncoder(VisionEncoder):
         executor: ModelExecutor,
         max_image_pixels: int,
         cache: ImageEmbeddingCache | None = None,
+        max_request_pixels: int | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._executor = executor
         self._max_pixels = max_image_pixels
+        self._max_request_pixels = max_request_pixels or 4 * max_image_pixels
         self.cache = cache
         self._lock = threading.Lock()
         self._pending: list[tuple[torch.Tensor, asyncio.Future[list[torch.Tensor]]]] = []
@@ -113,10 +115,26 @@ class TorchVisionEncoder(VisionEncoder):
         return results
 
     def _pixels(self, images: Sequence[bytes], indices: Sequence[int]) -> torch.Tensor:
-        decoded = []
+        """Checks every header first (the request's pixels in total, each image's), then
+        decodes one image at a time straight into the tower's input size: a request holds one
+        full-size picture in memory at most, however many it sends."""
+        total = 0
         for index in indices:
             try:
-                decoded.append(decode_image(images[index], self._max_pixels))
+                total += image_pixels(images[index])
             except ValueError as exc:
                 raise InvalidImage(f"image {index + 1} could not be decoded: {exc}") from exc
-        return self._pipeline.preprocess(decoded)
+        if total > self._max_request_pixels:
+            raise InvalidImage(
+                f"the request's images hold {total} pixels in all, more than the limit of "
+                f"{self._max_request_pixels} (--max-request-pixels)"
+            )
+        pixels = []
+        for index in indices:
+            try:
+                decoded = decode_image(images[index], self._max_pixels)
+            except ValueError as exc:
+                raise InvalidImage(f"image {index + 1} could not be decoded: {exc}") from exc
+            pixels.append(self._pipeline.preprocess([decoded]))
+            del decoded
+        return torch.cat(pixels)

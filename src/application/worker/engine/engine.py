@@ -50,6 +50,7 @@ class Engine:
         self._lock = threading.Lock()
         self._stepping = False  # a step is queued or running on the model thread
         self._closed = False
+        self._failing: ServingError | None = None  # set by fail_all: everything ends with it
         self.steps = 0
         # Read by /worker_get_status and /metrics from the event loop; written by steps.
         self.num_running = 0
@@ -66,6 +67,11 @@ class Engine:
     def abort(self, seq: Sequence) -> None:
         """The request is gone: it leaves before the next step."""
         seq.aborted = True
+        self._kick()
+
+    def fail_all(self, error: ServingError) -> None:
+        """Ends every sequence, queued or running, with `error`, and any submitted later."""
+        self._failing = error
         self._kick()
 
     async def close(self) -> None:
@@ -96,6 +102,14 @@ class Engine:
         scheduler = self.scheduler
         while self._inbox:
             scheduler.add(self._inbox.popleft())
+        if self._failing is not None:
+            everyone = (*scheduler.running, *scheduler.waiting)
+            for seq in everyone:
+                scheduler.remove(seq)
+                seq.finished = True
+            self._send([(seq, self._failing) for seq in everyone if not seq.aborted])
+            self._report_load()
+            return False
         self._drop_aborted()
         if not scheduler.has_work:
             self._report_load()

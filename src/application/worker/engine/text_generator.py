@@ -61,6 +61,9 @@ class EngineTextGenerator(TextGenerator):
             if not seq.finished:
                 self.engine.abort(seq)
 
+    async def stop_all(self, error: ServingError) -> None:
+        self.engine.fail_all(error)
+
     async def close(self) -> None:
         await self.engine.close()
 
