@@ -40,6 +40,8 @@ class FakeDirectory(ModelDirectory):
     down: bool = False
     lookups: list[str] = field(default_factory=list)
     listings: int = 0
+    reported: list[str] = field(default_factory=list)
+    after_report: dict[str, str] | None = None  # what it names once a worker was reported
 
     async def list_models(self) -> list[str]:
         if self.down:
@@ -52,6 +54,11 @@ class FakeDirectory(ModelDirectory):
             raise ControllerUnavailable("http://ctl", "connection refused")
         self.lookups.append(model)
         return self.models.get(model) or None
+
+    async def report_unreachable(self, address: str) -> None:
+        self.reported.append(address)
+        if self.after_report is not None:
+            self.models = dict(self.after_report)
 
 
 @dataclass

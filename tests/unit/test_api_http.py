@@ -209,6 +209,14 @@ def test_no_worker_and_controller_down_are_503() -> None:
         assert response.status_code == 503 and ADDRESS in response.json()["error"]["message"]
 
 
+def test_an_unreachable_worker_is_reported_and_the_request_goes_to_another() -> None:
+    directory = FakeDirectory(models={MODEL: "http://dead:1"}, after_report={MODEL: ADDRESS})
+    with fake_api(directory=directory, workers=FakeWorkerApi(down={"http://dead:1"})) as api:
+        response = api.client.post("/v1/chat/completions", json=chat_body())
+        assert response.status_code == 200, response.text
+        assert directory.reported == ["http://dead:1"]
+
+
 def test_api_keys() -> None:
     with fake_api(api_keys="alpha, beta") as api:
         none = api.client.post("/v1/chat/completions", json=chat_body())

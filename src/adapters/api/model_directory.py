@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import httpx
@@ -31,6 +32,11 @@ class HttpModelDirectory(ModelDirectory):
         if not isinstance(reply, dict) or not isinstance(reply.get("address", ""), str):
             raise ControllerUnavailable(self._base, "/get_worker_address sent no address")
         return reply.get("address") or None
+
+    async def report_unreachable(self, address: str) -> None:
+        # The request fails over either way; an unreachable controller expires the worker later.
+        with contextlib.suppress(ControllerUnavailable):
+            await self._post("/refresh_all_workers", {})
 
     async def _post(self, path: str, payload: dict[str, Any]) -> Any:
         try:

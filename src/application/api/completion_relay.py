@@ -121,10 +121,9 @@ class CompletionRelay:
         try:
             return await open_choices(self._workers, route.address, jobs)
         except WorkerUnavailable:
-            self._router.forget(route.model)
-            if not route.address_was_cached:
-                raise
-        # The cached worker is gone: ask the controller once for another.
+            # Nothing was sent to the client yet: tell the controller, and try once more on
+            # whichever worker it names now (another one, or the same if it is back).
+            await self._router.report_unreachable(route.model, route.address)
         fresh = await self._router.route(route.model)
         return await open_choices(self._workers, fresh.address, jobs)
 

@@ -69,12 +69,11 @@ class ModelRouter:
         cached = self._fresh(self._addresses, model)
         try:
             return await self._route(model, cached if isinstance(cached, str) else None)
-        except WorkerUnavailable:
-            self.forget(model)
-            if cached is None:
-                raise
-            # The cached address went stale: this request's one controller lookup finds anew.
-            return await self._route(model, None)
+        except WorkerUnavailable as exc:
+            # The worker it named (or we cached) cannot be reached: tell the controller, then
+            # one more lookup finds another (or the same, if it is back).
+            await self.report_unreachable(model, exc.address)
+        return await self._route(model, None)
 
     async def _route(self, model: str, address: str | None) -> Route:
         from_cache = address is not None
@@ -88,6 +87,11 @@ class ModelRouter:
             info = await self._describe(model, address)
             self._infos[model] = _Expiring(info, self._clock() + self._info_ttl_s)
         return Route(model, address, info, from_cache)
+
+    async def report_unreachable(self, model: str, address: str) -> None:
+        """A worker of `model` refused us: forget what is cached and tell the controller."""
+        self.forget(model)
+        await self._directory.report_unreachable(address)
 
     def forget(self, model: str) -> None:
         """Drops what is cached about `model`, after one of its workers failed."""

@@ -34,6 +34,10 @@ class ModelDirectory(ABC):
     async def worker_address(self, model: str) -> str | None:
         """The address of a worker for `model`, or None when no worker serves it."""
 
+    async def report_unreachable(self, address: str) -> None:  # noqa: B027 - optional
+        """Tells the controller a worker it handed out cannot be reached, so that it checks
+        its workers (FastChat's `/refresh_all_workers`) and stops handing that one out."""
+
 
 class WorkerApi(ABC):
     """The FastChat worker protocol as the API uses it."""
