@@ -1,7 +1,7 @@
-"""Property-based fuzzing of every JSON endpoint of the worker and the controller (fakes behind
-the containers): whatever JSON arrives, the answer is a 2xx or a 4xx naming the problem, never a
-5xx, and the next well-formed request is served. A fixed budget here; raise `FUZZ_EXAMPLES`
-for a longer run."""
+"""Property-based fuzzing of every JSON endpoint of the worker, the controller and the API (fakes
+behind the containers): whatever JSON arrives, the answer is a 2xx or a 4xx naming the problem,
+never a 5xx, and the next well-formed request is served. A fixed budget here; raise
+`FUZZ_EXAMPLES` for a longer run."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ values = st.recursive(
 FIELDS = (
     "prompt", "images", "temperature", "top_p", "top_k", "max_new_tokens", "stop",
     "stop_token_ids", "seed", "echo", "model", "worker_name", "worker_status", "queue_length",
-    "check_heart_beat", "multimodal", "leaving", "model_names", "speed",
+    "check_heart_beat", "multimodal", "leaving", "model_names", "speed", "messages", "role",
+    "content", "max_tokens", "n", "stream", "logprobs", "type", "image_url", "url", "text",
 )  # fmt: skip
 bodies = values | st.dictionaries(st.sampled_from(FIELDS), values, max_size=6)
 
@@ -67,3 +68,31 @@ def test_the_controller_never_fails_on_a_body(path: str, body: Any) -> None:
         answers_well(client, path, body)
         assert client.post("/list_models").status_code == 200
     container.unwire()
+
+
+API_PATHS = ("/v1/chat/completions", "/v1/completions")
+messages = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "system", "assistant", "tool", "x"]), "content": values}
+    ),
+    max_size=3,
+)
+api_bodies = bodies | st.fixed_dictionaries(
+    {"model": st.just("VILA1.5-3b") | st.text(max_size=8), "messages": messages},
+    optional={"max_tokens": values, "temperature": values, "stream": values, "n": values},
+)
+
+
+@pytest.mark.parametrize("path", API_PATHS)
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=api_bodies)
+def test_the_api_never_fails_on_a_body(path: str, body: Any) -> None:
+    from api_fakes import chat_body, fake_api
+
+    with fake_api() as api:
+        raw = json.dumps(body, allow_nan=True).encode()
+        response = api.client.post(path, content=raw, headers={"content-type": "application/json"})
+        assert response.status_code < 500, (path, body, response.text)
+        if response.status_code != 200:  # an OpenAI-shaped error naming the problem
+            assert response.json()["error"]["message"]
+        assert api.client.post("/v1/chat/completions", json=chat_body()).status_code == 200
