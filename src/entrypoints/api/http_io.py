@@ -14,40 +14,20 @@ from starlette.types import Receive, Scope, Send
 from vilaserve.application.api.completion_relay import Reply, ResponseStream
 from vilaserve.domain.api.errors import ApiError, BadRequest, PayloadTooLarge, Unauthorized
 from vilaserve.domain.shared.errors import ErrorCode
-
-# How much of an oversized body is read and dropped so the client sees the 413 instead of a
-# connection reset mid-upload; past this the connection is simply closed.
-_DRAIN_LIMIT = 256 * 1024 * 1024
+from vilaserve.entrypoints.shared.worker_protocol_http import (
+    BodyTooLarge,
+    parse_json,
+    read_bounded,
+)
 
 
 async def read_json_body(request: Request, limit: int) -> Any:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        await _drain(request)
-        raise PayloadTooLarge(f"the request body is {declared} bytes; the limit is {limit}")
-    raw = bytearray()
-    async for piece in request.stream():
-        raw += piece
-        if len(raw) > limit:
-            await _drain(request)
-            raise PayloadTooLarge(f"the request body is larger than the limit of {limit} bytes")
-    if not raw:
-        raise BadRequest("the request body is empty; a JSON object is expected")
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the request body is not valid JSON ({exc})") from exc
-
-
-async def _drain(request: Request) -> None:
-    seen = 0
-    try:
-        async for piece in request.stream():
-            seen += len(piece)
-            if seen > _DRAIN_LIMIT:
-                return
-    except Exception:  # a client that hangs up mid-upload: nothing left to drain
-        return
+        return parse_json(await read_bounded(request, limit))
+    except BodyTooLarge as exc:
+        raise PayloadTooLarge(str(exc)) from exc
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from exc
 
 
 def check_api_key(request: Request, keys: Sequence[str]) -> None:

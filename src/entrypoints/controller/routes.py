@@ -7,8 +7,6 @@ proxy answers a request it cannot serve with one `\\0`-terminated error frame.
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 
 from dependency_injector.wiring import Provide, inject
@@ -26,7 +24,10 @@ from vilaserve.entrypoints.shared.worker_protocol_http import (
     encode_frame,
     encode_frames,
     http_status_of,
+    prepend,
     read_json,
+    refusal_headers,
+    refusal_status,
 )
 
 router = APIRouter()
@@ -62,19 +63,6 @@ async def _body(request: Request) -> Any:
     """JSON only (a web page on the host cannot post text/plain here), bounded in size."""
     settings = request.app.state.container.settings()
     return await read_json(request, settings.max_request_bytes, json_only=True)
-
-
-def _frame_status(code: int) -> int:
-    if code == int(ErrorCode.ENGINE_OVERLOADED):
-        return 429
-    return 400 if code < 50000 else 503
-
-
-async def _then(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    yield first
-    async with aclosing(rest):  # type: ignore[type-var]
-        async for frame in rest:
-            yield frame
 
 
 def _error_response(error: ServingError) -> JSONResponse:
@@ -176,9 +164,9 @@ async def worker_generate_stream(
     code = int(first.get("error_code") or 0)
     if code:
         await frames.aclose()  # type: ignore[attr-defined]
-        headers = {"Retry-After": "1"} if code == int(ErrorCode.ENGINE_OVERLOADED) else {}
-        return Response(encode_frame(first), _frame_status(code), headers, FRAME_MEDIA_TYPE)
-    return StreamingResponse(encode_frames(_then(first, frames)), media_type=FRAME_MEDIA_TYPE)
+        status = refusal_status(code, 503)
+        return Response(encode_frame(first), status, refusal_headers(code), FRAME_MEDIA_TYPE)
+    return StreamingResponse(encode_frames(prepend(first, frames)), media_type=FRAME_MEDIA_TYPE)
 
 
 @router.get("/test_connection")

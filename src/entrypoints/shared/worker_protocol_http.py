@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
-from vilaserve.domain.shared.errors import InvalidRequest
+from vilaserve.domain.shared.errors import ErrorCode, InvalidRequest
 
 FRAME_MEDIA_TYPE = "application/octet-stream"
 FRAME_SEPARATOR = b"\0"
@@ -60,24 +60,43 @@ async def read_json(
                 f"the body must be sent as Content-Type: application/json, not {kind or 'none'}",
                 415,
             )
+    try:
+        return parse_json(await read_bounded(request, limit))
+    except BodyTooLarge as exc:
+        raise BodyRefused(str(exc), 413) from exc
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from exc
+
+
+class BodyTooLarge(Exception):
+    """The body is over the service's limit (the rest of it was read and dropped)."""
+
+
+async def read_bounded(request: Request, limit: int) -> bytes:
+    """The body, at most `limit` bytes (declared or not); raises `BodyTooLarge` beyond."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         await _drain(request)
-        raise BodyRefused(f"the request body is {declared} bytes; the limit is {limit}", 413)
+        raise BodyTooLarge(f"the request body is {declared} bytes; the limit is {limit}")
     raw = bytearray()
     async for piece in request.stream():
         raw += piece
         if len(raw) > limit:
             await _drain(request)
-            raise BodyRefused(f"the request body is larger than the limit of {limit} bytes", 413)
+            raise BodyTooLarge(f"the request body is larger than the limit of {limit} bytes")
+    return bytes(raw)
+
+
+def parse_json(raw: bytes) -> Any:
+    """A JSON body; ValueError naming the problem (empty, malformed, nested too deeply)."""
     if not raw:
-        raise InvalidRequest("the request body is empty; a JSON object is expected")
+        raise ValueError("the request body is empty; a JSON object is expected")
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"the request body is not valid JSON ({exc})") from exc
+        raise ValueError(f"the request body is not valid JSON ({exc})") from exc
     except RecursionError as exc:
-        raise InvalidRequest("the request body is nested too deeply to be read") from exc
+        raise ValueError("the request body is nested too deeply to be read") from exc
 
 
 async def _drain(request: Request) -> None:
@@ -91,6 +110,26 @@ async def _drain(request: Request) -> None:
                 return
     except Exception:  # a client that hangs up mid-upload: nothing left to drain
         return
+
+
+def refusal_status(code: int, server_error: int) -> int:
+    """The HTTP status of a refusal with FastChat `code`: 429 when busy, 400 for the client's
+    own errors, `server_error` for ours."""
+    if code == int(ErrorCode.ENGINE_OVERLOADED):
+        return 429
+    return 400 if code < 50000 else server_error
+
+
+def refusal_headers(code: int) -> dict[str, str]:
+    return {"Retry-After": "1"} if code == int(ErrorCode.ENGINE_OVERLOADED) else {}
+
+
+async def prepend(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
+    """`first`, then the rest of a stream whose first item was taken to decide the status."""
+    yield first
+    async with contextlib.aclosing(rest):  # type: ignore[type-var]
+        async for item in rest:
+            yield item
 
 
 class ClientGone(Exception):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 
 from dependency_injector.wiring import Provide, inject
@@ -18,14 +17,17 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from vilaserve.application.worker.generate_stream import GenerateStream, error_chunk
 from vilaserve.application.worker.report_status import DescribeModel, ReportStatus
-from vilaserve.domain.shared.errors import ErrorCode, ServingError
+from vilaserve.domain.shared.errors import ServingError
 from vilaserve.domain.shared.generation import StreamChunk
 from vilaserve.entrypoints.shared.worker_protocol_http import (
     FRAME_MEDIA_TYPE,
     ClientGone,
     encode_frame,
     http_status_of,
+    prepend,
     read_json,
+    refusal_headers,
+    refusal_status,
     unless_disconnected,
 )
 from vilaserve.entrypoints.worker.settings import WorkerSettings
@@ -34,34 +36,15 @@ router = APIRouter()
 log = logging.getLogger(__name__)
 
 
-def _status(code: int) -> int:
-    """The HTTP status of a refusal with FastChat `code`: 429 when busy (with Retry-After),
-    another 4xx for the client's own errors, 5xx for ours."""
-    if code == int(ErrorCode.ENGINE_OVERLOADED):
-        return 429
-    return 400 if code < 50000 else 500
-
-
 def _refused(error: ServingError) -> int:
     """Logs a request refused before generation; returns its HTTP status."""
     log.info("request refused", extra={"error_code": int(error.code), "reason": error.message})
-    return http_status_of(error, _status(int(error.code)))
-
-
-def _headers(code: int) -> dict[str, str]:
-    return {"Retry-After": "1"} if code == int(ErrorCode.ENGINE_OVERLOADED) else {}
+    return http_status_of(error, refusal_status(int(error.code), 500))
 
 
 async def _frames(chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[bytes]:
     async for chunk in chunks:
         yield encode_frame(chunk.to_dict())
-
-
-async def _then(first: StreamChunk, rest: AsyncIterator[StreamChunk]) -> AsyncIterator[StreamChunk]:
-    yield first
-    async with aclosing(rest):  # type: ignore[type-var]
-        async for chunk in rest:
-            yield chunk
 
 
 @router.post("/worker_generate_stream")
@@ -76,7 +59,9 @@ async def worker_generate_stream(
     except ServingError as error:
         frame = encode_frame(error_chunk(error).to_dict())
         status = _refused(error)
-        return Response(frame, status, _headers(int(error.code)), media_type=FRAME_MEDIA_TYPE)
+        return Response(
+            frame, status, refusal_headers(int(error.code)), media_type=FRAME_MEDIA_TYPE
+        )
     chunks = generate.stream(prepared)
     # Headers wait for the first chunk, so that whatever is refused before the first token
     # (a picture that does not decode, a prompt longer than the context, a full queue) gets
@@ -87,11 +72,14 @@ async def worker_generate_stream(
         return Response(status_code=499)  # nobody reads it; the generation is cancelled
     if first.error_code:
         await chunks.aclose()  # type: ignore[attr-defined]
-        status = _status(first.error_code)
+        status = refusal_status(first.error_code, 500)
         return Response(
-            encode_frame(first.to_dict()), status, _headers(first.error_code), FRAME_MEDIA_TYPE
+            encode_frame(first.to_dict()),
+            status,
+            refusal_headers(first.error_code),
+            FRAME_MEDIA_TYPE,
         )
-    return StreamingResponse(_frames(_then(first, chunks)), media_type=FRAME_MEDIA_TYPE)
+    return StreamingResponse(_frames(prepend(first, chunks)), media_type=FRAME_MEDIA_TYPE)
 
 
 @router.post("/worker_generate")
@@ -105,7 +93,7 @@ async def worker_generate(
         prepared = generate.prepare(await read_json(request, settings.max_request_bytes))
     except ServingError as error:
         status = _refused(error)
-        return JSONResponse(error_chunk(error).to_dict(), status, _headers(int(error.code)))
+        return JSONResponse(error_chunk(error).to_dict(), status, refusal_headers(int(error.code)))
 
     async def last_chunk() -> StreamChunk:
         last = StreamChunk(text="")
@@ -118,8 +106,8 @@ async def worker_generate(
         last = await unless_disconnected(request, last_chunk())
     except ClientGone:
         return Response(status_code=499)
-    status = 200 if last.error_code == 0 else _status(last.error_code)
-    return JSONResponse(last.to_dict(), status, _headers(last.error_code))
+    status = 200 if last.error_code == 0 else refusal_status(last.error_code, 500)
+    return JSONResponse(last.to_dict(), status, refusal_headers(last.error_code))
 
 
 @router.post("/worker_get_status")

@@ -25,9 +25,10 @@ from vilaserve.adapters.worker.torch_vila.device import apply_keeping_dtypes
 # Up to this many rows the kernel's one pass over W beats PyTorch's GEMM (it reaches ~1 row per
 # weight load; a GEMM tiles rows and wins once there are enough of them).
 DECODE_MAX_ROWS = 8
-# The fp32 paths widen a 16-bit or int8 weight to fp32 for a GEMM: a full copy of the weight per
-# call (100 ms for SmolLM2's int8 head at 16 rows, against 11 ms in the kernel). A batch of
-# running sequences (the engine decodes up to 64 rows) stays in the kernel.
+# The largest decode batch kept in the kernels: the engine decodes all running sequences in one
+# step. The fp32 paths would otherwise widen a 16-bit or int8 weight to fp32 for a GEMM, a full
+# copy of the weight per call (100 ms for SmolLM2's int8 head at 16 rows, against 11 ms in the
+# kernel); the one-call decoder streams every weight once for all rows.
 FP32_KERNEL_MAX_ROWS = 64
 
 

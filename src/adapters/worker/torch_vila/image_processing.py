@@ -279,18 +279,24 @@ def _available_formats() -> list[str]:
     return [name for name in ALLOWED_IMAGE_FORMATS if name in Image.OPEN]
 
 
-def image_pixels(data: bytes) -> int:
-    """width x height from the header alone (nothing decoded); ValueError if unreadable."""
+def _open(data: bytes) -> Image.Image:
+    """The image with only its header read; ValueError naming why it cannot be."""
     try:
-        with Image.open(io.BytesIO(data), formats=_available_formats()) as image:
-            width, height = image.size
+        return Image.open(io.BytesIO(data), formats=_available_formats())
     except Image.DecompressionBombError as exc:
         raise ValueError(f"image is too large to decode: {exc}") from exc
     except (OSError, SyntaxError, ValueError) as exc:
+        # UnidentifiedImageError is an OSError; some plugins raise SyntaxError on bad headers.
         raise ValueError(
             "image payload is not a decodable image "
             f"(supported formats: {', '.join(ALLOWED_IMAGE_FORMATS)})"
         ) from exc
+
+
+def image_pixels(data: bytes) -> int:
+    """width x height from the header alone (nothing decoded); ValueError if unreadable."""
+    with _open(data) as image:
+        width, height = image.size
     return int(width) * int(height)
 
 
@@ -304,18 +310,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
     if not data:
         raise ValueError("image payload is empty")
-    try:
-        image = Image.open(io.BytesIO(data), formats=_available_formats())
-    except Image.DecompressionBombError as exc:
-        raise ValueError(f"image is too large to decode: {exc}") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        # UnidentifiedImageError is an OSError; some plugins raise SyntaxError on bad headers.
-        raise ValueError(
-            "image payload is not a decodable image "
-            f"(supported formats: {', '.join(ALLOWED_IMAGE_FORMATS)})"
-        ) from exc
-
-    with image:
+    with _open(data) as image:
         width, height = image.size
         if width <= 0 or height <= 0:
             raise ValueError(f"image has an invalid size {width}x{height}")

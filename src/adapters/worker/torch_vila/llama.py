@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from vilaserve.adapters.worker import cpu_kernels
 from vilaserve.adapters.worker.cpu_kernels.decoder import CachePointers
 from vilaserve.adapters.worker.torch_vila.device import apply_keeping_dtypes
+from vilaserve.adapters.worker.torch_vila.fast_linear import FP32_KERNEL_MAX_ROWS
 from vilaserve.adapters.worker.torch_vila.native_decode import NativeDecoder
 
 DEFAULT_ROPE_THETA = 10_000.0
@@ -331,9 +332,6 @@ _UNPLANNED: Any = object()  # no plan yet (None means: planned, and the model do
 # Decode-sized calls (a few rows) go to the CPU kernels; PyTorch's ops win on long prefills.
 # Kernels run only without autograd (inference), so training through the LLM still works.
 _KERNEL_MAX_ROWS = 8
-# The one-call decoder streams every weight once per step for all rows, so a whole batch of
-# running sequences goes through it (decoder.c / fp32_kernels.c: VS_MAX_DECODE_ROWS).
-_NATIVE_DECODE_MAX_ROWS = 64
 
 
 class RMSNorm(nn.Module):
@@ -695,7 +693,7 @@ class Llama(nn.Module):
             not self.use_native_decode
             or hidden.dtype not in (torch.bfloat16, torch.float32)
             or hidden.device.type != "cpu"
-            or hidden.shape[0] > _NATIVE_DECODE_MAX_ROWS
+            or hidden.shape[0] > FP32_KERNEL_MAX_ROWS  # a decode batch (C: VS_MAX_DECODE_ROWS)
             or not hidden.is_contiguous()
             or torch.is_grad_enabled()  # the kernels have no backward
         ):

@@ -51,7 +51,6 @@ class Engine:
         self._stepping = False  # a step is queued or running on the model thread
         self._closed = False
         self._failing: ServingError | None = None  # set by fail_all: everything ends with it
-        self.steps = 0
         # Read by /worker_get_status and /metrics from the event loop; written by steps.
         self.num_running = 0
         self.num_waiting = 0
@@ -130,7 +129,6 @@ class Engine:
             self._fail(step, ServingError(message, ErrorCode.INTERNAL_ERROR))
             return True
         now = time.perf_counter()
-        self.steps += 1
         prefilled = step.batch.num_tokens - len(step.decoding)
         scheduler.chunks.observe(now - started, len(step.decoding), prefilled)
         self._observer.step(

@@ -66,7 +66,3 @@ class EngineTextGenerator(TextGenerator):
 
     async def close(self) -> None:
         await self.engine.close()
-
-    @property
-    def queue_length(self) -> int:
-        return self.engine.num_running + self.engine.num_waiting
