@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -9,16 +10,34 @@ from dependency_injector.wiring import Provide, inject
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 
+from vilaserve.application.api.completion_relay import Reply
 from vilaserve.application.api.metrics import ApiMetrics
 from vilaserve.application.api.use_cases import ChatCompletion, Completion, ListModels
 from vilaserve.domain.api.errors import ModelNotFound, NotFound
+from vilaserve.domain.api.openai_requests import ChatCompletionRequest, CompletionRequest
 from vilaserve.entrypoints.api.http_io import check_api_key, read_json_body, reply_response
 from vilaserve.entrypoints.api.settings import ApiSettings
+from vilaserve.entrypoints.shared.openapi_bodies import inline_refs, json_body
+from vilaserve.entrypoints.shared.worker_protocol_http import ClientGone, unless_disconnected
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 router = APIRouter()
+# The bodies are read and validated by the use cases (OpenAI-shaped errors); declared here for
+# the OpenAPI schema only.
+CHAT_BODY = json_body(inline_refs(ChatCompletionRequest.model_json_schema()))
+COMPLETION_BODY = json_body(inline_refs(CompletionRequest.model_json_schema()))
+
+
+async def _answer(request: Request, work: Awaitable[Reply]) -> Response:
+    """The reply. A client that hangs up before it is ready (a whole answer, or a stream's
+    first chunks) is not waited for: its generation stops, nobody reads the 499."""
+    try:
+        reply = await unless_disconnected(request, work)
+    except ClientGone:
+        return Response(status_code=499)
+    return reply_response(reply)
 
 
 @inject
@@ -28,7 +47,9 @@ async def require_api_key(
     check_api_key(request, settings.api_key_list)
 
 
-@router.post("/v1/chat/completions", dependencies=[Depends(require_api_key)])
+@router.post(
+    "/v1/chat/completions", dependencies=[Depends(require_api_key)], openapi_extra=CHAT_BODY
+)
 @inject
 async def chat_completions(
     request: Request,
@@ -36,10 +57,12 @@ async def chat_completions(
     settings: ApiSettings = Depends(Provide["settings"]),
 ) -> Response:
     body = await read_json_body(request, settings.max_request_bytes)
-    return reply_response(await chat(body))
+    return await _answer(request, chat(body))
 
 
-@router.post("/v1/completions", dependencies=[Depends(require_api_key)])
+@router.post(
+    "/v1/completions", dependencies=[Depends(require_api_key)], openapi_extra=COMPLETION_BODY
+)
 @inject
 async def completions(
     request: Request,
@@ -47,7 +70,7 @@ async def completions(
     settings: ApiSettings = Depends(Provide["settings"]),
 ) -> Response:
     body = await read_json_body(request, settings.max_request_bytes)
-    return reply_response(await completion(body))
+    return await _answer(request, completion(body))
 
 
 @router.get("/v1/models", dependencies=[Depends(require_api_key)])

@@ -18,6 +18,13 @@ from vilaserve.application.controller.worker_directory import WorkerDirectory
 from vilaserve.domain.controller.worker_registry import ModelKind
 from vilaserve.domain.shared.controller_messages import requested_model
 from vilaserve.domain.shared.errors import ErrorCode, ServingError
+from vilaserve.entrypoints.shared.openapi_bodies import (
+    HEARTBEAT,
+    MODEL_LOOKUP,
+    REGISTRATION,
+    ROUTED_GENERATION_REQUEST,
+    json_body,
+)
 from vilaserve.entrypoints.shared.worker_protocol_http import (
     FRAME_MEDIA_TYPE,
     BodyRefused,
@@ -69,7 +76,7 @@ def _error_response(error: ServingError) -> JSONResponse:
     return JSONResponse(error_frame(error), _status_of(error))
 
 
-@router.post("/register_worker")
+@router.post("/register_worker", openapi_extra=json_body(REGISTRATION))
 @inject
 async def register_worker(
     request: Request, directory: WorkerDirectory = Depends(Provide["directory"])
@@ -82,7 +89,7 @@ async def register_worker(
     return JSONResponse(None)
 
 
-@router.post("/receive_heart_beat")
+@router.post("/receive_heart_beat", openapi_extra=json_body(HEARTBEAT))
 @inject
 async def receive_heart_beat(
     request: Request, directory: WorkerDirectory = Depends(Provide["directory"])
@@ -127,7 +134,7 @@ async def list_language_models(
     return {"models": directory.model_names(ModelKind.LANGUAGE)}
 
 
-@router.post("/get_worker_address")
+@router.post("/get_worker_address", openapi_extra=json_body(MODEL_LOOKUP))
 @inject
 async def get_worker_address(
     request: Request, directory: WorkerDirectory = Depends(Provide["directory"])
@@ -148,7 +155,7 @@ async def worker_get_status(
     return directory.aggregate_status().to_dict()
 
 
-@router.post("/worker_generate_stream")
+@router.post("/worker_generate_stream", openapi_extra=json_body(ROUTED_GENERATION_REQUEST))
 @inject
 async def worker_generate_stream(
     request: Request, proxy: ProxyGenerateStream = Depends(Provide["proxy_stream"])

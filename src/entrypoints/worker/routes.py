@@ -19,6 +19,11 @@ from vilaserve.application.worker.generate_stream import GenerateStream, error_c
 from vilaserve.application.worker.report_status import DescribeModel, ReportStatus
 from vilaserve.domain.shared.errors import ServingError
 from vilaserve.domain.shared.generation import StreamChunk
+from vilaserve.entrypoints.shared.openapi_bodies import (
+    COUNT_TOKEN_REQUEST,
+    GENERATION_REQUEST,
+    json_body,
+)
 from vilaserve.entrypoints.shared.worker_protocol_http import (
     FRAME_MEDIA_TYPE,
     ClientGone,
@@ -47,7 +52,7 @@ async def _frames(chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[bytes]:
         yield encode_frame(chunk.to_dict())
 
 
-@router.post("/worker_generate_stream")
+@router.post("/worker_generate_stream", openapi_extra=json_body(GENERATION_REQUEST))
 @inject
 async def worker_generate_stream(
     request: Request,
@@ -82,7 +87,7 @@ async def worker_generate_stream(
     return StreamingResponse(_frames(prepend(first, chunks)), media_type=FRAME_MEDIA_TYPE)
 
 
-@router.post("/worker_generate")
+@router.post("/worker_generate", openapi_extra=json_body(GENERATION_REQUEST))
 @inject
 async def worker_generate(
     request: Request,
@@ -118,15 +123,18 @@ async def worker_get_status(
     return report_status().to_dict()
 
 
-@router.post("/count_token")
+@router.post("/count_token", openapi_extra=json_body(COUNT_TOKEN_REQUEST))
 @inject
 async def count_token(
-    request: Request, describe: DescribeModel = Depends(Provide["describe_model"])
+    request: Request,
+    describe: DescribeModel = Depends(Provide["describe_model"]),
+    settings: WorkerSettings = Depends(Provide["settings"]),
 ) -> JSONResponse:
     try:
-        count = describe.count_tokens(await read_json(request))
+        count = describe.count_tokens(await read_json(request, settings.max_request_bytes))
     except ServingError as error:
-        return JSONResponse({"count": 0, "error_code": int(error.code), "text": error.message}, 400)
+        reply = {"count": 0, "error_code": int(error.code), "text": error.message}
+        return JSONResponse(reply, http_status_of(error, 400))
     return JSONResponse({"count": count, "error_code": 0})
 
 
