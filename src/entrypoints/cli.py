@@ -6,14 +6,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from vilaserve.entrypoints import serve
-from vilaserve.entrypoints.api import main as api_main
-from vilaserve.entrypoints.controller import main as controller_main
-from vilaserve.entrypoints.worker import main as worker_main
-
-# The offline commands and the terminal chat import torch and transformers (seconds): their
-# modules load only when one of them is the command, so `serve` and the services start fast.
-_LAZY_COMMANDS = {
+# Each command's module loads only when it is the command: the services import FastAPI and
+# uvicorn, the offline commands and the chat torch and transformers (seconds), and none of them
+# needs another's. `vilaserve --help` lists them all without loading any.
+_COMMANDS = {
+    "worker": "run a model worker (TinyChat/FastChat protocol)",
+    "controller": "run the controller (FastChat protocol)",
+    "api": "run the OpenAI-compatible API server and web chat",
+    "serve": "run controller, worker and API on this machine and print the chat URL",
     "quantize": "AWQ 4-bit quantization of a checkpoint",
     "train-demo-vision": "train the demo model's vision tower and projector (CPU, ~37 min)",
     "build-demo": "build (once, cached) the demo model and print its directory",
@@ -26,40 +26,67 @@ def main(argv: Sequence[str] | None = None) -> None:
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="vilaserve", description="Serve VILA models.")
     commands = parser.add_subparsers(dest="command", required=True)
-    worker = commands.add_parser("worker", help="run a model worker (TinyChat/FastChat protocol)")
-    worker_main.add_worker_arguments(worker)
-    controller = commands.add_parser("controller", help="run the controller (FastChat protocol)")
-    controller_main.add_controller_arguments(controller)
-    api = commands.add_parser("api", help="run the OpenAI-compatible API server and web chat")
-    api_main.add_api_arguments(api)
-    stack = commands.add_parser(
-        "serve", help="run controller, worker and API on this machine and print the chat URL"
-    )
-    serve.add_serve_arguments(stack)
-    lazy = {name: commands.add_parser(name, help=text) for name, text in _LAZY_COMMANDS.items()}
+    subparsers = {name: commands.add_parser(name, help=text) for name, text in _COMMANDS.items()}
     wanted = _chosen_command(args_list)
-    if wanted == "quantize":
+    if wanted in subparsers:
+        _add_arguments(wanted, subparsers[wanted])
+    args = parser.parse_args(args_list)
+    _run(args, args_list)
+
+
+def _add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+    if command == "worker":
+        from vilaserve.entrypoints.worker import main as worker_main
+
+        worker_main.add_worker_arguments(parser)
+    elif command == "controller":
+        from vilaserve.entrypoints.controller import main as controller_main
+
+        controller_main.add_controller_arguments(parser)
+    elif command == "api":
+        from vilaserve.entrypoints.api import main as api_main
+
+        api_main.add_api_arguments(parser)
+    elif command == "serve":
+        from vilaserve.entrypoints import serve
+
+        serve.add_serve_arguments(parser)
+    elif command == "quantize":
         from vilaserve.entrypoints.offline import quantize
 
-        quantize.add_quantize_arguments(lazy["quantize"])
-    elif wanted in ("train-demo-vision", "build-demo"):
+        quantize.add_quantize_arguments(parser)
+    elif command == "train-demo-vision":
         from vilaserve.entrypoints.offline import demo
 
-        demo.add_train_arguments(lazy["train-demo-vision"])
-        demo.add_build_arguments(lazy["build-demo"])
-    elif wanted == "chat":
+        demo.add_train_arguments(parser)
+    elif command == "build-demo":
+        from vilaserve.entrypoints.offline import demo
+
+        demo.add_build_arguments(parser)
+    elif command == "chat":
         from vilaserve.entrypoints import chat
 
-        chat.add_chat_arguments(lazy["chat"])
-    lazy["build-tiny"].add_argument("path", nargs="?", default=".cache/tiny-vila")
-    args = parser.parse_args(args_list)
+        chat.add_chat_arguments(parser)
+    elif command == "build-tiny":
+        parser.add_argument("path", nargs="?", default=".cache/tiny-vila")
+
+
+def _run(args: argparse.Namespace, args_list: list[str]) -> None:
     if args.command == "worker":
+        from vilaserve.entrypoints.worker import main as worker_main
+
         worker_main.serve(worker_main.settings_from_args(args))
     elif args.command == "controller":
+        from vilaserve.entrypoints.controller import main as controller_main
+
         controller_main.run_controller(args)
     elif args.command == "api":
+        from vilaserve.entrypoints.api import main as api_main
+
         api_main.run_api(args)
     elif args.command == "serve":
+        from vilaserve.entrypoints import serve
+
         sys.exit(serve.run_serve(args))
     elif args.command == "quantize":
         from vilaserve.entrypoints.offline import quantize

@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,8 @@ from vilaserve.adapters.worker.torch_vila.image_processing import (
 )
 from vilaserve.adapters.worker.torch_vila.projector import build_projector
 from vilaserve.adapters.worker.torch_vila.vision_pipeline import VisionPipeline
-from vilaserve.adapters.worker.torch_vila.vision_tower import VisionTower, resolve_vision_class
+from vilaserve.adapters.worker.torch_vila.vision_tower import VisionTower
+from vilaserve.adapters.worker.torch_vila.vision_transformer import vision_kind
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -354,10 +357,95 @@ def test_tower_rejects_bad_settings() -> None:
     with pytest.raises(ValueError, match="'cls'"):
         VisionTower(_siglip(), -2, "cls")
     with pytest.raises(ValueError, match=r"InternVisionModel.*not supported yet"):
-        resolve_vision_class(
-            {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b"}
-        )
-    assert resolve_vision_class({"model_type": "clip_vision_model"}) is CLIPVisionModel
+        vision_kind({"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b"})
+    assert vision_kind({"model_type": "clip_vision_model"}) == "clip"
+    assert vision_kind({"architectures": ["SiglipVisionModel"]}) == "siglip"
+
+
+def test_tower_takes_over_a_transformers_models_parameters() -> None:
+    # The demo trains a tower built from a fresh transformers model: the tower must train those
+    # very parameters (no copies), and compute what the model computes.
+    model = _siglip()
+    tower = VisionTower(model, -2, "cls_patch")
+    assert tower.embeddings.patch_embedding.weight is model.embeddings.patch_embedding.weight
+    assert tower.encoder.layers[0].mlp.fc1.weight is model.encoder.layers[0].mlp.fc1.weight
+    assert all(p.requires_grad for p in tower.parameters())
+    tower(torch.randn(2, 3, 32, 32)).square().mean().backward()
+    assert model.embeddings.patch_embedding.weight.grad is not None
+
+
+@pytest.mark.parametrize("factory", [_siglip, _clip], ids=["siglip", "clip"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_tower_from_pretrained_equals_transformers(
+    tmp_path: Path, factory: Any, dtype: torch.dtype
+) -> None:
+    # The served tower is our own code: it must give exactly what transformers' model, loaded
+    # from the same folder in the same dtype, gives (same kernels, so bit for bit).
+    factory().save_pretrained(tmp_path)
+    reference = type(factory()).from_pretrained(tmp_path, dtype=dtype).eval()
+    tower = VisionTower.from_pretrained(tmp_path, -2, "cls_patch", dtype, "cpu")
+    assert tower.dtype == dtype and all(p.dtype == dtype for p in tower.parameters())
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        out = tower(pixels)
+    expected = _reference_states(reference, pixels.to(dtype))[-2]
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_new", "quick_gelu", "gelu_pytorch_tanh"])
+def test_tower_activations_match_transformers(tmp_path: Path, act: str) -> None:
+    torch.manual_seed(0)
+    config = SiglipVisionConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        hidden_act=act,
+    )
+    model = SiglipVisionModel(config).eval()
+    model.save_pretrained(tmp_path)
+    tower = VisionTower.from_pretrained(tmp_path, -1, "cls_patch", torch.float32, "cpu")
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        out = tower(pixels)
+    torch.testing.assert_close(out, _reference_states(model, pixels)[-1], atol=1e-6, rtol=1e-6)
+
+
+def test_tower_config_defaults_and_unsupported_activation(tmp_path: Path) -> None:
+    # Keys a config.json leaves out take transformers' defaults (CLIP: patch 32, quick_gelu).
+    model = CLIPVisionModel(CLIPVisionConfig(image_size=64, num_hidden_layers=2)).eval()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    kept = ("architectures", "model_type", "image_size", "num_hidden_layers")
+    (tmp_path / "config.json").write_text(json.dumps({k: config[k] for k in kept}))
+    tower = VisionTower.from_pretrained(tmp_path, -1, "patch", torch.float32, "cpu")
+    assert (tower.patch_size, tower.hidden_size, tower.output_tokens()) == (32, 768, 4)
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        out = tower(pixels)
+    expected = _reference_states(model, pixels)[-1][:, 1:]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_act": "swish"}))
+    with pytest.raises(ValueError, match="unsupported hidden_act 'swish'"):
+        VisionTower.from_pretrained(tmp_path, -1, "patch", torch.float32, "cpu")
+
+
+def test_loading_a_tower_imports_no_transformers_model_code(tmp_path: Path) -> None:
+    # transformers' modeling_utils costs seconds to import (issue 16, cold start of `chat`):
+    # the served tower is plain torch and must not bring it in.
+    _siglip().save_pretrained(tmp_path)
+    script = (
+        "import sys, torch\n"
+        "from vilaserve.adapters.worker.torch_vila.runtime import VilaRuntime\n"
+        "from vilaserve.adapters.worker.torch_vila.vision_tower import VisionTower\n"
+        f"VisionTower.from_pretrained({str(tmp_path)!r}, -2, 'patch', torch.float32, 'cpu')\n"
+        "print(sorted(m for m in sys.modules if m.startswith('transformers.model')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 def test_tower_from_pretrained_with_v4_key_names(tmp_path: Path) -> None:

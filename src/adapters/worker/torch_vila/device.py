@@ -71,6 +71,16 @@ def apply_keeping_dtypes(
             module._buffers[name] = old.to(device=new.device)
 
 
+def embedding_table(rows: int, width: int) -> nn.Embedding:
+    """`nn.Embedding(rows, width)`, minus its random init when built on the meta device (a model
+    built to load weights into): torch computes `normal_` on a meta tensor with a Python
+    decomposition whose first call imports torch._dynamo, most of a second of every cold start
+    (issue 16)."""
+    if torch.get_default_device().type == "meta":
+        return nn.Embedding.from_pretrained(torch.empty(rows, width), freeze=False)
+    return nn.Embedding(rows, width)
+
+
 def bf16_works(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()

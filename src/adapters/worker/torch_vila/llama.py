@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from vilaserve.adapters.worker import cpu_kernels
 from vilaserve.adapters.worker.cpu_kernels.decoder import CachePointers
-from vilaserve.adapters.worker.torch_vila.device import apply_keeping_dtypes
+from vilaserve.adapters.worker.torch_vila.device import apply_keeping_dtypes, embedding_table
 from vilaserve.adapters.worker.torch_vila.fast_linear import FP32_KERNEL_MAX_ROWS
 from vilaserve.adapters.worker.torch_vila.native_decode import NativeDecoder
 
@@ -154,7 +154,9 @@ def _rope_field(params: Mapping[str, Any], key: str, rope_type: str) -> Any:
 def rope_inv_freq(args: LlamaArgs) -> Tensor:
     """Per-pair inverse frequencies [head_dim // 2] in fp32, computed the way HF does."""
     dim = args.head_dim
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
+    # On the CPU even under a meta-device context (`Llama.empty`): a tiny computation there,
+    # where on meta tensors torch's Python decompositions would import torch._dynamo (seconds).
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").to(torch.float32) / dim
     inv_freq = 1.0 / (args.rope_theta**exponents)
     scaling = args.rope_scaling
     if scaling is None:
@@ -547,7 +549,7 @@ class LlamaBody(nn.Module):
 
     def __init__(self, args: LlamaArgs) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.embed_tokens = embedding_table(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
