@@ -1,15 +1,26 @@
-"""Held-out accuracy of the embedded demo model: 16-bit vs W4A16 AWQ vs W4A16 round-to-nearest.
+"""Accuracy of the embedded demo model: 16-bit vs W4A16 AWQ vs W4A16 round-to-nearest.
 
-500 pictures the generator draws fresh for this benchmark (the evaluation split: image sizes,
-background styles and background colours that training never saw; seed 7, which no training
-or validation run uses), one question each, answered greedily by the product's own runtime
-(`VilaRuntime` + the worker's `GenerateStream`, prompts built as the OpenAI API builds them).
+Two sets of pictures, answered greedily by the product's own runtime (`VilaRuntime`, its
+engine and the worker's `GenerateStream`; prompts built as the OpenAI API builds them):
+
+* held-out: 500 pictures the demo's generator draws fresh for this benchmark (its evaluation
+  split: image sizes, background styles and background colours that training never saw; seed
+  7, which no training or validation run uses), one question each;
+* independent: 500 pictures drawn by `independent_pictures.py` (matplotlib, other colour
+  values, plain backgrounds people use, outlines, any rotation, noise and JPEG; seed 2026),
+  each with up to three questions of different kinds asked in one chat as the web chat asks
+  them: turn 1 alone, turns 2 and 3 with the model's own earlier replies as history (the
+  picture in the first user message). With `--alone` the turn-2 and turn-3 questions are also
+  asked without history, so that what the history costs is measured on the same questions.
+
 An answer counts when it equals the expected one exactly (case, surrounding space and a final
 period aside).
 
-    python benchmarks/demo_accuracy.py            # --n 500 --seed 7; builds the demo if needed
+    python benchmarks/demo_accuracy.py            # builds the demo if needed
+    python benchmarks/demo_accuracy.py --variants 16bit,awq --skip-heldout --alone
+    python benchmarks/demo_accuracy.py --resume   # after an interrupted run: only the rest
 
-Targets (issue 5): 16-bit >= 90 %, AWQ within 2 points of 16-bit.
+Targets (issue 5): 16-bit >= 90 % held-out, AWQ within 2 points of 16-bit.
 """
 
 from __future__ import annotations
@@ -20,74 +31,300 @@ import json
 import platform
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from independent_pictures import DEFAULT_SEED, IndependentExample, independent_examples
 
 from vilaserve.adapters.offline.demo import shapes
 from vilaserve.adapters.worker.torch_vila.runtime import VilaRuntime, VilaRuntimeOptions
 from vilaserve.application.chat.ask_image import AskAboutImages
+from vilaserve.application.worker.engine.engine import Engine
+from vilaserve.application.worker.engine.scheduler import SchedulerConfig
+from vilaserve.application.worker.engine.text_generator import EngineTextGenerator
 from vilaserve.entrypoints.chat import checkpoint_precision
 from vilaserve.entrypoints.offline.demo import build_demo
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LABELS = {"16bit": "16-bit", "awq": "W4A16 AWQ", "rtn": "W4A16 RTN"}
+MAX_NEW_TOKENS = 16
+MISSES_KEPT = 25
 
 
 async def evaluate(
     asker: AskAboutImages, examples: list[shapes.DemoExample], images: list[bytes]
 ) -> tuple[dict[str, list[bool]], list[dict[str, str]]]:
+    """The held-out split: one question per picture."""
     by_kind: dict[str, list[bool]] = defaultdict(list)
     misses: list[dict[str, str]] = []
     for example, image in zip(examples, images, strict=True):
-        reply = await asker.answer(example.question, [image], max_new_tokens=16)
+        reply = await asker.answer(example.question, [image], max_new_tokens=MAX_NEW_TOKENS)
         hit = shapes.normalize_answer(reply) == example.answer
         by_kind[example.question_kind].append(hit)
-        if not hit and len(misses) < 25:
+        if not hit and len(misses) < MISSES_KEPT:
             misses.append({"question": example.question, "expected": example.answer, "got": reply})
     return by_kind, misses
+
+
+ANSWER_SETS = {
+    "shape": set(shapes.SHAPES),
+    "colour": set(shapes.COLOURS),
+    "size": set(shapes.SIZES),
+    "position": set(shapes.POSITIONS),
+    "count": set(shapes.COUNTS),
+    "text": set(shapes.WORDS),
+}
+
+
+@dataclass(frozen=True)
+class Record:
+    """One asked question of the independent set."""
+
+    example: IndependentExample
+    turn: int
+    kind: str
+    hit: bool
+    well_formed: bool  # the reply is one of the kind's answers (right or wrong)
+    alone_hit: bool | None  # turns 2-3: the same question asked without history
+
+
+async def evaluate_independent(
+    asker: AskAboutImages, examples: list[IndependentExample], alone: bool
+) -> tuple[list[Record], list[dict[str, Any]]]:
+    """Each picture's questions in one chat, as the web chat sends them; with `alone`, the
+    follow-ups are asked once more without history."""
+    records: list[Record] = []
+    misses: list[dict[str, Any]] = []
+    for example in examples:
+        history: list[tuple[str, str]] = []
+        for turn, (kind, question, expected) in enumerate(example.questions, start=1):
+            reply = await asker.answer(
+                question, [example.png], history=history, max_new_tokens=MAX_NEW_TOKENS
+            )
+            normal = shapes.normalize_answer(reply)
+            alone_hit: bool | None = None
+            if alone and turn > 1:
+                single = await asker.answer(question, [example.png], max_new_tokens=MAX_NEW_TOKENS)
+                alone_hit = shapes.normalize_answer(single) == expected
+            hit = normal == expected
+            records.append(Record(example, turn, kind, hit, normal in ANSWER_SETS[kind], alone_hit))
+            if not hit and len(misses) < MISSES_KEPT:
+                misses.append(
+                    {
+                        "picture": example.index,
+                        "turn": turn,
+                        "history": [list(pair) for pair in history],
+                        "question": question,
+                        "expected": expected,
+                        "got": reply,
+                    }
+                )
+            history.append((question, reply))
+    return records, misses
+
+
+def _rate(hits: Iterable[bool]) -> tuple[float, int]:
+    values = list(hits)
+    return (sum(values) / len(values) if values else 0.0), len(values)
+
+
+def _grouped(records: list[Record], key: Callable[[Record], str]) -> dict[str, dict[str, Any]]:
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for record in records:
+        groups[key(record)].append(record.hit)
+    return {
+        name: {"accuracy": _rate(hits)[0], "questions": len(hits)}
+        for name, hits in sorted(groups.items())
+    }
+
+
+def _points(first: float, second: float) -> float:
+    return round((first - second) * 100, 1)
+
+
+def summarize_independent(records: list[Record]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for turn in (1, 2, 3):
+        asked = [r for r in records if r.turn == turn]
+        if not asked:
+            continue
+        accuracy, count = _rate(r.hit for r in asked)
+        by_kind = _grouped(asked, lambda r: r.kind)
+        entry: dict[str, Any] = {
+            "accuracy": accuracy,
+            "questions": count,
+            "well_formed": _rate(r.well_formed for r in asked)[0],
+            "by_kind": {k: v["accuracy"] for k, v in by_kind.items()},
+            "questions_by_kind": {k: v["questions"] for k, v in by_kind.items()},
+        }
+        if turn > 1:
+            first = summary["turn1"]
+            entry["minus_turn1_points"] = _points(accuracy, first["accuracy"])
+            entry["by_kind_minus_turn1_points"] = {
+                k: _points(v, first["by_kind"][k])
+                for k, v in entry["by_kind"].items()
+                if k in first["by_kind"]
+            }
+            paired = [r for r in asked if r.alone_hit is not None]
+            if paired:
+                alone_accuracy, _ = _rate(bool(r.alone_hit) for r in paired)
+                alone_by_kind: dict[str, list[bool]] = defaultdict(list)
+                for r in paired:
+                    alone_by_kind[r.kind].append(bool(r.alone_hit))
+                entry["same_questions_alone"] = {
+                    "accuracy": alone_accuracy,
+                    "by_kind": {k: _rate(v)[0] for k, v in sorted(alone_by_kind.items())},
+                }
+                entry["minus_alone_points"] = _points(accuracy, alone_accuracy)
+        summary[f"turn{turn}"] = entry
+    first_turn = [r for r in records if r.turn == 1]
+    summary["turn1_by_scene"] = _grouped(first_turn, lambda r: r.example.scene.kind)
+    summary["turn1_by_background"] = _grouped(first_turn, lambda r: r.example.look.background_style)
+    summary["turn1_by_drawing"] = _grouped(
+        first_turn, lambda r: "outline" if r.example.look.outline else "filled / text"
+    )
+    summary["turn1_by_degradation"] = _grouped(first_turn, _degradation)
+    summary["turn1_by_aspect"] = _grouped(
+        first_turn,
+        lambda r: "aspect <= 1.25" if r.example.look.aspect <= 1.25 else "aspect > 1.25",
+    )
+    return summary
+
+
+def _degradation(record: Record) -> str:
+    look = record.example.look
+    if look.jpeg_quality is not None:
+        return "jpeg"
+    if look.noise_sigma or look.blur_radius:
+        return "noise / blur"
+    return "clean"
+
+
+def load_asker(path: Path) -> tuple[VilaRuntime, AskAboutImages]:
+    """As `vilaserve chat` asks: the runtime's model runner behind an engine."""
+    options = VilaRuntimeOptions(model_path=str(path), precision=checkpoint_precision(path))
+    runtime = VilaRuntime.load(options)
+    engine = Engine(runtime.model_runner, SchedulerConfig(max_num_seqs=1))
+    return runtime, AskAboutImages(EngineTextGenerator(engine), runtime.vision_encoder)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=500, help="held-out pictures")
     parser.add_argument("--seed", type=int, default=7, help="eval-split seed")
+    parser.add_argument("--independent-n", type=int, default=500, help="independent pictures")
+    parser.add_argument("--independent-seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument("--skip-heldout", action="store_true")
+    parser.add_argument("--skip-independent", action="store_true")
+    parser.add_argument(
+        "--alone",
+        action="store_true",
+        help="also ask the turn-2 and turn-3 questions without history (about 1.6x the work)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep what --out already holds for the same settings; measure only the rest",
+    )
     parser.add_argument("--variants", default="16bit,awq,rtn")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "demo_accuracy.json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    examples = list(shapes.examples("eval", args.seed, args.n))
-    images = [e.png() for e in examples]
-    results: dict[str, dict[str, object]] = {}
-    for variant in args.variants.split(","):
-        path = build_demo(variant)  # type: ignore[arg-type]
-        options = VilaRuntimeOptions(model_path=str(path), precision=checkpoint_precision(path))
-        runtime = VilaRuntime.load(options)
-        asker = AskAboutImages(runtime.text_generator, runtime.vision_encoder)
-        started = time.perf_counter()
-        by_kind, misses = asyncio.run(evaluate(asker, examples, images))
-        every = [hit for hits in by_kind.values() for hit in hits]
-        results[variant] = {
-            "label": LABELS[variant],
-            "accuracy": sum(every) / len(every),
-            "by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
-            "questions_by_kind": {k: len(v) for k, v in sorted(by_kind.items())},
-            "seconds": round(time.perf_counter() - started, 1),
-            "misses": misses,
-        }
-        print(f"{LABELS[variant]:<12} {results[variant]['accuracy']:.1%}", flush=True)
-        del runtime, asker
-
-    print(f"\n{args.n} held-out pictures (eval split, seed {args.seed}), exact answers:")
-    for result in results.values():
-        kinds = ", ".join(f"{k} {v:.0%}" for k, v in result["by_kind"].items())  # type: ignore[union-attr]
-        print(f"  {result['label']:<12} {result['accuracy']:.1%}   ({kinds})")
-    report = {
-        "pictures": args.n,
+    heldout = [] if args.skip_heldout else list(shapes.examples("eval", args.seed, args.n))
+    images = [e.png() for e in heldout]
+    started = time.perf_counter()
+    independent = (
+        []
+        if args.skip_independent
+        else independent_examples(args.independent_seed, args.independent_n)
+    )
+    if independent:
+        print(
+            f"{len(independent)} independent pictures drawn in "
+            f"{time.perf_counter() - started:.1f} s",
+            flush=True,
+        )
+    # Every build first: weights that change during the run cannot mix into it.
+    paths = {variant: build_demo(variant) for variant in args.variants.split(",")}  # type: ignore[arg-type]
+    settings = {
+        "pictures": len(heldout),
         "split": "eval",
         "seed": args.seed,
+        "independent": {
+            "pictures": len(independent),
+            "seed": args.independent_seed,
+            "drawn_by": "benchmarks/independent_pictures.py",
+            "questions_by_turn": {
+                str(t): sum(len(e.questions) >= t for e in independent) for t in (1, 2, 3)
+            },
+            "follow_ups_also_asked_alone": args.alone,
+        },
+        "max_new_tokens": MAX_NEW_TOKENS,
+    }
+    results: dict[str, dict[str, Any]] = {}
+    if args.resume and args.out.is_file():
+        previous = json.loads(args.out.read_text())
+        if all(previous.get(key) == value for key, value in settings.items()):
+            results = {v: r for v, r in previous["results"].items() if v in paths}
+            print(f"resuming: {', '.join(results) or 'nothing'} from {args.out}", flush=True)
+    for variant, path in paths.items():
+        result: dict[str, Any] = results.get(variant) or {
+            "label": LABELS[variant],
+            "model_path": str(path),
+        }
+        results[variant] = result
+        todo_heldout = bool(heldout) and "accuracy" not in result
+        todo_independent = bool(independent) and "independent" not in result
+        if not (todo_heldout or todo_independent):
+            continue
+        runtime, asker = load_asker(path)
+        if todo_heldout:
+            started = time.perf_counter()
+            by_kind, misses = asyncio.run(evaluate(asker, heldout, images))
+            every = [hit for hits in by_kind.values() for hit in hits]
+            result |= {
+                "accuracy": sum(every) / len(every),
+                "by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
+                "questions_by_kind": {k: len(v) for k, v in sorted(by_kind.items())},
+                "seconds": round(time.perf_counter() - started, 1),
+                "misses": misses,
+            }
+            print(f"{LABELS[variant]:<12} held-out {result['accuracy']:.1%}", flush=True)
+            write_report(args.out, settings, results)  # a long run keeps what it has
+        if todo_independent:
+            started = time.perf_counter()
+            records, misses = asyncio.run(
+                evaluate_independent(asker, independent, alone=args.alone)
+            )
+            result["independent"] = summarize_independent(records) | {
+                "seconds": round(time.perf_counter() - started, 1),
+                "misses": misses,
+            }
+            turns = "  ".join(
+                f"turn {t} {result['independent'][f'turn{t}']['accuracy']:.1%}"
+                for t in (1, 2, 3)
+                if f"turn{t}" in result["independent"]
+            )
+            print(f"{LABELS[variant]:<12} independent {turns}", flush=True)
+            write_report(args.out, settings, results)
+        runtime.executor.shutdown()
+        del runtime, asker
+
+    results = {v: results[v] for v in paths}  # in the order asked for, resumed or not
+    report_text(results, args, heldout, independent)
+    write_report(args.out, settings, results)
+    print(f"results: {args.out}")
+    plot(results, args.out.with_suffix(".png"))
+
+
+def write_report(path: Path, settings: dict[str, Any], results: dict[str, Any]) -> None:
+    report = settings | {
         "results": results,
         "machine": {
             "platform": platform.platform(),
@@ -96,35 +333,156 @@ def main() -> None:
             "cuda": torch.cuda.is_available(),
         },
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "demo_accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(results, RESULTS / "demo_accuracy.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
 
 
-def plot(results: dict[str, dict[str, object]], path: Path) -> None:
+def report_text(
+    results: dict[str, dict[str, Any]],
+    args: argparse.Namespace,
+    heldout: list[shapes.DemoExample],
+    independent: list[IndependentExample],
+) -> None:
+    if heldout:
+        print(f"\n{len(heldout)} held-out pictures (eval split, seed {args.seed}), exact answers:")
+        for result in results.values():
+            kinds = ", ".join(f"{k} {v:.0%}" for k, v in result["by_kind"].items())
+            print(f"  {result['label']:<12} {result['accuracy']:.1%}   ({kinds})")
+    if independent:
+        print(
+            f"\n{len(independent)} independent pictures (seed {args.independent_seed}), "
+            "one chat each, exact answers:"
+        )
+        for result in results.values():
+            summary = result["independent"]
+            for turn in (1, 2, 3):
+                entry = summary.get(f"turn{turn}")
+                if entry is None:
+                    continue
+                kinds = ", ".join(
+                    f"{k} {v:.0%} ({entry['questions_by_kind'][k]})"
+                    for k, v in entry["by_kind"].items()
+                )
+                extra = ""
+                if turn > 1:
+                    extra = f"  {entry['minus_turn1_points']:+.1f} pt vs turn 1"
+                    if "minus_alone_points" in entry:
+                        extra += (
+                            f", {entry['minus_alone_points']:+.1f} pt vs the same questions "
+                            f"alone ({entry['same_questions_alone']['accuracy']:.1%})"
+                        )
+                print(
+                    f"  {result['label']:<12} turn {turn}: {entry['accuracy']:.1%} of "
+                    f"{entry['questions']}{extra}\n      {kinds}; one-word replies "
+                    f"{entry['well_formed']:.0%}"
+                )
+
+
+def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = sorted({k for r in results.values() for k in r["by_kind"]})  # type: ignore[union-attr]
-    fig, ax = plt.subplots(figsize=(8, 3.8))
-    width = 0.8 / len(results)
-    for i, result in enumerate(results.values()):
-        values = [result["by_kind"].get(k, 0.0) * 100 for k in kinds]  # type: ignore[union-attr]
+    panels: list[str] = []
+    if any("by_kind" in r for r in results.values()):
+        panels.append("heldout")
+    if any("independent" in r for r in results.values()):
+        panels += ["independent", "turns"]
+    if not panels:
+        return
+    widths = {"heldout": 8, "independent": 8, "turns": 5}
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(sum(widths[p] for p in panels), 4.2),
+        gridspec_kw={"width_ratios": [widths[p] for p in panels]},
+        squeeze=False,
+    )
+    for ax, panel in zip(axes[0], panels, strict=True):
+        if panel == "heldout":
+            by_kind = {v: r for v, r in results.items() if "by_kind" in r}
+            _kind_bars(
+                ax,
+                {v: (r["by_kind"], r["accuracy"]) for v, r in by_kind.items()},
+                results,
+                "Held-out pictures (demo generator's eval split)",
+            )
+        elif panel == "independent":
+            first = {
+                v: (r["independent"]["turn1"]["by_kind"], r["independent"]["turn1"]["accuracy"])
+                for v, r in results.items()
+                if "independent" in r
+            }
+            _kind_bars(ax, first, results, "Independent pictures, turn 1 (asked alone)")
+        else:
+            _turn_bars(ax, results)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+def _kind_bars(
+    ax: Any,
+    values: dict[str, tuple[dict[str, float], float]],
+    results: dict[str, dict[str, Any]],
+    title: str,
+) -> None:
+    kinds = sorted({k for by_kind, _ in values.values() for k in by_kind})
+    width = 0.8 / max(len(values), 1)
+    for i, (variant, (by_kind, overall)) in enumerate(values.items()):
+        heights = [by_kind.get(k, 0.0) * 100 for k in kinds] + [overall * 100]
         positions = [j + i * width for j in range(len(kinds) + 1)]
-        label = f"{result['label']} ({result['accuracy']:.1%})"
-        ax.bar(positions, [*values, float(result["accuracy"]) * 100], width, label=label)  # type: ignore[arg-type]
-    ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(kinds) + 1)])
+        label = f"{results[variant]['label']} ({overall:.1%})"
+        ax.bar(positions, heights, width, label=label)
+    ax.set_xticks([j + width * (len(values) - 1) / 2 for j in range(len(kinds) + 1)])
     ax.set_xticklabels([*kinds, "all"])
     ax.axhline(90, color="grey", linewidth=0.8, linestyle="--")
     ax.set_ylim(0, 105)
     ax.set_ylabel("exact answers (%)")
-    ax.set_title("Demo model, held-out pictures, by question kind")
+    ax.set_title(title, fontsize=10)
     ax.legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+
+
+def _turn_bars(ax: Any, results: dict[str, dict[str, Any]]) -> None:
+    """Per build: turns 1-3 in one chat; beside turns 2-3, the same questions asked alone."""
+    shown = {v: r["independent"] for v, r in results.items() if "independent" in r}
+    turns = [t for t in (1, 2, 3) if any(f"turn{t}" in s for s in shown.values())]
+    width = 0.8 / max(len(shown), 1)
+    colours = plt_colours()
+    for i, (variant, summary) in enumerate(shown.items()):
+        colour = colours[i % len(colours)]
+        for j, turn in enumerate(turns):
+            entry = summary.get(f"turn{turn}")
+            if entry is None:
+                continue
+            x = j + i * width
+            label = results[variant]["label"] if j == 0 else None
+            ax.bar(x, entry["accuracy"] * 100, width * 0.9, color=colour, label=label)
+            ax.text(
+                x, entry["accuracy"] * 100 + 1, f"{entry['accuracy']:.0%}", ha="center", fontsize=7
+            )
+            alone = entry.get("same_questions_alone")
+            if alone:
+                ax.plot(
+                    [x - width * 0.45, x + width * 0.45],
+                    [alone["accuracy"] * 100] * 2,
+                    color="black",
+                    linewidth=1.2,
+                    linestyle=":",
+                    label="same questions alone" if i == 0 and j == 1 else None,
+                )
+    ax.set_xticks([j + width * (len(shown) - 1) / 2 for j in range(len(turns))])
+    ax.set_xticklabels([f"turn {t}" for t in turns])
+    ax.set_ylim(0, 105)
+    ax.set_title("Independent pictures, one chat: turns 1-3", fontsize=10)
+    ax.legend(loc="lower left", fontsize=8)
+
+
+def plt_colours() -> list[str]:
+    import matplotlib.pyplot as plt
+
+    return list(plt.rcParams["axes.prop_cycle"].by_key()["color"])
 
 
 if __name__ == "__main__":

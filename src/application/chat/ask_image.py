@@ -3,6 +3,12 @@
 The prompt is built exactly as the OpenAI API builds it (`build_chat_prompt` with the model's
 own template) and runs through the worker's `GenerateStream`, so an answer here is the answer
 the served model gives to the same chat message.
+
+A follow-up question passes the earlier turns as `history`: the messages are then the ones the
+web chat (`entrypoints/api/static/chat.js`) sends for its turn 2, 3, ...: the whole
+conversation, the pictures in the first user message only (as image parts before its text),
+each earlier reply as an assistant message, later questions as plain-text user messages, and
+the pictures' bytes sent again with every turn.
 """
 
 from __future__ import annotations
@@ -32,6 +38,31 @@ def user_message(question: str, image_count: int) -> ChatMessage:
     return ChatMessage(role="user", content=parts)
 
 
+def chat_messages(
+    question: str, image_count: int, history: Sequence[tuple[str, str]] = ()
+) -> list[ChatMessage]:
+    """The OpenAI messages of a chat whose earlier turns are `history` ((question, reply)
+    pairs, oldest first) and whose next question is `question`, as the web chat sends them:
+    the `image_count` images go with the first question."""
+    questions = [asked for asked, _ in history] + [question]
+    replies = [reply for _, reply in history]
+    messages: list[ChatMessage] = []
+    for turn, asked in enumerate(questions):
+        if turn == 0 and image_count:
+            parts: list[ContentPart] = [
+                ImagePart(type="image_url", image_url={"url": "data:image/png;base64,"})
+                for _ in range(image_count)
+            ]
+            if asked:
+                parts.append(TextPart(type="text", text=asked))
+            messages.append(ChatMessage(role="user", content=parts))
+        else:
+            messages.append(ChatMessage(role="user", content=asked))
+        if turn < len(replies):
+            messages.append(ChatMessage(role="assistant", content=replies[turn]))
+    return messages
+
+
 class AskAboutImages:
     def __init__(
         self,
@@ -45,22 +76,29 @@ class AskAboutImages:
             generator, vision, ConcurrencySlots(1), limits or GenerationLimits()
         )
 
-    def prompt(self, question: str, image_count: int) -> str:
-        message = user_message(question, image_count)
+    def prompt(
+        self, question: str, image_count: int, history: Sequence[tuple[str, str]] = ()
+    ) -> str:
+        """The prompt text for `question` after the (question, reply) turns of `history`."""
+        messages = chat_messages(question, image_count, history)
         template = self._generator.conversation_template
-        return build_chat_prompt(template, [message], multimodal=self._vision is not None).text
+        return build_chat_prompt(template, messages, multimodal=self._vision is not None).text
 
     async def ask(
         self,
         question: str,
         images: Sequence[bytes] = (),
         *,
+        history: Sequence[tuple[str, str]] = (),
         max_new_tokens: int = 64,
         temperature: float = 0.0,
     ) -> AsyncIterator[str]:
-        """Yields the answer piece by piece; raises `AskFailed` with the model's message."""
+        """Yields the answer piece by piece; raises `AskFailed` with the model's message.
+
+        `history`: the chat's earlier (question, reply) turns, oldest first; `images` belong
+        to its first question (to `question` when there is no history)."""
         body = {
-            "prompt": self.prompt(question, len(images)),
+            "prompt": self.prompt(question, len(images), history),
             "images": [base64.b64encode(data).decode("ascii") for data in images],
             "temperature": temperature,
             "max_new_tokens": max_new_tokens,
@@ -83,8 +121,15 @@ class AskAboutImages:
         question: str,
         images: Sequence[bytes] = (),
         *,
+        history: Sequence[tuple[str, str]] = (),
         max_new_tokens: int = 64,
         temperature: float = 0.0,
     ) -> str:
-        pieces = self.ask(question, images, max_new_tokens=max_new_tokens, temperature=temperature)
+        pieces = self.ask(
+            question,
+            images,
+            history=history,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+        )
         return "".join([piece async for piece in pieces])

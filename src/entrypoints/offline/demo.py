@@ -179,12 +179,17 @@ def build_demo(variant: Variant = "awq", cache_dir: Path | None = None) -> Path:
     if not is_built(sixteen_bit):
         _say(f"building the demo model in {sixteen_bit.parent.parent} (first run only)")
         from vilaserve.adapters.offline.demo.checkpoint import write_demo_checkpoint
-        from vilaserve.adapters.offline.demo.vision_model import load_weights
+        from vilaserve.adapters.offline.demo.vision_model import (
+            load_weights,
+            weights_aspect_ratio,
+        )
 
         steps = _training_steps()
         from vilaserve.adapters.offline.gguf_import import ensure_smollm2_hf
 
-        write_demo_checkpoint(sixteen_bit, ensure_smollm2_hf(), load_weights(), steps)
+        write_demo_checkpoint(
+            sixteen_bit, ensure_smollm2_hf(), load_weights(), steps, weights_aspect_ratio()
+        )
     if variant != "16bit":
         _quantize(sixteen_bit, target, search=variant == "awq")
     return target

@@ -20,6 +20,7 @@ from transformers import SiglipVisionModel
 
 from vilaserve.adapters.offline.checkpoints import vila_layout
 from vilaserve.adapters.offline.demo.vision_model import (
+    ASPECT_RATIO,
     IMAGE_SIZE,
     PROJECTOR_TYPE,
     full_tower_state,
@@ -41,7 +42,11 @@ LLM_FILES = (
 
 
 def write_demo_checkpoint(
-    target: Path, llm_hf_dir: Path, trained: dict[str, torch.Tensor], training_steps: int
+    target: Path,
+    llm_hf_dir: Path,
+    trained: dict[str, torch.Tensor],
+    training_steps: int,
+    aspect_ratio: str = ASPECT_RATIO,
 ) -> Path:
     """Writes the 16-bit demo checkpoint to `target` (built aside, renamed into place last)."""
     target = Path(target)
@@ -52,6 +57,7 @@ def write_demo_checkpoint(
         vision_cfg = _write_vision_tower(staging / "vision_tower", trained)
         projector_cfg = _write_projector(staging / "mm_projector", trained)
         config = vila_layout.root_config("siglip", llm_cfg, vision_cfg, projector_cfg)
+        config["image_aspect_ratio"] = aspect_ratio  # as the tower was trained
         vila_layout.write_root(staging, config, global_step=training_steps)
         staging.chmod(0o755)
         if target.exists():

@@ -20,7 +20,7 @@ import colorsys
 import io
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -237,12 +237,32 @@ def generate(split: Split, seed: int, index: int) -> DemoExample:
         scene = _draw_group(rng, draw, width, height, colour)
     else:
         scene = _draw_word(rng, draw, width, height, colour)
-    question_kind = rng.choice([q for q in VOCABULARY if kind in q.scenes])
-    phrasing = rng.choice(question_kind.phrasings[kind])
+    question_kind, question, answer = ask(rng, scene)
+    return DemoExample(image, draw.mask, scene, question_kind, question, answer)
+
+
+def ask(rng: random.Random, scene: Scene, skip: Sequence[str] = ()) -> tuple[str, str, str]:
+    """A question about `scene` of a kind not in `skip`: (kind, question, answer)."""
+    kinds = [q for q in VOCABULARY if scene.kind in q.scenes and q.name not in skip]
+    question_kind = rng.choice(kinds)
+    phrasing = rng.choice(question_kind.phrasings[scene.kind])
     shape = scene.shape or ""
     question = phrasing.format(shape=shape, shapes=PLURALS.get(shape, ""))
-    answer = scene.answer(question_kind.name)
-    return DemoExample(image, draw.mask, scene, question_kind.name, question, answer)
+    return question_kind.name, question, scene.answer(question_kind.name)
+
+
+def conversation(rng: random.Random, example: DemoExample, turns: int) -> list[tuple[str, str]]:
+    """`turns` (question, answer) pairs about one picture, as one chat asks them: the example's
+    own question last, earlier turns of other kinds while there are any."""
+    asked = [example.question_kind]
+    earlier: list[tuple[str, str]] = []
+    for _ in range(turns - 1):
+        kinds = [q.name for q in VOCABULARY if example.scene.kind in q.scenes]
+        skip = asked if len(asked) < len(kinds) else [example.question_kind]
+        kind, question, answer = ask(rng, example.scene, skip)
+        asked.append(kind)
+        earlier.append((question, answer))
+    return [*earlier, (example.question, example.answer)]
 
 
 def examples(split: Split, seed: int, count: int, start: int = 0) -> Iterator[DemoExample]:

@@ -36,7 +36,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -45,8 +45,9 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from vilaserve.adapters.offline.demo import shapes
+from vilaserve.adapters.offline.demo import everyday, shapes
 from vilaserve.adapters.offline.demo.vision_model import (
+    ASPECT_RATIO,
     IMAGE_SIZE,
     PATCH_SIZE,
     DemoVision,
@@ -65,7 +66,7 @@ from vilaserve.adapters.worker.torch_vila.tokenization import (
     load_tokenizer,
     tokenize_with_images,
 )
-from vilaserve.application.chat.ask_image import user_message
+from vilaserve.application.chat.ask_image import chat_messages
 from vilaserve.domain.api.chat_prompt import build_chat_prompt
 from vilaserve.domain.shared.conversation import ConversationTemplate
 
@@ -102,7 +103,7 @@ class TrainConfig:
     caption_weight: float = 1.0  # stage 2: the caption loss, keeping the image tokens readable
     weight_decay: float = 0.01
     validate_every: int = 100
-    validation_size: int = 64
+    validation_size: int = 96
     checkpoint_every: int = 50
     threads: int = 0  # 0: torch's default
     instruction_steps: int = 150  # stage 0: the instruction tokens, through the LLM
@@ -124,6 +125,12 @@ class TrainConfig:
     # computes it natively (what the committed weights were trained in), else fp32.
     dtype: str = "auto"
     instruction_validation_size: int = 128  # stage 0's held-out scenes, per LLM
+    # Stages 0 and 2: the share of chats with 1, 2 and 3 questions about the picture (the
+    # earlier ones answered right, as a chat's history shows them); the loss is on the last.
+    instruction_turns: tuple[float, ...] = (0.5, 0.25, 0.25)
+    # Stages 1 and 2: the share of pictures in the everyday style (`everyday`), the rest in
+    # the original one (`shapes`).
+    stage1_everyday_share: float = 0.6
 
 
 @dataclass
@@ -288,8 +295,41 @@ class Batch:
     patch_labels: torch.Tensor  # [N, patches, len(PATCH_ATTRIBUTES)]
 
 
-def _batch(split: shapes.Split, seed: int, start: int, size: int) -> Batch:
-    batch = list(shapes.examples(split, seed, size, start))
+# Where a batch's pictures come from: "train" mixes both styles (the recipe's stream),
+# "eval" is the original style's held-out split, "everyday" the everyday style for `seed`.
+Source = Literal["train", "eval", "everyday"]
+
+
+def training_example(seed: int, index: int, everyday_share: float) -> shapes.DemoExample:
+    """The recipe's `index`-th picture: everyday style with probability `everyday_share`."""
+    pick = random.Random(f"vilaserve-demo/style/{seed}/{index}").random()
+    if pick < everyday_share:
+        return everyday.generate(seed, index)
+    return shapes.generate("train", seed, index)
+
+
+def chat_about(
+    example: shapes.DemoExample, seed: int, index: int, turn_weights: Sequence[float]
+) -> list[tuple[str, str]]:
+    """The chat an example is asked in: 1 to len(turn_weights) questions, its own last."""
+    rng = random.Random(f"vilaserve-demo/turns/{seed}/{index}")
+    turns = rng.choices(range(1, len(turn_weights) + 1), weights=turn_weights)[0]
+    return shapes.conversation(rng, example, turns)
+
+
+def _examples(
+    source: Source, seed: int, start: int, size: int, everyday_share: float
+) -> list[shapes.DemoExample]:
+    indices = range(start, start + size)
+    if source == "train":
+        return [training_example(seed, i, everyday_share) for i in indices]
+    if source == "everyday":
+        return [everyday.generate(seed, i) for i in indices]
+    return list(shapes.examples("eval", seed, size, start))
+
+
+def _batch(source: Source, seed: int, start: int, size: int, everyday_share: float = 0.0) -> Batch:
+    batch = _examples(source, seed, start, size, everyday_share)
     pixels = _PREPROCESS([e.image for e in batch])
     labels = torch.tensor([list(scene_labels(e.scene).values()) for e in batch])
     patches = torch.stack([patch_labels(e, IMAGE_SIZE, PATCH_SIZE) for e in batch])
@@ -315,7 +355,9 @@ class _Stage1Pictures(torch.utils.data.IterableDataset):
         offset, stride = (0, 1) if worker is None else (worker.id, worker.num_workers)
         size = self.config.stage1_batch
         for step in range(self.first_step + offset, self.config.stage1_steps, stride):
-            batch = _batch("train", self.config.seed, step * size, size)
+            batch = _batch(
+                "train", self.config.seed, step * size, size, self.config.stage1_everyday_share
+            )
             yield batch.pixels, batch.labels, batch.patch_labels, [e.scene for e in batch.examples]
 
 
@@ -471,12 +513,17 @@ class PromptEncoder:
         self.end_of_turn = int(tokenizer.eos_token_id)
         self.prefix = self._split(self.prompt_ids("?"))[0]
 
-    def prompt_ids(self, question: str) -> list[int]:
-        text = build_chat_prompt(self._template, [user_message(question, 1)], multimodal=True).text
+    def prompt_ids(self, question: str, history: Sequence[tuple[str, str]] = ()) -> list[int]:
+        """The chat as the web chat and the OpenAI API send it: the picture with the first
+        question, the earlier (question, answer) turns as history, `question` last."""
+        messages = chat_messages(question, 1, history)
+        text = build_chat_prompt(self._template, messages, multimodal=True).text
         return tokenize_with_images(self.tokenizer, text)
 
-    def encode(self, question: str, answer: str) -> EncodedExample:
-        prefix, after = self._split(self.prompt_ids(question))
+    def encode(self, chat: Sequence[tuple[str, str]]) -> EncodedExample:
+        """`chat`: (question, answer) pairs about one picture; the last answer is the target."""
+        *history, (question, answer) = chat
+        prefix, after = self._split(self.prompt_ids(question, history))
         if prefix != self.prefix:
             raise ValueError(f"the prompt head changed with the question {question!r}")
         answer_ids = list(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
@@ -697,7 +744,11 @@ def learn_instruction(
         for group in optimizer.param_groups:
             group["lr"] = config.instruction_lr * _lr_factor(step, config.instruction_steps, 1)
         batch = list(shapes.examples("train", INSTRUCTION_SEED, size, step * size))
-        rows = [encoder.encode(e.question, e.answer) for e in batch]
+        turns = config.instruction_turns
+        rows = [
+            encoder.encode(chat_about(e, INSTRUCTION_SEED, step * size + k, turns))
+            for k, e in enumerate(batch)
+        ]
         scenes = [e.scene for e in batch]
         optimizer.zero_grad(set_to_none=True)
         shown: dict[str, float] = {}
@@ -712,17 +763,21 @@ def learn_instruction(
         shapes.examples("eval", INSTRUCTION_VALIDATION_SEED, config.instruction_validation_size)
     )
     for index, llm in enumerate(llms):
-        hits: list[bool] = []
+        hits: dict[int, list[bool]] = defaultdict(list)
         with torch.no_grad():
             for start in range(0, len(held_out), 32):
                 batch = held_out[start : start + 32]
-                rows = [encoder.encode(e.question, e.answer) for e in batch]
-                scenes = [e.scene for e in batch]
-                hits += exact_rows(*llm.answer_logits(image_tokens(scenes), rows))
+                for turns in range(1, len(config.instruction_turns) + 1):
+                    rows = [
+                        encoder.encode(shapes.conversation(random.Random(start + k), e, turns))
+                        for k, e in enumerate(batch)
+                    ]
+                    scenes = [e.scene for e in batch]
+                    hits[turns] += exact_rows(*llm.answer_logits(image_tokens(scenes), rows))
         which = "16-bit" if index == 0 else "W4A16 AWQ"
+        by_turn = ", ".join(f"turn {t} {np.mean(h):.3f}" for t, h in sorted(hits.items()))
         bar.write(
-            f"stage 0: {which} LLM, exact answers from true captions on held-out scenes "
-            f"{np.mean(hits):.3f}"
+            f"stage 0: {which} LLM, exact answers from true captions on held-out scenes: {by_turn}"
         )
     return instruction.detach().clone()
 
@@ -851,8 +906,13 @@ def _stage2(
         for group in optimizer.param_groups:
             group["lr"] = config.stage2_lr * group["scale"] * _lr_factor(step, steps, warmup)
         start = STAGE2_INDEX_OFFSET + step * config.stage2_batch
-        batch = _batch("train", config.seed, start, config.stage2_batch)
-        rows = [encoder.encode(e.question, e.answer) for e in batch.examples]
+        batch = _batch(
+            "train", config.seed, start, config.stage2_batch, config.stage1_everyday_share
+        )
+        rows = [
+            encoder.encode(chat_about(e, config.seed, start + k, config.instruction_turns))
+            for k, e in enumerate(batch.examples)
+        ]
         with _autocast(config):
             features = vision.tower(batch.pixels)
             images = vision.projector(features)
@@ -885,36 +945,51 @@ def _stage2(
             )
 
 
-def _validation_set(
-    config: TrainConfig, encoder: PromptEncoder
-) -> list[tuple[torch.Tensor, list[shapes.DemoExample], list[EncodedExample]]]:
-    """Held-out (eval-split) pictures in batches, with their encoded questions."""
+_ValidationBatch = tuple[torch.Tensor, list[shapes.DemoExample], list[EncodedExample], list[str]]
+
+
+def _validation_set(config: TrainConfig, encoder: PromptEncoder) -> list[_ValidationBatch]:
+    """Held-out pictures in batches with their encoded chats: half the original style's eval
+    split (one question each), half everyday pictures of a seed training never draws, each
+    asked as turn 1, 2 and 3 of a chat. Each row is tagged with what it measures."""
     out = []
-    for start in range(0, config.validation_size, config.stage2_batch):
-        size = min(config.stage2_batch, config.validation_size - start)
-        batch = _batch("eval", VALIDATION_SEED, start, size)
-        rows = [encoder.encode(e.question, e.answer) for e in batch.examples]
-        out.append((batch.pixels, batch.examples, rows))
+    half = config.validation_size // 2
+    for source in ("eval", "everyday"):
+        for start in range(0, half, config.stage2_batch):
+            size = min(config.stage2_batch, half - start)
+            batch = _batch(source, VALIDATION_SEED, start, size)  # type: ignore[arg-type]
+            turn_counts = [1] if source == "eval" else range(1, len(config.instruction_turns) + 1)
+            for turns in turn_counts:
+                chats = [
+                    shapes.conversation(random.Random(start + k), e, turns)
+                    for k, e in enumerate(batch.examples)
+                ]
+                rows = [encoder.encode(chat) for chat in chats]
+                tags = [f"{source}/turn{turns}"] * size
+                out.append((batch.pixels, batch.examples, rows, tags))
     return out
 
 
 def _validate(
-    vision: DemoVision,
-    llm: FrozenLlm,
-    validation: Sequence[tuple[torch.Tensor, list[shapes.DemoExample], list[EncodedExample]]],
+    vision: DemoVision, llm: FrozenLlm, validation: Sequence[_ValidationBatch]
 ) -> dict[str, Any]:
-    """Teacher-forced exact-answer accuracy, overall and per question kind."""
+    """Teacher-forced exact-answer accuracy: overall, per question kind (of the last
+    question), and per source and turn."""
     vision.eval()
     per_kind: dict[str, list[bool]] = defaultdict(list)
+    per_tag: dict[str, list[bool]] = defaultdict(list)
     with torch.no_grad():
-        for pixels, batch, rows in validation:
+        for pixels, batch, rows, tags in validation:
             logits, targets, lengths = llm.answer_logits(vision(pixels), rows)
-            for example, hit in zip(batch, exact_rows(logits, targets, lengths), strict=True):
+            hits = exact_rows(logits, targets, lengths)
+            for example, tag, hit in zip(batch, tags, hits, strict=True):
                 per_kind[example.question_kind].append(hit)
+                per_tag[tag].append(hit)
     every = [hit for hits in per_kind.values() for hit in hits]
     return {
         "exact": round(sum(every) / len(every), 4),
         "by_kind": {k: round(sum(v) / len(v), 3) for k, v in sorted(per_kind.items())},
+        "by_source_and_turn": {k: round(sum(v) / len(v), 3) for k, v in sorted(per_tag.items())},
     }
 
 
@@ -1043,6 +1118,7 @@ def _write_provenance(path: Path, report: TrainReport, command: str) -> None:
     data = {
         "what": "vision tower (SigLIP, layers that run) + mlp_downsample projector, bf16",
         "compute_dtype": str(compute_dtype(config)).removeprefix("torch."),
+        "image_aspect_ratio": ASPECT_RATIO,
         "command": command,
         "seed": config.seed,
         "config": asdict(config),

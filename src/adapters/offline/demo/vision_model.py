@@ -12,6 +12,7 @@ the features seen in training are computed by exactly the code that serves them.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -57,10 +58,25 @@ def siglip_config() -> SiglipVisionConfig:
     )
 
 
-def preprocessor() -> ImagePreprocessor:
-    """The serving preprocessor (squash to 128 x 128, bicubic, normalize to [-1, 1])."""
+# What the recipe trains with: VILA's `pad` (pictures centred on a square of the mean colour
+# before the resize), so a square in a wide frame stays a square (`resize` would hand the tower
+# a rectangle). Weights record theirs in their provenance; earlier ones were trained with
+# `resize` (`weights_aspect_ratio`).
+ASPECT_RATIO = "pad"
+
+
+def preprocessor(aspect_ratio: str = ASPECT_RATIO) -> ImagePreprocessor:
+    """The serving preprocessor (128 x 128 bicubic, normalize to [-1, 1])."""
     config = ImageProcessorConfig.from_dict(vila_layout.preprocessor_config("siglip", IMAGE_SIZE))
-    return ImagePreprocessor(config, "resize")
+    return ImagePreprocessor(config, aspect_ratio)
+
+
+def weights_aspect_ratio(weights: Path = WEIGHTS_FILE) -> str:
+    """The aspect-ratio step the weights were trained with, from their provenance file."""
+    provenance = weights.with_suffix(".json")
+    if not provenance.is_file():
+        return ASPECT_RATIO
+    return str(json.loads(provenance.read_text()).get("image_aspect_ratio", "resize"))
 
 
 class DemoVision(nn.Module):
