@@ -283,3 +283,15 @@ def worker_process(checkpoint: Path, port: int, *flags: str, **env: str) -> Chil
     """A real model worker in a child process (float32, text logs); `flags` are CLI flags."""
     args = ["worker", "--model-path", str(checkpoint), "--dtype", "float32", "--log-format", "text"]
     return ChildServer([*args, *flags], port, env=env)
+
+
+def metric(url: str, name: str) -> float:
+    """One sample of the worker's /metrics (Prometheus text), summed over its labels."""
+    text = httpx.get(url + "/metrics").text
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and line[len(name)] in " {"
+    ]
+    assert values, f"{name} not in /metrics"
+    return sum(values)

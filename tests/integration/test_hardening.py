@@ -47,6 +47,7 @@ from servers import (
     FakeControllerApp,
     ServerThread,
     free_port,
+    metric,
     serving_stack,
     start_api,
     start_controller,
@@ -72,18 +73,6 @@ def one_frame(response: httpx.Response) -> dict[str, Any]:
 
 def frames(response: httpx.Response) -> list[dict[str, Any]]:
     return [json.loads(part) for part in response.content.split(b"\0") if part]
-
-
-def metric(url: str, name: str) -> float:
-    """One sample of a worker's /metrics, summed over its labels."""
-    text = httpx.get(url + "/metrics").text
-    values = [
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name) and line[len(name)] in " {"
-    ]
-    assert values, f"{name} not in /metrics"
-    return sum(values)
 
 
 @dataclass

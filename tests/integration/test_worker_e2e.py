@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from servers import ServerThread, start_worker
+from servers import ServerThread, metric, start_worker
 from transformers import LlamaForCausalLM
 
 from vilaserve.adapters.offline.checkpoints.tiny_vila import make_png, make_png_b64
@@ -226,18 +226,6 @@ def test_clip_checkpoint_with_mlp2x_gelu_serves(tiny_vila_clip: Path) -> None:
         assert frames[-1]["text"] == reference_greedy(tiny_vila_clip, prompt, png, 8)
         details = httpx.post(server.url + "/model_details", json={}).json()
         assert details["tokens_per_image"] == 16  # CLIP drops the CLS token, no merge
-
-
-def metric(url: str, name: str) -> float:
-    """One sample of the worker's /metrics (Prometheus text), summed over its labels."""
-    text = httpx.get(url + "/metrics").text
-    values = [
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name) and line[len(name)] in " {"
-    ]
-    assert values, f"{name} not in /metrics"
-    return sum(values)
 
 
 LONG = {"max_new_tokens": 400, "temperature": 0.9, "stop_token_ids": [-1]}

@@ -294,18 +294,7 @@ def _draw_group(
     fill: tuple[int, int, int],
 ) -> shapes.Scene:
     shape, count = rng.choice(shapes.SHAPES), rng.randint(2, shapes.MAX_GROUP)
-    side = min(width, height)
-    placed: list[tuple[float, float, float]] = []
-    scale, tries = 1.0, 0
-    while len(placed) < count:
-        tries += 1
-        if tries % 200 == 0:  # crowded: start over with smaller shapes
-            placed, scale = [], scale * 0.9
-        extent = side * rng.uniform(0.1, 0.26) * scale
-        margin = extent * 0.55
-        x, y = rng.uniform(margin, width - margin), rng.uniform(margin, height - margin)
-        if all(math.hypot(x - px, y - py) > (extent + pe) * 0.62 for px, py, pe in placed):
-            placed.append((x, y, extent))
+    placed = shapes.scatter(rng, count, width, height, (0.1, 0.26), 0.55)
     outlined = rng.random() < 0.25  # one person draws a group one way
     for x, y, extent in placed:
         _draw_shape(rng, canvas, shape, (x, y), extent, fill, outlined)

@@ -463,22 +463,35 @@ def _draw_single(rng: random.Random, draw: _Canvas, width: int, height: int, col
 
 def _draw_group(rng: random.Random, draw: _Canvas, width: int, height: int, colour: str) -> Scene:
     shape, count = rng.choice(SHAPES), rng.randint(2, MAX_GROUP)
+    for x, y, extent in scatter(rng, count, width, height, (0.18, 0.24), 0.6):
+        _draw_shape(rng, draw, shape, colour, (x, y), extent)
+    return Scene("group", colour, shape=shape, count=count)
+
+
+def scatter(
+    rng: random.Random,
+    count: int,
+    width: int,
+    height: int,
+    extents: tuple[float, float],
+    margin: float,
+) -> list[tuple[float, float, float]]:
+    """(x, y, extent) of `count` shapes well apart, so that no two touch and each is counted
+    once; extents are shares of the short side, each centre `margin` extents from the border.
+    A crowded frame starts over with smaller shapes."""
     side = min(width, height)
     placed: list[tuple[float, float, float]] = []
     scale, tries = 1.0, 0
     while len(placed) < count:
         tries += 1
-        if tries % 200 == 0:  # crowded: start over with smaller shapes
+        if tries % 200 == 0:
             placed, scale = [], scale * 0.9
-        extent = side * rng.uniform(0.18, 0.24) * scale
-        margin = extent * 0.6
-        x, y = rng.uniform(margin, width - margin), rng.uniform(margin, height - margin)
-        # Well apart, so that no two shapes touch and each is counted once.
+        extent = side * rng.uniform(*extents) * scale
+        x = rng.uniform(extent * margin, width - extent * margin)
+        y = rng.uniform(extent * margin, height - extent * margin)
         if all(math.hypot(x - px, y - py) > (extent + pe) * 0.62 for px, py, pe in placed):
             placed.append((x, y, extent))
-    for x, y, extent in placed:
-        _draw_shape(rng, draw, shape, colour, (x, y), extent)
-    return Scene("group", colour, shape=shape, count=count)
+    return placed
 
 
 def _draw_word(rng: random.Random, draw: _Canvas, width: int, height: int, colour: str) -> Scene:
