@@ -32,6 +32,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--model-path", required=True, help="VILA checkpoint directory")
     add("--model-name", help="name to serve under (default: derived from the path)")
     add("--quant-path", help="AWQ checkpoint of the LLM (W4A16)")
+    add("--vision-tower", help="LLaVA-1.5: local folder of the vision tower its config names")
     add("--precision", choices=["W16A16", "W4A16"], help="weights: 16-bit or 4-bit AWQ")
     add("--device", choices=["auto", "cpu", "cuda"], help="where to run (default auto)")
     add("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="compute dtype")
@@ -97,6 +98,7 @@ def child_specs(args: argparse.Namespace) -> list[ChildSpec]:
                 args.model_path,
                 *_optional("--model-name", args.model_name),
                 *_optional("--quant-path", args.quant_path),
+                *_optional("--vision-tower", args.vision_tower),
                 *_optional("--precision", args.precision),
                 *_optional("--device", args.device),
                 *_optional("--dtype", args.dtype),

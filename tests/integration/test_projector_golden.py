@@ -1,4 +1,4 @@
-"""DownSampleBlock against VILA's own output (golden data) and projector checkpoint layouts."""
+"""Token merges against VILA's own output (golden data), hand-worked merges, projector layouts."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from shared_data import shared_dir
 
 from vilaserve.adapters.worker.torch_vila.projector import (
+    DownSample3x3Block,
     DownSampleBlock,
     build_projector,
     load_projector,
@@ -176,3 +177,127 @@ def test_load_projector_unknown_type_and_missing_files(tmp_path: Path) -> None:
     (tmp_path / "b" / "config.json").write_text(json.dumps({"mm_projector_type": "linear"}))
     with pytest.raises(ValueError, match=r"model\.safetensors"):
         load_projector(tmp_path / "b", 4, 6, torch.float32, "cpu")
+
+
+# ---------------------------------------------------------------- NVILA projector variants
+
+
+def test_row_major_downsample_is_golden_with_half_grid_transposed(
+    golden: dict[str, torch.Tensor],
+) -> None:
+    # The golden output is column-major: token col_pair * half + row_pair. Row-major puts
+    # token row_pair * half + col_pair there, with the same channels inside each token.
+    for tokens, half in (("729", 14), ("256", 8)):
+        expected = golden[f"out_{tokens}"]
+        batch, count, width = expected.shape
+        transposed = expected.reshape(batch, half, half, width).transpose(1, 2)
+        row_major = transposed.reshape(batch, count, width)
+        out = DownSampleBlock("row")(golden[f"in_{tokens}"])
+        assert torch.equal(out, row_major)
+        assert not torch.equal(out, expected)
+
+
+def test_mlp_downsample_token_order_choice() -> None:
+    x = torch.arange(16, dtype=torch.float32).reshape(1, 16, 1)
+    for projector_type, order, second_token in (
+        ("mlp_downsample", "column", [8, 9, 12, 13]),
+        ("mlp_downsample", "row", [2, 3, 6, 7]),
+        ("mlp_downsample_2x2_fix", "row", [2, 3, 6, 7]),
+        # The _fix variant is row-major in every VILA version; the choice does not apply.
+        ("mlp_downsample_2x2_fix", "column", [2, 3, 6, 7]),
+    ):
+        projector = build_projector(projector_type, 1, 3, token_order=order)
+        assert projector.layers[0](x)[0, 1].tolist() == second_token
+    with pytest.raises(ValueError, match="token_order"):
+        build_projector("mlp_downsample", 1, 3, token_order="diagonal")
+
+
+def test_3x3_merge_by_hand() -> None:
+    # 5x5 grid, 1 channel, value = r*5 + c; padded with zeros to 6x6 -> 2x2 merged tokens.
+    x = torch.arange(25, dtype=torch.float32).reshape(1, 25, 1)
+    out = DownSample3x3Block()(x)
+    assert out.shape == (1, 4, 9)
+    assert out[0].tolist() == [
+        [0, 1, 2, 5, 6, 7, 10, 11, 12],  # rows 0-2, cols 0-2
+        [3, 4, 0, 8, 9, 0, 13, 14, 0],  # rows 0-2, cols 3-5 (col 5 is padding): row-major
+        [15, 16, 17, 20, 21, 22, 0, 0, 0],  # rows 3-5 (row 5 is padding), cols 0-2
+        [18, 19, 0, 23, 24, 0, 0, 0, 0],
+    ]
+    # Two channels: each position contributes its channels together, (r,c) before (r,c+1).
+    y = torch.stack([torch.arange(9.0), 100 + torch.arange(9.0)], dim=-1).reshape(1, 9, 2)
+    assert DownSample3x3Block()(y)[0, 0, :6].tolist() == [0, 100, 1, 101, 2, 102]
+
+
+def test_3x3_fix_layout_and_forward_math() -> None:
+    torch.manual_seed(0)
+    projector = build_projector("mlp_downsample_3x3_fix", 4, 6)
+    got = {k: tuple(v.shape) for k, v in projector.state_dict().items()}
+    assert got == {
+        "layers.1.weight": (36,),
+        "layers.1.bias": (36,),
+        "layers.2.weight": (12, 36),
+        "layers.2.bias": (12,),
+        "layers.4.weight": (12,),
+        "layers.4.bias": (12,),
+        "layers.5.weight": (6, 12),
+        "layers.5.bias": (6,),
+        "layers.7.weight": (6, 6),
+        "layers.7.bias": (6,),
+    }
+    for index in (1, 4):
+        assert projector.layers[index].eps == 1e-5
+    x = torch.randn(2, 16, 4)
+    merged = DownSample3x3Block()(x)
+    layers = projector.layers
+
+    def gelu(h: torch.Tensor) -> torch.Tensor:
+        return 0.5 * h * (1 + torch.erf(h / 2**0.5))
+
+    h = torch.nn.functional.layer_norm(merged, (36,), layers[1].weight, layers[1].bias, 1e-5)
+    h = gelu(layers[2](h))
+    h = torch.nn.functional.layer_norm(h, (12,), layers[4].weight, layers[4].bias, 1e-5)
+    h = layers[7](gelu(layers[5](h)))
+    torch.testing.assert_close(projector(x), h)
+    assert projector(x).shape == (2, 4, 6)
+
+
+def test_output_tokens_per_projector_type() -> None:
+    down = build_projector("mlp_downsample", 4, 6)
+    fix = build_projector("mlp_downsample_2x2_fix", 4, 6)
+    three = build_projector("mlp_downsample_3x3_fix", 4, 6)
+    assert (down.output_tokens(729), down.output_tokens(1024)) == (196, 256)
+    assert (fix.output_tokens(729), fix.output_tokens(1024)) == (196, 256)
+    assert (three.output_tokens(1024), three.output_tokens(729)) == (121, 81)
+    with pytest.raises(ValueError, match="square"):
+        three.output_tokens(1000)
+
+
+def test_nvila_projector_sizes() -> None:
+    # §4.8 size checks, parameters counted by hand:
+    # NVILA-8B mlp_downsample, C 3456, H 3584: LN 2*13824 + 13824*3584 + 3584 + 3584*3584 + 3584
+    # NVILA-Lite 3x3, C 1152, H 3584: LN 2*10368 + 10368*3456 + 3456 + LN 2*3456
+    #   + 3456*3584 + 3584 + 3584*3584 + 3584
+    with torch.device("meta"):
+        nvila = build_projector("mlp_downsample", 3456, 3584, token_order="row")
+        lite = build_projector("mlp_downsample_3x3_fix", 1152, 3584)
+    assert sum(p.numel() for p in nvila.parameters()) == 62_425_088
+    assert sum(p.numel() for p in lite.parameters()) == 61_101_440
+
+
+def test_load_3x3_fix_and_row_major_projectors(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    source = build_projector("mlp_downsample_3x3_fix", 4, 6)
+    _write_projector(tmp_path / "lite", "mlp_downsample_3x3_fix", source.state_dict())
+    loaded = load_projector(tmp_path / "lite", 4, 6, torch.float32, "cpu")
+    x = torch.randn(1, 25, 4)
+    assert torch.equal(loaded(x), source(x))
+    assert loaded.output_tokens(1024) == 121
+
+    row = build_projector("mlp_downsample", 4, 6, token_order="row")
+    _write_projector(tmp_path / "nvila", "mlp_downsample", row.state_dict())
+    loaded_row = load_projector(tmp_path / "nvila", 4, 6, torch.float32, "cpu", token_order="row")
+    loaded_col = load_projector(tmp_path / "nvila", 4, 6, torch.float32, "cpu")
+    x = torch.randn(1, 16, 4)
+    assert torch.equal(loaded_row(x), row(x))
+    # Same weights, other token order: the same tokens, transposed on the 2x2 grid.
+    torch.testing.assert_close(loaded_col(x)[0, [0, 2, 1, 3]], row(x)[0])

@@ -356,8 +356,12 @@ def test_tower_rejects_bad_settings() -> None:
         VisionTower(_siglip(), -5, "patch")
     with pytest.raises(ValueError, match="'cls'"):
         VisionTower(_siglip(), -2, "cls")
-    with pytest.raises(ValueError, match=r"InternVisionModel.*not supported yet"):
+    # InternViT has its own tower (intern_vit.py): the SigLIP/CLIP code must not take it.
+    with pytest.raises(ValueError, match=r"unsupported vision model 'InternVisionModel'"):
         vision_kind({"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b"})
+    with pytest.raises(ValueError, match=r"unsupported vision model 'dinov2'"):
+        vision_kind({"model_type": "dinov2"})
+    assert vision_kind({"architectures": ["CLIPModel"], "model_type": "clip"}) == "clip"
     assert vision_kind({"model_type": "clip_vision_model"}) == "clip"
     assert vision_kind({"architectures": ["SiglipVisionModel"]}) == "siglip"
 
@@ -567,5 +571,7 @@ def test_pipeline_config_mismatches_are_reported(tmp_path: Path) -> None:
         VisionPipeline.from_checkpoint(
             tmp_path, {**base, "mm_hidden_size": 64}, torch.float32, "cpu"
         )
-    with pytest.raises(ValueError, match="S2"):
-        VisionPipeline.from_checkpoint(tmp_path, {**base, "s2": True}, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="s2_scales"):
+        VisionPipeline.from_checkpoint(
+            tmp_path, {**base, "s2": True, "s2_scales": "x"}, torch.float32, "cpu"
+        )

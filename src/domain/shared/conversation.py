@@ -127,6 +127,11 @@ VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
+# LLaVA-1.5's `llava_v1` conversation: Vicuna's separators with LLaVA's own wording.
+LLAVA_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
 LLAMA3_SYSTEM = (
     "You are a helpful language and vision assistant. You are able to understand the visual "
     "content that the user provides, and assist the user with a variety of tasks using natural "
@@ -137,6 +142,15 @@ TEMPLATES: dict[str, ConversationTemplate] = {
     "vicuna_v1": ConversationTemplate(
         name="vicuna_v1",
         system_message=VICUNA_SYSTEM,
+        roles=("USER", "ASSISTANT"),
+        sep_style=SeparatorStyle.ADD_COLON_TWO,
+        sep=" ",
+        sep2="</s>",
+        stop_str=("</s>",),
+    ),
+    "llava_v1": ConversationTemplate(
+        name="llava_v1",
+        system_message=LLAVA_SYSTEM,
         roles=("USER", "ASSISTANT"),
         sep_style=SeparatorStyle.ADD_COLON_TWO,
         sep=" ",
@@ -172,6 +186,16 @@ TEMPLATES: dict[str, ConversationTemplate] = {
         sep="<|im_end|>",
         stop_str=("<|im_end|>",),
     ),
+    # NVILA (Qwen2): VILA's qwen2.jinja, for an llm/ tokenizer without a chat template.
+    "qwen2": ConversationTemplate(
+        name="qwen2",
+        system_message="You are a helpful assistant",
+        system_template="<|im_start|>system\n{system_message}",
+        roles=("<|im_start|>user", "<|im_start|>assistant"),
+        sep_style=SeparatorStyle.CHATML,
+        sep="<|im_end|>",
+        stop_str=("<|im_end|>",),
+    ),
 }
 
 TOKENIZER_TEMPLATE = "tokenizer"
@@ -184,6 +208,7 @@ class LlmShape:
     vocab_size: int
     num_layers: int
     num_heads: int
+    model_type: str = "llama"
 
 
 def choose_template(
@@ -195,7 +220,7 @@ def choose_template(
 
     VILA configs carry no template: vocab 32000 is Vicuna/Llama-2 (`vicuna_v1`), >= 128000 is
     Llama-3 (`llama_3`), and the Yi-34B shape (64000 vocab, 60 layers, 56 heads) is `hermes-2`.
-    Any other model falls back to the tokenizer's own template when it has one.
+    A Qwen2 LLM (NVILA) and any other model use the tokenizer's own template when it has one.
     """
     name = override or _heuristic_name(shape, tokenizer_chat_template is not None)
     if name == TOKENIZER_TEMPLATE:
@@ -219,6 +244,9 @@ def choose_template(
 
 
 def _heuristic_name(shape: LlmShape, has_tokenizer_template: bool) -> str:
+    if shape.model_type == "qwen2":
+        # NVILA asks the tokenizer's own template ("auto" conversation mode).
+        return TOKENIZER_TEMPLATE if has_tokenizer_template else "qwen2"
     if shape.vocab_size == 32000:
         return "vicuna_v1"
     if shape.vocab_size >= 128000:

@@ -19,6 +19,7 @@ from vilaserve.adapters.offline.awq_quantizer import RECIPES, calibration_blocks
 from vilaserve.adapters.worker.awq.formats import save_hf_awq_directory, save_tinychat_checkpoint
 from vilaserve.adapters.worker.torch_vila.checkpoint import VilaCheckpoint
 from vilaserve.adapters.worker.torch_vila.device import resolve_device
+from vilaserve.adapters.worker.torch_vila.layout import detect_layout
 from vilaserve.adapters.worker.torch_vila.runtime import load_llm
 from vilaserve.adapters.worker.torch_vila.tokenization import load_tokenizer
 from vilaserve.entrypoints.shared.logging_setup import configure_logging
@@ -67,13 +68,15 @@ def quantize_checkpoint(args: argparse.Namespace, warn_little_calibration: bool 
     calib = Path(args.calib)
     if any(name in calib.name for name in EVALUATION_CORPORA):
         raise SystemExit(f"{calib} is evaluation text; calibrate on something else")
-    checkpoint = VilaCheckpoint.open(args.model_path)
+    # Any layout the worker serves: LLaVA's LLM shares its shards with the projector.
+    layout = detect_layout(args.model_path, vision_tower=None, need_vision=False)
+    checkpoint = layout.checkpoint
     output = Path(args.output)
     started = time.perf_counter()
     device = resolve_device(args.device)
-    tokenizer = load_tokenizer(checkpoint.llm_dir)
+    tokenizer = load_tokenizer(layout.tokenizer_dir)
     # The search runs in fp32: its losses compare tiny differences.
-    model = load_llm(checkpoint, torch.float32, device)
+    model = load_llm(checkpoint, torch.float32, device, layout.llm_key_map)
     blocks = calibration_blocks(
         tokenizer, calib.read_text(), n_samples=args.n_samples, seqlen=args.seqlen, seed=args.seed
     )

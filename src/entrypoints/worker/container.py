@@ -31,6 +31,7 @@ def _load_runtime(settings: WorkerSettings) -> Any:
         VilaRuntimeOptions(
             model_path=settings.model_path,
             quant_path=settings.quant_path,
+            vision_tower=settings.vision_tower,
             precision=settings.precision,
             device=settings.device,
             dtype=settings.dtype,

@@ -34,6 +34,11 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     add("--model-name", help="name to serve under (default: derived from the path)")
     add("--model-type", help="accepted for TinyChat compatibility (the checkpoint decides)")
     add("--quant-path", help="AWQ checkpoint of the LLM (W4A16)")
+    add(
+        "--vision-tower",
+        help="LLaVA-1.5: local folder of the vision tower its config names by hub id "
+        "(mm_vision_tower, e.g. a download of openai/clip-vit-large-patch14-336)",
+    )
     add("--precision", choices=["W16A16", "W4A16"], help="weights: 16-bit or 4-bit AWQ")
     add(
         "--embedding-bits",

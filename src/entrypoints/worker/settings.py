@@ -17,6 +17,7 @@ class WorkerSettings(BaseSettings):
     model_name: str | None = None
     model_type: str = "LLaMa"  # accepted for TinyChat compatibility; the checkpoint decides
     quant_path: str | None = None
+    vision_tower: str | None = None  # LLaVA-1.5: local folder of its mm_vision_tower
     precision: Literal["W16A16", "W4A16"] = "W16A16"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"

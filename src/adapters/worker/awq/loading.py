@@ -83,7 +83,29 @@ def read_awq(
     missing = sorted(set(shapes) - set(quantized))
     if missing:
         raise ValueError(f"{source}: no quantized weights for {', '.join(missing[:8])}")
+    _check_biases(source, quantized, args)
     return quantized, plain
+
+
+def _check_biases(source: Path, quantized: Mapping[str, QuantizedWeight], args: LlamaArgs) -> None:
+    """A bias must come with exactly the linears that have one (Qwen2: q/k/v): the model is
+    built uninitialised, so a missing bias would otherwise be whatever memory held."""
+    qkv = args.attention_bias or args.qkv_bias
+    biased = dict.fromkeys(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), qkv)
+    biased["self_attn.o_proj"] = args.attention_bias
+    missing, unexpected = [], []
+    for i in range(args.num_hidden_layers):
+        for linear in DECODER_LINEARS:
+            name = f"model.layers.{i}.{linear}"
+            has_bias = quantized[name].bias is not None
+            wants_bias = biased.get(linear, args.mlp_bias)
+            if has_bias != wants_bias:
+                (missing if wants_bias else unexpected).append(f"{name}.bias")
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: the biases do not match the {args.model_type} config: missing "
+            f"{', '.join(missing[:8]) or 'none'}; unexpected {', '.join(unexpected[:8]) or 'none'}"
+        )
 
 
 def load_awq_llm(

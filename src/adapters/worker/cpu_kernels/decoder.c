@@ -6,8 +6,8 @@
  * while the weights stream. Chaining the same kernels here leaves only the matmuls' time.
  *
  * Numerics follow the PyTorch bf16 path step by step (every op computes in fp32 and rounds to
- * bf16 once): RMSNorm, rotary and attention are the very kernels that path uses; residual adds
- * and SiLU * up round like torch's elementwise ops.
+ * bf16 once): RMSNorm, rotary and attention are the very kernels that path uses; residual adds,
+ * Qwen2's q/k/v biases and SiLU * up round like torch's elementwise ops.
  *
  * Layouts: hidden [B, hidden] (updated in place); row b sits at position positions[b] of cache
  * row rows[b], where keys[l] / values[l] point at layer l's cache [slots, kv_heads, max_len,
@@ -47,6 +47,20 @@ static void add_residual(uint16_t *acc, const uint16_t *delta, int64_t count) {
     for (int64_t i = 0; i < count; i += 16) {
         store_bf16x16(acc + i, _mm512_add_ps(bf16x16_to_ps(acc + i), bf16x16_to_ps(delta + i)));
     }
+}
+
+/* Each q/k/v part's bias onto its columns of every row, rounded like the per-op path's
+ * `out + bias` on the part's bf16 output. */
+static int add_qkv_bias(const vs_layer *layer, uint16_t *qkv, int64_t rows, int64_t width) {
+    int64_t col = 0;
+    for (int i = 0; i < 3 && layer->qkv[i].kind != VS_LINEAR_NONE; i++) {
+        const uint16_t *bias = layer->qkv_bias[i];
+        const int64_t n = layer->qkv[i].n;
+        if (bias && n % 16) return 5;
+        for (int64_t r = 0; bias && r < rows; r++) add_residual(qkv + r * width + col, bias, n);
+        col += n;
+    }
+    return 0;
 }
 
 /* act[r] = bf16(bf16(silu(gate[r])) * up[r]) with gate_up rows [gate | up] of 2 * width. */
@@ -89,7 +103,8 @@ int vs_decode_layers(const vs_dims *d, const vs_layer *layers, uint16_t *hidden,
         if ((status = vs_rms_norm(hidden, batch, width, layer->input_norm, d->eps, normed))) {
             return 10 + status;
         }
-        if ((status = run_linears(layer->qkv, 3, normed, batch, qkv, qkv_width, threads))) {
+        if ((status = run_linears(layer->qkv, 3, normed, batch, qkv, qkv_width, threads)) ||
+            (status = add_qkv_bias(layer, qkv, batch, qkv_width))) {
             return 20 + status;
         }
         for (int64_t b = 0; b < batch; b++) {

@@ -38,6 +38,7 @@ class _Layer(ctypes.Structure):
         ("gate_up", _Linear * 2),
         ("o", _Linear),
         ("down", _Linear),
+        ("qkv_bias", ctypes.c_void_p * 3),
     ]
 
 
@@ -95,6 +96,9 @@ class LayerSpec:
     gate_up: Sequence[LinearSpec]  # one fused layer, or gate, up
     o: LinearSpec
     down: LinearSpec
+    # Qwen2: one bias [out_features] per q/k/v part (None: that part has none), in the
+    # activations' dtype; empty: no biases.
+    qkv_bias: Sequence[Tensor | None] = ()
 
 
 @dataclass
@@ -122,10 +126,17 @@ class DecoderPlan:
         for slot, layer in zip(self._structs, self.layers, strict=True):
             if not 1 <= len(layer.qkv) <= 3 or not 1 <= len(layer.gate_up) <= 2:
                 raise ValueError("q/k/v come as 1-3 linears and gate/up as 1-2")
+            if layer.qkv_bias and len(layer.qkv_bias) != len(layer.qkv):
+                raise ValueError("give one q/k/v bias (or None) per q/k/v linear")
             slot.input_norm = layer.input_norm.data_ptr()
             slot.post_norm = layer.post_norm.data_ptr()
             for i, part in enumerate(layer.qkv):
                 slot.qkv[i] = part.to_struct()
+            for i, (part, bias) in enumerate(zip(layer.qkv, layer.qkv_bias, strict=False)):
+                if bias is not None:
+                    if not bias.is_contiguous() or bias.numel() != part.out_features:
+                        raise ValueError(f"q/k/v bias {i} must be contiguous [{part.out_features}]")
+                    slot.qkv_bias[i] = bias.data_ptr()
             for i, part in enumerate(layer.gate_up):
                 slot.gate_up[i] = part.to_struct()
             slot.o = layer.o.to_struct()

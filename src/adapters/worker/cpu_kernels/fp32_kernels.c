@@ -25,7 +25,8 @@
  *
  * The decoder, `vsf_decode_layers`: one decode position through every layer in one call (as
  * decoder.c does in bf16 on AVX-512), in fp32 as PyTorch's fp32 path computes it: RMSNorm,
- * rotary, the cache write, attention, SiLU * up and the residual adds, around the matmuls.
+ * rotary, the cache write, attention, SiLU * up, the residual adds and Qwen2's q/k/v biases,
+ * around the matmuls.
  */
 #include <math.h>
 #include <stdint.h>
@@ -737,6 +738,19 @@ static void add_into(float *acc, const float *delta, int64_t count) {
     for (int64_t i = 0; i < count; i += VL) vf_store(acc + i, vf_add(vf_load(acc + i), vf_load(delta + i)));
 }
 
+/* Each q/k/v part's bias (Qwen2) onto its columns of every row. */
+static int add_qkv_bias32(const vs_layer *layer, float *qkv, int64_t rows, int64_t width) {
+    int64_t col = 0;
+    for (int i = 0; i < 3 && layer->qkv[i].kind != VS_LINEAR_NONE; i++) {
+        const float *bias = layer->qkv_bias[i];
+        const int64_t n = layer->qkv[i].n;
+        if (bias && n % VL) return 5;
+        for (int64_t r = 0; bias && r < rows; r++) add_into(qkv + r * width + col, bias, n);
+        col += n;
+    }
+    return 0;
+}
+
 /* act = silu(gate) * up with gate_up rows [gate | up] of 2 * width. */
 static void silu_times_up(const float *gate_up, int64_t rows, int64_t width, float *act) {
     for (int64_t r = 0; r < rows; r++) {
@@ -784,7 +798,8 @@ int vsf_decode_layers(const vs_dims *d, const vs_layer *layers, float *hidden, i
         const vs_layer *layer = &layers[l];
         float *layer_keys = keys[l], *layer_values = values[l];
         rms_norm32(hidden, batch, width, (const float *)layer->input_norm, d->eps, normed);
-        if ((status = run_linears32(layer->qkv, 3, normed, batch, qkv, qkv_width, threads))) {
+        if ((status = run_linears32(layer->qkv, 3, normed, batch, qkv, qkv_width, threads)) ||
+            (status = add_qkv_bias32(layer, qkv, batch, qkv_width))) {
             return 20 + status;
         }
         for (int64_t b = 0; b < batch; b++) {

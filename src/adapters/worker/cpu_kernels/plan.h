@@ -22,12 +22,14 @@ typedef struct {
 } vs_linear;
 
 /* A decoder layer. q|k|v come as one fused linear (parts 1-2 unused) or three; gate|up as one
- * or two. Each part writes its columns next to the previous part's. */
+ * or two. Each part writes its columns next to the previous part's. qkv_bias[i] (Qwen2) is
+ * added to part i's output before the rotary, or NULL for none. */
 typedef struct {
     const void *input_norm, *post_norm; /* bf16 on the AVX-512 path, fp32 on the fp32 paths */
     vs_linear qkv[3];
     vs_linear gate_up[2];
     vs_linear o, down;
+    const void *qkv_bias[3]; /* [n] of part i, in the activations' dtype (as the norms) */
 } vs_layer;
 
 typedef struct {

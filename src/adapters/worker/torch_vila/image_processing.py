@@ -117,7 +117,9 @@ class ImageProcessorConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ImageProcessorConfig:
-        processor_type = data.get("image_processor_type")
+        # Older repos (openai/clip-vit-large-patch14-336, which LLaVA-1.5 names) only carry
+        # the feature-extractor name.
+        processor_type = data.get("image_processor_type") or data.get("feature_extractor_type")
         # transformers' CLIP processor reads a bare int `size` as the shortest edge
         # (default_to_square=False); SigLIP and most others read it as a square.
         int_size_is_shortest_edge = bool(processor_type) and str(processor_type).startswith("CLIP")

@@ -1,6 +1,7 @@
 """A compact Llama decoder (gpt-fast style) with a preallocated KV cache that we own.
 
-Parameter names match Hugging Face `LlamaForCausalLM` exactly, so an HF state dict loads
+It also runs Qwen2 (NVILA's LLM): the same decoder with a bias on q/k/v only. Parameter names
+match Hugging Face `LlamaForCausalLM` / `Qwen2ForCausalLM` exactly, so an HF state dict loads
 unchanged, and every projection stays a plain `nn.Linear` at its HF name so that quantized
 linears can later be swapped in by name. Numerics follow HF's Llama (transformers v5) step for
 step -- RMSNorm in fp32, rotate-half RoPE with fp32 angles cast to the activation dtype, llama3
@@ -49,11 +50,17 @@ DECODER_LINEARS = (
     "mlp.up_proj",
     "mlp.down_proj",
 )
-_EMBED_KEY = "model.embed_tokens.weight"
-_HEAD_KEY = "lm_head.weight"
+EMBED_KEY = "model.embed_tokens.weight"
+HEAD_KEY = "lm_head.weight"
 # Old HF checkpoints saved the rotary inverse frequencies; they are derived, never loaded.
-_DERIVED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
+DERIVED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
 _SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# `model_type`s whose LLM is this decoder, by family. "llava_llama" is LLaVA-1.5's (and
+# VILA-1.0's) single-folder LlavaLlamaForCausalLM, whose config holds the Llama fields at the
+# top level. A config without `model_type` (hand-written, or an old export) is read as Llama.
+_FAMILY_OF_MODEL_TYPE = {"llama": "llama", "llava_llama": "llama", "qwen2": "qwen2"}
+# HF's defaults where a config leaves the field out (LlamaConfig / Qwen2Config).
+_DEFAULT_MAX_POSITIONS = {"llama": 2048, "qwen2": 32768}
 
 
 @dataclass(frozen=True)
@@ -81,35 +88,76 @@ class LlamaArgs:
     rope_scaling: RopeScaling | None
     max_position_embeddings: int
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # Llama's flag: a bias on q, k, v *and* o
     mlp_bias: bool = False
+    qkv_bias: bool = False  # Qwen2: a bias on q, k and v only
+    model_type: str = "llama"  # the family: "llama" or "qwen2"
 
     @classmethod
-    def from_hf_config(cls, cfg: Mapping[str, Any]) -> LlamaArgs:
-        """Reads a Hugging Face Llama `config.json` dict (transformers v4 or v5 layout)."""
+    def from_hf_config(cls, cfg: Mapping[str, Any], source: str | None = None) -> LlamaArgs:
+        """Reads a Hugging Face Llama or Qwen2 `config.json` dict (transformers v4 or v5
+        layout). `source` (the file's path) only makes error messages name the file."""
+        where = source or "the LLM config"
+        family = _model_family(cfg, where)
+        _refuse_sliding_window(cfg, where)
         activation = cfg.get("hidden_act", "silu")
         if activation != "silu":
             raise ValueError(f"only SwiGLU (hidden_act='silu') is supported, got {activation!r}")
-        heads = int(cfg["num_attention_heads"])
-        max_positions = int(cfg.get("max_position_embeddings", 2048))
+        heads = int(_required(cfg, "num_attention_heads", where))
+        hidden = int(_required(cfg, "hidden_size", where))
+        max_positions = int(cfg.get("max_position_embeddings") or _DEFAULT_MAX_POSITIONS[family])
         theta, scaling = _parse_rope(cfg, max_positions)
+        qwen2 = family == "qwen2"
         return cls(
-            vocab_size=int(cfg["vocab_size"]),
-            hidden_size=int(cfg["hidden_size"]),
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_hidden_layers=int(cfg["num_hidden_layers"]),
+            vocab_size=int(_required(cfg, "vocab_size", where)),
+            hidden_size=hidden,
+            intermediate_size=int(_required(cfg, "intermediate_size", where)),
+            num_hidden_layers=int(_required(cfg, "num_hidden_layers", where)),
             num_attention_heads=heads,
             # v5 writes these keys as null when unset, so `or` rather than a .get default.
             num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
             rope_scaling=scaling,
             max_position_embeddings=max_positions,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", False)),
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            # Qwen2's biases are fixed by its architecture, not by config fields.
+            attention_bias=False if qwen2 else bool(cfg.get("attention_bias", False)),
+            mlp_bias=False if qwen2 else bool(cfg.get("mlp_bias", False)),
+            qkv_bias=qwen2,
+            model_type=family,
         )
+
+
+def _model_family(cfg: Mapping[str, Any], where: str) -> str:
+    model_type = cfg.get("model_type") or "llama"
+    family = _FAMILY_OF_MODEL_TYPE.get(str(model_type))
+    if family is None:
+        supported = ", ".join(sorted(_FAMILY_OF_MODEL_TYPE))
+        raise ValueError(
+            f"unsupported LLM model_type {model_type!r} in {where} (supported: {supported})"
+        )
+    return family
+
+
+def _refuse_sliding_window(cfg: Mapping[str, Any], where: str) -> None:
+    """Every layer here attends to the whole cache; a windowed layer would silently differ."""
+    if cfg.get("use_sliding_window"):
+        raise ValueError(
+            f"use_sliding_window is true in {where}: sliding-window attention is not supported"
+        )
+    windowed = [t for t in cfg.get("layer_types") or [] if t != "full_attention"]
+    if windowed:
+        raise ValueError(
+            f"layer_types in {where} has {windowed[0]!r} layers: only full attention is supported"
+        )
+
+
+def _required(cfg: Mapping[str, Any], key: str, where: str) -> Any:
+    if cfg.get(key) is None:
+        raise ValueError(f"{where} has no {key!r}: not a Llama/Qwen2 LLM config")
+    return cfg[key]
 
 
 def _parse_rope(cfg: Mapping[str, Any], max_positions: int) -> tuple[float, RopeScaling | None]:
@@ -379,11 +427,11 @@ class Attention(nn.Module):
         self.groups = args.num_attention_heads // args.num_key_value_heads
         q_width = args.num_attention_heads * args.head_dim
         kv_width = args.num_key_value_heads * args.head_dim
-        bias = args.attention_bias
-        self.q_proj = nn.Linear(args.hidden_size, q_width, bias=bias)
-        self.k_proj = nn.Linear(args.hidden_size, kv_width, bias=bias)
-        self.v_proj = nn.Linear(args.hidden_size, kv_width, bias=bias)
-        self.o_proj = nn.Linear(q_width, args.hidden_size, bias=bias)
+        qkv_bias = args.attention_bias or args.qkv_bias
+        self.q_proj = nn.Linear(args.hidden_size, q_width, bias=qkv_bias)
+        self.k_proj = nn.Linear(args.hidden_size, kv_width, bias=qkv_bias)
+        self.v_proj = nn.Linear(args.hidden_size, kv_width, bias=qkv_bias)
+        self.o_proj = nn.Linear(q_width, args.hidden_size, bias=args.attention_bias)
         # The CPU decode-attention kernel, when it runs here and fits the head size.
         kernels = cpu_kernels.load()
         fits = kernels is not None and args.head_dim % 32 == 0 and args.head_dim <= 256
@@ -738,26 +786,28 @@ class Llama(nn.Module):
         return LayerStep(start_pos, cos, sin, mask, is_causal=length > 1 and start_pos == 0)
 
     def load_hf_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        """Copies an HF `LlamaForCausalLM` state dict into this model (cast to its dtype).
+        """Copies an HF `LlamaForCausalLM` / `Qwen2ForCausalLM` state dict into this model
+        (cast to its dtype). For a checkpoint on disk `llm_loading.load_llm_weights` streams
+        the tensors instead of holding a second copy of the model.
 
         With tied embeddings the head is the embedding: a saved `lm_head.weight` is ignored
         (as HF does) and may be absent. Raises ValueError naming missing/unexpected keys.
         """
         tied = self.args.tie_word_embeddings
         expected = set(self.state_dict())
-        provided = {k: v for k, v in state.items() if not k.endswith(_DERIVED_KEY_SUFFIXES)}
+        provided = {k: v for k, v in state.items() if not k.endswith(DERIVED_KEY_SUFFIXES)}
         if tied:
-            expected.discard(_HEAD_KEY)
-            provided.pop(_HEAD_KEY, None)
+            expected.discard(HEAD_KEY)
+            provided.pop(HEAD_KEY, None)
         missing = sorted(expected - provided.keys())
         unexpected = sorted(provided.keys() - expected)
         if missing or unexpected:
             raise ValueError(
-                f"state dict does not match the Llama layout: missing {_describe(missing)}; "
-                f"unexpected {_describe(unexpected)}"
+                f"state dict does not match the {self.args.model_type} layout: "
+                f"missing {describe_keys(missing)}; unexpected {describe_keys(unexpected)}"
             )
         if tied:
-            provided[_HEAD_KEY] = provided[_EMBED_KEY]
+            provided[HEAD_KEY] = provided[EMBED_KEY]
         self.load_state_dict(provided, strict=True)
 
 
@@ -773,7 +823,8 @@ def _check_fits(cache: KVCache, batch: int, start_pos: int, length: int) -> None
         )
 
 
-def _describe(keys: list[str], limit: int = 20) -> str:
+def describe_keys(keys: list[str], limit: int = 20) -> str:
+    """`keys` for an error message: the first `limit`, then how many more."""
     if not keys:
         return "none"
     shown = ", ".join(keys[:limit])

@@ -21,6 +21,7 @@ from vilaserve.adapters.worker.torch_vila.tokenization import (
     IMAGE_TOKEN,
     IMAGE_TOKEN_INDEX,
     IncrementalDetokenizer,
+    tokenize_with_image_token,
     tokenize_with_images,
 )
 from vilaserve.domain.shared.conversation import ConversationTemplate
@@ -31,16 +32,19 @@ from vilaserve.domain.worker.ports import Detokenizer, ImageFeatures, ModelRunne
 
 
 class TorchImageFeatures(ImageFeatures):
-    """Projected image embeddings [N, tokens_per_image, llm_hidden] in the LLM's dtype, and a
-    content key per image (a hash of its bytes and preprocessing) for prefix matching."""
+    """Projected image embeddings, one [positions, llm_hidden] tensor per image in the LLM's
+    dtype (NVILA's pictures take different numbers of positions), and a content key per image
+    (a hash of its bytes and preprocessing) for prefix matching."""
 
-    def __init__(self, embeddings: torch.Tensor, image_keys: Sequence[str] = ()) -> None:
-        self.embeddings = embeddings
+    def __init__(
+        self, embeddings: Sequence[torch.Tensor] | torch.Tensor, image_keys: Sequence[str] = ()
+    ) -> None:
+        self.embeddings: list[torch.Tensor] = list(embeddings)
         self.image_keys = tuple(image_keys)
 
     @property
     def num_images(self) -> int:
-        return int(self.embeddings.shape[0])
+        return len(self.embeddings)
 
 
 class TorchPrompt(PreparedPrompt):
@@ -50,7 +54,7 @@ class TorchPrompt(PreparedPrompt):
     def __init__(
         self,
         ids: list[int],
-        images: torch.Tensor | None,
+        images: list[torch.Tensor] | None,
         keys: list[PositionKey],
         max_new: int,
         stop_ids: frozenset[int],
@@ -101,8 +105,12 @@ class TorchModelRunner(ModelRunner[TorchPrompt]):
         compute_path: str | None = None,
         num_slots: int = 8,
         slot_length: int | None = None,
+        image_token_id: int | None = None,
     ) -> None:
+        """`image_token_id`: the vocabulary token that stands for an image (NVILA, llava-hf);
+        None: VILA-1.5/LLaVA's `<image>` text, split out as the -200 sentinel."""
         self.model = model
+        self._image_token_id = image_token_id
         self._compute_path = compute_path
         self._tokenizer = tokenizer
         self._template = template
@@ -139,6 +147,8 @@ class TorchModelRunner(ModelRunner[TorchPrompt]):
         if self._image_wrap is not None:
             start, end = self._image_wrap
             prompt = prompt.replace(IMAGE_TOKEN, f"{start}{IMAGE_TOKEN}{end}")
+        if self._image_token_id is not None:
+            return tokenize_with_image_token(self._tokenizer, prompt, self._image_token_id)
         return tokenize_with_images(self._tokenizer, prompt)
 
     def count_tokens(self, text: str) -> int:
@@ -155,26 +165,26 @@ class TorchModelRunner(ModelRunner[TorchPrompt]):
         n_slots = sum(1 for i in ids if i == IMAGE_TOKEN_INDEX)
         features = images if isinstance(images, TorchImageFeatures) else None
         embeddings = None if features is None else features.embeddings
-        n_images = 0 if embeddings is None else int(embeddings.shape[0])
+        n_images = 0 if embeddings is None else len(embeddings)
         if n_slots != n_images:
             raise InvalidRequest(
                 f"the prompt has {n_slots} image placeholders for {n_images} images"
             )
-        per_image = 0 if embeddings is None else int(embeddings.shape[1])
-        prompt_len = len(ids) - n_slots + n_slots * per_image
+        lengths = [int(e.shape[0]) for e in embeddings or ()]
+        prompt_len = len(ids) - n_slots + sum(lengths)
         room = self._slot_length
         if prompt_len >= room:
             limit = "context" if room == self._context_length else "per-sequence cache length"
             raise ContextOverflow(
                 f"the prompt takes {prompt_len} positions ({len(ids) - n_slots} text tokens + "
-                f"{n_slots} images x {per_image}); the model's {limit} is {room}, leaving no "
-                "room to generate"
+                f"{sum(lengths)} for {n_slots} image(s)); the model's {limit} is {room}, "
+                "leaving no room to generate"
             )
         image_keys = features.image_keys if features is not None else ()
         return TorchPrompt(
             ids,
             embeddings,
-            _position_keys(ids, image_keys, per_image),
+            _position_keys(ids, image_keys, lengths),
             min(params.max_new_tokens, room - prompt_len),
             self._stop_ids | frozenset(params.stop_token_ids),
             Sampler(params, self.model.device),
@@ -223,7 +233,9 @@ def _sample(logits: torch.Tensor, samplers: list[Sampler]) -> list[int]:
     return chosen.tolist()  # type: ignore[no-any-return]
 
 
-def _position_keys(ids: list[int], image_keys: Sequence[str], per_image: int) -> list[PositionKey]:
+def _position_keys(
+    ids: list[int], image_keys: Sequence[str], lengths: Sequence[int]
+) -> list[PositionKey]:
     """Token ids for text; (image key, row) for each image position; an image without a key
     (never two alike) gets a key no other prompt shares."""
     keys: list[PositionKey] = []
@@ -233,12 +245,12 @@ def _position_keys(ids: list[int], image_keys: Sequence[str], per_image: int) ->
             keys.append(token)
             continue
         tag: object = image_keys[image] if image < len(image_keys) else object()
-        keys.extend((tag, row) for row in range(per_image))
+        keys.extend((tag, row) for row in range(lengths[image]))
         image += 1
     return keys
 
 
-def _splice(model: Llama, ids: list[int], images: torch.Tensor | None) -> torch.Tensor:
+def _splice(model: Llama, ids: list[int], images: list[torch.Tensor] | None) -> torch.Tensor:
     """Token embeddings with each -200 replaced by one image's rows (VILA's order)."""
     device = model.device
     ids_t = torch.tensor(ids, dtype=torch.long, device=device)

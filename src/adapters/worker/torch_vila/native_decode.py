@@ -10,8 +10,9 @@ decoders exist, one per CPU path:
   fp32 model whose decoder linears are W4A16 layers on the fp32 backend or 16-bit
   `Fp32DecodeLinear`s.
 
-Either also needs a bias-free model on CPU; others keep the per-op path. The plan points at the
-model's weights: it is dropped whenever they may move (`Llama.fuse_projections`, `.to()`).
+Either also needs a model on CPU whose only biases are on q/k/v (none, or Qwen2's); others
+keep the per-op path. The plan points at the model's weights and biases: it is dropped whenever
+they may move (`Llama.fuse_projections`, `.to()`).
 """
 
 from __future__ import annotations
@@ -117,7 +118,11 @@ def _layer_spec(layer: nn.Module, dtype: torch.dtype) -> LayerSpec | None:
     gate_up_modules = (
         [mlp.gate_up_proj] if mlp.gate_up_proj is not None else [mlp.gate_proj, mlp.up_proj]
     )
-    qkv = [_linear_spec(m, dtype) for m in qkv_modules]
+    # The C decoder adds q/k/v biases itself (Qwen2), read in place like the weights.
+    qkv_bias = [_bias(m) for m in qkv_modules]
+    if any(b is not None and (b.dtype != dtype or not b.is_contiguous()) for b in qkv_bias):
+        return None
+    qkv = [_linear_spec(m, dtype, bias_added_by_caller=True) for m in qkv_modules]
     gate_up = [_linear_spec(m, dtype) for m in gate_up_modules]
     o, down = _linear_spec(attn.o_proj, dtype), _linear_spec(mlp.down_proj, dtype)
     norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
@@ -135,12 +140,21 @@ def _layer_spec(layer: nn.Module, dtype: torch.dtype) -> LayerSpec | None:
         gate_up=[s for s in gate_up if s is not None],
         o=o,
         down=down,
+        qkv_bias=qkv_bias if any(b is not None for b in qkv_bias) else (),
     )
 
 
-def _linear_spec(module: nn.Module, dtype: torch.dtype) -> LinearSpec | None:
-    """The layer as the decoder of `dtype` reads it (bf16: AVX-512, fp32: AVX2/NEON), or None."""
-    if getattr(module, "bias", None) is not None:
+def _bias(module: nn.Module) -> Tensor | None:
+    bias = getattr(module, "bias", None)
+    return None if bias is None else bias.detach()
+
+
+def _linear_spec(
+    module: nn.Module, dtype: torch.dtype, bias_added_by_caller: bool = False
+) -> LinearSpec | None:
+    """The layer's matmul as the decoder of `dtype` reads it (bf16: AVX-512, fp32: AVX2/NEON),
+    or None. A bias declines it unless the caller adds the bias itself."""
+    if getattr(module, "bias", None) is not None and not bias_added_by_caller:
         return None
     layout = getattr(module, "native_layout", None)
     if callable(layout):  # a W4A16Linear: only a native packing of this path is readable here

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from vilaserve.adapters.worker import cpu_kernels
-from vilaserve.adapters.worker.torch_vila.checkpoint import VilaCheckpoint, load_state_dict
+from vilaserve.adapters.worker.torch_vila.checkpoint import VilaCheckpoint
 from vilaserve.adapters.worker.torch_vila.device import resolve_device, resolve_dtype
 from vilaserve.adapters.worker.torch_vila.executor import ModelExecutor
 from vilaserve.adapters.worker.torch_vila.fast_linear import accelerate_cpu_linears
@@ -19,9 +19,15 @@ from vilaserve.adapters.worker.torch_vila.int8_embedding import (
     compress_tied_embeddings,
     compress_token_embeddings,
 )
+from vilaserve.adapters.worker.torch_vila.layout import KeyMap, detect_layout
 from vilaserve.adapters.worker.torch_vila.llama import Llama, LlamaArgs
+from vilaserve.adapters.worker.torch_vila.llm_loading import keep_key, load_llm_weights
 from vilaserve.adapters.worker.torch_vila.model_runner import TorchModelRunner
-from vilaserve.adapters.worker.torch_vila.tokenization import load_tokenizer, stop_token_ids
+from vilaserve.adapters.worker.torch_vila.tokenization import (
+    image_token_id,
+    load_tokenizer,
+    stop_token_ids,
+)
 from vilaserve.adapters.worker.torch_vila.vision_encoder import TorchVisionEncoder
 from vilaserve.adapters.worker.torch_vila.vision_pipeline import VisionPipeline
 from vilaserve.domain.shared.conversation import ConversationTemplate, LlmShape, choose_template
@@ -43,6 +49,7 @@ class VilaRuntimeOptions:
     image_cache_mb: int = 256  # projected embeddings of recent images (0: no cache)
     kv_slots: int = 16  # KV-cache rows: running sequences plus prefixes kept for reuse
     max_model_len: int | None = None  # positions per KV row (None: the model's context)
+    vision_tower: str | None = None  # LLaVA-1.5: the local folder of the tower its config names
 
 
 @dataclass
@@ -71,8 +78,9 @@ class VilaRuntime:
         started = time.perf_counter()
         device = resolve_device(options.device)
         dtype = resolve_dtype(options.dtype, device)
-        checkpoint = VilaCheckpoint.open(options.model_path)
-        tokenizer = load_tokenizer(checkpoint.llm_dir)
+        layout = detect_layout(options.model_path, options.vision_tower)
+        checkpoint = layout.checkpoint
+        tokenizer = load_tokenizer(layout.tokenizer_dir)
         if options.precision == "W4A16":
             # Imported here: the 16-bit path needs none of the AWQ machinery.
             from vilaserve.adapters.worker.awq.loading import load_awq_llm
@@ -91,11 +99,31 @@ class VilaRuntime:
                     f"{checkpoint.llm_dir} is a 4-bit AWQ checkpoint (quantization_config "
                     "quant_method 'awq'): load it with --precision W4A16"
                 )
-            model = load_llm(checkpoint, dtype, device)
+            model = load_llm(checkpoint, dtype, device, layout.llm_key_map)
         fast_linears = accelerate_cpu_linears(model) if device.type == "cpu" else 0
         compute_path = cpu_kernels.cpu_path() if device.type == "cpu" else device.type
-        template = pick_template(checkpoint.llm_config, tokenizer, options.conv_template)
+        template = pick_template(
+            checkpoint.llm_config, tokenizer, options.conv_template or layout.template
+        )
+        if layout.family.startswith("NVILA") and template.chat_template is not None:
+            # VILA renders [user] alone through the tokenizer's template, so that template's
+            # own default system prompt applies, not one of ours.
+            template = replace(template, system_message="")
         stop_ids = template_stop_ids(tokenizer, template)
+        tokens = layout.image_tokens
+        image_token = (
+            image_token_id(tokenizer, tokens.real_token)
+            if tokens.real_token is not None and layout.vision is not None
+            else None
+        )
+        if layout.family == "llava-hf":
+            # llava-hf names its image token in the config; the tokenizer must agree.
+            configured = int(checkpoint.config.get("image_token_index", image_token or -1))
+            if image_token != configured:
+                raise ValueError(
+                    f"{checkpoint.root}/config.json: image_token_index {configured} is not the "
+                    f"tokenizer's <image> id {image_token}"
+                )
         runner = TorchModelRunner(
             model,
             tokenizer,
@@ -107,25 +135,32 @@ class VilaRuntime:
             compute_path,
             num_slots=options.kv_slots,
             slot_length=options.max_model_len,
+            image_token_id=image_token,
         )
         vision = None
-        if checkpoint.is_multimodal:
-            pipeline = VisionPipeline.from_checkpoint(
-                checkpoint.root, checkpoint.config, dtype, device
+        if layout.vision is not None:
+            end_embedding = None
+            if tokens.end_text is not None:
+                end_ids = tokenizer(tokens.end_text, add_special_tokens=False)["input_ids"]
+                end_embedding = embedding_rows(model, end_ids)
+            llm_hidden = int(checkpoint.llm_config["hidden_size"])
+            pipeline = VisionPipeline.from_layout(
+                layout.vision, llm_hidden, dtype, device, end_embedding
             )
             cache = None
             if options.image_cache_mb > 0:
-                preprocessing = repr(
-                    (pipeline.preprocessor.config, pipeline.preprocessor.aspect_ratio)
+                cache = ImageEmbeddingCache(
+                    options.image_cache_mb * 2**20, pipeline.preprocessing_tag
                 )
-                cache = ImageEmbeddingCache(options.image_cache_mb * 2**20, preprocessing)
             vision = TorchVisionEncoder(
                 pipeline, executor, options.max_image_pixels, cache, options.max_request_pixels
             )
+        # One line that says what was found and how it will be served.
         log.info(
             "model loaded",
             extra={
                 "path": str(checkpoint.root),
+                **layout.describe(),
                 "precision": options.precision,
                 "device": str(device),
                 "dtype": str(dtype).removeprefix("torch."),
@@ -142,10 +177,23 @@ class VilaRuntime:
         return cls(checkpoint, runner, vision, executor)
 
 
-def load_llm(checkpoint: VilaCheckpoint, dtype: torch.dtype, device: torch.device) -> Llama:
+def load_llm(
+    checkpoint: VilaCheckpoint,
+    dtype: torch.dtype,
+    device: torch.device,
+    key_map: KeyMap | None = None,
+) -> Llama:
+    """The 16-bit LLM, streamed tensor by tensor (no second copy of the weights in memory);
+    `key_map` renames checkpoint keys to ours and drops what is not the LLM's (LLaVA)."""
     model = Llama.empty(LlamaArgs.from_hf_config(checkpoint.llm_config), dtype, device)
-    model.load_hf_state_dict(load_state_dict(checkpoint.llm_dir))
+    load_llm_weights(model, checkpoint.llm_dir, key_map or keep_key)
     return model.eval().requires_grad_(False)
+
+
+def embedding_rows(model: Llama, ids: list[int]) -> torch.Tensor:
+    """Embedding rows of `ids` (loading runs on the model thread already)."""
+    with torch.inference_mode():
+        return model.embed(torch.tensor(ids, dtype=torch.long, device=model.device)).clone()
 
 
 def image_wrap(checkpoint: VilaCheckpoint, tokenizer: Any) -> tuple[str, str] | None:
@@ -163,8 +211,13 @@ def image_wrap(checkpoint: VilaCheckpoint, tokenizer: Any) -> tuple[str, str] | 
 
 
 def context_length(llm_config: dict[str, Any]) -> int:
-    """VILA truncates at `tokenizer_model_max_length`; otherwise the position limit."""
-    limit = llm_config.get("tokenizer_model_max_length") or llm_config["max_position_embeddings"]
+    """VILA truncates at `tokenizer_model_max_length` (NVILA: `model_max_length`); otherwise
+    the position limit."""
+    limit = (
+        llm_config.get("tokenizer_model_max_length")
+        or llm_config.get("model_max_length")
+        or llm_config["max_position_embeddings"]
+    )
     return int(min(limit, llm_config.get("max_position_embeddings", limit)))
 
 
@@ -175,6 +228,7 @@ def pick_template(
         vocab_size=int(llm_config["vocab_size"]),
         num_layers=int(llm_config["num_hidden_layers"]),
         num_heads=int(llm_config["num_attention_heads"]),
+        model_type=str(llm_config.get("model_type", "llama")),
     )
     chat_template = getattr(tokenizer, "chat_template", None)
     return choose_template(

@@ -78,6 +78,23 @@ def tokenize_with_images(tokenizer: Any, prompt: str) -> list[int]:
     return out
 
 
+def tokenize_with_image_token(tokenizer: Any, prompt: str, image_token_id: int) -> list[int]:
+    """Token ids for `prompt` where `<image>` is a real vocabulary token (NVILA, llava-hf):
+    the whole prompt is tokenized at once, as NVILA's and transformers' processors do, and
+    each image token then becomes one `IMAGE_TOKEN_INDEX` slot, so its id is never embedded
+    (NVILA's is past the end of the LLM's embedding table)."""
+    ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    return [IMAGE_TOKEN_INDEX if token == image_token_id else int(token) for token in ids]
+
+
+def image_token_id(tokenizer: Any, token: str) -> int:
+    """The id of `token` when the tokenizer has it as one token; ValueError naming it if not."""
+    vocab = tokenizer.get_vocab()
+    if token not in vocab:
+        raise ValueError(f"the tokenizer has no {token!r} token, which this checkpoint needs")
+    return int(vocab[token])
+
+
 def special_token_ids(tokenizer: Any) -> frozenset[int]:
     """Ids that `decode(..., skip_special_tokens=True)` drops."""
     ids = set(getattr(tokenizer, "all_special_ids", ()) or ())

@@ -19,7 +19,7 @@ from vilaserve.adapters.worker.torch_vila.executor import ModelExecutor
 from vilaserve.adapters.worker.torch_vila.image_cache import ImageEmbeddingCache
 from vilaserve.adapters.worker.torch_vila.image_processing import decode_image, image_pixels
 from vilaserve.adapters.worker.torch_vila.model_runner import TorchImageFeatures
-from vilaserve.adapters.worker.torch_vila.vision_pipeline import VisionPipeline
+from vilaserve.adapters.worker.torch_vila.vision_pipeline import PreparedImage, VisionPipeline
 from vilaserve.domain.shared.errors import InvalidImage
 from vilaserve.domain.worker.ports import ImageFeatures, VisionEncoder
 
@@ -39,7 +39,7 @@ class TorchVisionEncoder(VisionEncoder):
         self._max_request_pixels = max_request_pixels or 4 * max_image_pixels
         self.cache = cache
         self._lock = threading.Lock()
-        self._pending: list[tuple[torch.Tensor, asyncio.Future[list[torch.Tensor]]]] = []
+        self._pending: list[tuple[list[PreparedImage], asyncio.Future[list[torch.Tensor]]]] = []
         self._jobs: set[asyncio.Future[None]] = set()
 
     @property
@@ -50,34 +50,36 @@ class TorchVisionEncoder(VisionEncoder):
         """Only images the cache does not hold are decoded and encoded (in one batch). Each
         image also gets a content key, so prompts about one picture share a cached prefix."""
         cache = self.cache
+        # NVILA tiles a picture only when it is alone in its request: that is part of its key.
+        alone = len(images) == 1
+        suffix = f":{alone}" if self._pipeline.mode.depends_on_count else ""
         # Hashing megabytes of image bytes is no work for the event loop.
-        keys = await asyncio.to_thread(lambda: [self._key(data) for data in images])
+        keys = await asyncio.to_thread(lambda: [self._key(data) + suffix for data in images])
         if cache is None:
-            encoded = await self._encode(images, range(len(images)))
-            return TorchImageFeatures(await self._executor.run(torch.stack, encoded), keys)
+            return TorchImageFeatures(await self._encode(images, range(len(images)), alone), keys)
         found: list[torch.Tensor | None] = [cache.get(key) for key in keys]
         missing = [index for index, hit in enumerate(found) if hit is None]
         if missing:
-            fresh = await self._encode(images, missing)
+            fresh = await self._encode(images, missing, alone)
             for slot, index in enumerate(missing):
                 found[index] = fresh[slot]
                 cache.put(keys[index], fresh[slot])
-        # Stacked on the model thread, like all torch work with parallel regions (executor.py).
-        stacked = await self._executor.run(torch.stack, found)
-        return TorchImageFeatures(stacked, keys)
+        return TorchImageFeatures([f for f in found if f is not None], keys)
 
     def _key(self, data: bytes) -> str:
         if self.cache is not None:
             return self.cache.key(data)
         return hashlib.sha256(data).hexdigest()  # one process, one preprocessing: no salt
 
-    async def _encode(self, images: Sequence[bytes], indices: Sequence[int]) -> list[torch.Tensor]:
+    async def _encode(
+        self, images: Sequence[bytes], indices: Sequence[int], alone: bool
+    ) -> list[torch.Tensor]:
         """Encodes on the model thread, batched with whatever other requests queued images
         meanwhile: the first to queue schedules one job, which takes every pending batch."""
-        pixels = await asyncio.to_thread(self._pixels, images, indices)
+        prepared = await asyncio.to_thread(self._prepare, images, indices, alone)
         future: asyncio.Future[list[torch.Tensor]] = asyncio.get_running_loop().create_future()
         with self._lock:
-            self._pending.append((pixels, future))
+            self._pending.append((prepared, future))
             first = len(self._pending) == 1
         if first:
             self._jobs.add(job := asyncio.ensure_future(self._encode_pending()))
@@ -97,26 +99,27 @@ class TorchVisionEncoder(VisionEncoder):
     def _encode_batch(self) -> list[tuple[asyncio.Future[list[torch.Tensor]], Any]]:
         with self._lock:
             pending, self._pending = self._pending, []
-        shapes = {tuple(p.shape[1:]) for p, _ in pending}
-        groups = [pending] if len(shapes) == 1 else [[item] for item in pending]
+        # Every tile of a model has the same size, so all queued pictures share one tower call.
+        try:
+            encoded = self._pipeline.encode_prepared(
+                [item for items, _ in pending for item in items]
+            )
+        except Exception as exc:
+            return [(future, exc) for _, future in pending]
         results: list[tuple[asyncio.Future[list[torch.Tensor]], Any]] = []
-        for group in groups:
-            try:
-                encoded = self._pipeline.encode_pixels(torch.cat([p for p, _ in group]))
-            except Exception as exc:
-                results += [(future, exc) for _, future in group]
-                continue
-            start = 0
-            for pixels, future in group:
-                # One copy per image: a view would pin the whole batch in the cache.
-                rows = encoded[start : start + pixels.shape[0]]
-                results.append((future, [row.clone() for row in rows]))
-                start += pixels.shape[0]
+        start = 0
+        for items, future in pending:
+            # One copy per image: a view would pin the whole batch in the cache.
+            rows = encoded[start : start + len(items)]
+            results.append((future, [row.clone() for row in rows]))
+            start += len(items)
         return results
 
-    def _pixels(self, images: Sequence[bytes], indices: Sequence[int]) -> torch.Tensor:
+    def _prepare(
+        self, images: Sequence[bytes], indices: Sequence[int], alone: bool
+    ) -> list[PreparedImage]:
         """Checks every header first (the request's pixels in total, each image's), then
-        decodes one image at a time straight into the tower's input size: a request holds one
+        decodes one image at a time straight into the tower's tiles: a request holds one
         full-size picture in memory at most, however many it sends."""
         total = 0
         for index in indices:
@@ -129,12 +132,12 @@ class TorchVisionEncoder(VisionEncoder):
                 f"the request's images hold {total} pixels in all, more than the limit of "
                 f"{self._max_request_pixels} (--max-request-pixels)"
             )
-        pixels = []
+        prepared = []
         for index in indices:
             try:
                 decoded = decode_image(images[index], self._max_pixels)
             except ValueError as exc:
                 raise InvalidImage(f"image {index + 1} could not be decoded: {exc}") from exc
-            pixels.append(self._pipeline.preprocess([decoded]))
+            prepared.append(self._pipeline.prepare(decoded, alone))
             del decoded
-        return torch.cat(pixels)
+        return prepared

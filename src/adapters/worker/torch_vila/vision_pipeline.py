@@ -1,8 +1,7 @@
-"""Images -> LLM-space embeddings for a VILA three-part checkpoint.
+"""Pictures -> LLM-space embeddings: an image mode (tiling), a vision tower, a projector.
 
-Composes the preprocessor (`vision_tower/preprocessor_config.json` + root `image_aspect_ratio`),
-the truncated vision tower and the `mm_projector/`. Everything shape-related is derived from the
-configs, so VILA-1.0 (576 tokens), 1.5 (196) and other geometries need no constants here.
+Built from a `VisionLayout` (layout.py), so every family's geometry comes from its configs:
+VILA-1.5 (196 positions), its S2 and InternViT variants, NVILA's tiling, LLaVA's 576.
 """
 
 from __future__ import annotations
@@ -13,19 +12,161 @@ from typing import Any
 
 import torch
 from PIL import Image
+from safetensors import safe_open
+from torch import nn
 
+from vilaserve.adapters.worker.torch_vila.checkpoint import safetensors_files
+from vilaserve.adapters.worker.torch_vila.image_modes import (
+    DynamicS2Mode,
+    DynamicTilesMode,
+    ImageMode,
+    PreparedImage,
+    SingleTileMode,
+    grid_side,
+    squash_config,
+)
 from vilaserve.adapters.worker.torch_vila.image_processing import (
     ImagePreprocessor,
     ImageProcessorConfig,
 )
-from vilaserve.adapters.worker.torch_vila.projector import MultimodalProjector, load_projector
+from vilaserve.adapters.worker.torch_vila.layout import ProjectorSource, VisionLayout
+from vilaserve.adapters.worker.torch_vila.projector import (
+    MultimodalProjector,
+    build_projector,
+    load_projector,
+)
 from vilaserve.adapters.worker.torch_vila.vision_tower import VisionTower
 
-# VILA's own defaults (llava/model/multimodal_encoder) for keys an older config may lack.
-_DEFAULT_SELECT_LAYER = -2
-_DEFAULT_SELECT_FEATURE = "patch"
-# Every VILA-1.5 release uses "resize"; a config without the key predates the field.
-_DEFAULT_ASPECT_RATIO = "resize"
+
+class VisionPipeline:
+    """`prepare` each picture (any thread), then `encode_prepared` a batch on the model thread:
+    one tower call for every tile of every picture, then per-picture assembly."""
+
+    def __init__(
+        self,
+        mode: ImageMode,
+        tower: nn.Module,
+        projector: MultimodalProjector,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        self.mode = mode
+        self.tower = tower
+        self.projector = projector
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.tokens_per_image = mode.max_positions()
+
+    @classmethod
+    def from_layout(
+        cls,
+        vision: VisionLayout,
+        llm_hidden: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        end_embedding: torch.Tensor | None = None,
+    ) -> VisionPipeline:
+        """`end_embedding`: LLM embedding rows that follow every picture (NVILA's "\\n")."""
+        tower = _load_tower(vision, dtype, device)
+        processor = _processor_config(vision, tower)
+        aspect = vision.aspect_ratio
+        dynamic = aspect in ("dynamic_s2", "dynamic")
+        tile_side = int(tower.image_size)
+        if vision.s2 is not None and not dynamic:
+            # Fixed S2: the processor makes the largest scale; the tower cuts it into tiles.
+            from vilaserve.adapters.worker.torch_vila.s2 import S2Tower
+
+            processor = squash_config(processor, max(vision.s2.scales))
+            tower = S2Tower(
+                tower, vision.s2.scales, vision.s2.max_split_size, vision.s2.resize_index
+            )
+            tile_side = int(tower.image_size)
+        scales = len(vision.s2.scales) if vision.s2 is not None and aspect == "dynamic_s2" else 1
+        features_width = int(tower.hidden_size) * scales
+        mm_hidden = vision.mm_hidden or features_width
+        if mm_hidden != features_width:
+            raise ValueError(
+                f"mm_hidden_size {mm_hidden} differs from the vision features' width "
+                f"{features_width} (tower {tower.hidden_size} x {scales} scale(s))"
+            )
+        preprocessor = ImagePreprocessor(processor, "resize" if dynamic else aspect)
+        if preprocessor.output_size != (tile_side, tile_side):
+            raise ValueError(
+                f"{vision.tower.where}: the image preprocessor produces "
+                f"{preprocessor.output_size} but the vision tower expects {tile_side}x{tile_side}"
+            )
+        projector = _load_projector(vision.projector, mm_hidden, llm_hidden, dtype, device)
+        tower_tokens = int(tower.output_tokens())
+        per_tile = projector.output_tokens(tower_tokens)
+        mode: ImageMode
+        if aspect == "dynamic_s2":
+            assert vision.s2 is not None  # layout.py sets it for dynamic_s2
+            mode = DynamicS2Mode(
+                preprocessor,
+                vision.s2.scales,
+                vision.s2.resize_index,
+                vision.max_tiles,
+                grid_side(tower_tokens),
+                per_tile,
+                end_embedding,
+            )
+        elif aspect == "dynamic":
+            mode = DynamicTilesMode(
+                preprocessor, vision.min_tiles, vision.max_tiles, per_tile, end_embedding
+            )
+        else:
+            mode = SingleTileMode(preprocessor, per_tile, end_embedding)
+        return cls(mode, tower, projector, dtype, device)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        root: Path,
+        root_config: Mapping[str, Any],
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> VisionPipeline:
+        """A three-part checkpoint's pipeline from its root config (which may be edited)."""
+        from vilaserve.adapters.worker.torch_vila.layout import vision_layout_of
+
+        vision = vision_layout_of(Path(root), root_config)
+        if vision is None:
+            raise ValueError(f"{root}: no vision_tower/ and mm_projector/ folders")
+        return cls.from_layout(vision, _llm_hidden_size(root_config), dtype, device)
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the embeddings `encode` returns (the LLM hidden size)."""
+        return self.projector.hidden
+
+    @property
+    def preprocessing_tag(self) -> str:
+        return self.mode.tag
+
+    def prepare(self, image: Image.Image, alone: bool = True) -> PreparedImage:
+        """CPU-only step, split out so callers can run it off the accelerator's thread."""
+        return self.mode.prepare(image, alone)
+
+    def encode_prepared(self, items: Sequence[PreparedImage]) -> list[torch.Tensor]:
+        """Per picture [positions, hidden] in the pipeline dtype."""
+        if not items:
+            return []
+        with torch.inference_mode():
+            pixels = torch.cat([item.pixels for item in items])
+            pixels = pixels.to(device=self.device, dtype=self.dtype, non_blocking=True)
+            features = self.tower(pixels).split([item.tiles for item in items])
+            encoded = self.mode.assemble(features, items, self.projector)
+        return [e.to(self.dtype) for e in encoded]
+
+    def encode(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """[N, positions, hidden] for pictures that take the same positions (one request)."""
+        alone = len(images) == 1
+        encoded = self.encode_prepared([self.prepare(image, alone) for image in images])
+        if not encoded:
+            return torch.empty(
+                (0, self.tokens_per_image, self.hidden_size), dtype=self.dtype, device=self.device
+            )
+        return torch.stack(encoded)
 
 
 def _llm_hidden_size(root_config: Mapping[str, Any]) -> int:
@@ -37,96 +178,70 @@ def _llm_hidden_size(root_config: Mapping[str, Any]) -> int:
     raise ValueError("root config has neither 'hidden_size' nor 'llm_cfg.hidden_size'")
 
 
-class VisionPipeline:
-    """Preprocess, run the tower and the projector; `encode` gives [N, tokens_per_image, H]."""
+def _load_tower(vision: VisionLayout, dtype: torch.dtype, device: torch.device | str) -> Any:
+    source = vision.tower
+    from vilaserve.adapters.worker.torch_vila.intern_vit import InternVitTower, is_intern_vit
 
-    def __init__(
-        self,
-        preprocessor: ImagePreprocessor,
-        tower: VisionTower,
-        projector: MultimodalProjector,
-        dtype: torch.dtype,
-        device: torch.device | str,
-    ) -> None:
-        expected = (tower.image_size, tower.image_size)
-        if preprocessor.output_size != expected:
-            raise ValueError(
-                f"the image preprocessor produces {preprocessor.output_size} but the vision "
-                f"tower expects {expected}"
-            )
-        self.preprocessor = preprocessor
-        self.tower = tower
-        self.projector = projector
-        self.dtype = dtype
-        self.device = torch.device(device)
-        if projector.mm_hidden != tower.hidden_size:
-            raise ValueError(
-                f"the projector expects {projector.mm_hidden}-wide features but the vision tower "
-                f"emits {tower.hidden_size}"
-            )
-        self.tokens_per_image = projector.output_tokens(tower.output_tokens())
-
-    @classmethod
-    def from_checkpoint(
-        cls,
-        root: Path,
-        root_config: Mapping[str, Any],
-        dtype: torch.dtype,
-        device: torch.device | str,
-    ) -> VisionPipeline:
-        root = Path(root)
-        if root_config.get("s2"):
-            raise ValueError(f"{root}: S2 multi-scale vision towers (s2: true) are not supported")
-        tower_dir = root / "vision_tower"
-        processor_config = ImageProcessorConfig.from_json(tower_dir / "preprocessor_config.json")
-        preprocessor = ImagePreprocessor(
-            processor_config, str(root_config.get("image_aspect_ratio", _DEFAULT_ASPECT_RATIO))
+    if is_intern_vit(source.config):
+        return InternVitTower.from_pretrained(
+            source.weights_dir, vision.select_layer, vision.select_feature, dtype, device
         )
-        select_layer = root_config.get("mm_vision_select_layer", _DEFAULT_SELECT_LAYER)
-        select_feature = root_config.get("mm_vision_select_feature", _DEFAULT_SELECT_FEATURE)
-        tower = VisionTower.from_pretrained(
-            tower_dir,
-            select_layer=int(select_layer),
-            select_feature=str(select_feature),
-            dtype=dtype,
-            device=device,
+    return VisionTower.from_source(
+        source, vision.select_layer, vision.select_feature, dtype, device
+    )
+
+
+def _processor_config(vision: VisionLayout, tower: Any) -> ImageProcessorConfig:
+    from vilaserve.adapters.worker.torch_vila.intern_vit import (
+        intern_vit_preprocessor_config,
+        is_intern_vit,
+    )
+
+    if is_intern_vit(vision.tower.config):
+        # VILA builds InternViT's preprocessing in code, whatever file sits beside it (§3.4).
+        return intern_vit_preprocessor_config(int(tower.image_size))
+    path = vision.tower.preprocessor_config
+    if path is None:
+        raise FileNotFoundError(
+            f"{vision.tower.where}: no preprocessor_config.json for the vision tower"
         )
-        mm_hidden = int(root_config.get("mm_hidden_size", tower.hidden_size))
-        if mm_hidden != tower.hidden_size:
-            raise ValueError(
-                f"{root}: mm_hidden_size {mm_hidden} differs from the vision tower's hidden size "
-                f"{tower.hidden_size}"
-            )
-        projector = load_projector(
-            root / "mm_projector", mm_hidden, _llm_hidden_size(root_config), dtype, device
+    return ImageProcessorConfig.from_json(path)
+
+
+def _load_projector(
+    source: ProjectorSource,
+    mm_hidden: int,
+    hidden: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> MultimodalProjector:
+    if source.key_map is None:
+        return load_projector(
+            source.weights_dir, mm_hidden, hidden, dtype, device, token_order=source.token_order
         )
-        return cls(preprocessor, tower, projector, dtype, device)
-
-    @property
-    def hidden_size(self) -> int:
-        """Width of the embeddings `encode` returns (the LLM hidden size)."""
-        return self.projector.hidden
-
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """CPU-only step, split out so callers can run it off the accelerator's thread."""
-        return self.preprocessor(images)
-
-    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] pixels -> [N, tokens_per_image, hidden] in the pipeline dtype."""
-        with torch.inference_mode():
-            pixels = pixels.to(device=self.device, dtype=self.dtype, non_blocking=True)
-            features = self.projector(self.tower(pixels))
-        if features.shape[1] != self.tokens_per_image:
-            # A mismatch here would silently misalign every image splice downstream.
-            raise RuntimeError(
-                f"vision pipeline emitted {features.shape[1]} tokens per image, "
-                f"configs promise {self.tokens_per_image}"
-            )
-        return features.to(self.dtype)
-
-    def encode(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        if not images:
-            return torch.empty(
-                (0, self.tokens_per_image, self.hidden_size), dtype=self.dtype, device=self.device
-            )
-        return self.encode_pixels(self.preprocess(images))
+    # LLaVA keeps the projector among the LLM's shards: take only its tensors, renamed.
+    with torch.device("meta"):
+        projector = build_projector(
+            source.projector_type, mm_hidden, hidden, token_order=source.token_order
+        )
+    expected = projector.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    for path in safetensors_files(source.weights_dir):
+        with safe_open(str(path), framework="pt") as weights:
+            for name in weights.keys():  # noqa: SIM118  (safe_open has no __iter__)
+                key = source.key_map(name)
+                if key is not None:
+                    state[key] = weights.get_tensor(name).to(device=device, dtype=dtype)
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    mismatched = sorted(
+        k for k in expected.keys() & state.keys() if state[k].shape != expected[k].shape
+    )
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"{source.weights_dir}: the projector weights do not match a "
+            f"{source.projector_type!r} projector (mm_hidden={mm_hidden}, hidden={hidden}): "
+            f"missing {missing}, unexpected {unexpected}, shape mismatches {mismatched}"
+        )
+    projector.load_state_dict(state, strict=True, assign=True)
+    return projector.eval()

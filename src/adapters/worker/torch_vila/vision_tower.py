@@ -11,7 +11,9 @@ checkpoint's tower imports no transformers model code.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -22,6 +24,9 @@ from vilaserve.adapters.worker.torch_vila.vision_transformer import (
     VisionConfig,
     VisionTransformer,
 )
+
+if TYPE_CHECKING:
+    from vilaserve.adapters.worker.torch_vila.layout import TowerSource
 
 SELECT_FEATURES = ("patch", "cls_patch")
 # transformers v4 saved vision models with every key under this prefix; v5 saves none.
@@ -87,23 +92,64 @@ class VisionTower(nn.Module):
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> VisionTower:
+        """A tower folder: `config.json` + safetensors (VILA's `vision_tower/`, a CLIP repo)."""
         directory = Path(directory)
         config_path = directory / "config.json"
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"cannot read vision tower config {config_path}: {exc}") from exc
+        return cls.from_weights(
+            config, directory, "", select_layer, select_feature, dtype, device, str(config_path)
+        )
+
+    @classmethod
+    def from_source(
+        cls,
+        source: TowerSource,
+        select_layer: int,
+        select_feature: str,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> VisionTower:
+        return cls.from_weights(
+            source.config,
+            source.weights_dir,
+            source.key_prefix,
+            select_layer,
+            select_feature,
+            dtype,
+            device,
+            source.where,
+        )
+
+    @classmethod
+    def from_weights(
+        cls,
+        config: Mapping[str, Any],
+        weights_dir: Path,
+        key_prefix: str,
+        select_layer: int,
+        select_feature: str,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        where: str,
+    ) -> VisionTower:
+        """`config` and the shards in `weights_dir` whose keys start with `key_prefix` (llava-hf
+        keeps its tower among the LLM's shards under `vision_tower.`), read one at a time."""
         # Built on the meta device: the checkpoint's tensors are then taken as they are (cast to
         # `dtype`), with no random initialisation to overwrite, and only for what runs.
         with torch.device("meta"):
-            vit = VisionTransformer(VisionConfig.from_dict(config, where=str(config_path)))
+            vit = VisionTransformer(VisionConfig.from_dict(config, where=where))
         tower = cls(vit, select_layer, select_feature)
         wanted = tower.state_dict()
         state: dict[str, torch.Tensor] = {}
-        for path in safetensors_files(directory):
+        for path in safetensors_files(Path(weights_dir)):
             with safe_open(str(path), framework="pt") as weights:
                 for name in weights.keys():  # noqa: SIM118  (safe_open has no __iter__)
-                    key = _tower_key(name)
+                    if not name.startswith(key_prefix):
+                        continue
+                    key = _tower_key(name.removeprefix(key_prefix))
                     if key in wanted:
                         state[key] = weights.get_tensor(name).to(device=device, dtype=dtype)
         # Refuse a tower with weights missing (it would serve garbage); the layers after the
@@ -112,7 +158,7 @@ class VisionTower(nn.Module):
         mismatched = sorted(k for k, v in state.items() if v.shape != wanted[k].shape)
         if missing or mismatched:
             raise ValueError(
-                f"vision tower weights in {directory} are incomplete: missing {missing}, "
+                f"vision tower weights in {where} are incomplete: missing {missing}, "
                 f"shape mismatches {mismatched}"
             )
         tower.load_state_dict(state, strict=True, assign=True)

@@ -25,13 +25,19 @@ from vilaserve.adapters.worker.torch_vila.device import embedding_table
 VisionKind = Literal["siglip", "clip"]
 
 # architectures[0] / model_type of vision_tower/config.json -> the kind of tower.
+# A full text+vision repo (LLaVA-1.5 names `openai/clip-vit-large-patch14-336`) counts too: its
+# vision half is used.
 _BY_ARCHITECTURE: dict[str, VisionKind] = {
     "SiglipVisionModel": "siglip",
     "CLIPVisionModel": "clip",
+    "SiglipModel": "siglip",
+    "CLIPModel": "clip",
 }
 _BY_MODEL_TYPE: dict[str, VisionKind] = {
     "siglip_vision_model": "siglip",
     "clip_vision_model": "clip",
+    "siglip": "siglip",
+    "clip": "clip",
 }
 # A full SigLIP/CLIP config (text and vision) keeps the vision side under "vision_config".
 _FULL_MODEL_TYPES = ("siglip", "clip")
@@ -92,14 +98,9 @@ def vision_kind(config: Mapping[str, Any], where: str = "vision tower") -> Visio
     if model_type in _BY_MODEL_TYPE:
         return _BY_MODEL_TYPE[model_type]
     described = ", ".join(architectures) or model_type
-    hint = (
-        " (InternViT, used by VILA1.5-40b, is not part of transformers and is not supported yet)"
-        if "intern" in described.lower()
-        else ""
-    )
     raise ValueError(
-        f"{where}: unsupported vision model {described!r}{hint}; supported architectures: "
-        f"{', '.join(_BY_ARCHITECTURE)}"
+        f"{where}: unsupported vision model {described!r}; supported architectures: "
+        f"{', '.join(_BY_ARCHITECTURE)}, InternVisionModel"
     )
 
 
