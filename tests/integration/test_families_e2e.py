@@ -21,7 +21,7 @@ import httpx
 import pytest
 import torch
 from PIL import Image
-from servers import ServerThread, start_worker
+from servers import ServerThread, metric, start_worker
 from test_worker_e2e import stream_frames
 
 from vilaserve.adapters.offline.checkpoints import tiny_family
@@ -440,3 +440,24 @@ def test_llava_original_in_w4a16_takes_a_tinychat_pt_of_the_whole_llm(
         details = httpx.post(worker.url + "/model_details", json={}).json()
         assert answer(worker, "USER: <image>\nWhat is it? ASSISTANT:", [picture(40, 40)])
     assert details["tokens_per_image"] == 16
+
+
+@pytest.mark.parametrize("family_root", ["nvila"], indirect=True)
+def test_turn_two_about_an_nvila_picture_reuses_its_positions_and_its_encoding(
+    family_root: Path,
+) -> None:
+    """The engine's prefix cache and the image cache work with pictures whose positions vary
+    (NVILA: 4 x i x j + 1 here), as with VILA-1.5's fixed 196."""
+    png = picture(50, 30, seed=11)
+    positions = dynamic_s2_token_count(50, 30, 32, (32, 64, 96), 12, 4, 1)
+    with start_worker(family_root) as worker:
+        url = worker.url
+        turn1 = PROMPTS["nvila"]
+        first = answer(worker, turn1, [png])
+        hits = metric(url, "vllm:prefix_cache_hits_total"), metric(url, "vllm:mm_cache_hits_total")
+        turn2 = f"{turn1}{first}<|im_end|>\n<|im_start|>user\nAnd its color?<|im_end|>\n"
+        second = answer(worker, turn2 + "<|im_start|>assistant\n", [png])
+        reused = metric(url, "vllm:prefix_cache_hits_total") - hits[0]
+        assert metric(url, "vllm:mm_cache_hits_total") == hits[1] + 1
+    assert reused >= positions + 5  # the picture's positions and the text around them
+    assert second == reference_answer(family_root, turn2 + "<|im_start|>assistant\n", [png])
