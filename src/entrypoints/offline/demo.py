@@ -41,6 +41,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--instruction-lr", type=float, default=defaults.instruction_lr)
     add(
+        "--instruction-turns",
+        type=_shares,
+        default=defaults.instruction_turns,
+        help="stages 0 and 2: shares of chats with 1, 2, 3... questions (e.g. 0.5,0.25,0.25)",
+    )
+    add(
         "--instruction-quantized-llm",
         default=BUILD_AWQ,
         help=f"stage 0 also fits through this W4A16 AWQ demo checkpoint; {BUILD_AWQ!r} (the "
@@ -89,6 +95,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="checkpoints; an interrupted run resumes from here",
     )
     add("--no-progress", action="store_true", help="no progress bars")
+
+
+def _shares(text: str) -> tuple[float, ...]:
+    try:
+        shares = tuple(float(part) for part in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers like 0.5,0.25,0.25") from exc
+    if not shares or min(shares) < 0 or abs(sum(shares) - 1) > 1e-6:
+        raise argparse.ArgumentTypeError(f"{text!r}: shares must be >= 0 and add up to 1")
+    return shares
 
 
 def run_train(args: argparse.Namespace, argv: list[str]) -> None:
