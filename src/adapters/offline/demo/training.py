@@ -106,7 +106,9 @@ class TrainConfig:
     validation_size: int = 96
     checkpoint_every: int = 50
     threads: int = 0  # 0: torch's default
-    instruction_steps: int = 150  # stage 0: the instruction tokens, through the LLM
+    # Stage 0: the instruction tokens, through the LLM. 150 steps left follow-ups far behind
+    # (turn 3 77 % from true captions); 400 with an equal turn mix reach 97 % on every turn.
+    instruction_steps: int = 400
     instruction_lr: float = 1e-2
     instruction_batch: int = 16
     # Stage 0 also fits the vectors through this W4A16 AWQ demo checkpoint's LLM (a built
@@ -127,7 +129,7 @@ class TrainConfig:
     instruction_validation_size: int = 128  # stage 0's held-out scenes, per LLM
     # Stages 0 and 2: the share of chats with 1, 2 and 3 questions about the picture (the
     # earlier ones answered right, as a chat's history shows them); the loss is on the last.
-    instruction_turns: tuple[float, ...] = (0.5, 0.25, 0.25)
+    instruction_turns: tuple[float, ...] = (0.34, 0.33, 0.33)
     # Stages 1 and 2: the share of pictures in the everyday style (`everyday`), the rest in
     # the original one (`shapes`).
     stage1_everyday_share: float = 0.6
