@@ -6,8 +6,8 @@ releases), then loads it in a fresh subprocess per run, each way:
 
 - `streamed`: what the worker does (`llm_loading.load_llm_weights`: one tensor read, copied
   into the model, dropped);
-- `state dict`: what it did before (every shard into one dict with `safetensors.load_file`,
-  then `load_state_dict`), rebuilt here for comparison.
+- `state dict`: what it did before (`checkpoint.load_state_dict`: every shard into one dict,
+  then `load_hf_state_dict`).
 
 and records the process's peak resident memory (`VmHWM`: this process image's own peak; Linux
 carries `ru_maxrss` over from the parent across exec) and the load time, relative to the
@@ -74,9 +74,8 @@ def _status_kb(field: str) -> int:
 def load_once(way: str, directory: Path) -> dict[str, float]:
     """Runs in the subprocess: load `directory` one `way`, report peak RSS and seconds."""
     import torch
-    from safetensors.torch import load_file
 
-    from vilaserve.adapters.worker.torch_vila.checkpoint import VilaCheckpoint, safetensors_files
+    from vilaserve.adapters.worker.torch_vila.checkpoint import VilaCheckpoint, load_state_dict
     from vilaserve.adapters.worker.torch_vila.llama import Llama, LlamaArgs
     from vilaserve.adapters.worker.torch_vila.llm_loading import load_llm_weights
 
@@ -87,9 +86,7 @@ def load_once(way: str, directory: Path) -> dict[str, float]:
     if way == "streamed":
         load_llm_weights(model, directory, show_progress=False)
     else:
-        state: dict[str, torch.Tensor] = {}
-        for path in safetensors_files(directory):
-            state.update(load_file(str(path)))
+        state = load_state_dict(directory, show_progress=False)
         model.load_hf_state_dict(state)
         del state
     seconds = time.perf_counter() - started

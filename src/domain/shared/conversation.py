@@ -148,15 +148,6 @@ TEMPLATES: dict[str, ConversationTemplate] = {
         sep2="</s>",
         stop_str=("</s>",),
     ),
-    "llava_v1": ConversationTemplate(
-        name="llava_v1",
-        system_message=LLAVA_SYSTEM,
-        roles=("USER", "ASSISTANT"),
-        sep_style=SeparatorStyle.ADD_COLON_TWO,
-        sep=" ",
-        sep2="</s>",
-        stop_str=("</s>",),
-    ),
     "llama_3": ConversationTemplate(
         name="llama_3",
         system_message=LLAMA3_SYSTEM,
@@ -186,17 +177,16 @@ TEMPLATES: dict[str, ConversationTemplate] = {
         sep="<|im_end|>",
         stop_str=("<|im_end|>",),
     ),
-    # NVILA (Qwen2): VILA's qwen2.jinja, for an llm/ tokenizer without a chat template.
-    "qwen2": ConversationTemplate(
-        name="qwen2",
-        system_message="You are a helpful assistant",
-        system_template="<|im_start|>system\n{system_message}",
-        roles=("<|im_start|>user", "<|im_start|>assistant"),
-        sep_style=SeparatorStyle.CHATML,
-        sep="<|im_end|>",
-        stop_str=("<|im_end|>",),
-    ),
 }
+
+# Same separators as their base, other words: LLaVA-1.5's `llava_v1`, and NVILA's (Qwen2)
+# VILA qwen2.jinja for an llm/ tokenizer without a chat template.
+TEMPLATES["llava_v1"] = replace(
+    TEMPLATES["vicuna_v1"], name="llava_v1", system_message=LLAVA_SYSTEM
+)
+TEMPLATES["qwen2"] = replace(
+    TEMPLATES["chatml"], name="qwen2", system_message="You are a helpful assistant"
+)
 
 TOKENIZER_TEMPLATE = "tokenizer"
 

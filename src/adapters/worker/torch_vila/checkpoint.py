@@ -35,13 +35,13 @@ class VilaCheckpoint:
         config_path = root / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path} not found: not a VILA or Llama checkpoint")
-        config = _read_json(config_path)
+        config = read_json_object(config_path)
         llm_dir = root / "llm"
         if not llm_dir.is_dir():
             # A plain LLM folder: the checkpoint is its own `llm/`, with no vision parts.
             return cls(root, config, root, config, None, None)
         llm_config_path = llm_dir / "config.json"
-        llm_config = _read_json(llm_config_path) if llm_config_path.is_file() else None
+        llm_config = read_json_object(llm_config_path) if llm_config_path.is_file() else None
         llm_config = llm_config or config.get("llm_cfg")
         if not llm_config:
             raise FileNotFoundError(f"{llm_config_path} not found and config.json has no llm_cfg")
@@ -57,7 +57,8 @@ class VilaCheckpoint:
         )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A config file's JSON object, or a ValueError naming the file and what is wrong."""
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -77,7 +78,9 @@ def safetensors_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     present = sorted(directory.glob("*.safetensors"))
     if index.is_file():
-        listed = sorted({directory / n for n in _read_json(index).get("weight_map", {}).values()})
+        listed = sorted(
+            {directory / n for n in read_json_object(index).get("weight_map", {}).values()}
+        )
         if listed and all(p.is_file() for p in listed):
             return listed
     if present:

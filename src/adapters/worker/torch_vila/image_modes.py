@@ -15,7 +15,6 @@ Preparation runs on a worker thread (PIL + numpy); assembly on the model thread.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -44,13 +43,33 @@ class PreparedImage:
         return int(self.pixels.shape[0])
 
 
+class _EndTokens:
+    """The LLM embedding rows that follow each picture ("\\n" for NVILA), or none."""
+
+    def __init__(self, end_embedding: torch.Tensor | None) -> None:
+        self.rows = end_embedding
+        self.count = 0 if end_embedding is None else int(end_embedding.shape[0])
+
+    def append(self, positions: torch.Tensor, times: int = 1) -> torch.Tensor:
+        if self.rows is None:
+            return positions
+        end = self.rows.to(device=positions.device, dtype=positions.dtype)
+        return torch.cat([positions, *([end] * times)])
+
+
 class ImageMode(ABC):
     # True when a picture's preparation depends on whether it is alone in its request, so a
     # cached embedding is only valid for the same case.
     depends_on_count = False
 
-    def __init__(self, preprocessor: ImagePreprocessor) -> None:
+    def __init__(
+        self, preprocessor: ImagePreprocessor, end_embedding: torch.Tensor | None = None
+    ) -> None:
+        """`preprocessor`: the tower's own (one square tile); `end_embedding`: LLM embedding
+        rows that follow each picture (NVILA's "\\n")."""
         self.preprocessor = preprocessor
+        self.tile_size = preprocessor.output_size[0]
+        self.end = _EndTokens(end_embedding)
 
     @property
     def tag(self) -> str:
@@ -71,20 +90,6 @@ class ImageMode(ABC):
         """The most LLM positions one picture can take (what `count_token` assumes)."""
 
 
-class _EndTokens:
-    """The LLM embedding rows that follow each picture ("\\n" for NVILA), or none."""
-
-    def __init__(self, end_embedding: torch.Tensor | None) -> None:
-        self.rows = end_embedding
-        self.count = 0 if end_embedding is None else int(end_embedding.shape[0])
-
-    def append(self, positions: torch.Tensor, times: int = 1) -> torch.Tensor:
-        if self.rows is None:
-            return positions
-        end = self.rows.to(device=positions.device, dtype=positions.dtype)
-        return torch.cat([positions, *([end] * times)])
-
-
 class SingleTileMode(ImageMode):
     def __init__(
         self,
@@ -92,8 +97,7 @@ class SingleTileMode(ImageMode):
         positions: int,
         end_embedding: torch.Tensor | None = None,
     ) -> None:
-        super().__init__(preprocessor)
-        self.end = _EndTokens(end_embedding)
+        super().__init__(preprocessor, end_embedding)
         self.positions = positions + self.end.count
 
     def prepare(self, image: Image.Image, alone: bool) -> PreparedImage:
@@ -119,22 +123,15 @@ class DynamicS2Mode(ImageMode):
         scales: Sequence[int],
         resize_index: int,
         max_tiles: int,
-        tower_grid: int,
         tokens_per_tile: int,
         end_embedding: torch.Tensor | None,
     ) -> None:
-        """`preprocessor`: the tower's own (one tile, squashed); `tower_grid`: the tower's
-        token grid side per tile; `tokens_per_tile`: positions the projector makes of one."""
-        super().__init__(preprocessor)
+        """`tokens_per_tile`: positions the projector makes of one last-scale tile."""
+        super().__init__(preprocessor, end_embedding)
         self.scales = tuple(scales)
         self.resize_index = resize_index
         self.max_tiles = max_tiles
-        self.tile_size = preprocessor.output_size[0]
-        self.tower_grid = tower_grid
         self.tokens_per_tile = tokens_per_tile
-        self.end = _EndTokens(end_embedding)
-        # Tiles are already tile_size x tile_size: only the rescale/normalise steps apply.
-        self._tile_processor = preprocessor
 
     @property
     def tag(self) -> str:
@@ -146,7 +143,8 @@ class DynamicS2Mode(ImageMode):
         tiles, block = tiling.dynamic_s2_tiles(
             image, self.tile_size, self.scales, max_tiles=self.max_tiles
         )
-        return PreparedImage(self._tile_processor(tiles), block)
+        # Tiles are already tile_size square: the processor only rescales and normalises them.
+        return PreparedImage(self.preprocessor(tiles), block)
 
     def assemble(
         self, features: Sequence[torch.Tensor], items: Sequence[PreparedImage], projector: nn.Module
@@ -180,12 +178,10 @@ class DynamicTilesMode(ImageMode):
         tokens_per_tile: int,
         end_embedding: torch.Tensor | None,
     ) -> None:
-        super().__init__(preprocessor)
+        super().__init__(preprocessor, end_embedding)
         self.min_tiles = min_tiles
         self.max_tiles = max_tiles
-        self.tile_size = preprocessor.output_size[0]
         self.tokens_per_tile = tokens_per_tile
-        self.end = _EndTokens(end_embedding)
 
     @property
     def tag(self) -> str:
@@ -223,10 +219,3 @@ def squash_config(config: ImageProcessorConfig, side: int) -> ImageProcessorConf
     """The processor config resized to `side` x `side` (S2: the largest scale)."""
     crop = (side, side) if config.crop_size is not None else None
     return replace(config, size=(side, side), shortest_edge=None, crop_size=crop)
-
-
-def grid_side(tokens: int) -> int:
-    side = math.isqrt(tokens)
-    if side * side != tokens:
-        raise ValueError(f"the tower's {tokens} tokens per tile are not a square grid")
-    return side

@@ -19,7 +19,6 @@ of import time (issue 16) that towers of other families must not pay.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +29,12 @@ from PIL import Image
 from safetensors import safe_open
 from torch import nn
 
-from vilaserve.adapters.worker.torch_vila.checkpoint import safetensors_files
+from vilaserve.adapters.worker.torch_vila.checkpoint import read_json_object, safetensors_files
 from vilaserve.adapters.worker.torch_vila.image_processing import ImageProcessorConfig
+from vilaserve.adapters.worker.torch_vila.vision_tower import layers_to_run
 
 MODEL_TYPE = "intern_vit_6b"
 ARCHITECTURE = "InternVisionModel"
-SELECT_FEATURES = ("patch", "cls_patch")
 # Some exports (InternVL's full model) keep the tower's keys under this prefix.
 _CHECKPOINT_PREFIX = "vision_model."
 
@@ -258,20 +257,7 @@ class InternVitTower(nn.Module):
     def __init__(self, config: InternVitConfig, select_layer: int, select_feature: str) -> None:
         """Builds the modules on the current default device (the meta device when loading)."""
         super().__init__()
-        if select_feature not in SELECT_FEATURES:
-            raise ValueError(
-                f"mm_vision_select_feature {select_feature!r} is not supported "
-                f"(supported: {', '.join(SELECT_FEATURES)})"
-            )
-        # hidden_states = (embeddings, out_1, ..., out_L): L + 1 entries, so
-        # hidden_states[select_layer] needs exactly `keep` layers to run.
-        num_states = config.num_hidden_layers + 1
-        if not -num_states <= select_layer < num_states:
-            raise ValueError(
-                f"mm_vision_select_layer {select_layer} is out of range for a "
-                f"{config.num_hidden_layers}-layer vision model"
-            )
-        keep = select_layer % num_states
+        keep = layers_to_run(select_layer, select_feature, config.num_hidden_layers)
         self.config = config
         self.select_layer = select_layer
         self.select_feature = select_feature
@@ -292,13 +278,7 @@ class InternVitTower(nn.Module):
     ) -> InternVitTower:
         directory = Path(directory)
         config_path = directory / "config.json"
-        try:
-            raw = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"cannot read vision tower config {config_path}: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise ValueError(f"vision tower config {config_path} is not a JSON object")
-        config = InternVitConfig.from_dict(raw, where=str(config_path))
+        config = InternVitConfig.from_dict(read_json_object(config_path), where=str(config_path))
         # On the meta device nothing is allocated: each parameter's storage is the tensor
         # streamed in for it.
         with torch.device("meta"):

@@ -16,13 +16,16 @@ serve is refused at this point with the config field that says why.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from vilaserve.adapters.worker.torch_vila.checkpoint import VilaCheckpoint, safetensors_files
+from vilaserve.adapters.worker.torch_vila.checkpoint import (
+    VilaCheckpoint,
+    read_json_object,
+    safetensors_files,
+)
 
 Family = Literal["VILA-1.5", "NVILA", "NVILA-Lite", "LLaVA-1.5", "llava-hf", "LLM"]
 TokenOrder = Literal["column", "row"]
@@ -168,7 +171,7 @@ def detect_layout(
     config_path = root / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: not a VILA, LLaVA or LLM checkpoint")
-    config = _read_json(config_path)
+    config = read_json_object(config_path)
     architectures = [str(a) for a in config.get("architectures") or []]
     if "LlavaForConditionalGeneration" in architectures or config.get("model_type") == "llava":
         return _llava_hf(root, config)
@@ -186,12 +189,10 @@ def detect_layout(
 def _three_part(root: Path, config: Mapping[str, Any]) -> ModelLayout:
     checkpoint = VilaCheckpoint.open(root)
     vision = vision_layout_of(root, config) if checkpoint.is_multimodal else None
-    aspect = str(config.get("image_aspect_ratio", _DEFAULT_ASPECT_RATIO))
-    nvila = aspect in ("dynamic_s2", "dynamic") or _is_qwen2(checkpoint.llm_config)
-    if not nvila:
+    if not _is_nvila(config, checkpoint.llm_config):
         return ModelLayout("VILA-1.5", checkpoint, checkpoint.llm_dir, vision)
     return ModelLayout(
-        "NVILA-Lite" if aspect == "dynamic" else "NVILA",
+        "NVILA-Lite" if config.get("image_aspect_ratio") == "dynamic" else "NVILA",
         checkpoint,
         checkpoint.llm_dir,
         vision,
@@ -219,16 +220,10 @@ def vision_layout_of(root: Path, config: Mapping[str, Any]) -> VisionLayout | No
         s2 = S2Scales.from_config(config, default_resize_index=-1)
     elif config.get("s2"):
         s2 = S2Scales.from_config(config, default_resize_index=0)
-    processor = vision_dir / "preprocessor_config.json"
-    llm_config = config.get("llm_cfg") if isinstance(config.get("llm_cfg"), Mapping) else {}
-    nvila = aspect in ("dynamic_s2", "dynamic") or _is_qwen2(llm_config or {})
+    llm_config = config.get("llm_cfg")
+    nvila = _is_nvila(config, llm_config if isinstance(llm_config, Mapping) else {})
     return VisionLayout(
-        tower=TowerSource(
-            _read_json(vision_dir / "config.json"),
-            vision_dir,
-            preprocessor_config=processor if processor.is_file() else None,
-            where=str(vision_dir),
-        ),
+        tower=_tower_source(vision_dir),
         aspect_ratio=aspect,
         select_layer=int(config.get("mm_vision_select_layer", _DEFAULT_SELECT_LAYER)),
         select_feature=str(config.get("mm_vision_select_feature", _DEFAULT_SELECT_FEATURE)),
@@ -246,13 +241,26 @@ def vision_layout_of(root: Path, config: Mapping[str, Any]) -> VisionLayout | No
     )
 
 
-def _is_qwen2(llm_config: Mapping[str, Any]) -> bool:
-    return str(llm_config.get("model_type", "")) == "qwen2"
+def _is_nvila(config: Mapping[str, Any], llm_config: Mapping[str, Any]) -> bool:
+    """NVILA tiles pictures (`dynamic_s2` / `dynamic`) and is the family with a Qwen2 LLM."""
+    aspect = config.get("image_aspect_ratio")
+    return aspect in ("dynamic_s2", "dynamic") or llm_config.get("model_type") == "qwen2"
+
+
+def _tower_source(folder: Path) -> TowerSource:
+    """A tower in a folder of its own: its config, weights and preprocessor config."""
+    processor = folder / "preprocessor_config.json"
+    return TowerSource(
+        read_json_object(folder / "config.json"),
+        folder,
+        preprocessor_config=processor if processor.is_file() else None,
+        where=str(folder),
+    )
 
 
 def _read_projector_type(directory: Path) -> str:
     config_path = directory / "config.json"
-    config = _read_json(config_path)
+    config = read_json_object(config_path)
     projector_type = config.get("mm_projector_type")
     if not isinstance(projector_type, str):
         raise ValueError(f"{config_path} has no string field 'mm_projector_type'")
@@ -285,28 +293,27 @@ def _llava_original(
     tower_name = config.get("mm_vision_tower")
     if not tower_name:
         return ModelLayout("LLM", checkpoint, root, None, llm_key_map=_llava_llm_key)
+    vision = None
     try:
         tower_dir = _llava_tower_dir(root, str(tower_name), vision_tower)
     except FileNotFoundError:
         if need_vision:
             raise
-        return ModelLayout(
-            "LLaVA-1.5", checkpoint, root, None, llm_key_map=_llava_llm_key, template="llava_v1"
-        )
-    tower_config = _read_json(tower_dir / "config.json")
-    processor = tower_dir / "preprocessor_config.json"
+    else:
+        vision = _llava_vision(root, config, tower_dir)
+    return ModelLayout(
+        "LLaVA-1.5", checkpoint, root, vision, llm_key_map=_llava_llm_key, template="llava_v1"
+    )
+
+
+def _llava_vision(root: Path, config: Mapping[str, Any], tower_dir: Path) -> VisionLayout:
     if config.get("mm_patch_merge_type", "flat") != "flat":
         raise ValueError(
             f"{root}/config.json: mm_patch_merge_type {config['mm_patch_merge_type']!r} is "
             "LLaVA-NeXT's any-resolution layout; only 'flat' (LLaVA-1.5) is supported"
         )
-    vision = VisionLayout(
-        tower=TowerSource(
-            tower_config,
-            tower_dir,
-            preprocessor_config=processor if processor.is_file() else None,
-            where=str(tower_dir),
-        ),
+    return VisionLayout(
+        tower=_tower_source(tower_dir),
         aspect_ratio=str(config.get("image_aspect_ratio", "square")),
         select_layer=int(config.get("mm_vision_select_layer", _DEFAULT_SELECT_LAYER)),
         select_feature=str(config.get("mm_vision_select_feature", _DEFAULT_SELECT_FEATURE)),
@@ -314,9 +321,6 @@ def _llava_original(
         projector=ProjectorSource(
             str(config.get("mm_projector_type", "linear")), root, _llava_projector_key
         ),
-    )
-    return ModelLayout(
-        "LLaVA-1.5", checkpoint, root, vision, llm_key_map=_llava_llm_key, template="llava_v1"
     )
 
 
@@ -452,13 +456,3 @@ def _present_prefix(root: Path, prefixes: tuple[str, ...]) -> str:
                     if name.startswith((prefix + "vision_model.", prefix + "embeddings.")):
                         return prefix
     raise ValueError(f"{root}: no vision tower weights (keys {' or '.join(prefixes)}*)")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not readable JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return data

@@ -22,7 +22,6 @@ from vilaserve.adapters.worker.torch_vila.image_modes import (
     ImageMode,
     PreparedImage,
     SingleTileMode,
-    grid_side,
     squash_config,
 )
 from vilaserve.adapters.worker.torch_vila.image_processing import (
@@ -106,7 +105,6 @@ class VisionPipeline:
                 vision.s2.scales,
                 vision.s2.resize_index,
                 vision.max_tiles,
-                grid_side(tower_tokens),
                 per_tile,
                 end_embedding,
             )

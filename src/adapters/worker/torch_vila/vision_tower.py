@@ -10,7 +10,6 @@ checkpoint's tower imports no transformers model code.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +18,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from vilaserve.adapters.worker.torch_vila.checkpoint import safetensors_files
+from vilaserve.adapters.worker.torch_vila.checkpoint import read_json_object, safetensors_files
 from vilaserve.adapters.worker.torch_vila.vision_transformer import (
     VisionConfig,
     VisionTransformer,
@@ -41,6 +40,24 @@ def _tower_key(name: str) -> str:
     return key
 
 
+def layers_to_run(select_layer: int, select_feature: str, num_layers: int) -> int:
+    """How many encoder layers `hidden_states[select_layer]` needs (any tower), after checking
+    both VILA settings. hidden_states has num_layers + 1 entries: [0] is the encoder input, [i]
+    the output of layer i - 1."""
+    if select_feature not in SELECT_FEATURES:
+        raise ValueError(
+            f"mm_vision_select_feature {select_feature!r} is not supported "
+            f"(supported: {', '.join(SELECT_FEATURES)})"
+        )
+    num_states = num_layers + 1
+    if not -num_states <= select_layer < num_states:
+        raise ValueError(
+            f"mm_vision_select_layer {select_layer} is out of range for a "
+            f"{num_layers}-layer vision model"
+        )
+    return select_layer % num_states
+
+
 class VisionTower(nn.Module):
     """Embeddings + the encoder layers up to `select_layer`; forward returns [N, T, C]."""
 
@@ -49,22 +66,8 @@ class VisionTower(nn.Module):
         (e.g. freshly initialised for training), whose parameters the tower then takes over."""
         super().__init__()
         vit = model if isinstance(model, VisionTransformer) else VisionTransformer.adopt(model)
-        if select_feature not in SELECT_FEATURES:
-            raise ValueError(
-                f"mm_vision_select_feature {select_feature!r} is not supported "
-                f"(supported: {', '.join(SELECT_FEATURES)})"
-            )
         config = vit.config
-        num_layers = config.num_hidden_layers
-        # hidden_states has num_layers + 1 entries: [0] is the encoder input, [i] the output of
-        # layer i - 1. So hidden_states[select_layer] needs exactly `keep` layers to run.
-        num_states = num_layers + 1
-        if not -num_states <= select_layer < num_states:
-            raise ValueError(
-                f"mm_vision_select_layer {select_layer} is out of range for a "
-                f"{num_layers}-layer vision model"
-            )
-        keep = select_layer % num_states
+        keep = layers_to_run(select_layer, select_feature, config.num_hidden_layers)
 
         self.select_layer = select_layer
         self.select_feature = select_feature
@@ -95,10 +98,7 @@ class VisionTower(nn.Module):
         """A tower folder: `config.json` + safetensors (VILA's `vision_tower/`, a CLIP repo)."""
         directory = Path(directory)
         config_path = directory / "config.json"
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"cannot read vision tower config {config_path}: {exc}") from exc
+        config = read_json_object(config_path)
         return cls.from_weights(
             config, directory, "", select_layer, select_feature, dtype, device, str(config_path)
         )
