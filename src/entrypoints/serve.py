@@ -2,7 +2,12 @@
 
 Each piece runs as a child process of its own (the same `vilaserve` subcommands one would start
 by hand). This process only supervises: it waits until the stack answers, prints the chat URL,
-and on Ctrl-C / SIGTERM, or when any child dies, stops all of them.
+restarts a worker that dies (with a back-off, up to --worker-restarts times in a row), and on
+Ctrl-C / SIGTERM, or when the controller or the API dies, stops all of them.
+
+Secrets reach the children through their environment, never their command line (which `ps`
+shows every user): the registration secret, the API keys (API only) and, with keys, a per-run
+internal token.
 """
 
 from __future__ import annotations
@@ -17,14 +22,30 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from types import FrameType
+from typing import Protocol
 
 import httpx
 
 LOOPBACK = "127.0.0.1"
 POLL_S = 0.2
+
+REGISTRATION_SECRET_ENV = "VILASERVE_REGISTRATION_SECRET"
+# Read by the worker, the controller and the API (their `internal_token` setting).
+INTERNAL_TOKEN_ENV = "VILASERVE_INTERNAL_TOKEN"
+# What the API reads its keys from (ApiSettings: VILASERVE_API_ prefix, and the shorter name).
+API_KEYS_ENV = "VILASERVE_API_API_KEYS"
+SHORT_API_KEYS_ENV = "VILASERVE_API_KEYS"
+API_KEYS_FILE_ENV = "VILASERVE_API_API_KEYS_FILE"
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +67,32 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--api-port", type=int, default=8000, help="API and web chat port (default 8000)")
     add("--controller-port", type=int, default=21001, help="controller port (default 21001)")
     add("--worker-port", type=int, default=21002, help="worker port (default 21002)")
-    add("--api-keys", help="comma-separated bearer keys the API requires (default: none)")
+    add(
+        "--api-keys",
+        help="comma-separated bearer keys the API requires (default: none). Visible to every "
+        "user through `ps`: prefer --api-keys-file or VILASERVE_API_KEYS",
+    )
+    add(
+        "--api-keys-file",
+        metavar="PATH",
+        help="file of bearer keys the API requires, one a line or comma-separated; only its "
+        "owner may read it (mode 0600). Also: VILASERVE_API_KEYS in the environment",
+    )
+    add(
+        "--no-internal-token",
+        dest="internal_token",
+        action="store_false",
+        help=f"with keys: do not give the children a per-run internal token ({INTERNAL_TOKEN_ENV})",
+    )
+    add(
+        "--worker-restarts",
+        type=_count,
+        default=RestartPolicy.limit,
+        metavar="N",
+        help="restart a worker that dies, up to N times in a row (back-off 1 s, 2 s, 4 s ... "
+        "30 s; a worker that ran 60 s starts the count again); 0: a dead worker stops "
+        "everything (default 5)",
+    )
     add(
         "--no-api",
         dest="with_api",
@@ -72,6 +118,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 class ChildSpec:
     name: str
     argv: tuple[str, ...]
+    # Added to serve's own environment for this child: where its secrets go (not `argv`).
+    env: Mapping[str, str] = field(default_factory=dict)
 
 
 def _vilaserve(*args: str) -> tuple[str, ...]:
@@ -82,13 +130,18 @@ def _optional(flag: str, value: object) -> tuple[str, ...]:
     return () if value is None else (flag, str(value))
 
 
-def child_specs(args: argparse.Namespace) -> list[ChildSpec]:
+def child_specs(
+    args: argparse.Namespace, api_keys: tuple[str, ...] = (), internal_token: str | None = None
+) -> list[ChildSpec]:
     """The children in start order: controller, worker, API."""
     controller = f"http://{LOOPBACK}:{args.controller_port}"
     log = ("--log-format", args.log_format)
+    shared = {INTERNAL_TOKEN_ENV: internal_token} if internal_token else {}
     specs = [
         ChildSpec(
-            "controller", _vilaserve("controller", "--port", str(args.controller_port), *log)
+            "controller",
+            _vilaserve("controller", "--port", str(args.controller_port), *log),
+            shared,
         ),
         ChildSpec(
             "worker",
@@ -114,6 +167,7 @@ def child_specs(args: argparse.Namespace) -> list[ChildSpec]:
                 f"{max(args.stop_timeout - 2, 0):g}",
                 *log,
             ),
+            shared,
         ),
     ]
     if args.with_api:
@@ -125,11 +179,45 @@ def child_specs(args: argparse.Namespace) -> list[ChildSpec]:
             args.host,
             "--port",
             str(args.api_port),
-            *_optional("--api-keys", args.api_keys),
             *log,
         )
-        specs.append(ChildSpec("api", api))
+        keys = {API_KEYS_ENV: ",".join(api_keys)} if api_keys else {}
+        specs.append(ChildSpec("api", api, {**keys, **shared}))
     return specs
+
+
+def api_keys(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str, ...]:
+    """Every key the API is to require: --api-keys, --api-keys-file (or the API's own file
+    variable), and the API's key variables. Raises ValueError for a keys file that is
+    unreadable, empty, or open to group or others."""
+    keys: list[str] = list(_comma_list(args.api_keys or ""))
+    path = args.api_keys_file or environ.get(API_KEYS_FILE_ENV)
+    if path:
+        # Here, not at the top: only a run with a keys file pays for the API's settings module.
+        from vilaserve.entrypoints.api.settings import read_api_keys_file
+
+        keys += read_api_keys_file(path)
+    for variable in (API_KEYS_ENV, SHORT_API_KEYS_ENV):
+        keys += _comma_list(environ.get(variable, ""))
+    return tuple(dict.fromkeys(keys))
+
+
+def _comma_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def internal_token(
+    args: argparse.Namespace, keys: tuple[str, ...], environ: Mapping[str, str]
+) -> str | None:
+    """The children's shared token for their calls to each other: one given to serve is handed
+    on (as the registration secret is), else a new one per run when the API has keys; none
+    with --no-internal-token."""
+    if not args.internal_token:
+        return None
+    given = environ.get(INTERNAL_TOKEN_ENV)
+    if given:
+        return given
+    return secrets.token_urlsafe(32) if keys else None
 
 
 def _exit_with_parent() -> None:
@@ -140,7 +228,19 @@ def _exit_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-REGISTRATION_SECRET_ENV = "VILASERVE_REGISTRATION_SECRET"
+@dataclass(frozen=True)
+class Death:
+    name: str
+    code: int  # the exit status; -N: killed by signal N
+    uptime_s: float
+
+
+@dataclass
+class _Child:
+    spec: ChildSpec
+    process: subprocess.Popen[bytes]
+    started_s: float
+    death_told: bool = False
 
 
 class Supervisor:
@@ -149,35 +249,42 @@ class Supervisor:
     def __init__(self, stop_timeout_s: float, say: Callable[[str], None]) -> None:
         self._stop_timeout_s = stop_timeout_s
         self._say = say
-        self._children: list[tuple[ChildSpec, subprocess.Popen[bytes]]] = []
+        self._children: dict[str, _Child] = {}
 
     def start(self, spec: ChildSpec) -> None:
+        """Starts `spec`; a child of the same name (restarted) takes its predecessor's place, so
+        the stop order stays the reverse of the first start order."""
         process = subprocess.Popen(
             spec.argv,
+            env={**os.environ, **spec.env} if spec.env else None,
             # A session of their own: the terminal's Ctrl-C reaches only serve, which stops them
             # with one SIGTERM each (a child that also got SIGINT would see two signals, and
             # uvicorn takes a second one as "exit now").
             start_new_session=True,
             preexec_fn=_exit_with_parent if sys.platform.startswith("linux") else None,
         )
-        self._children.append((spec, process))
+        self._children[spec.name] = _Child(spec, process, time.monotonic())
         self._say(f"started {spec.name} (pid {process.pid})")
 
     @property
     def processes(self) -> list[subprocess.Popen[bytes]]:
-        return [process for _, process in self._children]
+        return [child.process for child in self._children.values()]
 
-    def dead_child(self) -> tuple[str, int] | None:
-        for spec, process in self._children:
-            code = process.poll()
-            if code is not None:
-                return spec.name, code
+    def dead_child(self) -> Death | None:
+        """A child that has exited, each one told once."""
+        for child in self._children.values():
+            code = child.process.poll()
+            if code is not None and not child.death_told:
+                child.death_told = True
+                uptime_s = time.monotonic() - child.started_s
+                return Death(child.spec.name, code, uptime_s)
         return None
 
     def stop(self, interrupts: Callable[[], int]) -> None:
         """SIGTERM to every child, last started first; SIGKILL to those still running after the
         stop timeout, or at once if the user interrupts again."""
-        running = [(s, p) for s, p in reversed(self._children) if p.poll() is None]
+        children = reversed(self._children.values())
+        running = [(c.spec, c.process) for c in children if c.process.poll() is None]
         for _, process in running:
             with contextlib.suppress(ProcessLookupError):
                 process.terminate()
@@ -191,6 +298,39 @@ class Supervisor:
                     process.wait()
                     break
                 time.sleep(0.05)
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How often, and how soon, a dead worker is started again."""
+
+    limit: int = 5  # restarts in a row; beyond them serve stops everything
+    first_delay_s: float = 1.0  # then twice as long each time
+    max_delay_s: float = 30.0
+    stable_after_s: float = 60.0  # a worker up this long died of something new: count anew
+
+
+class RestartCount:
+    """The restarts of one child in a row: the back-off before the next one, or the end."""
+
+    def __init__(self, policy: RestartPolicy) -> None:
+        self.policy = policy
+        self.restarts = 0
+
+    def next_delay_s(self, uptime_s: float) -> float | None:
+        """Seconds to wait before restarting a child that died after `uptime_s`; None once it
+        was restarted `limit` times in a row (a crash loop: a bad model, no memory)."""
+        if uptime_s >= self.policy.stable_after_s:
+            self.restarts = 0
+        if self.restarts >= self.policy.limit:
+            return None
+        self.restarts += 1
+        delay = self.policy.first_delay_s * 2 ** (self.restarts - 1)
+        return min(delay, self.policy.max_delay_s)
+
+
+def restart_policy(args: argparse.Namespace) -> RestartPolicy:
+    return RestartPolicy(limit=args.worker_restarts)
 
 
 class _Signals:
@@ -231,33 +371,46 @@ def _port_in_use(host: str, port: int) -> bool:
     return False
 
 
-def _get(method: str, url: str) -> httpx.Response | None:
-    try:
-        return httpx.request(method, url, timeout=2.0)
-    except httpx.HTTPError:
-        return None
+class _StackProbe:
+    """What "the stack is up" means, one check per child; and the worker's way back."""
 
-
-class _Startup:
-    """What "the stack is up" means, one check per child."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, internal_token: str | None = None) -> None:
         self.controller = f"http://{LOOPBACK}:{args.controller_port}"
+        self.worker = f"http://{LOOPBACK}:{args.worker_port}"
         self.api = f"http://{_url_host(args.host)}:{args.api_port}"
         self.models: list[str] = []
+        # serve's own calls to the controller and the worker carry the run's internal token.
+        self._headers = {"Authorization": f"Bearer {internal_token}"} if internal_token else {}
+
+    def _call(self, method: str, url: str) -> httpx.Response | None:
+        try:
+            return httpx.request(method, url, headers=self._headers, timeout=2.0)
+        except httpx.HTTPError:
+            return None
 
     def ready(self, name: str) -> bool:
         if name == "controller":
-            reply = _get("GET", self.controller + "/test_connection")
+            reply = self._call("GET", self.controller + "/test_connection")
             return reply is not None and reply.is_success
         if name == "worker":
             # The controller is fresh: any model it lists was registered by our worker.
-            reply = _get("POST", self.controller + "/list_models")
+            reply = self._call("POST", self.controller + "/list_models")
             with contextlib.suppress(ValueError, AttributeError, TypeError):
                 self.models = list(reply.json()["models"]) if reply is not None else []
             return bool(self.models)
-        reply = _get("GET", self.api + "/health")
+        reply = self._call("GET", self.api + "/health")
         return reply is not None and reply.is_success
+
+    def forget_worker(self) -> None:
+        """Has the controller re-check its workers now (FastChat's /refresh_all_workers), so it
+        drops the dead one at once rather than at its heartbeat expiry: the API answers 503
+        without trying it, and a model listed again means the new worker has registered."""
+        self._call("POST", self.controller + "/refresh_all_workers")
+
+    def worker_serving(self) -> bool:
+        # The worker listens only once its model is loaded, and registers right then.
+        listening = self._call("POST", self.worker + "/worker_get_status") is not None
+        return listening and self.ready("worker")
 
     @staticmethod
     def waiting_for(name: str) -> str:
@@ -268,13 +421,40 @@ class _Startup:
         }[name]
 
 
+class _WorkerRecovery(Protocol):
+    """What the watch asks of the stack while a worker is restarted (`_StackProbe`)."""
+
+    def forget_worker(self) -> None: ...
+
+    def worker_serving(self) -> bool: ...
+
+
+class _Interrupts(Protocol):
+    count: int
+
+
 def run_serve(args: argparse.Namespace) -> int:
-    """Runs the stack until Ctrl-C / SIGTERM (exit 0) or until a child dies (exit 1)."""
+    """Runs the stack until Ctrl-C / SIGTERM (exit 0), or until the controller or the API dies
+    or the worker dies more often than --worker-restarts allows (exit 1)."""
 
     def say(message: str) -> None:
         print(f"vilaserve serve: {message}", flush=True)
 
-    specs = child_specs(args)
+    try:
+        keys = api_keys(args, os.environ) if args.with_api else ()
+    except ValueError as exc:
+        say(str(exc))
+        return 1
+    if args.api_keys:
+        say(
+            "warning: --api-keys puts keys on serve's command line, visible to every user "
+            "through `ps`; prefer --api-keys-file (mode 0600) or VILASERVE_API_KEYS. The API "
+            "gets them through its environment."
+        )
+    token = internal_token(args, keys, os.environ)
+    if not args.internal_token:
+        os.environ.pop(INTERNAL_TOKEN_ENV, None)  # nor one serve was given
+    specs = child_specs(args, keys, token)
     binds = [(LOOPBACK, args.controller_port, "--controller-port")]
     binds.append((LOOPBACK, args.worker_port, "--worker-port"))
     if args.with_api:
@@ -287,11 +467,11 @@ def run_serve(args: argparse.Namespace) -> int:
     # The controller takes registrations only from holders of this run's secret; the children
     # inherit it through the environment (never on a command line, where `ps` shows it).
     os.environ.setdefault(REGISTRATION_SECRET_ENV, secrets.token_urlsafe(32))
-    startup = _Startup(args)
+    probe = _StackProbe(args, token)
     supervisor = Supervisor(args.stop_timeout, say)
     with _Signals() as signals:
         try:
-            return _supervise(args, specs, supervisor, startup, signals, say)
+            return _supervise(args, specs, supervisor, probe, signals, say)
         finally:
             say("stopping")
             supervisor.stop(lambda: signals.count)
@@ -302,7 +482,7 @@ def _supervise(
     args: argparse.Namespace,
     specs: list[ChildSpec],
     supervisor: Supervisor,
-    startup: _Startup,
+    startup: _StackProbe,
     signals: _Signals,
     say: Callable[[str], None],
 ) -> int:
@@ -316,7 +496,7 @@ def _supervise(
             if signals.count:
                 return 0
             if (dead := supervisor.dead_child()) is not None:
-                say(f"the {dead[0]} {_exit(dead[1])} while starting (see its log above)")
+                say(f"the {dead.name} {_exit(dead.code)} while starting (see its log above)")
                 return 1
             if time.monotonic() > deadline:
                 waiting = startup.waiting_for(spec.name)
@@ -329,10 +509,47 @@ def _supervise(
         print(f"Model: {models}", flush=True)
         print(f"Chat: {startup.api}/", flush=True)
     say("press Ctrl-C to stop")
+    worker = next(spec for spec in specs if spec.name == "worker")
+    return watch(supervisor, worker, RestartCount(restart_policy(args)), startup, signals, say)
+
+
+def watch(
+    supervisor: Supervisor,
+    worker: ChildSpec,
+    restarts: RestartCount,
+    stack: _WorkerRecovery,
+    signals: _Interrupts,
+    say: Callable[[str], None],
+) -> int:
+    """The stack once up: restarts the worker when it dies (after its back-off; the API answers
+    503 meanwhile), until an interrupt (0), the controller's or the API's death, or one worker
+    death too many (1)."""
+    restart_at: float | None = None
+    coming_back = False
     while not signals.count:
         if (dead := supervisor.dead_child()) is not None:
-            say(f"the {dead[0]} {_exit(dead[1])} unexpectedly; stopping the others")
-            return 1
+            if dead.name != worker.name or restarts.policy.limit == 0:
+                say(f"the {dead.name} {_exit(dead.code)} unexpectedly; stopping the others")
+                return 1
+            delay_s = restarts.next_delay_s(dead.uptime_s)
+            if delay_s is None:
+                say(
+                    f"the worker {_exit(dead.code)} after {restarts.restarts} restarts "
+                    "(--worker-restarts); stopping the others"
+                )
+                return 1
+            say(
+                f"the worker {_exit(dead.code)}; restarting in {delay_s:g} s "
+                f"(restart {restarts.restarts} of {restarts.policy.limit})"
+            )
+            stack.forget_worker()
+            restart_at, coming_back = time.monotonic() + delay_s, False
+        if restart_at is not None and time.monotonic() >= restart_at:
+            supervisor.start(worker)
+            restart_at, coming_back = None, True
+        elif coming_back and stack.worker_serving():
+            say("the worker is serving again")
+            coming_back = False
         time.sleep(POLL_S)
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,3 +63,28 @@ def demo_stack(demo_model: Path) -> Iterator[ApiStack]:
     # As `make demo` serves it: 4-bit AWQ LLM, and dtype auto (what the CPU path computes in).
     with serving_stack(demo_model, precision="W4A16", dtype="auto") as stack:
         yield stack
+
+
+# The web chat's browser tests: Debian's chromium, driven by Playwright (never a browser build
+# of Playwright's own, which cannot be downloaded here).
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        pytest.skip(f"Debian chromium is not installed ({CHROMIUM}): apt-get install chromium")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

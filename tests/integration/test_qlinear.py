@@ -126,6 +126,22 @@ def test_backend_matches_oracle(
         assert rel_err(got, want) < tol, (backend, rows, rel_err(got, want))
 
 
+@pytest.mark.skipif(not qlinear.cpu_int4_available(), reason="no CPU int4 kernel in this torch")
+def test_the_dequantize_oracle_runs_where_the_int4_layout_is_unknown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On AVX-512 CPUs PyTorch packs int4 in a layout the prefill dequant does not read (the
+    probe finds no block): `dequantized()` then asks the kernel itself, and must not recurse
+    into the reference path a caller pointed `_impl` at (it did, forcing the torch path)."""
+    monkeypatch.setattr(qlinear, "_cpu_pack_block", lambda: None)
+    w = random_qweight(256, 512, 64, seed=11)
+    layer = W4A16Linear.from_quantized(w, torch.float32, "cpu", "cpu_int4")
+    oracle = W4A16Linear.from_quantized(w, torch.float32, "cpu", "dequant")
+    layer._impl = layer._forward_dequant  # as test_w4a16 makes its reference model
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(2))
+    assert rel_err(layer(x), oracle(x)) < BF16_REL_TOL
+
+
 def test_fp16_activations_and_dequantized_weight() -> None:
     w = random_qweight(256, 512, 64, seed=7)
     layer = W4A16Linear.from_quantized(w, torch.float16, "cpu")

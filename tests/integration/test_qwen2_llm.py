@@ -297,8 +297,14 @@ def test_the_loader_holds_one_checkpoint_tensor_at_a_time(
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_w4a16_from_our_quantizer_equals_transformers_on_the_dequantized_weights(
-    tied: bool, tmp_path: Path
+    tied: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # These exact comparisons need fp32 activations: the AVX-512 kernels read bf16 rows (0.5 %
+    # of the largest logit off here), so on such a CPU the fp32 kernels of its AVX2 path run
+    # (the AVX-512 ones are held to a bf16 bound in test_w4a16's every-path test).
+    fp32 = cpu_kernels.fp32_kernels()
+    if cpu_kernels.cpu_path() == "avx512_bf16" and fp32 is not None:
+        monkeypatch.setenv("VILASERVE_CPU_PATH", fp32.path)
     save_checkpoint(random_qwen2(tied, seed=5), tmp_path, torch.float32)
     fp = ours_from(tmp_path)
     calibration = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
@@ -432,14 +438,16 @@ def test_native_decode_with_qkv_biases_equals_the_per_op_path(kind: str) -> None
     tolerance = 2e-2 if NATIVE_DTYPE is torch.bfloat16 else 1e-4
     assert float((fast - slow).abs().max()) < tolerance * float(slow.abs().max())
     assert float((fast_cache - slow_cache).abs().max()) < tolerance * float(slow_cache.abs().max())
-    # Without its biases the model decodes visibly differently: the check above sees them.
+    # Without its biases the model decodes visibly differently (by ~40 % of the largest logit,
+    # fp32 and bf16 alike): the check above sees them.
     with torch.no_grad():
         for module in model.model.layers.modules():
             if isinstance(getattr(module, "bias", None), Tensor):
                 module.bias.zero_()
     model._forget_native_decoder()
     unbiased, _ = decode_steps(model, native=True)
-    assert float((unbiased - slow).abs().max()) > 100 * tolerance * float(slow.abs().max())
+    visible = max(0.1, 5 * tolerance)
+    assert float((unbiased - slow).abs().max()) > visible * float(slow.abs().max())
 
 
 @needs_native

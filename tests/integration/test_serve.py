@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.subprocess
 class ServeProcess:
     """`vilaserve serve ...` with its stdout read line by line in the background."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, env: Mapping[str, str] | None = None) -> None:
         # The children's logs (serve's stderr); closed in close().
         self._log = tempfile.TemporaryFile()  # noqa: SIM115
         self.process = subprocess.Popen(
@@ -36,6 +36,7 @@ class ServeProcess:
             stdout=subprocess.PIPE,
             stderr=self._log,
             text=True,
+            env={**os.environ, **(env or {})},
         )
         self.lines: list[str] = []
         self._queue: queue.Queue[str] = queue.Queue()
@@ -76,8 +77,9 @@ class ServeProcess:
 
 
 @contextmanager
-def serve(*args: str) -> Iterator[ServeProcess]:
-    process = ServeProcess(*args)
+def serve(*args: str, env: Mapping[str, str] | None = None) -> Iterator[ServeProcess]:
+    """`vilaserve serve *args`, with `env` added to this process's environment."""
+    process = ServeProcess(*args, env=env)
     try:
         yield process
     finally:

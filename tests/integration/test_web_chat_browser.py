@@ -1,12 +1,10 @@
-"""The web chat in a real headless browser (Debian's chromium, driven by Playwright):
-upload an image, ask, watch the answer stream in; a follow-up turn; an error shown inline; and
-the demo model answering about an uploaded picture (its screenshot is the README's:
-`VILASERVE_UPDATE_DOCS=1` writes it to docs/)."""
+"""The web chat in a real headless browser (Debian's chromium, driven by Playwright; the
+`browser` fixture is conftest's): upload an image, ask, watch the answer stream in; a follow-up
+turn; an error shown inline. The demo model in the page: test_web_chat_demo_browser.py."""
 
 from __future__ import annotations
 
 import base64
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,16 +16,6 @@ from servers import ApiStack
 
 from vilaserve.adapters.offline.checkpoints.tiny_vila import make_png
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
 RECORD_LENGTHS = """() => {
   window.__lengths = [];
   new MutationObserver(() => {
@@ -36,17 +24,6 @@ RECORD_LENGTHS = """() => {
   }).observe(document.getElementById('messages'),
              {subtree: true, childList: true, characterData: true});
 }"""
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        pytest.skip(f"Debian chromium is not installed ({CHROMIUM}): apt-get install chromium")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture
@@ -161,31 +138,3 @@ def test_errors_show_inline_and_the_chat_goes_on(page: Any) -> None:
     expect(reply).to_have_attribute("data-state", re.compile("^(stopped|done)$"), timeout=60_000)
     expect(page.get_by_test_id("send-button")).to_be_enabled()
     expect(page.get_by_test_id("stop-button")).to_be_disabled()
-
-
-DOCS = Path(__file__).resolve().parents[2] / "docs"
-
-
-@pytest.mark.demo
-def test_the_demo_model_answers_about_an_uploaded_picture_in_the_web_chat(
-    browser: Any, demo_stack: ApiStack, tmp_path: Path
-) -> None:
-    """The README's picture, uploaded in the page and asked about, answered by the W4A16 demo."""
-    from playwright.sync_api import expect
-
-    page = browser.new_page(viewport={"width": 900, "height": 700})
-    page.goto(demo_stack.api_url + "/")
-    expect(page.get_by_test_id("model-select")).to_have_value("vila-demo-4bit-AWQ")
-    page.get_by_test_id("temperature").fill("0")
-    page.get_by_test_id("image-input").set_input_files(str(DOCS / "demo-example.png"))
-    page.get_by_test_id("prompt").fill("What shape is this?")
-    page.get_by_test_id("send-button").click()
-    reply = page.get_by_test_id("message-assistant").first
-    expect(reply).to_have_attribute("data-state", "done", timeout=60_000)
-    answer = reply.get_by_test_id("assistant-text").text_content() or ""
-    assert answer.strip().lower().rstrip(".") == "star", answer
-    shot = tmp_path / "web-chat-demo.png"
-    page.screenshot(path=str(shot))
-    page.close()
-    if os.environ.get("VILASERVE_UPDATE_DOCS") == "1":
-        (DOCS / "web-chat-demo.png").write_bytes(shot.read_bytes())

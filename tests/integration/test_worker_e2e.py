@@ -28,6 +28,8 @@ from vilaserve.adapters.worker.torch_vila.tokenization import (
 )
 from vilaserve.adapters.worker.torch_vila.vision_pipeline import VisionPipeline
 
+JSON = {"content-type": "application/json"}
+
 VICUNA = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant "
     "gives helpful, detailed, and polite answers to the user's questions."
@@ -165,7 +167,7 @@ def test_bad_input_is_refused_clearly_and_the_worker_keeps_serving(
         (json.dumps({"prompt": "q", "max_new_tokens": -4}).encode(), 40302, "max_new_tokens"),
     ]
     for raw, code, message in cases:
-        response = httpx.post(url + "/worker_generate_stream", content=raw)
+        response = httpx.post(url + "/worker_generate_stream", content=raw, headers=JSON)
         assert response.status_code == 400
         frame = json.loads(response.content.rstrip(b"\0"))
         assert frame["error_code"] == code and message in frame["text"], frame

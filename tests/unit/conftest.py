@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,6 +10,10 @@ from dependency_injector import providers
 from fastapi.testclient import TestClient
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Starlette's test client calls every service "testserver": a name the worker and the controller
+# (bound to loopback) answer to only when told (their Host check, internal_access.py).
+os.environ.setdefault("VILASERVE_ALLOWED_HOSTS", "testserver")
+os.environ.setdefault("VILASERVE_CONTROLLER_ALLOWED_HOSTS", "testserver")
 
 from fakes import FakeController, FakeTextGenerator, FakeVisionEncoder
 

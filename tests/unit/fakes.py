@@ -69,14 +69,17 @@ class FakeTextGenerator(TextGenerator):
     def conversation_template(self) -> ConversationTemplate:
         return self.template
 
-    def count_tokens(self, text: str) -> int:
+    async def count_tokens(self, text: str) -> int:
+        return self.count_words(text)
+
+    def count_words(self, text: str) -> int:
         return len(text.replace(IMAGE_PLACEHOLDER, " ").split())
 
     def generate(
         self, prompt: str, images: ImageFeatures | None, params: SamplingParams
     ) -> AsyncIterator[GenerationStep]:
         self.calls.append((prompt, params))
-        prompt_tokens = self.count_tokens(prompt) + 4 * (images.num_images if images else 0)
+        prompt_tokens = self.count_words(prompt) + 4 * (images.num_images if images else 0)
         if prompt_tokens >= self.context:
             raise ContextOverflow(
                 f"the prompt takes {prompt_tokens} tokens; the context holds {self.context}"

@@ -395,6 +395,27 @@ def test_a_registered_worker_cannot_be_rebound_to_other_models_by_someone_else(
     assert client.post("/list_models").json() == {"models": ["vila"]}
 
 
+def test_a_live_worker_registered_again_under_any_spelling_keeps_its_flags_and_address(
+    client: TestClient, gateway: FakeGateway, clock: FakeClock
+) -> None:
+    gateway.statuses["http://127.0.0.1:7"] = WorkerStatus(("vila",), 1, 0)
+    register(client, "http://127.0.0.1:7", "vila")
+    for alias in ("http://127.0.0.1:7", "http://localhost:7", "http://127.0.0.01:7"):
+        body = {**registration(alias, "vila"), "multimodal": False, "check_heart_beat": False}
+        assert client.post("/register_worker", json=body).status_code == 200, alias
+    # Asked where it is reached, never at the alias; still one multimodal worker.
+    assert client.post("/list_multimodal_models").json() == {"models": ["vila"]}
+    assert client.post("/worker_get_status").json()["speed"] == 1
+    assert client.post("/get_worker_address", json={"model": "vila"}).json() == {
+        "address": "http://127.0.0.1:7"
+    }
+    # Its heartbeats (under any spelling) keep it; without them it expires: its check stayed on.
+    beat = {"worker_name": "http://localhost:7", "queue_length": 0}
+    assert client.post("/receive_heart_beat", json=beat).json() == {"exist": True}
+    clock.now += 31
+    assert client.post("/list_models").json() == {"models": []}
+
+
 @pytest.mark.parametrize(
     "name",
     ["http://w:1/path", "http://w:1?x=1", "http://user@w:1", "http://w:1#f", "ftp://w:1", "w:1"],

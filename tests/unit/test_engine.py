@@ -80,7 +80,8 @@ def test_seeded_sampling_is_the_same_alone_or_batched() -> None:
 
 def test_every_step_decodes_all_running_sequences_together() -> None:
     async def scenario() -> None:
-        runner = FakeModelRunner(slots=4)
+        # Prompts are tokenized on a thread: the first step waits long enough for all four.
+        runner = FakeModelRunner(slots=4, delay_s=0.05)
         generator = make(runner, max_num_seqs=4)
         await asyncio.gather(
             *(collect(generator.generate(prompt(4), None, GREEDY)) for _ in range(4))
@@ -252,5 +253,43 @@ def test_a_short_prompt_arriving_mid_stream_is_prefilled_in_one_step() -> None:
         await generator.close()
         chunks = [c for b in runner.batches for c in b.prefills if c.prompt.words[0] == "short0"]
         assert [(c.start, c.end) for c in chunks] == [(0, 50)]
+
+    asyncio.run(scenario())
+
+
+class Incomparable:
+    """A position key whose comparison raises: a bug the slot table trips over."""
+
+    def __eq__(self, other: object) -> bool:
+        raise TypeError("this key cannot be compared")
+
+    __hash__ = object.__hash__
+
+
+def test_a_prompt_the_scheduler_cannot_admit_fails_alone_and_once() -> None:
+    """Issue 23, finding 1: an empty prompt made every step raise in the slot table, forever
+    (other requests waited, the log grew by the step). Now that request ends once, with its
+    reason, and the others are served."""
+
+    async def scenario() -> None:
+        runner = FakeModelRunner(slots=2)
+        generator = make(runner, max_num_seqs=2)
+        await collect(generator.generate("x y", None, GREEDY))  # leaves a prefix to compare
+        engine = generator.engine
+        empty = engine.submit(runner.prepare("", None, GREEDY))
+        broken_prompt = runner.prepare("x b", None, GREEDY)
+        broken_prompt.words = [Incomparable(), "b"]
+        broken = engine.submit(broken_prompt)
+        served = generator.generate(prompt(4), None, GREEDY)
+        text, finish, _ = await asyncio.wait_for(collect(served), 5)
+        assert finish == "length" and text == await alone(prompt(4))
+        first = await asyncio.wait_for(empty.outbox.get(), 1)
+        assert isinstance(first, ServingError) and first.code == 40001
+        assert "empty" in first.message
+        second = await asyncio.wait_for(broken.outbox.get(), 1)
+        assert isinstance(second, ServingError) and "cannot be compared" in second.message
+        assert empty.outbox.empty() and broken.outbox.empty()  # once each
+        assert not engine.scheduler.has_work
+        await generator.close()
 
     asyncio.run(scenario())

@@ -14,6 +14,8 @@ from fastapi.testclient import TestClient
 
 from vilaserve.domain.shared.errors import ErrorCode
 
+JSON = {"content-type": "application/json"}
+
 
 def frames(raw: bytes) -> list[dict]:
     return [json.loads(part) for part in raw.split(b"\0") if part]
@@ -86,7 +88,7 @@ def test_bad_inputs_get_clear_errors_and_the_worker_keeps_serving(client: TestCl
         ),
     ]
     for raw, code, message in cases:
-        response = client.post("/worker_generate_stream", content=raw)
+        response = client.post("/worker_generate_stream", content=raw, headers=JSON)
         assert response.status_code == 400, raw
         [chunk] = frames(response.content)
         assert chunk["error_code"] == code, raw
@@ -152,10 +154,10 @@ def test_logs_never_carry_image_payloads(
 
 def test_oversized_and_deeply_nested_bodies_are_refused_clearly(client: TestClient) -> None:
     big = b'{"prompt": "' + b"x" * (65 * 1024 * 1024) + b'"}'
-    response = client.post("/worker_generate_stream", content=big)
+    response = client.post("/worker_generate_stream", content=big, headers=JSON)
     assert response.status_code == 413
     assert "limit" in frames(response.content)[0]["text"]
     deep = b"[" * 100_000 + b"]" * 100_000
-    response = client.post("/worker_generate", content=deep)
+    response = client.post("/worker_generate", content=deep, headers=JSON)
     assert response.status_code == 400
     assert "nested too deeply" in response.json()["text"]

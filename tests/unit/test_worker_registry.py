@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterable
 
 import pytest
@@ -12,6 +13,7 @@ from vilaserve.domain.shared.controller_messages import (
     parse_registration,
     parse_worker_status,
     requested_model,
+    worker_identity,
 )
 from vilaserve.domain.shared.errors import InvalidRequest
 from vilaserve.domain.shared.worker_status import WorkerStatus
@@ -168,11 +170,131 @@ def test_aggregate_status_sums_live_workers_for_a_parent_controller() -> None:
     assert reg.aggregate_status() == WorkerStatus((), 0, 0)
 
 
-def test_re_registration_replaces_what_was_known() -> None:
-    reg = registry(FakeClock())
+def test_re_registering_a_live_worker_takes_only_its_status() -> None:
+    clock = FakeClock()
+    reg = registry(clock, expiration=30)
+    reg.register("http://127.0.0.1:1", status("old"), multimodal=True, check_heart_beat=True)
+    kept = reg.register(
+        "http://localhost:1", status("new"), multimodal=False, check_heart_beat=False
+    )
+    assert (kept.address, kept.multimodal, kept.check_heart_beat) == (
+        "http://127.0.0.1:1",
+        True,
+        True,
+    )
+    assert reg.model_names(ModelKind.MULTIMODAL) == ["new"]
+    assert reg.addresses() == ["http://127.0.0.1:1"]
+    clock.now += 31  # its check stayed on: it expires
+    assert reg.model_names() == []
+
+
+def test_a_registration_after_expiry_replaces_what_was_known() -> None:
+    clock = FakeClock()
+    reg = registry(clock, expiration=30)
     reg.register("http://a", status("old"), multimodal=False, check_heart_beat=True)
+    clock.now += 31
+    assert reg.live_address("http://a") is None and reg.is_registered("http://a")
     reg.register("http://a", status("new"), multimodal=True, check_heart_beat=True)
     assert reg.model_names() == ["new"] and reg.model_names(ModelKind.LANGUAGE) == []
+    assert reg.live_address("http://a:80/") == "http://a"
+
+
+def test_every_spelling_of_a_workers_address_is_one_worker() -> None:
+    reg = registry(FakeClock())
+    reg.register("http://127.0.0.1:21002", status("m"), multimodal=True, check_heart_beat=True)
+    for alias in ("http://localhost:21002", "http://127.1:21002", "https://[::1]:21002"):
+        reg.register(alias, status("m"), multimodal=False, check_heart_beat=False)
+        assert reg.heartbeat(alias, queue_length=0)
+    assert reg.addresses() == ["http://127.0.0.1:21002"]
+    assert {reg.pick("m", SHORTEST) for _ in range(4)} == {"http://127.0.0.1:21002"}
+    assert reg.remove("http://0x7f000001:21002") and reg.addresses() == []
+
+
+@pytest.mark.parametrize(
+    ("spellings", "identity"),
+    [
+        (
+            [
+                "http://127.0.0.1:8",
+                "http://127.0.0.01:8",
+                "http://127.1:8",
+                "http://0x7f.0.0.1:8",
+                "http://0177.0.0.1:8",
+                "http://2130706433:8",
+                "http://127.0.1.2:8",
+                "http://0.0.0.0:8",
+                "http://0:8",
+                "http://localhost:8",
+                "http://LocalHost.:8",
+                "http://w.localhost:8",
+                "http://[::1]:8",
+                "http://[0:0::1]:8",
+                "http://[::]:8",
+                "http://[::ffff:127.0.0.1]:8",
+                "http://[::ffff:7f00:1]:8",
+                "https://127.0.0.1:00008/",
+            ],
+            "127.0.0.1:8",
+        ),
+        (
+            ["http://10.0.0.5", "http://10.0.0.5:80/", "http://012.0.0.5", "http://10.5"],
+            "10.0.0.5:80",
+        ),
+        (["https://gpu-box", "https://GPU-box.:443", "http://gpu-box:443"], "gpu-box:443"),
+        (["http://[2001:DB8::1]:9", "http://[2001:db8:0::0:1]:9"], "[2001:db8::1]:9"),
+        (["http://[::ffff:10.0.0.5]:9", "http://10.0.0.5:9"], "10.0.0.5:9"),
+    ],
+)
+def test_worker_identity_reads_hosts_as_the_resolver_does(
+    spellings: list[str], identity: str
+) -> None:
+    assert {worker_identity(s) for s in spellings} == {identity}
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.01",
+        "127.1",
+        "0x7f.0.0.1",
+        "0X7F.1",
+        "0177.0.0.1",
+        "2130706433",
+        "10.0.0.010",
+        "1.2.3",
+        "0",
+        "255.255.255.255",
+        "4294967295",
+        "0xffffffff",
+        "1.0xffffff",
+        "1.2.0xffff",
+        "1.2.3.4.5",
+        "256.1.1.1",
+        "1.2.3.256",
+        "4294967296",
+        "1.0x1000000",
+        "08.1.1.1",
+        "0x",
+        "1..2",
+        "1.2.3.",
+        "gpu-box",
+        "a1.b2",
+    ],
+)
+def test_numeric_hosts_are_read_as_inet_aton_reads_them(host: str) -> None:
+    try:
+        expected = socket.inet_ntoa(socket.inet_aton(host)) + ":1"
+    except OSError:  # not an address for the C library: a name, kept as written
+        expected = host.lower().removesuffix(".") + ":1"
+    if expected.startswith(("127.", "0.0.0.0:")):  # loopback or unspecified: this machine
+        expected = "127.0.0.1:1"
+    assert worker_identity(f"http://{host}:1") == expected
+
+
+def test_worker_names_with_an_impossible_port_or_address_are_refused() -> None:
+    for name in ("http://h:0", "http://h:65536", "http://[1::2::3]:1", "http://[::1.2.3.04]:1"):
+        with pytest.raises(InvalidRequest, match="bare http"):
+            parse_registration({"worker_name": name})
 
 
 def test_expiration_must_be_positive() -> None:

@@ -7,15 +7,20 @@ from typing import Any
 
 import httpx
 
+from vilaserve.adapters.shared.worker_client import bearer
 from vilaserve.domain.api.ports import ModelDirectory
 from vilaserve.domain.shared.errors import ControllerUnavailable
 
 
 class HttpModelDirectory(ModelDirectory):
-    def __init__(self, controller_address: str, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, controller_address: str, timeout_s: float = 5.0, internal_token: str | None = None
+    ) -> None:
         self._base = controller_address.rstrip("/")
         # One pooled client: these lookups sit on every uncached request's path.
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s))
+        self._client = httpx.AsyncClient(
+            headers=bearer(internal_token), timeout=httpx.Timeout(timeout_s)
+        )
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -19,6 +19,21 @@ from vilaserve.domain.shared.worker_gateway import WorkerGateway
 from vilaserve.domain.shared.worker_status import WorkerStatus
 
 FRAME_SEPARATOR = b"\0"
+_JSON_HEADERS = {"content-type": "application/json"}
+
+
+def bearer(token: str | None) -> dict[str, str]:
+    """The header that carries the stack's internal token, when there is one."""
+    return {"authorization": f"Bearer {token}"} if token else {}
+
+
+def encode_payload(payload: dict[str, Any]) -> bytes:
+    """The request body, encoded before any connection is made: a payload that cannot be sent
+    (text that is not valid Unicode, NaN) is the caller's error, never the worker's failure."""
+    try:
+        return json.dumps(payload, ensure_ascii=False, allow_nan=False).encode()
+    except (ValueError, TypeError) as exc:  # UnicodeEncodeError is a ValueError
+        raise InvalidRequest(f"the request cannot be sent as JSON: {exc}") from exc
 
 
 async def split_frames(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
@@ -35,8 +50,15 @@ async def split_frames(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, 
 
 
 class HttpWorkerClient(WorkerGateway):
-    def __init__(self, timeout_s: float = 100.0, connect_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        timeout_s: float = 100.0,
+        connect_timeout_s: float = 5.0,
+        internal_token: str | None = None,
+    ) -> None:
+        """`internal_token`: sent on every request, for workers that require it."""
         self._client = httpx.AsyncClient(
+            headers=bearer(internal_token),
             timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
         )
@@ -54,8 +76,11 @@ class HttpWorkerClient(WorkerGateway):
         """POSTs `payload` and returns the decoded JSON reply (any HTTP status)."""
         url = worker_address.rstrip("/") + path
         timeout = httpx.USE_CLIENT_DEFAULT if timeout_s is None else httpx.Timeout(timeout_s)
+        content = encode_payload(payload)
         try:
-            response = await self._client.post(url, json=payload, timeout=timeout)
+            response = await self._client.post(
+                url, content=content, headers=_JSON_HEADERS, timeout=timeout
+            )
             return response.json()
         except httpx.TimeoutException as exc:
             raise WorkerUnavailable(worker_address, f"timed out on {path}", True) from exc
@@ -83,8 +108,11 @@ class HttpWorkerClient(WorkerGateway):
         stream breaks before its end.
         """
         url = worker_address.rstrip("/") + "/worker_generate_stream"
+        content = encode_payload(payload)
         try:
-            async with self._client.stream("POST", url, json=payload) as response:
+            async with self._client.stream(
+                "POST", url, content=content, headers=_JSON_HEADERS
+            ) as response:
                 async for frame in split_frames(response.aiter_bytes()):
                     yield frame
         except httpx.TimeoutException as exc:

@@ -34,37 +34,43 @@ class WorkerDirectory:
     async def register(self, body: Any) -> None:
         """`/register_worker`. Without `worker_status` the worker is asked for it (FastChat).
 
-        An address already registered is re-registered with what the worker itself reports,
-        never with the body's claims: whoever can post here cannot re-bind a live worker to
-        other models (or make its model vanish)."""
+        An address already registered (under any spelling: `localhost`, `127.1`, ...) is
+        re-registered with what the worker itself reports, never with the body's claims:
+        whoever can post here cannot re-bind a live worker to other models (or make its model
+        vanish). A live worker also keeps where it is reached, `multimodal` and
+        `check_heart_beat` (see `WorkerRegistry.register`)."""
         registration = parse_registration(body)
+        live_at = self._registry.live_address(registration.worker_name)
         status = registration.worker_status
         if status is None or self._registry.is_registered(registration.worker_name):
-            try:
-                status = await self._gateway.get_status(
-                    registration.worker_name, self._status_timeout_s
-                )
-            except WorkerUnavailable as exc:
-                raise WorkerUnavailable(
-                    registration.worker_name,
-                    f"cannot register it: it did not report its status ({exc.reason})",
-                    exc.timed_out,
-                ) from exc
-        self._registry.register(
+            # A live worker is asked where it is reached: the one answer that counts is its own.
+            status = await self._reported_status(live_at or registration.worker_name)
+        record = self._registry.register(
             registration.worker_name,
             status,
             multimodal=registration.multimodal,
             check_heart_beat=registration.check_heart_beat,
         )
         log.info(
-            "worker registered",
+            "worker registered" if live_at is None else "live worker registered again",
             extra={
-                "worker": registration.worker_name,
-                "models": list(status.model_names),
-                "multimodal": registration.multimodal,
-                "check_heart_beat": registration.check_heart_beat,
+                "worker": record.address,
+                "registered_as": registration.worker_name,
+                "models": list(record.model_names),
+                "multimodal": record.multimodal,
+                "check_heart_beat": record.check_heart_beat,
             },
         )
+
+    async def _reported_status(self, address: str) -> WorkerStatus:
+        try:
+            return await self._gateway.get_status(address, self._status_timeout_s)
+        except WorkerUnavailable as exc:
+            raise WorkerUnavailable(
+                address,
+                f"cannot register it: it did not report its status ({exc.reason})",
+                exc.timed_out,
+            ) from exc
 
     def heartbeat(self, body: Any) -> bool:
         """`/receive_heart_beat`: the reply's `exist`; False asks the worker to register again."""

@@ -18,6 +18,7 @@ from vilaserve.application.worker.image_payloads import (
     DEFAULT_MAX_IMAGE_BYTES,
     decode_image_payload,
 )
+from vilaserve.application.worker.prompt_bounds import check_prompt_chars
 from vilaserve.application.worker.slots import ConcurrencySlots
 from vilaserve.domain.shared.errors import ErrorCode, InvalidRequest, ServingError
 from vilaserve.domain.shared.generation import (
@@ -44,6 +45,7 @@ class GenerationLimits:
     stream_interval: int = 1
     max_images: int = 16
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_prompt_chars: int | None = None  # None: CHARS_PER_POSITION x the context
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,9 @@ class GenerateStream:
     def prepare(self, body: Any) -> PreparedRequest:
         """Checks everything that needs no model; raises `ServingError` naming the problem."""
         request = parse_generation_request(body, self._limits.max_new_tokens_cap)
+        check_prompt_chars(
+            request.prompt, self._generator.context_length, self._limits.max_prompt_chars
+        )
         model_prompt = _normalise_placeholders(request.prompt, len(request.images))
         placeholders = model_prompt.count(IMAGE_PLACEHOLDER)
         if self._vision is None and request.images:

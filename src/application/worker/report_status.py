@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from vilaserve.application.worker.prompt_bounds import check_prompt_chars
 from vilaserve.application.worker.slots import ConcurrencySlots
 from vilaserve.domain.shared.conversation import ConversationTemplate
 from vilaserve.domain.shared.errors import InvalidRequest
@@ -29,11 +30,16 @@ class DescribeModel:
     """`/model_details`, `/count_token` and `/worker_get_conv_template`."""
 
     def __init__(
-        self, model_name: str, generator: TextGenerator, vision: VisionEncoder | None
+        self,
+        model_name: str,
+        generator: TextGenerator,
+        vision: VisionEncoder | None,
+        max_prompt_chars: int | None = None,
     ) -> None:
         self._name = model_name
         self._generator = generator
         self._vision = vision
+        self._max_prompt_chars = max_prompt_chars
 
     def details(self) -> ModelDescription:
         return ModelDescription(
@@ -47,7 +53,7 @@ class DescribeModel:
     def conversation_template(self) -> ConversationTemplate:
         return self._generator.conversation_template
 
-    def count_tokens(self, body: Any) -> int:
+    async def count_tokens(self, body: Any) -> int:
         """Tokens the prompt will occupy, each `<image>` counted as the positions it takes.
 
         FastChat counts text only; counting images too keeps `context_length - count` honest
@@ -56,6 +62,7 @@ class DescribeModel:
         if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
             raise InvalidRequest("'prompt' (a string) is required")
         prompt: str = body["prompt"]
+        check_prompt_chars(prompt, self._generator.context_length, self._max_prompt_chars)
         images = prompt.count(IMAGE_PLACEHOLDER) if self._vision else 0
         per_image = self._vision.tokens_per_image if self._vision else 0
-        return self._generator.count_tokens(prompt) + images * per_image
+        return await self._generator.count_tokens(prompt) + images * per_image

@@ -3,6 +3,10 @@
 The worker's own conversation template (`/worker_get_conv_template`) renders the turns, so the
 API writes exactly what the model was trained on. Images go where VILA and LLaVA expect them:
 one `<image>\\n` per image at the start of the user turn that carried them.
+
+What the client wrote (system, user and assistant text alike) is neutralised first, so that
+none of it can tokenize as one of the template's control tokens (`control_tokens`); the
+template's own default system message and markers stay as they are.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from vilaserve.domain.api.control_tokens import guard_for
 from vilaserve.domain.api.errors import BadRequest, UpstreamFailure
 from vilaserve.domain.api.openai_requests import ChatMessage, ImagePart, TextPart
 from vilaserve.domain.shared.conversation import ConversationTemplate, SeparatorStyle
@@ -39,10 +44,12 @@ def build_chat_prompt(
     template: ConversationTemplate, messages: Sequence[ChatMessage], multimodal: bool
 ) -> ChatPrompt:
     """Raises `BadRequest` naming the message (1-based) that cannot be rendered."""
+    guard = guard_for(template)
     system_texts: list[str] = []
     turns: list[_Turn] = []
     for number, message in enumerate(messages, start=1):
         text, urls = _content(message, number)
+        text = guard.neutralise(text)
         if message.role in ("system", "developer"):
             if urls:
                 raise BadRequest(f"message {number}: images are only allowed in user messages")

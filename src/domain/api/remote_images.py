@@ -49,14 +49,38 @@ class RemoteImagePolicy:
         if self.allow_private:
             return
         for address in addresses:
-            ip = ipaddress.ip_address(address.split("%")[0])
-            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-                ip = ip.ipv4_mapped
-            if not ip.is_global or ip.is_multicast:
+            if not _is_public(ipaddress.ip_address(address.split("%")[0])):
                 raise BadRequest(
                     f"{label}: the host {host!r} is not a public address; this server fetches "
                     "images from public hosts only"
                 )
+
+
+# IPv6 forms that carry an IPv4 address in their last 32 bits and reach it: NAT64's well-known
+# prefix (RFC 6052), IPv4-translated (SIIT, RFC 6145) and IPv4-compatible (deprecated). Python
+# calls some of them global whatever IPv4 address they carry (and which, varies by version), so
+# the IPv4 address they lead to is what is checked.
+_LAST_32_BITS_IS_IPV4 = (
+    ipaddress.IPv6Network("64:ff9b::/96"),
+    ipaddress.IPv6Network("::ffff:0:0:0/96"),
+    ipaddress.IPv6Network("::/96"),
+)
+# Local-use NAT64 (RFC 8215) translates into a site's own IPv4 network: never public.
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
+def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether `ip` is a public unicast address; for an IPv6 form that leads to an IPv4 address
+    (IPv4-mapped, NAT64, SIIT, IPv4-compatible, 6to4), whether that IPv4 address is."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _LOCAL_NAT64:
+            return False
+        embedded = ip.ipv4_mapped if ip.ipv4_mapped is not None else ip.sixtofour
+        if embedded is None and any(ip in network for network in _LAST_32_BITS_IS_IPV4):
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)
+        if embedded is not None:  # what it reaches is that IPv4 address (through a translator)
+            return _is_public(embedded)
+    return ip.is_global and not ip.is_multicast
 
 
 def _shown(url: str) -> str:

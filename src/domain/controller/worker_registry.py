@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
+from vilaserve.domain.shared.controller_messages import worker_identity
 from vilaserve.domain.shared.worker_status import WorkerStatus
 
 Clock = Callable[[], float]
@@ -40,7 +41,7 @@ class ModelKind(str, Enum):
 
 @dataclass
 class WorkerRecord:
-    address: str
+    address: str  # as the worker spelled it when it registered: where requests go
     model_names: tuple[str, ...]
     speed: float
     queue_length: int
@@ -67,6 +68,7 @@ class WorkerRegistry:
         self._expiration_s = expiration_s
         self._clock = clock
         self._rng: RandomSource = rng if rng is not None else random.Random()
+        # Keyed by `worker_identity`: two spellings of one worker's address are one worker.
         self._workers: dict[str, WorkerRecord] = {}
         self._dispatches = 0
 
@@ -76,9 +78,19 @@ class WorkerRegistry:
 
     def register(
         self, address: str, status: WorkerStatus, multimodal: bool, check_heart_beat: bool
-    ) -> None:
-        """Adds the worker, or replaces what is known about it (a re-registration)."""
-        self._workers[address] = WorkerRecord(
+    ) -> WorkerRecord:
+        """Adds the worker, or replaces what was known about it once it expired.
+
+        A live worker registered again (under any spelling of its address) only takes `status`,
+        which the caller must have asked the worker itself for: it keeps the address it is
+        reached at, `multimodal` and `check_heart_beat`, so whoever can register cannot hide a
+        worker from image requests nor exempt it from heartbeats. Returns the record kept."""
+        key = worker_identity(address)
+        record = self._workers.get(key)
+        if record is not None and not self._is_expired(record):
+            self._take_status(record, status)
+            return record
+        record = WorkerRecord(
             address=address,
             model_names=tuple(status.model_names),
             speed=status.speed,
@@ -87,14 +99,23 @@ class WorkerRegistry:
             check_heart_beat=check_heart_beat,
             last_heart_beat=self._clock(),
         )
+        self._workers[key] = record
+        return record
+
+    def live_address(self, address: str) -> str | None:
+        """Where the live worker that `address` (any spelling) names is reached; None when
+        there is none."""
+        record = self._workers.get(worker_identity(address))
+        return None if record is None or self._is_expired(record) else record.address
 
     def heartbeat(self, address: str, queue_length: int) -> bool:
         """Records a heartbeat; False when the worker is unknown (or expired) and must register."""
-        record = self._workers.get(address)
+        key = worker_identity(address)
+        record = self._workers.get(key)
         if record is None:
             return False
         if self._is_expired(record):
-            del self._workers[address]
+            del self._workers[key]
             return False
         record.queue_length = queue_length
         record.last_heart_beat = self._clock()
@@ -102,31 +123,28 @@ class WorkerRegistry:
 
     def update_status(self, address: str, status: WorkerStatus) -> bool:
         """Fresh facts from the worker itself (it answered, so it is alive)."""
-        record = self._workers.get(address)
+        record = self._workers.get(worker_identity(address))
         if record is None:
             return False
-        record.model_names = tuple(status.model_names)
-        record.speed = status.speed
-        record.queue_length = status.queue_length
-        record.last_heart_beat = self._clock()
+        self._take_status(record, status)
         return True
 
     def is_registered(self, address: str) -> bool:
-        return address in self._workers
+        return worker_identity(address) in self._workers
 
     def remove(self, address: str) -> bool:
-        return self._workers.pop(address, None) is not None
+        return self._workers.pop(worker_identity(address), None) is not None
 
     def expire(self) -> list[WorkerRecord]:
         """Removes and returns the workers whose last heartbeat is older than the expiration."""
-        gone = [r for r in self._workers.values() if self._is_expired(r)]
-        for record in gone:
-            del self._workers[record.address]
-        return gone
+        gone = {key: r for key, r in self._workers.items() if self._is_expired(r)}
+        for key in gone:
+            del self._workers[key]
+        return list(gone.values())
 
     def addresses(self) -> list[str]:
         """Every registered worker, expired or not (what a refresh should re-check)."""
-        return list(self._workers)
+        return [record.address for record in self._workers.values()]
 
     def live_workers(self) -> list[WorkerRecord]:
         return [r for r in self._workers.values() if not self._is_expired(r)]
@@ -177,6 +195,12 @@ class WorkerRegistry:
             if point < 0:
                 return record
         return candidates[-1]  # float rounding left `point` a hair above zero
+
+    def _take_status(self, record: WorkerRecord, status: WorkerStatus) -> None:
+        record.model_names = tuple(status.model_names)
+        record.speed = status.speed
+        record.queue_length = status.queue_length
+        record.last_heart_beat = self._clock()
 
     def _is_expired(self, record: WorkerRecord) -> bool:
         if not record.check_heart_beat:

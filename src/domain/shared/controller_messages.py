@@ -5,6 +5,7 @@ Every malformed body becomes `InvalidRequest` with a message that names the fiel
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections.abc import Mapping
@@ -77,19 +78,94 @@ def _object(body: Any, what: str) -> Mapping[str, Any]:
     return body
 
 
-_BARE_URL = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?/?")
+_BARE_URL = re.compile(r"(https?)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::([0-9]{1,5}))?/?")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+# Every loopback address, `localhost` and the unspecified address reach this machine: one name.
+_THIS_MACHINE = "127.0.0.1"
 
 
 def _worker_name(body: Mapping[str, Any]) -> str:
     """A bare `http(s)://host[:port]`: the controller calls this address, so no path, query,
     user info or fragment may ride along."""
     name = body.get("worker_name")
-    if not isinstance(name, str) or not _BARE_URL.fullmatch(name):
+    if not isinstance(name, str) or _identity_or_none(name) is None:
         raise InvalidRequest(
             "'worker_name' must be the worker's bare http(s) URL, e.g. http://host:21002 (no "
             f"path, query or user info); got {name!r:.200}"
         )
     return name.rstrip("/")
+
+
+def worker_identity(worker_name: str) -> str:
+    """Which worker a `worker_name` (already checked) means: `host:port` with the host as the
+    resolver reads it, so that two spellings of one worker are never counted as two.
+
+    IP literals are parsed as `getaddrinfo` parses them (`127.0.0.01`, `127.1`, `0x7f.0.0.1`,
+    `[::ffff:127.0.0.1]` are 127.0.0.1), every loopback spelling (`localhost`, `[::1]`,
+    `0.0.0.0`) is this machine, the default port is written out. The scheme is left out: one
+    socket is one worker whichever protocol a registration claims it speaks. Other names are
+    compared as names (not resolved: that is I/O, and their addresses may change)."""
+    identity = _identity_or_none(worker_name)
+    if identity is None:
+        raise ValueError(f"not a bare http(s) worker URL: {worker_name!r:.200}")
+    return identity
+
+
+def _identity_or_none(worker_name: str) -> str | None:
+    match = _BARE_URL.fullmatch(worker_name)
+    if match is None:
+        return None
+    scheme, host, port_text = match.groups()
+    port = int(port_text) if port_text else _DEFAULT_PORTS[scheme]
+    if not 0 < port < 65536:
+        return None
+    canonical = _canonical_host(host)
+    return None if canonical is None else f"{canonical}:{port}"
+
+
+def _canonical_host(host: str) -> str | None:
+    """The host as one spelling; None for an IPv6 literal that does not parse."""
+    if host.startswith("["):
+        try:
+            ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return None
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+    else:
+        parsed = _inet_aton(host)
+        if parsed is None:
+            name = host.lower().removesuffix(".")
+            # RFC 6761: `localhost` and every name under it are loopback.
+            is_loopback = name == "localhost" or name.endswith(".localhost")
+            return _THIS_MACHINE if is_loopback else name
+        ip = parsed
+    if ip.is_loopback or ip.is_unspecified:
+        return _THIS_MACHINE
+    return str(ip) if ip.version == 4 else f"[{ip.compressed}]"
+
+
+_C_NUMBER = re.compile(r"0[xX][0-9A-Fa-f]+|0[0-7]*|[1-9][0-9]*")
+
+
+def _inet_aton(text: str) -> ipaddress.IPv4Address | None:
+    """An IPv4 address as the C library's `inet_aton` (and so `getaddrinfo`) reads it: one to
+    four parts, each decimal, octal (leading 0) or hex (0x); the last part fills the bytes
+    left. None when `text` is not one (a host name)."""
+    parts = text.split(".")
+    if len(parts) > 4 or not all(_C_NUMBER.fullmatch(p) for p in parts):
+        return None
+    values = [
+        int(p, 0) if p[:2].lower() == "0x" else int(p, 8 if p[0] == "0" else 10) for p in parts
+    ]
+    *leading, last = values
+    last_bytes = 4 - len(leading)
+    if any(v > 255 for v in leading) or last >= 256**last_bytes:
+        return None
+    number = 0
+    for value in leading:
+        number = number * 256 + value
+    return ipaddress.IPv4Address(number * 256**last_bytes + last)
 
 
 def _flag(body: Mapping[str, Any], key: str, default: bool) -> bool:

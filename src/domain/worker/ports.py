@@ -55,8 +55,9 @@ class TextGenerator(ABC):
     def conversation_template(self) -> ConversationTemplate: ...
 
     @abstractmethod
-    def count_tokens(self, text: str) -> int:
-        """Text tokens of `text` as the model would see them; `<image>` placeholders count 0."""
+    async def count_tokens(self, text: str) -> int:
+        """Text tokens of `text` as the model would see them; `<image>` placeholders count 0.
+        Tokenizing a long text takes a while: never on the event loop's own thread."""
 
     @abstractmethod
     def generate(
@@ -65,7 +66,8 @@ class TextGenerator(ABC):
         """Stream the reply to `prompt`; `<image>` placeholders take `images` in order.
 
         Stops on the params' stop token ids, the template's and the tokenizer's end tokens, or
-        `max_new_tokens`. Raises `ContextOverflow` before any step when the prompt cannot fit.
+        `max_new_tokens`. Raises `ContextOverflow` (from the first iteration) before any step
+        when the prompt cannot fit.
         Closing the iterator early cancels the generation.
         """
 

@@ -22,6 +22,7 @@ from vilaserve.domain.shared.errors import Unavailable
 from vilaserve.entrypoints.api import routes as api_routes
 from vilaserve.entrypoints.api.container import ApiContainer
 from vilaserve.entrypoints.api.http_io import error_response
+from vilaserve.entrypoints.shared.memory_release import ReleaseMemoryAfterLargeBodies
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ def create_api_app(container: ApiContainer) -> FastAPI:
 
     container.wire(modules=[api_routes])
     app = FastAPI(title="vilaserve OpenAI-compatible API", lifespan=lifespan)
+    app.add_middleware(ReleaseMemoryAfterLargeBodies)
     app.state.container = container
 
     @app.exception_handler(ApiError)

@@ -37,12 +37,15 @@ class ApiContainer(containers.DeclarativeContainer):
     settings = providers.Dependency(instance_of=ApiSettings)
 
     worker_client = providers.Singleton(
-        HttpWorkerClient, timeout_s=settings.provided.worker_timeout_s
+        HttpWorkerClient,
+        timeout_s=settings.provided.worker_timeout_s,
+        internal_token=settings.provided.internal_token,
     )
     model_directory = providers.Singleton(
         HttpModelDirectory,
         controller_address=settings.provided.controller_address,
         timeout_s=settings.provided.controller_timeout_s,
+        internal_token=settings.provided.internal_token,
     )
     worker_api = providers.Singleton(HttpWorkerApi, client=worker_client)
     image_fetcher = providers.Singleton(_image_fetcher, settings)

@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Sequence
 
-import uvicorn
+from pydantic import ValidationError
 
 from vilaserve.entrypoints.api.app import create_api_app
 from vilaserve.entrypoints.api.container import ApiContainer
 from vilaserve.entrypoints.api.settings import ApiSettings
+from vilaserve.entrypoints.shared.http_server import (
+    add_http_limit_arguments,
+    limits_of,
+    run_http_server,
+)
 from vilaserve.entrypoints.shared.logging_setup import configure_logging
 
 
@@ -22,6 +28,12 @@ def add_api_arguments(parser: argparse.ArgumentParser) -> None:
     add("--host", help="address to bind (default 127.0.0.1)")
     add("--port", type=int, help="port to bind (default 8000)")
     add("--api-keys", help="comma-separated bearer keys clients must send (default: none)")
+    add(
+        "--api-keys-file",
+        metavar="PATH",
+        help="more keys, one a line or comma-separated, from a file only its owner may read "
+        "(mode 0600); unlike --api-keys, not visible to `ps` (also VILASERVE_API_KEYS)",
+    )
     add(
         "--allow-private-image-hosts",
         action="store_const",
@@ -53,13 +65,19 @@ def add_api_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-request-bytes", type=int, help="largest request body (default 32 MiB)")
     add("--max-concurrent-requests", type=int, help="requests held at once (default 256)")
     add("--worker-timeout-s", type=float, help="longest silence from a worker (default 300)")
+    add_http_limit_arguments(parser, max_connections=1024)
     add("--log-format", choices=["json", "text"], help="log line format (default json)")
 
 
 def settings_from_args(args: argparse.Namespace) -> ApiSettings:
     fields = ApiSettings.model_fields
     given = {k: v for k, v in vars(args).items() if v is not None and k in fields}
-    return ApiSettings(**given)
+    try:
+        return ApiSettings(**given)
+    except ValidationError as exc:
+        # One line per problem (e.g. a keys file others can read), not a traceback.
+        problems = (str(e.get("ctx", {}).get("error") or e["msg"]) for e in exc.errors())
+        sys.exit("vilaserve api: " + "; ".join(problems))
 
 
 def run_api(args: argparse.Namespace) -> None:
@@ -69,7 +87,7 @@ def run_api(args: argparse.Namespace) -> None:
     logging.getLogger(__name__).info(
         "starting api", extra={"host": settings.host, "port": settings.port}
     )
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None)
+    run_http_server(app, settings.host, settings.port, limits_of(settings))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -24,7 +24,9 @@ class ControllerContainer(containers.DeclarativeContainer):
     clock = providers.Object(time.monotonic)
     random_source = providers.Singleton(random.Random)
     worker_gateway = providers.Singleton(
-        HttpWorkerClient, timeout_s=settings.provided.worker_api_timeout
+        HttpWorkerClient,
+        timeout_s=settings.provided.worker_api_timeout,
+        internal_token=settings.provided.internal_token,
     )
 
     registry = providers.Singleton(

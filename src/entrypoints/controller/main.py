@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import logging
 
-import uvicorn
-
 from vilaserve.entrypoints.controller.app import create_controller_app
 from vilaserve.entrypoints.controller.container import ControllerContainer
 from vilaserve.entrypoints.controller.settings import ControllerSettings
+from vilaserve.entrypoints.shared.http_server import (
+    add_http_limit_arguments,
+    limits_of,
+    run_http_server,
+)
 from vilaserve.entrypoints.shared.logging_setup import configure_logging
 
 
@@ -44,10 +47,21 @@ def add_controller_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest request body read (default 64 MiB); larger ones get 413",
     )
     add(
+        "--allowed-hosts",
+        help="comma-separated extra names this service may be called by (Host header); bound "
+        "to 127.0.0.1 it answers only to this machine's names otherwise",
+    )
+    add(
+        "--max-text-request-bytes",
+        type=int,
+        help="largest body of a request without pictures (default 4 MiB); larger ones get 413",
+    )
+    add(
         "--registration-secret",
         help="shared secret required from workers on registration and heartbeats; prefer the "
         "VILASERVE_REGISTRATION_SECRET environment variable (a flag shows in `ps`)",
     )
+    add_http_limit_arguments(parser, max_connections=512)
     add("--log-format", choices=["json", "text"], help="log line format (default json)")
 
 
@@ -64,7 +78,7 @@ def run_controller(args: argparse.Namespace) -> None:
     logging.getLogger(__name__).info(
         "starting controller", extra={"host": settings.host, "port": settings.port}
     )
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None)
+    run_http_server(app, settings.host, settings.port, limits_of(settings))
 
 
 def main() -> None:

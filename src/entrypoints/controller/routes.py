@@ -69,7 +69,12 @@ class RegistrationRefused(BodyRefused):
 async def _body(request: Request) -> Any:
     """JSON only (a web page on the host cannot post text/plain here), bounded in size."""
     settings = request.app.state.container.settings()
-    return await read_json(request, settings.max_request_bytes, json_only=True)
+    return await read_json(
+        request,
+        settings.max_request_bytes,
+        json_only=True,
+        text_limit=settings.max_text_request_bytes,
+    )
 
 
 def _error_response(error: ServingError) -> JSONResponse:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import Any, TypeVar
 
@@ -49,10 +50,15 @@ async def encode_frames(frames: AsyncIterator[Mapping[str, Any]]) -> AsyncIterat
 
 
 async def read_json(
-    request: Request, limit: int = DEFAULT_MAX_BODY_BYTES, json_only: bool = False
+    request: Request,
+    limit: int = DEFAULT_MAX_BODY_BYTES,
+    json_only: bool = False,
+    text_limit: int | None = None,
 ) -> Any:
     """The body as JSON. `json_only`: refuse other content types (415), so that a web page on
-    the same host cannot post here (browsers send text/plain or form types without asking)."""
+    the same host cannot post here (browsers send text/plain or form types without asking).
+    `text_limit`: the largest body of a request without `images` (413 beyond): only pictures
+    need the full `limit`."""
     if json_only:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind != "application/json":
@@ -61,11 +67,23 @@ async def read_json(
                 415,
             )
     try:
-        return parse_json(await read_bounded(request, limit))
+        raw = await read_bounded(request, limit)
     except BodyTooLarge as exc:
         raise BodyRefused(str(exc), 413) from exc
+    # Checked on the bytes first, so that a large body without pictures is never parsed.
+    text_only = text_limit is not None and len(raw) > text_limit and b'"images"' not in raw
+    try:
+        body = None if text_only else parse_json(raw)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from exc
+    has_images = isinstance(body, dict) and bool(body.get("images"))
+    if text_limit is not None and len(raw) > text_limit and not has_images:
+        raise BodyRefused(
+            f"the request body is {len(raw):,} bytes without any picture; the limit for "
+            f"a request without pictures is {text_limit:,} bytes",
+            413,
+        )
+    return body
 
 
 class BodyTooLarge(Exception):
@@ -87,16 +105,63 @@ async def read_bounded(request: Request, limit: int) -> bytes:
     return bytes(raw)
 
 
-def parse_json(raw: bytes) -> Any:
-    """A JSON body; ValueError naming the problem (empty, malformed, nested too deeply)."""
+# A body's commas and brackets bound how many values parsing it creates: each costs 50-70 bytes
+# of memory for 2-3 bytes on the wire, so `[{}, {}, ...]` of 64 MB became 1.6 GB. Counted over
+# the raw bytes (strings included; C-speed, ~2 ms a MB), before anything is parsed. Base64
+# pictures hold none of these characters; a prompt would need megabytes of commas to get near.
+DEFAULT_MAX_JSON_VALUES = 1_000_000
+# A `\\uD800`-`\\uDFFF` escape: the only way a JSON text can carry an unpaired surrogate.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def parse_json(raw: bytes, max_values: int = DEFAULT_MAX_JSON_VALUES) -> Any:
+    """A JSON body; ValueError naming the problem (empty, malformed, nested too deeply, too many
+    values, NaN or Infinity, text that is not valid Unicode)."""
     if not raw:
         raise ValueError("the request body is empty; a JSON object is expected")
+    separators = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
+    if separators > max_values:
+        raise ValueError(
+            f"the request body holds {separators:,} JSON commas and brackets; at most "
+            f"{max_values:,} are read"
+        )
     try:
-        return json.loads(raw)
+        value = json.loads(raw, parse_constant=_refuse_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"the request body is not valid JSON ({exc})") from exc
     except RecursionError as exc:
         raise ValueError("the request body is nested too deeply to be read") from exc
+    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(value):
+        # Python reads `"\\ud800"` into a str no encoder accepts: refused here, once, rather
+        # than failing later in whichever service re-encodes it.
+        raise ValueError(
+            "the request body holds text that is not valid Unicode (an unpaired surrogate "
+            "escape such as \\ud800)"
+        )
+    return value
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"the request body is not valid JSON ({name} is not a JSON number)")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether any string (key or value) in a parsed body holds an unpaired surrogate."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
+
+
+_SURROGATE = re.compile("[\\ud800-\\udfff]")
 
 
 async def _drain(request: Request) -> None:

@@ -100,13 +100,18 @@ class WorkerContainer(containers.DeclarativeContainer):
         stream_interval=settings.provided.stream_interval,
         max_images=settings.provided.max_images,
         max_image_bytes=settings.provided.max_image_bytes,
+        max_prompt_chars=settings.provided.max_prompt_chars,
     )
 
     report_status = providers.Singleton(
         ReportStatus, model_names=providers.List(model_name), slots=slots
     )
     describe_model = providers.Singleton(
-        DescribeModel, model_name=model_name, generator=text_generator, vision=vision_encoder
+        DescribeModel,
+        model_name=model_name,
+        generator=text_generator,
+        vision=vision_encoder,
+        max_prompt_chars=settings.provided.max_prompt_chars,
     )
     generate_stream = providers.Singleton(
         GenerateStream,

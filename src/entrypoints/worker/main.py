@@ -16,6 +16,11 @@ from typing import Any
 
 import uvicorn
 
+from vilaserve.entrypoints.shared.http_server import (
+    add_http_limit_arguments,
+    http_server_config,
+    limits_of,
+)
 from vilaserve.entrypoints.shared.logging_setup import configure_logging
 from vilaserve.entrypoints.worker.app import create_worker_app
 from vilaserve.entrypoints.worker.container import WorkerContainer
@@ -106,6 +111,21 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="largest request body read (default 64 MiB); larger ones get 413",
     )
+    add(
+        "--allowed-hosts",
+        help="comma-separated extra names this service may be called by (Host header); bound "
+        "to 127.0.0.1 it answers only to this machine's names otherwise",
+    )
+    add(
+        "--max-text-request-bytes",
+        type=int,
+        help="largest body of a request without pictures (default 4 MiB); larger ones get 413",
+    )
+    add(
+        "--max-prompt-chars",
+        type=int,
+        help="longest prompt, refused before tokenizing (default 32 x the model's context)",
+    )
     add("--stream-interval", type=int, help="tokens between streamed chunks (default 1)")
     add("--max-new-tokens-cap", type=int, help="upper bound on max_new_tokens (default 1024)")
     add("--heartbeat-interval-s", type=float, help="seconds between heartbeats (default 15)")
@@ -134,6 +154,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         help="shared secret sent to the controller on registration and heartbeats; prefer the "
         "VILASERVE_REGISTRATION_SECRET environment variable (a flag shows in `ps`)",
     )
+    add_http_limit_arguments(parser, max_connections=512)
     add("--log-format", choices=["json", "text"], help="log line format (default json)")
 
 
@@ -153,11 +174,11 @@ def serve(settings: WorkerSettings) -> None:
     logging.getLogger(__name__).info(
         "starting worker", extra={"host": settings.host, "port": settings.port}
     )
-    config = uvicorn.Config(
+    config = http_server_config(
         app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
+        settings.host,
+        settings.port,
+        limits_of(settings),
         # A backstop only: the drain ends streams itself at --drain-timeout-s.
         timeout_graceful_shutdown=int(settings.drain_timeout_s) + 10,
     )

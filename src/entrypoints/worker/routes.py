@@ -41,6 +41,16 @@ router = APIRouter()
 log = logging.getLogger(__name__)
 
 
+async def _body(request: Request, settings: WorkerSettings) -> Any:
+    """JSON only (a web page on the host cannot post text/plain here), bounded in size."""
+    return await read_json(
+        request,
+        settings.max_request_bytes,
+        json_only=True,
+        text_limit=settings.max_text_request_bytes,
+    )
+
+
 def _refused(error: ServingError) -> int:
     """Logs a request refused before generation; returns its HTTP status."""
     log.info("request refused", extra={"error_code": int(error.code), "reason": error.message})
@@ -60,7 +70,7 @@ async def worker_generate_stream(
     settings: WorkerSettings = Depends(Provide["settings"]),
 ) -> Response:
     try:
-        prepared = generate.prepare(await read_json(request, settings.max_request_bytes))
+        prepared = generate.prepare(await _body(request, settings))
     except ServingError as error:
         frame = encode_frame(error_chunk(error).to_dict())
         status = _refused(error)
@@ -95,7 +105,7 @@ async def worker_generate(
     settings: WorkerSettings = Depends(Provide["settings"]),
 ) -> Response:
     try:
-        prepared = generate.prepare(await read_json(request, settings.max_request_bytes))
+        prepared = generate.prepare(await _body(request, settings))
     except ServingError as error:
         status = _refused(error)
         return JSONResponse(error_chunk(error).to_dict(), status, refusal_headers(int(error.code)))
@@ -131,7 +141,7 @@ async def count_token(
     settings: WorkerSettings = Depends(Provide["settings"]),
 ) -> JSONResponse:
     try:
-        count = describe.count_tokens(await read_json(request, settings.max_request_bytes))
+        count = await describe.count_tokens(await _body(request, settings))
     except ServingError as error:
         reply = {"count": 0, "error_code": int(error.code), "text": error.message}
         return JSONResponse(reply, http_status_of(error, 400))

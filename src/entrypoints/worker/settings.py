@@ -51,6 +51,16 @@ class WorkerSettings(BaseSettings):
     max_image_pixels: int = Field(64_000_000, ge=1)
     max_request_pixels: int = Field(256_000_000, ge=1)  # all images of one request
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)  # a larger body gets 413
+    # A body without pictures needs far less: a larger one gets 413 before its text is read.
+    max_text_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # Longer prompts are refused before tokenizing (default: 32 x the model's context).
+    max_prompt_chars: int | None = Field(None, ge=1)
+    # Slow clients: a request head must arrive whole within header_timeout_s, a body may not
+    # pause longer than body_timeout_s, and beyond max_connections open ones new connections
+    # are refused (503) unread.
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(30.0, gt=0)
+    max_connections: int = Field(512, ge=1)
     image_cache_mb: int = Field(256, ge=0)  # projected embeddings of recent images; 0: off
 
     # Sent to the controller on registration and heartbeats (Authorization: Bearer).
@@ -58,6 +68,12 @@ class WorkerSettings(BaseSettings):
     drain_timeout_s: float = Field(30.0, ge=0)  # SIGTERM: time in-flight requests get
     heartbeat_interval_s: float = Field(15.0, gt=0)
     heartbeat_retry_max_s: float = Field(30.0, gt=0)
+    # The stack's internal token (env VILASERVE_INTERNAL_TOKEN; `vilaserve serve` makes one
+    # when the API has keys): required on every route but /health.
+    internal_token: str | None = None
+    # Extra names (comma-separated) the worker may be called by; bound to loopback it answers
+    # only to this machine's names and its --worker-address (no DNS rebinding).
+    allowed_hosts: str = ""
     log_format: Literal["json", "text"] = "json"
 
     @property

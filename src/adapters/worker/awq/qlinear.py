@@ -292,11 +292,14 @@ class W4A16Linear(nn.Module):
         if self.backend == "cpu_int4" and self._prefill_block is not None:
             blocks = self._dequant_cpu_blocks()  # [N / block, K, block]
             return blocks.permute(0, 2, 1).reshape(self.out_features, -1).to(dtype)
-        # Multiplying by the identity makes the kernel itself report what it computes.
+        # Multiplying by the identity makes the kernel itself report what it computes. The
+        # backend's own kernel, not `_impl`: a caller may have pointed `_impl` at
+        # `_forward_dequant` (the reference oracle), which asks this method.
+        kernel = self._forward_cuda if self.backend == "cuda_int4" else self._forward_cpu
         eye = torch.eye(self.in_features, device=self.weight.device, dtype=torch.bfloat16)
         saved, self.bias = self.bias, None
         try:
-            return self._impl(eye).to(dtype).t().contiguous()
+            return kernel(eye).to(dtype).t().contiguous()
         finally:
             self.bias = saved
 

@@ -87,8 +87,16 @@ class Engine:
     def _step(self) -> None:
         try:
             more = self._run_one_step()
-        except Exception:  # the engine must outlive anything one step does
+        except Exception as exc:  # the engine must outlive anything one step does
+            # Each phase fails its own requests; this is the last resort for a bug elsewhere
+            # in the step: everyone in the engine ends once, so the step is not retried
+            # forever on the same state (and the log does not grow by the step).
             log.exception("engine step crashed")
+            self._end_everyone(
+                ServingError(
+                    f"internal error: {type(exc).__name__}: {exc}", ErrorCode.INTERNAL_ERROR
+                )
+            )
             more = True
         with self._lock:
             # Nothing to do: stop, unless a request slipped into the inbox meanwhile.
@@ -102,24 +110,23 @@ class Engine:
         while self._inbox:
             scheduler.add(self._inbox.popleft())
         if self._failing is not None:
-            everyone = (*scheduler.running, *scheduler.waiting)
-            for seq in everyone:
-                scheduler.remove(seq)
-                seq.finished = True
-            self._send([(seq, self._failing) for seq in everyone if not seq.aborted])
-            self._report_load()
+            self._end_everyone(self._failing)
             return False
         self._drop_aborted()
         if not scheduler.has_work:
             self._report_load()
             return False
         step = scheduler.schedule()
+        for seq, exc in step.refused:
+            self._refuse(seq, exc)
         self._report_admissions(step)
         if not step.batch:
             return False  # every slot is taken by sequences that wait on nothing: impossible
         started = time.perf_counter()
         try:
             sampled = list(self.runner.execute(step.batch))
+            now = time.perf_counter()
+            outcome = scheduler.update(step, sampled)
         except ServingError as error:
             self._fail(step, error)
             return True
@@ -128,13 +135,11 @@ class Engine:
             message = f"internal error: {type(exc).__name__}: {exc}"
             self._fail(step, ServingError(message, ErrorCode.INTERNAL_ERROR))
             return True
-        now = time.perf_counter()
         prefilled = step.batch.num_tokens - len(step.decoding)
         scheduler.chunks.observe(now - started, len(step.decoding), prefilled)
         self._observer.step(
             tokens=step.batch.num_tokens, decodes=len(step.decoding), seconds=now - started
         )
-        outcome = scheduler.update(step, sampled)
         delivery: Delivery = []
         for seq, out in outcome.tokens:
             if seq.last_token_at == 0.0:
@@ -162,6 +167,28 @@ class Engine:
             except RuntimeError:  # that loop is closed: nobody is listening any more
                 for seq, _ in items:
                     seq.aborted = True
+
+    def _end_everyone(self, error: ServingError) -> None:
+        scheduler = self.scheduler
+        everyone = (*scheduler.running, *scheduler.waiting)
+        scheduler.fail(tuple(scheduler.running))  # their slots' contents are not trusted
+        scheduler.waiting.clear()
+        for seq in everyone:
+            seq.finished = True
+        self._send([(seq, error) for seq in everyone if not seq.aborted])
+        self._report_load()
+
+    def _refuse(self, seq: Sequence, exc: Exception) -> None:
+        """A sequence the scheduler could not admit: its request ends with the reason."""
+        seq.finished = True
+        if isinstance(exc, ServingError):
+            error = exc
+        else:
+            log.error("sequence refused by the scheduler", exc_info=exc)
+            error = ServingError(
+                f"internal error: {type(exc).__name__}: {exc}", ErrorCode.INTERNAL_ERROR
+            )
+        self._send([(seq, error)])
 
     def _fail(self, step: ScheduledStep, error: ServingError) -> None:
         failed = step.decoding + step.prefilling

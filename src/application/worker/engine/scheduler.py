@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from vilaserve.application.worker.engine.chunk_control import ChunkController
 from vilaserve.application.worker.engine.sequence import Sequence, TokenOut
 from vilaserve.application.worker.engine.slot_table import SlotTable
+from vilaserve.domain.shared.errors import InvalidRequest
 from vilaserve.domain.shared.generation import FinishReason
 from vilaserve.domain.worker.batch import DecodeRow, ModelBatch, PrefillChunk
 from vilaserve.domain.worker.ports import PreparedPrompt
@@ -51,6 +52,8 @@ class ScheduledStep:
     batch: ModelBatch[PreparedPrompt]
     decoding: tuple[Sequence, ...]  # in the batch's decode order
     prefilling: tuple[Sequence, ...]  # in the batch's prefill order
+    # Sequences that could not be admitted (their prompt broke the slot table): out already.
+    refused: tuple[tuple[Sequence, Exception], ...] = ()
 
 
 @dataclass
@@ -96,7 +99,7 @@ class Scheduler:
     def schedule(self) -> ScheduledStep:
         config = self.config
         decoding = tuple(seq for seq in self.running if seq.is_prefilled)
-        self._admit()
+        refused = self._admit()
         budget = config.max_num_batched_tokens - len(decoding)
         long_budget = min(budget, self.chunks.chunk) if decoding else budget
         prefilling: list[Sequence] = []
@@ -123,18 +126,32 @@ class Scheduler:
         rows = tuple(
             DecodeRow(seq.prompt, seq.slot, seq.computed, seq.output[-1]) for seq in decoding
         )
-        return ScheduledStep(ModelBatch(rows, tuple(chunks)), decoding, tuple(prefilling))
+        return ScheduledStep(
+            ModelBatch(rows, tuple(chunks)), decoding, tuple(prefilling), tuple(refused)
+        )
 
-    def _admit(self) -> None:
+    def _admit(self) -> list[tuple[Sequence, Exception]]:
+        """Admits waiting sequences in order; one whose prompt cannot be admitted (a prompt
+        without positions, keys the table cannot compare) leaves the queue with its error
+        rather than blocking it, or failing every later step."""
+        refused: list[tuple[Sequence, Exception]] = []
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            found = self.slots.acquire(seq.prompt.keys)
+            try:
+                if seq.prompt_length == 0:
+                    raise InvalidRequest("the prompt is empty: there is nothing to continue from")
+                found = self.slots.acquire(seq.prompt.keys)
+            except Exception as exc:  # reported to that request, not to the whole step
+                self.waiting.popleft()
+                refused.append((seq, exc))
+                continue
             if found is None:
-                return
+                break
             self.waiting.popleft()
             seq.slot, seq.computed = found
             seq.reused = seq.computed
             self.running.append(seq)
+        return refused
 
     def update(self, step: ScheduledStep, sampled: list[int]) -> StepOutcome:
         """Applies a step's results: positions computed, tokens appended, finished sequences

@@ -1,12 +1,18 @@
 """The `TextGenerator` port in front of the engine: each request's async iterator reads its
-sequence's outbox, so the use cases stream exactly as they did with one sequence per model."""
+sequence's outbox, so the use cases stream exactly as they did with one sequence per model.
+
+Prompts are tokenized on a thread of their own, one at a time: a long prompt never holds the
+event loop (other requests, heartbeats and status go on meanwhile), never delays an engine step
+on the model thread, and the tokenizer is never used by two threads at once.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from vilaserve.application.worker.engine.engine import Engine
-from vilaserve.application.worker.engine.sequence import Sequence
 from vilaserve.domain.shared.conversation import ConversationTemplate
 from vilaserve.domain.shared.errors import ServingError
 from vilaserve.domain.shared.generation import GenerationStep, SamplingParams
@@ -17,6 +23,7 @@ class EngineTextGenerator(TextGenerator):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._runner = engine.runner
+        self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vilaserve-tok")
 
     @property
     def context_length(self) -> int:
@@ -30,16 +37,24 @@ class EngineTextGenerator(TextGenerator):
     def conversation_template(self) -> ConversationTemplate:
         return self._runner.conversation_template
 
-    def count_tokens(self, text: str) -> int:
-        return self._runner.count_tokens(text)
+    async def count_tokens(self, text: str) -> int:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizing, self._runner.count_tokens, text)
 
     def generate(
         self, prompt: str, images: ImageFeatures | None, params: SamplingParams
     ) -> AsyncIterator[GenerationStep]:
-        prepared = self._runner.prepare(prompt, images, params)  # raises before any step
-        return self._stream(self.engine.submit(prepared))
+        return self._stream(prompt, images, params)
 
-    async def _stream(self, seq: Sequence) -> AsyncIterator[GenerationStep]:
+    async def _stream(
+        self, prompt: str, images: ImageFeatures | None, params: SamplingParams
+    ) -> AsyncIterator[GenerationStep]:
+        loop = asyncio.get_running_loop()
+        # Raises before any step (a prompt that cannot fit, placeholders without images).
+        prepared = await loop.run_in_executor(
+            self._tokenizing, self._runner.prepare, prompt, images, params
+        )
+        seq = self.engine.submit(prepared)
         detokenizer = self._runner.detokenizer()
         produced = 0
         try:
@@ -66,3 +81,4 @@ class EngineTextGenerator(TextGenerator):
 
     async def close(self) -> None:
         await self.engine.close()
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
