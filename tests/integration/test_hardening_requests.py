@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
-from servers import ChildServer, free_port, serving_stack, wait_for, worker_process
+from servers import ApiStack, ChildServer, free_port, serving_stack, wait_for, worker_process
 
 JSON = {"content-type": "application/json"}
 MB = 1024 * 1024
@@ -190,6 +190,17 @@ def test_a_huge_prompt_is_refused_before_tokenizing_and_nobody_waits_for_it(
         assert peak_mb(worker) - before < 400, (peak_mb(worker), before)
         # What a spike took is given back to the system.
         wait_for(lambda: rss_mb(worker) - before < 150, timeout=10)
+
+
+def test_a_huge_prompt_through_the_api_is_refused_before_it_is_parsed(api_stack: ApiStack) -> None:
+    huge = "hello there " * 1_750_000  # 21 MB
+    chat = {"model": api_stack.model, "messages": [{"role": "user", "content": huge}]}
+    text = {"model": api_stack.model, "prompt": huge}
+    for path, body in (("/v1/chat/completions", chat), ("/v1/completions", text)):
+        refused, seconds = timed_post(api_stack.api_url + path, json=body, timeout=60)
+        assert refused.status_code == 413, refused.text[:300]
+        assert "without any picture" in refused.json()["error"]["message"]
+        assert seconds < 3, seconds  # read, never parsed nor rendered
 
 
 # --- 5. JSON that expands in memory -------------------------------------------------------

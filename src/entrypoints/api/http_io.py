@@ -21,11 +21,24 @@ from vilaserve.entrypoints.shared.worker_protocol_http import (
 )
 
 
-async def read_json_body(request: Request, limit: int) -> Any:
+async def read_json_body(
+    request: Request, limit: int, text_limit: int | None = None, picture_key: bytes | None = None
+) -> Any:
+    """The body as JSON, at most `limit` bytes; at most `text_limit` bytes when it names no
+    picture (`picture_key` does not occur in it: checked on the bytes, before parsing, so a
+    20 MB prompt costs the API neither parsing nor rendering). 413 beyond either."""
     try:
-        return parse_json(await read_bounded(request, limit))
+        raw = await read_bounded(request, limit)
     except BodyTooLarge as exc:
         raise PayloadTooLarge(str(exc)) from exc
+    too_long = text_limit is not None and len(raw) > text_limit
+    if too_long and (picture_key is None or picture_key not in raw):
+        raise PayloadTooLarge(
+            f"the request body is {len(raw):,} bytes without any picture; the limit for a "
+            f"request without pictures is {text_limit:,} bytes"
+        )
+    try:
+        return parse_json(raw)
     except ValueError as exc:
         raise BadRequest(str(exc)) from exc
 

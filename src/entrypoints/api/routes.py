@@ -56,7 +56,9 @@ async def chat_completions(
     chat: ChatCompletion = Depends(Provide["chat_completion"]),
     settings: ApiSettings = Depends(Provide["settings"]),
 ) -> Response:
-    body = await read_json_body(request, settings.max_request_bytes)
+    body = await read_json_body(
+        request, settings.max_request_bytes, settings.max_text_request_bytes, b'"image_url"'
+    )
     return await _answer(request, chat(body))
 
 
@@ -69,7 +71,9 @@ async def completions(
     completion: Completion = Depends(Provide["completion"]),
     settings: ApiSettings = Depends(Provide["settings"]),
 ) -> Response:
-    body = await read_json_body(request, settings.max_request_bytes)
+    body = await read_json_body(
+        request, settings.max_request_bytes, settings.max_text_request_bytes
+    )
     return await _answer(request, completion(body))
 
 

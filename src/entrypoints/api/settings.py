@@ -69,6 +69,8 @@ class ApiSettings(BaseSettings):
     max_remote_image_bytes: int = Field(DEFAULT_MAX_REMOTE_IMAGE_BYTES, ge=1)
     max_image_bytes: int = Field(DEFAULT_MAX_IMAGE_BYTES, ge=1)
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    # A request without pictures needs far less: a larger one gets 413 before it is parsed.
+    max_text_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     # Slow clients: a request head must arrive whole within header_timeout_s, a body may not
     # pause longer than body_timeout_s, and beyond max_connections open ones new connections
     # are refused (503) unread.
