@@ -39,10 +39,8 @@ def tiny_vila_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def api_stack(tiny_vila_siglip: Path) -> Iterator[ApiStack]:
-    """Controller + a real worker on the SigLIP checkpoint + the OpenAI-compatible API.
-
-    One per test module: route wiring is per process (see `WiredServerThread`), so a stack
-    must not outlive the modules that start controllers and workers of their own."""
+    """Controller + a real worker on the SigLIP checkpoint + the OpenAI-compatible API, one per
+    test module (each app serves from its own container, so other stacks may run beside it)."""
     with serving_stack(tiny_vila_siglip) as stack:
         yield stack
 

@@ -14,22 +14,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import Any, ClassVar
+from typing import Any
 
 import httpx
 import uvicorn
 from fastapi import FastAPI, Request
 
-from vilaserve.entrypoints.api import routes as api_routes
 from vilaserve.entrypoints.api.app import create_api_app
 from vilaserve.entrypoints.api.container import ApiContainer
 from vilaserve.entrypoints.api.settings import ApiSettings
-from vilaserve.entrypoints.controller import routes as controller_routes
 from vilaserve.entrypoints.controller.app import create_controller_app
 from vilaserve.entrypoints.controller.container import ControllerContainer
 from vilaserve.entrypoints.controller.settings import ControllerSettings
-from vilaserve.entrypoints.worker import routes as worker_routes
 from vilaserve.entrypoints.worker.app import create_worker_app
 from vilaserve.entrypoints.worker.container import WorkerContainer
 from vilaserve.entrypoints.worker.settings import WorkerSettings
@@ -63,31 +59,6 @@ class ServerThread:
         self._thread.join(timeout=30)
 
 
-class WiredServerThread(ServerThread):
-    """A server whose routes are wired to `container`.
-
-    dependency-injector wires a route module to one container at a time, for the whole
-    process. With several servers of one kind in a test process the newest is wired (so only
-    it should be called while it runs), and stopping it wires the previous one back.
-    """
-
-    _wired: ClassVar[dict[str, list[Any]]] = {}
-
-    def __init__(self, app: Any, container: Any, routes: ModuleType, port: int | None = None):
-        super().__init__(app, port)
-        self._container = container
-        self._routes = routes
-        self._wired.setdefault(routes.__name__, []).append(container)
-
-    def __exit__(self, *exc: object) -> None:
-        super().__exit__(*exc)
-        stack = self._wired[self._routes.__name__]
-        stack.remove(self._container)
-        self._container.unwire()
-        if stack:
-            stack[-1].wire(modules=[self._routes])
-
-
 def start_worker(checkpoint: Path, **overrides: object) -> ServerThread:
     """A real model worker (torch adapters) on `checkpoint`; `port` in `overrides` is used."""
     options: dict[str, object] = {
@@ -99,7 +70,7 @@ def start_worker(checkpoint: Path, **overrides: object) -> ServerThread:
     settings = WorkerSettings(model_path=str(checkpoint), **options)  # type: ignore[arg-type]
     port = settings.port if "port" in overrides else None
     container = WorkerContainer(settings=settings)
-    return WiredServerThread(create_worker_app(container), container, worker_routes, port)
+    return ServerThread(create_worker_app(container), port)
 
 
 def start_api(controller_address: str, **overrides: object) -> ServerThread:
@@ -107,7 +78,7 @@ def start_api(controller_address: str, **overrides: object) -> ServerThread:
     options: dict[str, object] = {"log_format": "text", **overrides}
     settings = ApiSettings(controller_address=controller_address, **options)  # type: ignore[arg-type]
     container = ApiContainer(settings=settings)
-    return WiredServerThread(create_api_app(container), container, api_routes)
+    return ServerThread(create_api_app(container))
 
 
 class FakeControllerApp:
@@ -188,7 +159,7 @@ def serving_stack(checkpoint: Path, **worker_overrides: object) -> Iterator[ApiS
         calls[request.url.path] += 1
         return await call_next(request)
 
-    with WiredServerThread(app, container, controller_routes) as control:
+    with ServerThread(app) as control:
         port = free_port()
         address = f"http://127.0.0.1:{port}"
         worker = start_worker(
@@ -209,14 +180,14 @@ def start_controller(port: int | None = None, **overrides: object) -> ServerThre
     options: dict[str, object] = {"log_format": "text", **overrides}
     settings = ControllerSettings(**options)  # type: ignore[arg-type]
     container = ControllerContainer(settings=settings)
-    return WiredServerThread(create_controller_app(container), container, controller_routes, port)
+    return ServerThread(create_controller_app(container), port)
 
 
 class ChildServer:
     """A `vilaserve` subcommand in a process of its own, up once `GET ready_path` answers.
 
-    Needed where several servers of one kind must answer at once (the route wiring is one per
-    process, see `WiredServerThread`). Its log goes to a file, shown if it fails to start.
+    For a process of its own: its memory and file limits measured or set apart, or signals sent
+    to it. Its log goes to a file, shown if it fails to start.
     """
 
     def __init__(

@@ -23,8 +23,7 @@ test_worker_e2e (overload refused at once); 5 test_worker_drain (SIGTERM); 6 tes
 API's 413), test_worker_e2e (bad input refused, worker keeps serving); 7 test_api_e2e (remote
 images: opt-in, allow-list, public addresses only, time and size limits).
 
-Every server of a kind runs alone in this process at any time (route wiring is per process,
-see `servers.WiredServerThread`), so each test starts and stops its own.
+Each test starts and stops its own servers.
 """
 
 from __future__ import annotations

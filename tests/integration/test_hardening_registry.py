@@ -6,8 +6,7 @@
    worker, never a second one; the API's remote-image filter sees through the IPv6 forms that
    carry an IPv4 address (NAT64, IPv4-mapped, IPv4-compatible, 6to4).
 
-Every server of a kind runs alone in this process at any time (route wiring is per process,
-see `servers.WiredServerThread`), so each test starts and stops its own.
+Each test starts and stops its own servers.
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
 """The demo model answering about an uploaded picture in the web chat, in a real headless
 browser (conftest's `browser`); its screenshot is the README's (`VILASERVE_UPDATE_DOCS=1` writes
-it to docs/).
-
-A module of its own: the demo stack must not run beside another in-process stack (their
-servers would share the process-wide route wiring, see servers.WiredServerThread)."""
+it to docs/)."""
 
 from __future__ import annotations
 

@@ -165,11 +165,8 @@ def fake_api(
     container.model_directory.override(providers.Object(directory))
     container.worker_api.override(providers.Object(workers))
     container.image_fetcher.override(providers.Object(fetcher))
-    try:
-        with TestClient(create_api_app(container)) as client:
-            yield FakeApi(client, container, directory, workers)
-    finally:
-        container.unwire()
+    with TestClient(create_api_app(container)) as client:
+        yield FakeApi(client, container, directory, workers)
 
 
 def sse_events(raw: str) -> list[Any]:

@@ -49,7 +49,6 @@ def container(
     container.vision_encoder.override(providers.Object(vision))
     container.controller_client.override(providers.Object(controller))
     yield container
-    container.unwire()
 
 
 @pytest.fixture

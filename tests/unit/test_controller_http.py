@@ -84,7 +84,6 @@ def container(clock: FakeClock, gateway: FakeGateway) -> Iterator[ControllerCont
     container.clock.override(providers.Object(clock))
     container.worker_gateway.override(providers.Object(gateway))
     yield container
-    container.unwire()
 
 
 @pytest.fixture

@@ -67,7 +67,6 @@ def test_the_controller_never_fails_on_a_body(path: str, body: Any) -> None:
     with TestClient(create_controller_app(container)) as client:
         answers_well(client, path, body)
         assert client.post("/list_models").status_code == 200
-    container.unwire()
 
 
 API_PATHS = ("/v1/chat/completions", "/v1/completions")

@@ -240,11 +240,8 @@ SERVICES = {
 
 
 def openapi_of(service: Service) -> dict[str, Any]:
-    app, container = service.build()
-    try:
-        return app.openapi()  # type: ignore[no-any-return]
-    finally:
-        container.unwire()
+    app, _ = service.build()
+    return app.openapi()  # type: ignore[no-any-return]
 
 
 SCHEMAS = {
@@ -287,11 +284,10 @@ def _write_stats() -> Iterator[None]:
 
 def live(name: str) -> Iterator[Live]:
     service = SERVICES[name]
-    app, container = service.build()
+    app, _ = service.build()
     try:
         yield Live(service, app, SCHEMAS[name])
     finally:
-        container.unwire()
         stop_lifespans()
 
 

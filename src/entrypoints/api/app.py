@@ -58,7 +58,6 @@ def create_api_app(container: ApiContainer) -> FastAPI:
         finally:
             await _close(clients)
 
-    container.wire(modules=[api_routes])
     app = FastAPI(title="vilaserve OpenAI-compatible API", lifespan=lifespan)
     app.add_middleware(ReleaseMemoryAfterLargeBodies)
     app.state.container = container

@@ -32,8 +32,6 @@ def _image_fetcher(settings: ApiSettings) -> HttpImageFetcher | None:
 
 
 class ApiContainer(containers.DeclarativeContainer):
-    wiring_config = containers.WiringConfiguration(modules=["vilaserve.entrypoints.api.routes"])
-
     settings = providers.Dependency(instance_of=ApiSettings)
 
     worker_client = providers.Singleton(

@@ -6,7 +6,6 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
-from dependency_injector.wiring import Provide, inject
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 
@@ -17,6 +16,7 @@ from vilaserve.domain.api.errors import ModelNotFound, NotFound
 from vilaserve.domain.api.openai_requests import ChatCompletionRequest, CompletionRequest
 from vilaserve.entrypoints.api.http_io import check_api_key, read_json_body, reply_response
 from vilaserve.entrypoints.api.settings import ApiSettings
+from vilaserve.entrypoints.shared.container_dependencies import provided
 from vilaserve.entrypoints.shared.openapi_bodies import inline_refs, json_body
 from vilaserve.entrypoints.shared.worker_protocol_http import ClientGone, unless_disconnected
 
@@ -40,21 +40,17 @@ async def _answer(request: Request, work: Awaitable[Reply]) -> Response:
     return reply_response(reply)
 
 
-@inject
-async def require_api_key(
-    request: Request, settings: ApiSettings = Depends(Provide["settings"])
-) -> None:
+async def require_api_key(request: Request, settings: ApiSettings = provided("settings")) -> None:
     check_api_key(request, settings.api_key_list)
 
 
 @router.post(
     "/v1/chat/completions", dependencies=[Depends(require_api_key)], openapi_extra=CHAT_BODY
 )
-@inject
 async def chat_completions(
     request: Request,
-    chat: ChatCompletion = Depends(Provide["chat_completion"]),
-    settings: ApiSettings = Depends(Provide["settings"]),
+    chat: ChatCompletion = provided("chat_completion"),
+    settings: ApiSettings = provided("settings"),
 ) -> Response:
     body = await read_json_body(
         request, settings.max_request_bytes, settings.max_text_request_bytes, b'"image_url"'
@@ -65,11 +61,10 @@ async def chat_completions(
 @router.post(
     "/v1/completions", dependencies=[Depends(require_api_key)], openapi_extra=COMPLETION_BODY
 )
-@inject
 async def completions(
     request: Request,
-    completion: Completion = Depends(Provide["completion"]),
-    settings: ApiSettings = Depends(Provide["settings"]),
+    completion: Completion = provided("completion"),
+    settings: ApiSettings = provided("settings"),
 ) -> Response:
     body = await read_json_body(
         request, settings.max_request_bytes, settings.max_text_request_bytes
@@ -78,16 +73,12 @@ async def completions(
 
 
 @router.get("/v1/models", dependencies=[Depends(require_api_key)])
-@inject
-async def models(list_models: ListModels = Depends(Provide["list_models"])) -> dict[str, Any]:
+async def models(list_models: ListModels = provided("list_models")) -> dict[str, Any]:
     return await list_models()
 
 
 @router.get("/v1/models/{model:path}", dependencies=[Depends(require_api_key)])
-@inject
-async def model(
-    model: str, list_models: ListModels = Depends(Provide["list_models"])
-) -> dict[str, Any]:
+async def model(model: str, list_models: ListModels = provided("list_models")) -> dict[str, Any]:
     card = await list_models.model(model)
     if card is None:
         raise ModelNotFound(f"the model '{model}' does not exist", param="model")
@@ -100,11 +91,10 @@ async def health() -> JSONResponse:
 
 
 @router.get("/metrics")
-@inject
 async def metrics(
     request: Request,
-    metrics: ApiMetrics = Depends(Provide["metrics"]),
-    settings: ApiSettings = Depends(Provide["settings"]),
+    metrics: ApiMetrics = provided("metrics"),
+    settings: ApiSettings = provided("settings"),
 ) -> PlainTextResponse:
     if not settings.public_metrics:
         check_api_key(request, settings.api_key_list)
@@ -112,8 +102,7 @@ async def metrics(
 
 
 @router.get("/", include_in_schema=False)
-@inject
-async def chat_page(settings: ApiSettings = Depends(Provide["settings"])) -> Response:
+async def chat_page(settings: ApiSettings = provided("settings")) -> Response:
     if not settings.web_chat:
         raise NotFound("the web chat is turned off on this server (--no-web-chat)")
     return FileResponse(STATIC_DIR / "chat.html", media_type="text/html")

@@ -51,7 +51,6 @@ def create_controller_app(container: ControllerContainer) -> FastAPI:
                 await sweeper
             await container.worker_gateway().aclose()
 
-    container.wire(modules=[controller_routes])
     app = FastAPI(title="vilaserve controller", lifespan=lifespan)
     app.add_middleware(ReleaseMemoryAfterLargeBodies)
     settings = container.settings()

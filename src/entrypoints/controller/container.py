@@ -15,10 +15,6 @@ from vilaserve.entrypoints.controller.settings import ControllerSettings
 
 
 class ControllerContainer(containers.DeclarativeContainer):
-    wiring_config = containers.WiringConfiguration(
-        modules=["vilaserve.entrypoints.controller.routes"]
-    )
-
     settings = providers.Dependency(instance_of=ControllerSettings)
 
     clock = providers.Object(time.monotonic)

@@ -9,8 +9,7 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
-from dependency_injector.wiring import Provide, inject
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from vilaserve.application.controller.proxy_stream import ProxyGenerateStream, error_frame
@@ -18,6 +17,7 @@ from vilaserve.application.controller.worker_directory import WorkerDirectory
 from vilaserve.domain.controller.worker_registry import ModelKind
 from vilaserve.domain.shared.controller_messages import requested_model
 from vilaserve.domain.shared.errors import ErrorCode, ServingError
+from vilaserve.entrypoints.shared.container_dependencies import provided
 from vilaserve.entrypoints.shared.openapi_bodies import (
     HEARTBEAT,
     MODEL_LOOKUP,
@@ -82,9 +82,8 @@ def _error_response(error: ServingError) -> JSONResponse:
 
 
 @router.post("/register_worker", openapi_extra=json_body(REGISTRATION))
-@inject
 async def register_worker(
-    request: Request, directory: WorkerDirectory = Depends(Provide["directory"])
+    request: Request, directory: WorkerDirectory = provided("directory")
 ) -> Response:
     try:
         _check_secret(request)
@@ -95,9 +94,8 @@ async def register_worker(
 
 
 @router.post("/receive_heart_beat", openapi_extra=json_body(HEARTBEAT))
-@inject
 async def receive_heart_beat(
-    request: Request, directory: WorkerDirectory = Depends(Provide["directory"])
+    request: Request, directory: WorkerDirectory = provided("directory")
 ) -> Response:
     try:
         _check_secret(request)
@@ -108,41 +106,36 @@ async def receive_heart_beat(
 
 
 @router.post("/refresh_all_workers")
-@inject
 async def refresh_all_workers(
-    directory: WorkerDirectory = Depends(Provide["directory"]),
+    directory: WorkerDirectory = provided("directory"),
 ) -> None:
     await directory.refresh_all()
 
 
 @router.post("/list_models")
-@inject
 async def list_models(
-    directory: WorkerDirectory = Depends(Provide["directory"]),
+    directory: WorkerDirectory = provided("directory"),
 ) -> dict[str, list[str]]:
     return {"models": directory.model_names(ModelKind.ALL)}
 
 
 @router.post("/list_multimodal_models")
-@inject
 async def list_multimodal_models(
-    directory: WorkerDirectory = Depends(Provide["directory"]),
+    directory: WorkerDirectory = provided("directory"),
 ) -> dict[str, list[str]]:
     return {"models": directory.model_names(ModelKind.MULTIMODAL)}
 
 
 @router.post("/list_language_models")
-@inject
 async def list_language_models(
-    directory: WorkerDirectory = Depends(Provide["directory"]),
+    directory: WorkerDirectory = provided("directory"),
 ) -> dict[str, list[str]]:
     return {"models": directory.model_names(ModelKind.LANGUAGE)}
 
 
 @router.post("/get_worker_address", openapi_extra=json_body(MODEL_LOOKUP))
-@inject
 async def get_worker_address(
-    request: Request, directory: WorkerDirectory = Depends(Provide["directory"])
+    request: Request, directory: WorkerDirectory = provided("directory")
 ) -> Response:
     try:
         model = requested_model(await _body(request))
@@ -153,17 +146,15 @@ async def get_worker_address(
 
 
 @router.post("/worker_get_status")
-@inject
 async def worker_get_status(
-    directory: WorkerDirectory = Depends(Provide["directory"]),
+    directory: WorkerDirectory = provided("directory"),
 ) -> dict[str, Any]:
     return directory.aggregate_status().to_dict()
 
 
 @router.post("/worker_generate_stream", openapi_extra=json_body(ROUTED_GENERATION_REQUEST))
-@inject
 async def worker_generate_stream(
-    request: Request, proxy: ProxyGenerateStream = Depends(Provide["proxy_stream"])
+    request: Request, proxy: ProxyGenerateStream = provided("proxy_stream")
 ) -> Response:
     try:
         frames = await proxy.open(await _body(request))

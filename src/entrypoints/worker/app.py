@@ -57,7 +57,6 @@ def create_worker_app(container: WorkerContainer) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError):
                     await heartbeat_task
 
-    container.wire(modules=[worker_routes])
     app = FastAPI(title="vilaserve model worker", lifespan=lifespan)
     app.add_middleware(ReleaseMemoryAfterLargeBodies)
     settings = container.settings()

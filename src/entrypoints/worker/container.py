@@ -68,8 +68,6 @@ def _is_multimodal(settings: WorkerSettings, vision: object | None) -> bool:
 
 
 class WorkerContainer(containers.DeclarativeContainer):
-    wiring_config = containers.WiringConfiguration(modules=["vilaserve.entrypoints.worker.routes"])
-
     settings = providers.Dependency(instance_of=WorkerSettings)
 
     runtime = providers.Singleton(_load_runtime, settings)

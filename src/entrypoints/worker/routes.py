@@ -11,14 +11,14 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from dependency_injector.wiring import Provide, inject
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from vilaserve.application.worker.generate_stream import GenerateStream, error_chunk
 from vilaserve.application.worker.report_status import DescribeModel, ReportStatus
 from vilaserve.domain.shared.errors import ServingError
 from vilaserve.domain.shared.generation import StreamChunk
+from vilaserve.entrypoints.shared.container_dependencies import provided
 from vilaserve.entrypoints.shared.openapi_bodies import (
     COUNT_TOKEN_REQUEST,
     GENERATION_REQUEST,
@@ -63,11 +63,10 @@ async def _frames(chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[bytes]:
 
 
 @router.post("/worker_generate_stream", openapi_extra=json_body(GENERATION_REQUEST))
-@inject
 async def worker_generate_stream(
     request: Request,
-    generate: GenerateStream = Depends(Provide["generate_stream"]),
-    settings: WorkerSettings = Depends(Provide["settings"]),
+    generate: GenerateStream = provided("generate_stream"),
+    settings: WorkerSettings = provided("settings"),
 ) -> Response:
     try:
         prepared = generate.prepare(await _body(request, settings))
@@ -98,11 +97,10 @@ async def worker_generate_stream(
 
 
 @router.post("/worker_generate", openapi_extra=json_body(GENERATION_REQUEST))
-@inject
 async def worker_generate(
     request: Request,
-    generate: GenerateStream = Depends(Provide["generate_stream"]),
-    settings: WorkerSettings = Depends(Provide["settings"]),
+    generate: GenerateStream = provided("generate_stream"),
+    settings: WorkerSettings = provided("settings"),
 ) -> Response:
     try:
         prepared = generate.prepare(await _body(request, settings))
@@ -126,19 +124,17 @@ async def worker_generate(
 
 
 @router.post("/worker_get_status")
-@inject
 async def worker_get_status(
-    report_status: ReportStatus = Depends(Provide["report_status"]),
+    report_status: ReportStatus = provided("report_status"),
 ) -> dict[str, object]:
     return report_status().to_dict()
 
 
 @router.post("/count_token", openapi_extra=json_body(COUNT_TOKEN_REQUEST))
-@inject
 async def count_token(
     request: Request,
-    describe: DescribeModel = Depends(Provide["describe_model"]),
-    settings: WorkerSettings = Depends(Provide["settings"]),
+    describe: DescribeModel = provided("describe_model"),
+    settings: WorkerSettings = provided("settings"),
 ) -> JSONResponse:
     try:
         count = await describe.count_tokens(await _body(request, settings))
@@ -149,9 +145,8 @@ async def count_token(
 
 
 @router.post("/model_details")
-@inject
 async def model_details(
-    describe: DescribeModel = Depends(Provide["describe_model"]),
+    describe: DescribeModel = provided("describe_model"),
 ) -> dict[str, object]:
     details = describe.details()
     reply: dict[str, object] = {
@@ -165,16 +160,14 @@ async def model_details(
 
 
 @router.post("/worker_get_conv_template")
-@inject
 async def worker_get_conv_template(
-    describe: DescribeModel = Depends(Provide["describe_model"]),
+    describe: DescribeModel = provided("describe_model"),
 ) -> dict[str, object]:
     return {"conv": describe.conversation_template().to_fastchat_dict()}
 
 
 @router.get("/metrics")
-@inject
-async def metrics(observer: Any = Depends(Provide["engine_observer"])) -> Response:
+async def metrics(observer: Any = provided("engine_observer")) -> Response:
     """Prometheus text format: the engine's load, caches and latencies (vLLM's names)."""
     return Response(observer.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
