@@ -8,10 +8,26 @@ not). For each: what the client received, and the seconds until the stack served
     python benchmarks/faults.py
 
 Writes benchmarks/results/faults.{json,png}.
+
+    python benchmarks/faults.py --attacks
+
+Issue 23's attacks instead, one after another, on `vilaserve serve` with API keys (a 0600
+file) and so an internal token (see attacks.py): an empty prompt, relay poison (a lone
+surrogate and NaN to the controller's relay once a second for 30 s, without the token and with
+it), a 20 MB prompt, JSON expansion (64 MB to the worker and the controller, four 32 MB API
+requests at once, then four naming a picture), 1,000 connections trickling their request
+heads (60 s on the API, 20 s on the worker and on the controller; then 1,500 for 20 s on the
+API, beyond its connection limit), and `kill -9` of the worker. A probe user sends small chat
+completions one after another throughout, each on a new connection (a new visitor: what the
+connection limit meets). For each attack: what the attacking client got, the probe's latency
+p50 / p99 against its baseline, requests lost, each process's peak RSS and CPU seconds,
+whether the controller still lists the worker, and the seconds until served again (after the
+kill: the recovery). Writes benchmarks/results/faults_attacks.{json,png}.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -139,8 +155,63 @@ def worker_running(stack: Stack) -> float:
                if line.startswith("vllm:num_requests_running"))  # fmt: skip
 
 
+def attack_run(model: str, port: int) -> None:
+    from attacks import Attack, Campaign, ServeStack, Users, highest_peaks, plot_campaign
+
+    def slow(service: str, seconds: int) -> Attack:
+        name = f"slow headers: 1,000 connections for {seconds} s on the {service}"
+        return Attack(name, "slow_headers", seconds, ("--service", service.lower()))
+
+    attacks = [
+        Attack("empty prompt (API and worker, twice a second)", "empty_prompt", 15),
+        Attack("relay poison (surrogate, NaN) once a second for 30 s", "relay_poison", 30),
+        Attack("20 MB prompt (worker, /count_token + refresh, API)", "huge_prompt", 10),
+        Attack("JSON expansion (64 MB worker, controller; 4 x 32 MB API)", "json_expansion", 1),
+        slow("API", 60),
+        slow("worker", 20),
+        slow("controller", 20),
+        # Beyond the API's connection limit (1,024): who is still served?
+        Attack(
+            "slow headers: 1,500 connections for 20 s on the API (limit 1,024)",
+            "slow_headers",
+            20,
+            ("--service", "api", "--connections", "1500"),
+        ),
+        Attack("worker kill -9 under serve", "kill_worker"),
+    ]
+    with ServeStack(model, port) as stack:
+        assert stack.target is not None
+        report: dict[str, Any] = {
+            "cpu": cpu_description(),
+            "serve_started_s": round(stack.started_s, 1),
+            "internal_token_in_children": stack.token_in_children(),
+            "users": "1 probe: small chat completions (max_tokens 8), one after another, "
+            "each on a new connection",
+        }
+        users = Users(stack.target, clients=1, mix=False, max_tokens=8, fresh_connections=True)
+        campaign = Campaign(stack, users, baseline_s=20, gap_s=3, after_s=15)
+        report["windows"] = campaign.run(attacks, say=lambda m: print(m, flush=True))
+        report["serve_said"] = stack.serve_lines()
+        report["peak_rss_mb_any_window"] = highest_peaks(report["windows"])
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "faults_attacks.json").write_text(json.dumps(report, indent=2) + "\n")
+    title = "faults.py --attacks: one probe user during each attack on vilaserve serve"
+    plot_campaign(report["windows"], title, RESULTS / "faults_attacks.png")
+    print(json.dumps(report, indent=2))
+
+
 def main() -> None:
-    model = sys.argv[1] if len(sys.argv) > 1 else None
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model", nargs="?", help="default: the W4A16 demo model")
+    parser.add_argument("--attacks", action="store_true", help="issue 23's attacks instead")
+    parser.add_argument("--port", type=int, default=18100, help="--attacks: API port (+1, +2)")
+    args = parser.parse_args()
+    model = args.model
+    if args.attacks:
+        from attacks import demo_model
+
+        attack_run(model or demo_model(), args.port)
+        return
     if model is None:
         from vilaserve.entrypoints.offline.demo import build_demo
 

@@ -9,6 +9,18 @@ latency percentiles, and each process's peak RSS.
     python benchmarks/load_clients.py --clients 64
 
 Writes benchmarks/results/load_clients.{json,png}.
+
+    python benchmarks/load_clients.py --attacks --clients 8
+
+Issue 23's attacks while the clients run (see attacks.py), on `vilaserve serve` with API keys
+(a 0600 file) and so an internal token: the clients loop over chat completions (half with a
+picture, half streamed, `--max-tokens` each) for a quiet baseline, then through each attack in
+turn (an empty prompt, relay poison once a second for 30 s, a 20 MB prompt, JSON expansion,
+1,000 connections trickling their heads at the API for 60 s, `kill -9` of the worker), then a
+quiet window after. Per window: the clients' latency p50 / p99 against the baseline (target:
+at most 2x), requests lost (failed or hung) and refused (503 during the worker's restart),
+each process's peak RSS, what the attacking client got, and the recovery time after the kill.
+Writes benchmarks/results/load_clients_attacks.{json,png}.
 """
 
 from __future__ import annotations
@@ -124,6 +136,47 @@ async def load(url: str, clients: int, requests: int, timeout: float) -> list[tu
     return [r for per_client in results for r in per_client]
 
 
+def attack_run(args: argparse.Namespace) -> None:
+    from attacks import (
+        Attack,
+        Campaign,
+        ServeStack,
+        Users,
+        demo_model,
+        highest_peaks,
+        plot_campaign,
+    )
+
+    attacks = [
+        Attack("empty prompt under load (API and worker)", "empty_prompt", 20),
+        Attack("relay poison (surrogate, NaN) once a second for 30 s", "relay_poison", 30),
+        Attack("20 MB prompt (worker, /count_token + refresh, API)", "huge_prompt", 15),
+        Attack("JSON expansion (64 MB worker, controller; 4 x 32 MB API)", "json_expansion", 1),
+        Attack("slow headers: 1,000 connections for 60 s on the API", "slow_headers", 60),
+        Attack("worker kill -9 under serve", "kill_worker"),
+    ]
+    with ServeStack(args.model_path or demo_model(), args.port) as stack:
+        assert stack.target is not None
+        report: dict[str, Any] = {
+            "cpu": cpu_description(),
+            "clients": args.clients,
+            "max_tokens": args.max_tokens,
+            "serve_started_s": round(stack.started_s, 1),
+            "internal_token_in_children": stack.token_in_children(),
+        }
+        users = Users(stack.target, args.clients, mix=True, max_tokens=args.max_tokens,
+                      timeout_s=args.timeout)  # fmt: skip
+        campaign = Campaign(stack, users, baseline_s=30, gap_s=5, after_s=20)
+        report["windows"] = campaign.run(attacks, say=lambda m: print(m, flush=True))
+        report["serve_said"] = stack.serve_lines()
+        report["peak_rss_mb_any_window"] = highest_peaks(report["windows"])
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "load_clients_attacks.json").write_text(json.dumps(report, indent=2) + "\n")
+    title = f"load_clients.py --attacks: {args.clients} clients during each attack"
+    plot_campaign(report["windows"], title, RESULTS / "load_clients_attacks.png")
+    print(json.dumps(report, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-path", default=None, help="default: the W4A16 demo model")
@@ -131,7 +184,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2, help="per client, one after another")
     parser.add_argument("--timeout", type=float, default=300.0, help="per request (s)")
     parser.add_argument("--port", type=int, default=18000)
+    parser.add_argument("--attacks", action="store_true", help="issue 23's attacks meanwhile")
+    parser.add_argument("--max-tokens", type=int, default=32, help="--attacks: per request")
     args = parser.parse_args()
+    if args.attacks:
+        attack_run(args)
+        return
     process, pids = start_serve(args.model_path, args.port)
     try:
         started = time.perf_counter()

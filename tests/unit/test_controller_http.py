@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from vilaserve.application.controller.proxy_stream import ProxyGenerateStream
 from vilaserve.application.controller.worker_directory import WorkerDirectory
 from vilaserve.domain.controller.worker_registry import DispatchMethod, WorkerRegistry
-from vilaserve.domain.shared.errors import ErrorCode, WorkerUnavailable
+from vilaserve.domain.shared.errors import ErrorCode, WorkerBusy, WorkerUnavailable
 from vilaserve.domain.shared.worker_gateway import WorkerGateway
 from vilaserve.domain.shared.worker_status import WorkerStatus
 from vilaserve.entrypoints.controller.app import create_controller_app
@@ -175,6 +175,21 @@ def test_refresh_updates_live_workers_and_drops_dead_ones(
     gateway.statuses["http://alive:1"] = WorkerStatus(("new-name",), 1, 0)
     assert client.post("/refresh_all_workers").status_code == 200
     assert client.post("/list_models").json() == {"models": ["new-name"]}
+
+
+def test_a_worker_turning_connections_away_is_busy_not_dead(
+    client: TestClient, gateway: FakeGateway
+) -> None:
+    """Its connection limit full (a flood of slow clients), a worker answers 503: it is
+    alive, and neither a refresh nor a refused relay drops it (issue 23's benchmark: the
+    controller used to forget it until its next heartbeat)."""
+    register(client, "http://flooded:1", "vila")
+    gateway.statuses["http://flooded:1"] = WorkerBusy("http://flooded:1", "503")
+    gateway.streams["http://flooded:1"] = [WorkerBusy("http://flooded:1", "503")]
+    assert client.post("/refresh_all_workers").status_code == 200
+    relayed = client.post("/worker_generate_stream", json={"model": "vila", "prompt": "hi"})
+    assert relayed.status_code == 503
+    assert client.post("/list_models").json() == {"models": ["vila"]}
 
 
 @pytest.mark.parametrize(

@@ -14,12 +14,19 @@ from typing import Any
 import httpx
 
 from vilaserve.domain.shared.controller_messages import parse_worker_status
-from vilaserve.domain.shared.errors import InvalidRequest, WorkerUnavailable
+from vilaserve.domain.shared.errors import InvalidRequest, WorkerBusy, WorkerUnavailable
 from vilaserve.domain.shared.worker_gateway import WorkerGateway
 from vilaserve.domain.shared.worker_status import WorkerStatus
 
 FRAME_SEPARATOR = b"\0"
 _JSON_HEADERS = {"content-type": "application/json"}
+
+
+def _raise_if_busy(worker_address: str, response: httpx.Response) -> None:
+    """A 503 with Retry-After is a worker turning connections away (its connection limit): it
+    is alive, and must not be taken for dead."""
+    if response.status_code == 503 and "retry-after" in response.headers:
+        raise WorkerBusy(worker_address, "it is turning connections away (503); retry shortly")
 
 
 def bearer(token: str | None) -> dict[str, str]:
@@ -81,6 +88,7 @@ class HttpWorkerClient(WorkerGateway):
             response = await self._client.post(
                 url, content=content, headers=_JSON_HEADERS, timeout=timeout
             )
+            _raise_if_busy(worker_address, response)
             return response.json()
         except httpx.TimeoutException as exc:
             raise WorkerUnavailable(worker_address, f"timed out on {path}", True) from exc
@@ -113,6 +121,7 @@ class HttpWorkerClient(WorkerGateway):
             async with self._client.stream(
                 "POST", url, content=content, headers=_JSON_HEADERS
             ) as response:
+                _raise_if_busy(worker_address, response)
                 async for frame in split_frames(response.aiter_bytes()):
                     yield frame
         except httpx.TimeoutException as exc:

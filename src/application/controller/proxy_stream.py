@@ -13,7 +13,12 @@ from typing import Any
 
 from vilaserve.application.controller.worker_directory import WorkerDirectory
 from vilaserve.domain.shared.controller_messages import requested_model
-from vilaserve.domain.shared.errors import NoWorkerForModel, ServingError, WorkerUnavailable
+from vilaserve.domain.shared.errors import (
+    NoWorkerForModel,
+    ServingError,
+    WorkerBusy,
+    WorkerUnavailable,
+)
 from vilaserve.domain.shared.worker_gateway import WorkerGateway
 
 log = logging.getLogger(__name__)
@@ -71,7 +76,8 @@ class ProxyGenerateStream:
                 await close()
 
     def _lost(self, address: str, model: str, exc: WorkerUnavailable) -> WorkerUnavailable:
-        self._directory.drop(address, exc.reason)
+        if not isinstance(exc, WorkerBusy):  # a busy worker is alive: keep it
+            self._directory.drop(address, exc.reason)
         return WorkerUnavailable(address, f"serving {model!r}: {exc.reason}", exc.timed_out)
 
     def _no_worker_message(self, model: str) -> str:

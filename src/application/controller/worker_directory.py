@@ -11,7 +11,7 @@ from typing import Any
 
 from vilaserve.domain.controller.worker_registry import DispatchMethod, ModelKind, WorkerRegistry
 from vilaserve.domain.shared.controller_messages import parse_heartbeat, parse_registration
-from vilaserve.domain.shared.errors import WorkerUnavailable
+from vilaserve.domain.shared.errors import WorkerBusy, WorkerUnavailable
 from vilaserve.domain.shared.worker_gateway import WorkerGateway
 from vilaserve.domain.shared.worker_status import WorkerStatus
 
@@ -93,6 +93,8 @@ class WorkerDirectory:
         for address, reply in zip(addresses, replies, strict=True):
             if isinstance(reply, WorkerStatus):
                 self._registry.update_status(address, reply)
+            elif isinstance(reply, WorkerBusy):
+                log.info("worker busy, kept", extra={"worker": address, "reason": reply.reason})
             elif isinstance(reply, WorkerUnavailable):
                 self.drop(address, reply.reason)
             else:

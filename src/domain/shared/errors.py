@@ -121,6 +121,11 @@ class WorkerUnavailable(Unavailable):
     code = ErrorCode.CONTROLLER_WORKER_TIMEOUT
 
 
+class WorkerBusy(WorkerUnavailable):
+    """A worker that answered, but refused the connection (its open-connection limit, 503):
+    alive, so the controller keeps it; this request fails over or fails."""
+
+
 class ControllerUnavailable(Unavailable):
     """The controller cannot be reached or gave an answer that is not the protocol."""
 

@@ -70,7 +70,7 @@ def add_api_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--max-concurrent-requests", type=int, help="requests held at once (default 256)")
     add("--worker-timeout-s", type=float, help="longest silence from a worker (default 300)")
-    add_http_limit_arguments(parser, max_connections=1024)
+    add_http_limit_arguments(parser, max_connections=4096)
     add("--log-format", choices=["json", "text"], help="log line format (default json)")
 
 

@@ -76,7 +76,7 @@ class ApiSettings(BaseSettings):
     # are refused (503) unread.
     header_timeout_s: float = Field(10.0, gt=0)
     body_timeout_s: float = Field(30.0, gt=0)
-    max_connections: int = Field(1024, ge=1)
+    max_connections: int = Field(4096, ge=1)
 
     max_concurrent_requests: int = Field(256, ge=1)
     controller_timeout_s: float = Field(5.0, gt=0)

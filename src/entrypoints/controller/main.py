@@ -61,7 +61,7 @@ def add_controller_arguments(parser: argparse.ArgumentParser) -> None:
         help="shared secret required from workers on registration and heartbeats; prefer the "
         "VILASERVE_REGISTRATION_SECRET environment variable (a flag shows in `ps`)",
     )
-    add_http_limit_arguments(parser, max_connections=512)
+    add_http_limit_arguments(parser, max_connections=4096)
     add("--log-format", choices=["json", "text"], help="log line format (default json)")
 
 

@@ -33,7 +33,7 @@ class ControllerSettings(BaseSettings):
     # are refused (503) unread.
     header_timeout_s: float = Field(10.0, gt=0)
     body_timeout_s: float = Field(30.0, gt=0)
-    max_connections: int = Field(512, ge=1)
+    max_connections: int = Field(4096, ge=1)
     # Workers must send it (Authorization: Bearer) to register and heart-beat; unset: anyone
     # who reaches the controller may (FastChat's behaviour). Env: VILASERVE_REGISTRATION_SECRET.
     registration_secret: str | None = Field(

@@ -114,6 +114,7 @@ class _SlowClientGuard:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._refused = False
+        self._answered_and_closing = False  # a 408 sent: what still arrives is dropped
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = False  # has a byte of the awaited head arrived?
         self._body_timer: asyncio.TimerHandle | None = None
@@ -135,7 +136,7 @@ class _SlowClientGuard:
         self._await_head()
 
     def data_received(self, data: bytes) -> None:
-        if self._refused:
+        if self._refused or self._answered_and_closing:
             return
         if self._between_requests():
             self._await_head()
@@ -161,7 +162,17 @@ class _SlowClientGuard:
 
     def _still_ours(self) -> bool:
         """Open, and not handed over to another protocol (a WebSocket upgrade)."""
-        return not self.transport.is_closing() and self.transport.get_protocol() is self
+        return (
+            not self._answered_and_closing
+            and not self.transport.is_closing()
+            and self.transport.get_protocol() is self
+        )
+
+    def _close_with(self, answer: bytes) -> None:
+        self._answered_and_closing = True
+        self._cancel_head_timer()
+        self._cancel_body_timer()
+        _answer_and_close(self.transport, answer)
 
     # Request head
 
@@ -185,15 +196,15 @@ class _SlowClientGuard:
             return
         if self.cycle is not None and self.cycle.more_body:
             # The rest of a body the application answered without reading: nothing to say.
-            _answer_and_close(self.transport, b"")
+            self._close_with(b"")
         elif self._head_bytes:
             logger.warning(
                 "closed a connection: the request head was not complete in time",
                 extra={"client": _address(self.client), "timeout_s": self.limits.header_timeout_s},
             )
-            _answer_and_close(self.transport, HEAD_TIMEOUT)
+            self._close_with(HEAD_TIMEOUT)
         else:  # connected, never asked anything (a browser's spare connection, a scanner)
-            _answer_and_close(self.transport, b"")
+            self._close_with(b"")
 
     # Request body
 
@@ -229,7 +240,7 @@ class _SlowClientGuard:
             extra={"client": _address(self.client), "timeout_s": self.limits.body_timeout_s},
         )
         answered = bool(self.cycle.response_started)
-        _answer_and_close(self.transport, b"" if answered else BODY_TIMEOUT)
+        self._close_with(b"" if answered else BODY_TIMEOUT)
 
 
 def _address(client: tuple[str, int] | None) -> str | None:
@@ -239,9 +250,16 @@ def _address(client: tuple[str, int] | None) -> str | None:
 def _answer_and_close(transport: asyncio.Transport, answer: bytes) -> None:
     if answer:
         transport.write(answer)
-    transport.close()  # after the answer is flushed...
-    # ...unless the client does not read it: then cut it off.
-    asyncio.get_running_loop().call_later(CLOSE_GRACE_S, transport.abort)
+    if transport.can_write_eof():
+        # Half-close: the client reads the answer and then the end; what it still sends is
+        # read and dropped. Closing at once with unread input would send it a reset instead
+        # (the kernel's rule), and it would never see the 503 / 408.
+        transport.write_eof()
+        asyncio.get_running_loop().call_later(CLOSE_GRACE_S, transport.close)
+    else:
+        transport.close()  # after the answer is flushed
+    # A client that neither reads nor closes is cut off.
+    asyncio.get_running_loop().call_later(2 * CLOSE_GRACE_S, transport.abort)
 
 
 def guarded_protocol(

@@ -154,7 +154,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         help="shared secret sent to the controller on registration and heartbeats; prefer the "
         "VILASERVE_REGISTRATION_SECRET environment variable (a flag shows in `ps`)",
     )
-    add_http_limit_arguments(parser, max_connections=512)
+    add_http_limit_arguments(parser, max_connections=4096)
     add("--log-format", choices=["json", "text"], help="log line format (default json)")
 
 

@@ -60,7 +60,7 @@ class WorkerSettings(BaseSettings):
     # are refused (503) unread.
     header_timeout_s: float = Field(10.0, gt=0)
     body_timeout_s: float = Field(30.0, gt=0)
-    max_connections: int = Field(512, ge=1)
+    max_connections: int = Field(4096, ge=1)
     image_cache_mb: int = Field(256, ge=0)  # projected embeddings of recent images; 0: off
 
     # Sent to the controller on registration and heartbeats (Authorization: Bearer).
