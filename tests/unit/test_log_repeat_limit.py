@@ -7,9 +7,11 @@ from __future__ import annotations
 import io
 import json
 import logging
+import logging.config
 from collections.abc import Iterator
 
 import pytest
+import uvicorn.config
 
 from vilaserve.entrypoints.shared import http_server
 from vilaserve.entrypoints.shared.http_server import HttpLimits, fit_to_file_limit
@@ -112,6 +114,9 @@ def root_logging() -> Iterator[io.StringIO]:
 def test_configure_logging_limits_every_logger(
     root_logging: io.StringIO, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # As after any uvicorn server that configured its own logging in this process (the test
+    # servers do): its loggers had handlers of their own and did not propagate.
+    logging.config.dictConfig(uvicorn.config.LOGGING_CONFIG)
     monkeypatch.setattr("sys.stderr", root_logging)
     configure_logging("json", repeat_limit=2, repeat_interval_s=60)
     for name in ("asyncio", "uvicorn.error", "vilaserve.entrypoints.shared.http_server"):

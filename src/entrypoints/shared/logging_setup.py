@@ -154,5 +154,11 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # uvicorn's own logging config (had it run in this process) gives its loggers handlers of
+    # their own and stops them propagating: they would escape the format and the limit.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        uvicorn_logger = logging.getLogger(name)
+        uvicorn_logger.handlers.clear()
+        uvicorn_logger.propagate = True
     # httpx logs every request at INFO: heartbeats and status polls would flood the log.
     logging.getLogger("httpx").setLevel(max(level, logging.WARNING))
