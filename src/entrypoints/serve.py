@@ -29,6 +29,8 @@ from typing import Protocol
 
 import httpx
 
+from vilaserve.adapters.shared.worker_client import bearer
+
 LOOPBACK = "127.0.0.1"
 POLL_S = 0.2
 
@@ -380,7 +382,7 @@ class _StackProbe:
         self.api = f"http://{_url_host(args.host)}:{args.api_port}"
         self.models: list[str] = []
         # serve's own calls to the controller and the worker carry the run's internal token.
-        self._headers = {"Authorization": f"Bearer {internal_token}"} if internal_token else {}
+        self._headers = bearer(internal_token)
 
     def _call(self, method: str, url: str) -> httpx.Response | None:
         try:

@@ -266,3 +266,44 @@ def metric(url: str, name: str) -> float:
     ]
     assert values, f"{name} not in /metrics"
     return sum(values)
+
+
+@dataclass
+class Registered:
+    controller_url: str
+    worker_url: str
+    port: int
+    model: str
+
+
+@contextmanager
+def registered_worker(
+    checkpoint: Path,
+    controller: dict[str, Any] | None = None,
+    worker: dict[str, Any] | None = None,
+) -> Iterator[Registered]:
+    """A real controller (`controller` settings) and one real worker on `checkpoint`
+    (`worker` settings) that registered itself at http://127.0.0.1:P and beats every 0.2 s;
+    ready once the controller lists its model (asked with the internal token, if set)."""
+    controller = controller or {}
+    with start_controller(**controller) as control:
+        port = free_port()
+        address = f"http://127.0.0.1:{port}"
+        token = controller.get("internal_token")
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+
+        def listed() -> list[str]:
+            reply = httpx.post(control.url + "/list_models", headers=headers)
+            return list(reply.json()["models"])
+
+        with start_worker(
+            checkpoint,
+            register_with_controller=True,
+            controller_address=control.url,
+            worker_address=address,
+            port=port,
+            heartbeat_interval_s=0.2,
+            **(worker or {}),
+        ):
+            wait_for(lambda: listed() == [checkpoint.name])
+            yield Registered(control.url, address, port, checkpoint.name)

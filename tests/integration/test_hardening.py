@@ -34,7 +34,6 @@ import io
 import json
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,9 +43,11 @@ import pytest
 from PIL import Image
 from servers import (
     FakeControllerApp,
+    Registered,
     ServerThread,
     free_port,
     metric,
+    registered_worker,
     serving_stack,
     start_api,
     start_controller,
@@ -74,40 +75,9 @@ def frames(response: httpx.Response) -> list[dict[str, Any]]:
     return [json.loads(part) for part in response.content.split(b"\0") if part]
 
 
-@dataclass
-class Registered:
-    controller_url: str
-    worker_url: str
-    model: str
-
-
 def models(controller_url: str) -> list[str]:
     listed: list[str] = httpx.post(controller_url + "/list_models").json()["models"]
     return listed
-
-
-@contextmanager
-def registered_worker(
-    checkpoint: Path,
-    controller: dict[str, Any] | None = None,
-    worker: dict[str, Any] | None = None,
-) -> Iterator[Registered]:
-    """A real controller (`controller` settings) and one real worker on `checkpoint`
-    (`worker` settings) registered with it."""
-    with start_controller(**(controller or {})) as control:
-        port = free_port()
-        address = f"http://127.0.0.1:{port}"
-        with start_worker(
-            checkpoint,
-            register_with_controller=True,
-            controller_address=control.url,
-            worker_address=address,
-            port=port,
-            heartbeat_interval_s=0.2,
-            **(worker or {}),
-        ):
-            wait_for(lambda: models(control.url) == [checkpoint.name])
-            yield Registered(control.url, address, checkpoint.name)
 
 
 # --- 1. registration ----------------------------------------------------------------------

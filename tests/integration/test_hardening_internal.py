@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import httpx
-from servers import free_port, start_api, start_controller, start_worker, wait_for
+from servers import registered_worker, start_api
 
 TOKEN = "internal-7f3a"
 SECRET = "registration-91c2"
@@ -25,87 +25,75 @@ def test_the_worker_and_the_controller_serve_only_the_stack_and_their_own_names(
     tiny_vila_siglip: Path,
 ) -> None:
     guarded = {"internal_token": TOKEN, "registration_secret": SECRET}
-    with start_controller(**guarded) as control:
-        port = free_port()
-        address = f"http://127.0.0.1:{port}"
-        with (
-            start_worker(
-                tiny_vila_siglip,
-                register_with_controller=True,
-                controller_address=control.url,
-                worker_address=address,
-                port=port,
-                heartbeat_interval_s=0.2,
-                **guarded,
-            ),
-            start_api(control.url, api_keys=KEY, internal_token=TOKEN) as api,
+    with (
+        registered_worker(tiny_vila_siglip, guarded, guarded) as registered,
+        start_api(registered.controller_url, api_keys=KEY, internal_token=TOKEN) as api,
+    ):
+        address, control_url = registered.worker_url, registered.controller_url
+        stack = {"authorization": f"Bearer {TOKEN}"}
+        model = registered.model
+        body = {"model": model, "prompt": "USER: hi ASSISTANT:", "max_new_tokens": 2}
+
+        # A local process without the token: nothing but a refusal.
+        for url, path in (
+            (address, "/worker_generate_stream"),
+            (address, "/worker_generate"),
+            (address, "/count_token"),
+            (address, "/worker_get_status"),
+            (control_url, "/worker_generate_stream"),
+            (control_url, "/get_worker_address"),
+            (control_url, "/list_models"),
+            (control_url, "/refresh_all_workers"),
         ):
-            stack = {"authorization": f"Bearer {TOKEN}"}
-            listed = lambda: httpx.post(control.url + "/list_models", headers=stack).json()  # noqa: E731
-            wait_for(lambda: listed()["models"] == [tiny_vila_siglip.name])
-            model = tiny_vila_siglip.name
-            body = {"model": model, "prompt": "USER: hi ASSISTANT:", "max_new_tokens": 2}
-
-            # A local process without the token: nothing but a refusal.
-            for url, path in (
-                (address, "/worker_generate_stream"),
-                (address, "/worker_generate"),
-                (address, "/count_token"),
-                (address, "/worker_get_status"),
-                (control.url, "/worker_generate_stream"),
-                (control.url, "/get_worker_address"),
-                (control.url, "/list_models"),
-                (control.url, "/refresh_all_workers"),
-            ):
-                bare = httpx.post(url + path, json=body, timeout=30)
-                assert bare.status_code == 401, (path, bare.status_code, bare.content[:200])
-                assert bare.json()["error_code"] == 40101, (path, bare.text)
-                wrong = httpx.post(
-                    url + path, json=body, headers={"authorization": "Bearer x"}, timeout=30
-                )
-                assert wrong.status_code == 401 and wrong.json()["error_code"] == 40102
-            assert httpx.get(address + "/health").status_code == 200
-            assert httpx.get(control.url + "/test_connection").status_code == 200
-
-            # The stack itself: the controller relays to the worker with the token, and the
-            # API serves a key holder end to end.
-            relayed = httpx.post(
-                control.url + "/worker_generate_stream", json=body, headers=stack, timeout=60
+            bare = httpx.post(url + path, json=body, timeout=30)
+            assert bare.status_code == 401, (path, bare.status_code, bare.content[:200])
+            assert bare.json()["error_code"] == 40101, (path, bare.text)
+            wrong = httpx.post(
+                url + path, json=body, headers={"authorization": "Bearer x"}, timeout=30
             )
-            assert relayed.status_code == 200, relayed.content[:300]
-            assert json.loads(relayed.content.split(b"\0")[-2])["error_code"] == 0
-            chat = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
-            no_key = httpx.post(api.url + "/v1/chat/completions", json={**chat, "max_tokens": 2})
-            assert no_key.status_code == 401
-            answer = httpx.post(
-                api.url + "/v1/chat/completions",
-                json={**chat, "max_tokens": 2},
-                headers={"authorization": f"Bearer {KEY}"},
-                timeout=60,
+            assert wrong.status_code == 401 and wrong.json()["error_code"] == 40102
+        assert httpx.get(address + "/health").status_code == 200
+        assert httpx.get(control_url + "/test_connection").status_code == 200
+
+        # The stack itself: the controller relays to the worker with the token, and the
+        # API serves a key holder end to end.
+        relayed = httpx.post(
+            control_url + "/worker_generate_stream", json=body, headers=stack, timeout=60
+        )
+        assert relayed.status_code == 200, relayed.content[:300]
+        assert json.loads(relayed.content.split(b"\0")[-2])["error_code"] == 0
+        chat = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+        no_key = httpx.post(api.url + "/v1/chat/completions", json={**chat, "max_tokens": 2})
+        assert no_key.status_code == 401
+        answer = httpx.post(
+            api.url + "/v1/chat/completions",
+            json={**chat, "max_tokens": 2},
+            headers={"authorization": f"Bearer {KEY}"},
+            timeout=60,
+        )
+        assert answer.status_code == 200, answer.text
+
+        # A web page can post text/plain (or a type-less blob) without asking: refused.
+        for kind in ("text/plain", None):
+            headers = {**stack, **({"content-type": kind} if kind else {})}
+            posted = httpx.post(
+                address + "/worker_generate",
+                content=json.dumps(body).encode(),
+                headers=headers,
+                timeout=30,
             )
-            assert answer.status_code == 200, answer.text
+            assert posted.status_code == 415, (kind, posted.text)
 
-            # A web page can post text/plain (or a type-less blob) without asking: refused.
-            for kind in ("text/plain", None):
-                headers = {**stack, **({"content-type": kind} if kind else {})}
-                posted = httpx.post(
-                    address + "/worker_generate",
-                    content=json.dumps(body).encode(),
-                    headers=headers,
-                    timeout=30,
-                )
-                assert posted.status_code == 415, (kind, posted.text)
-
-            # DNS rebinding: a page at attacker.example re-bound to 127.0.0.1 sends its own name.
-            for url in (address, control.url):
-                rebound = httpx.post(
+        # DNS rebinding: a page at attacker.example re-bound to 127.0.0.1 sends its own name.
+        for url in (address, control_url):
+            rebound = httpx.post(
+                url + "/worker_get_status",
+                headers={**stack, "host": f"attacker.example:{url.rsplit(':', 1)[1]}"},
+            )
+            assert rebound.status_code == 400 and "Host" in rebound.json()["text"]
+            for name in ("localhost", "127.0.0.1", "[::1]"):
+                named = httpx.post(
                     url + "/worker_get_status",
-                    headers={**stack, "host": f"attacker.example:{url.rsplit(':', 1)[1]}"},
+                    headers={**stack, "host": f"{name}:{url.rsplit(':', 1)[1]}"},
                 )
-                assert rebound.status_code == 400 and "Host" in rebound.json()["text"]
-                for name in ("localhost", "127.0.0.1", "[::1]"):
-                    named = httpx.post(
-                        url + "/worker_get_status",
-                        headers={**stack, "host": f"{name}:{url.rsplit(':', 1)[1]}"},
-                    )
-                    assert named.status_code == 200, (url, name, named.text)
+                assert named.status_code == 200, (url, name, named.text)

@@ -12,29 +12,27 @@ Each test starts and stops its own servers.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from servers import free_port, start_api, start_controller, start_worker, wait_for
+from servers import (
+    Registered,
+    free_port,
+    registered_worker,
+    start_api,
+    start_controller,
+    start_worker,
+    wait_for,
+)
 
 from vilaserve.domain.api.errors import BadRequest
 from vilaserve.domain.api.remote_images import RemoteImagePolicy
 
 SECRET = "s3cret"
 AUTH = {"authorization": f"Bearer {SECRET}"}
-
-
-@dataclass
-class Live:
-    controller_url: str
-    worker_url: str
-    port: int
-    model: str
 
 
 def listed(controller_url: str, kind: str = "models") -> list[str]:
@@ -46,24 +44,10 @@ def register(controller_url: str, body: dict[str, Any]) -> httpx.Response:
     return httpx.post(controller_url + "/register_worker", json=body, headers=AUTH, timeout=30)
 
 
-@contextmanager
-def live_worker(checkpoint: Path, **controller: object) -> Iterator[Live]:
-    """The real controller (with the secret) and one real worker that registered itself at
-    http://127.0.0.1:P and beats every 0.2 s."""
-    with start_controller(registration_secret=SECRET, **controller) as control:
-        port = free_port()
-        address = f"http://127.0.0.1:{port}"
-        with start_worker(
-            checkpoint,
-            register_with_controller=True,
-            controller_address=control.url,
-            worker_address=address,
-            port=port,
-            heartbeat_interval_s=0.2,
-            registration_secret=SECRET,
-        ):
-            wait_for(lambda: listed(control.url, "multimodal_models") == [checkpoint.name])
-            yield Live(control.url, address, port, checkpoint.name)
+def live_worker(checkpoint: Path, **controller: object) -> AbstractContextManager[Registered]:
+    """The real controller (with the secret) and one real worker registered with it."""
+    secret = {"registration_secret": SECRET}
+    return registered_worker(checkpoint, {**secret, **controller}, secret)
 
 
 def test_re_registering_a_live_worker_keeps_it_multimodal(tiny_vila_siglip: Path) -> None:

@@ -14,10 +14,12 @@ from starlette.types import Receive, Scope, Send
 from vilaserve.application.api.completion_relay import Reply, ResponseStream
 from vilaserve.domain.api.errors import ApiError, BadRequest, PayloadTooLarge, Unauthorized
 from vilaserve.domain.shared.errors import ErrorCode
+from vilaserve.entrypoints.shared.internal_access import bearer_token
 from vilaserve.entrypoints.shared.worker_protocol_http import (
     BodyTooLarge,
     parse_json,
     read_bounded,
+    refuse_text_only,
 )
 
 
@@ -29,14 +31,9 @@ async def read_json_body(
     20 MB prompt costs the API neither parsing nor rendering). 413 beyond either."""
     try:
         raw = await read_bounded(request, limit)
+        refuse_text_only(raw, text_limit, picture_key)
     except BodyTooLarge as exc:
         raise PayloadTooLarge(str(exc)) from exc
-    too_long = text_limit is not None and len(raw) > text_limit
-    if too_long and (picture_key is None or picture_key not in raw):
-        raise PayloadTooLarge(
-            f"the request body is {len(raw):,} bytes without any picture; the limit for a "
-            f"request without pictures is {text_limit:,} bytes"
-        )
     try:
         return parse_json(raw)
     except ValueError as exc:
@@ -47,9 +44,8 @@ def check_api_key(request: Request, keys: Sequence[str]) -> None:
     """OpenAI's `Authorization: Bearer <key>`; no keys configured means an open server."""
     if not keys:
         return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
+    token = bearer_token(request.headers.get("authorization", ""))
+    if not token:
         raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>'")
     if not any(hmac.compare_digest(token.encode(), key.encode()) for key in keys):
         raise Unauthorized("the API key is not valid", code=ErrorCode.INCORRECT_AUTH_KEY)

@@ -62,15 +62,9 @@ def add_api_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--image-domains", help="comma-separated hosts remote images may come from (default any)")
     add("--image-fetch-timeout-s", type=float, help="time limit per remote image (default 5)")
-    add("--max-request-bytes", type=int, help="largest request body (default 32 MiB)")
-    add(
-        "--max-text-request-bytes",
-        type=int,
-        help="largest body of a request without pictures (default 4 MiB); larger ones get 413",
-    )
     add("--max-concurrent-requests", type=int, help="requests held at once (default 256)")
     add("--worker-timeout-s", type=float, help="longest silence from a worker (default 300)")
-    add_http_limit_arguments(parser, max_connections=4096)
+    add_http_limit_arguments(parser, max_connections=4096, max_request_mib=32)
     add("--log-format", choices=["json", "text"], help="log line format (default json)")
 
 

@@ -12,11 +12,7 @@ from fastapi import FastAPI
 from vilaserve.application.controller.worker_directory import WorkerDirectory
 from vilaserve.entrypoints.controller import routes as controller_routes
 from vilaserve.entrypoints.controller.container import ControllerContainer
-from vilaserve.entrypoints.shared.internal_access import (
-    CheckHost,
-    RequireInternalToken,
-    allowed_hosts,
-)
+from vilaserve.entrypoints.shared.internal_access import guard_internal_service
 from vilaserve.entrypoints.shared.memory_release import ReleaseMemoryAfterLargeBodies
 
 log = logging.getLogger(__name__)
@@ -54,18 +50,15 @@ def create_controller_app(container: ControllerContainer) -> FastAPI:
     app = FastAPI(title="vilaserve controller", lifespan=lifespan)
     app.add_middleware(ReleaseMemoryAfterLargeBodies)
     settings = container.settings()
-    if settings.internal_token:
+    guard_internal_service(
+        app,
+        settings.internal_token,
         # Workers show the registration secret on these two instead; /test_connection is a ping.
-        open_paths = {"/register_worker", "/receive_heart_beat", "/test_connection"}
-        app.add_middleware(
-            RequireInternalToken, token=settings.internal_token, open_paths=open_paths
-        )
-    hosts = allowed_hosts(settings.host, [], _names(settings.allowed_hosts))
-    app.add_middleware(CheckHost, allowed=hosts)
+        open_paths=("/register_worker", "/receive_heart_beat", "/test_connection"),
+        bind_host=settings.host,
+        advertised=(),
+        extra_hosts=settings.allowed_hosts,
+    )
     app.state.container = container
     app.include_router(controller_routes.router)
     return app
-
-
-def _names(comma_separated: str) -> list[str]:
-    return [name.strip() for name in comma_separated.split(",") if name.strip()]

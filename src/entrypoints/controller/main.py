@@ -17,6 +17,7 @@ from vilaserve.entrypoints.shared.http_server import (
     limits_of,
     run_http_server,
 )
+from vilaserve.entrypoints.shared.internal_access import add_allowed_hosts_argument
 from vilaserve.entrypoints.shared.logging_setup import configure_logging
 
 
@@ -41,27 +42,13 @@ def add_controller_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="seconds a proxied generation may wait for the worker's next frame (default 100)",
     )
-    add(
-        "--max-request-bytes",
-        type=int,
-        help="largest request body read (default 64 MiB); larger ones get 413",
-    )
-    add(
-        "--allowed-hosts",
-        help="comma-separated extra names this service may be called by (Host header); bound "
-        "to 127.0.0.1 it answers only to this machine's names otherwise",
-    )
-    add(
-        "--max-text-request-bytes",
-        type=int,
-        help="largest body of a request without pictures (default 4 MiB); larger ones get 413",
-    )
+    add_allowed_hosts_argument(parser)
     add(
         "--registration-secret",
         help="shared secret required from workers on registration and heartbeats; prefer the "
         "VILASERVE_REGISTRATION_SECRET environment variable (a flag shows in `ps`)",
     )
-    add_http_limit_arguments(parser, max_connections=4096)
+    add_http_limit_arguments(parser, max_connections=4096, max_request_mib=64)
     add("--log-format", choices=["json", "text"], help="log line format (default json)")
 
 

@@ -18,6 +18,7 @@ from vilaserve.domain.controller.worker_registry import ModelKind
 from vilaserve.domain.shared.controller_messages import requested_model
 from vilaserve.domain.shared.errors import ErrorCode, ServingError
 from vilaserve.entrypoints.shared.container_dependencies import provided
+from vilaserve.entrypoints.shared.internal_access import bearer_token
 from vilaserve.entrypoints.shared.openapi_bodies import (
     HEARTBEAT,
     MODEL_LOOKUP,
@@ -49,14 +50,14 @@ def _check_secret(request: Request) -> None:
     secret = request.app.state.container.settings().registration_secret
     if not secret:
         return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = bearer_token(request.headers.get("authorization", ""))
+    if not token:
         raise RegistrationRefused(
             "this controller needs the registration secret: send 'Authorization: Bearer "
             "<secret>' (the worker's --registration-secret)",
             ErrorCode.INVALID_AUTH_KEY,
         )
-    if not hmac.compare_digest(token.strip().encode(), secret.encode()):
+    if not hmac.compare_digest(token.encode(), secret.encode()):
         raise RegistrationRefused("the registration secret is wrong", ErrorCode.INCORRECT_AUTH_KEY)
 
 

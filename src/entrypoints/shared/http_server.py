@@ -58,10 +58,22 @@ def limits_of(settings: _LimitSettings) -> HttpLimits:
     return HttpLimits(settings.header_timeout_s, settings.body_timeout_s, settings.max_connections)
 
 
-def add_http_limit_arguments(parser: argparse.ArgumentParser, max_connections: int) -> None:
-    """The flags of `HttpLimits`; their defaults are None, so only flags given override the
-    service's settings (and its environment)."""
+def add_http_limit_arguments(
+    parser: argparse.ArgumentParser, max_connections: int, max_request_mib: int
+) -> None:
+    """The flags of `HttpLimits` and of the body limits; their defaults are None, so only flags
+    given override the service's settings (and its environment)."""
     add = parser.add_argument
+    add(
+        "--max-request-bytes",
+        type=int,
+        help=f"largest request body read (default {max_request_mib} MiB); larger ones get 413",
+    )
+    add(
+        "--max-text-request-bytes",
+        type=int,
+        help="largest body of a request without pictures (default 4 MiB); larger ones get 413",
+    )
     add(
         "--header-timeout-s",
         type=float,

@@ -16,12 +16,14 @@ Both answer in the worker protocol's error shape, `{"text", "error_code"}`.
 
 from __future__ import annotations
 
+import argparse
 import hmac
 import ipaddress
 import json
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
+from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vilaserve.domain.shared.errors import ErrorCode
@@ -36,6 +38,12 @@ async def _refuse(send: Send, status: int, text: str, code: ErrorCode) -> None:
         headers.append((b"www-authenticate", b"Bearer"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def bearer_token(authorization: str) -> str:
+    """The token of an `Authorization: Bearer <token>` header; "" for none or another scheme."""
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
 
 
 def _header(scope: Scope, name: bytes) -> str:
@@ -58,9 +66,8 @@ class RequireInternalToken:
         if scope["type"] != "http" or scope["path"] in self._open:
             await self.app(scope, receive, send)
             return
-        scheme, _, token = _header(scope, b"authorization").partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
+        token = bearer_token(_header(scope, b"authorization"))
+        if not token:
             await _refuse(
                 send,
                 401,
@@ -93,13 +100,34 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def allowed_hosts(
-    bind_host: str, advertised: Iterable[str], extra: Iterable[str]
-) -> frozenset[str]:
+def guard_internal_service(
+    app: FastAPI,
+    token: str | None,
+    open_paths: Iterable[str],
+    bind_host: str,
+    advertised: Iterable[str],
+    extra_hosts: str,
+) -> None:
+    """The worker's and the controller's two checks: the internal token (when set) on every
+    path but `open_paths`, and the Host header (see `allowed_hosts`)."""
+    if token:
+        app.add_middleware(RequireInternalToken, token=token, open_paths=set(open_paths))
+    app.add_middleware(CheckHost, allowed=allowed_hosts(bind_host, advertised, extra_hosts))
+
+
+def add_allowed_hosts_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allowed-hosts",
+        help="comma-separated extra names this service may be called by (Host header); bound "
+        "to 127.0.0.1 it answers only to this machine's names otherwise",
+    )
+
+
+def allowed_hosts(bind_host: str, advertised: Iterable[str], extra: str) -> frozenset[str]:
     """The names a service may be called by: the machine's loopback names, the address it binds
-    and the URLs it is advertised at, and `extra`. Empty: any (a service bound to all
-    interfaces is reached by names it cannot know, unless `extra` lists them)."""
-    names = {h for h in (host_of(e) for e in extra) if h}
+    and the URLs it is advertised at, and the comma-separated `extra`. Empty: any (a service
+    bound to all interfaces is reached by names it cannot know, unless `extra` lists them)."""
+    names = {h for h in (host_of(e.strip()) for e in extra.split(",") if e.strip()) if h}
     if not is_loopback(bind_host) and not names:
         return frozenset()
     names |= LOOPBACK_NAMES

@@ -68,26 +68,32 @@ async def read_json(
             )
     try:
         raw = await read_bounded(request, limit)
+        refuse_text_only(raw, text_limit, b'"images"')
+        body = parse_json(raw)
+        if not (isinstance(body, dict) and body.get("images")):  # `"images": []` names none
+            refuse_text_only(raw, text_limit)
     except BodyTooLarge as exc:
         raise BodyRefused(str(exc), 413) from exc
-    # Checked on the bytes first, so that a large body without pictures is never parsed.
-    text_only = text_limit is not None and len(raw) > text_limit and b'"images"' not in raw
-    try:
-        body = None if text_only else parse_json(raw)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from exc
-    has_images = isinstance(body, dict) and bool(body.get("images"))
-    if text_limit is not None and len(raw) > text_limit and not has_images:
-        raise BodyRefused(
-            f"the request body is {len(raw):,} bytes without any picture; the limit for "
-            f"a request without pictures is {text_limit:,} bytes",
-            413,
-        )
     return body
 
 
 class BodyTooLarge(Exception):
     """The body is over the service's limit (the rest of it was read and dropped)."""
+
+
+def refuse_text_only(raw: bytes, text_limit: int | None, picture_key: bytes | None = None) -> None:
+    """Raises `BodyTooLarge` for a body over `text_limit` that names no picture (`picture_key`
+    occurs nowhere in its bytes; None: it holds none). Only pictures need the full body limit,
+    and checked on the bytes, a large text-only body is never parsed."""
+    if text_limit is None or len(raw) <= text_limit:
+        return
+    if picture_key is None or picture_key not in raw:
+        raise BodyTooLarge(
+            f"the request body is {len(raw):,} bytes without any picture; the limit for a "
+            f"request without pictures is {text_limit:,} bytes"
+        )
 
 
 async def read_bounded(request: Request, limit: int) -> bytes:

@@ -10,11 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from vilaserve.domain.shared.errors import ShuttingDown
-from vilaserve.entrypoints.shared.internal_access import (
-    CheckHost,
-    RequireInternalToken,
-    allowed_hosts,
-)
+from vilaserve.entrypoints.shared.internal_access import guard_internal_service
 from vilaserve.entrypoints.shared.memory_release import ReleaseMemoryAfterLargeBodies
 from vilaserve.entrypoints.worker import routes as worker_routes
 from vilaserve.entrypoints.worker.container import WorkerContainer
@@ -60,18 +56,14 @@ def create_worker_app(container: WorkerContainer) -> FastAPI:
     app = FastAPI(title="vilaserve model worker", lifespan=lifespan)
     app.add_middleware(ReleaseMemoryAfterLargeBodies)
     settings = container.settings()
-    if settings.internal_token:
-        app.add_middleware(
-            RequireInternalToken, token=settings.internal_token, open_paths={"/health"}
-        )
-    hosts = allowed_hosts(
-        settings.host, [settings.advertised_address], _names(settings.allowed_hosts)
+    guard_internal_service(
+        app,
+        settings.internal_token,
+        open_paths=("/health",),
+        bind_host=settings.host,
+        advertised=(settings.advertised_address,),
+        extra_hosts=settings.allowed_hosts,
     )
-    app.add_middleware(CheckHost, allowed=hosts)
     app.state.container = container
     app.include_router(worker_routes.router)
     return app
-
-
-def _names(comma_separated: str) -> list[str]:
-    return [name.strip() for name in comma_separated.split(",") if name.strip()]

@@ -21,6 +21,7 @@ from vilaserve.entrypoints.shared.http_server import (
     http_server_config,
     limits_of,
 )
+from vilaserve.entrypoints.shared.internal_access import add_allowed_hosts_argument
 from vilaserve.entrypoints.shared.logging_setup import configure_logging
 from vilaserve.entrypoints.worker.app import create_worker_app
 from vilaserve.entrypoints.worker.container import WorkerContainer
@@ -106,21 +107,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         help="pixels of all of a request's images together (default 256M); each image is "
         "also held to --max-image-pixels",
     )
-    add(
-        "--max-request-bytes",
-        type=int,
-        help="largest request body read (default 64 MiB); larger ones get 413",
-    )
-    add(
-        "--allowed-hosts",
-        help="comma-separated extra names this service may be called by (Host header); bound "
-        "to 127.0.0.1 it answers only to this machine's names otherwise",
-    )
-    add(
-        "--max-text-request-bytes",
-        type=int,
-        help="largest body of a request without pictures (default 4 MiB); larger ones get 413",
-    )
+    add_allowed_hosts_argument(parser)
     add(
         "--max-prompt-chars",
         type=int,
@@ -154,7 +141,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         help="shared secret sent to the controller on registration and heartbeats; prefer the "
         "VILASERVE_REGISTRATION_SECRET environment variable (a flag shows in `ps`)",
     )
-    add_http_limit_arguments(parser, max_connections=4096)
+    add_http_limit_arguments(parser, max_connections=4096, max_request_mib=64)
     add("--log-format", choices=["json", "text"], help="log line format (default json)")
 
 

@@ -162,9 +162,6 @@ class TorchModelRunner(ModelRunner[TorchPrompt]):
         self, prompt: str, images: ImageFeatures | None, params: SamplingParams
     ) -> TorchPrompt:
         ids = self._tokenize(prompt)
-        if not ids:
-            # A tokenizer without BOS (Qwen2, SmolLM2) gives no id at all: nothing to sample from.
-            raise InvalidRequest("the prompt is empty: there is nothing to continue from")
         n_slots = sum(1 for i in ids if i == IMAGE_TOKEN_INDEX)
         features = images if isinstance(images, TorchImageFeatures) else None
         embeddings = None if features is None else features.embeddings

@@ -139,6 +139,7 @@ class Scheduler:
             seq = self.waiting[0]
             try:
                 if seq.prompt_length == 0:
+                    # A tokenizer without BOS (Qwen2, SmolLM2) makes "" no position at all.
                     raise InvalidRequest("the prompt is empty: there is nothing to continue from")
                 found = self.slots.acquire(seq.prompt.keys)
             except Exception as exc:  # reported to that request, not to the whole step
