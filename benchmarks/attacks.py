@@ -478,7 +478,31 @@ class Attack:
     args: tuple[str, ...] = ()
 
 
-def run_attacker(target: Target, attack: Attack) -> dict[str, Any]:
+def add_campaign_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--attacker-nice",
+        type=int,
+        default=0,
+        help="--attacks: run each attacking process at this nice level (19: lowest priority); "
+        "results then go to *_attacks_nice<N>.{json,png}",
+    )
+    parser.add_argument(
+        "--only", default="", help="--attacks: only the attacks whose name holds this text"
+    )
+
+
+def chosen(attacks: list[Attack], only: str) -> list[Attack]:
+    return [a for a in attacks if only.lower() in a.name.lower()]
+
+
+def result_stem(stem: str, nice: int) -> str:
+    return f"{stem}_nice{nice}" if nice else stem
+
+
+def run_attacker(target: Target, attack: Attack, nice: int = 0) -> dict[str, Any]:
+    """The attack in its own process; `nice` > 0 runs it at a lower CPU priority (what a local
+    attacker's CPU use costs the users is then mostly out of the figures, what the service spends
+    on the attack stays in)."""
     command = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -494,6 +518,7 @@ def run_attacker(target: Target, attack: Attack) -> dict[str, Any]:
             capture_output=True,
             text=True,
             timeout=attack.seconds + 600,
+            preexec_fn=(lambda: os.nice(nice)) if nice else None,
         )
     except subprocess.TimeoutExpired:
         return {"error": "the attacking process did not finish"}
@@ -559,6 +584,7 @@ class Campaign:
     baseline_s: float
     gap_s: float
     after_s: float
+    attacker_nice: int = 0
     windows: dict[str, tuple[float, float]] = field(default_factory=dict)
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -578,7 +604,7 @@ class Campaign:
                 if attack.kind == "kill_worker":
                     attacker = kill_worker(self.stack)
                 else:
-                    attacker = run_attacker(target, attack)
+                    attacker = run_attacker(target, attack, self.attacker_nice)
                 end = time.monotonic()
                 self.windows[attack.name] = (start, end)
                 self.results[attack.name] = {
@@ -925,7 +951,9 @@ def json_expansion(t: Target, seconds: float) -> dict[str, Any]:
     sends = Sends()
     head = json.dumps({"model": t.model, "prompt": "hi"}).encode()[:-1] + b', "x": '
     plain = expanding(head, 64 * MB)
-    pictures = expanding(head, 64 * MB, b', "images": []')
+    pictures = expanding(head, 64 * MB, b', "images": []')  # named after 4 MiB: 413
+    named_first = json.dumps({"model": t.model, "prompt": "hi", "images": []}).encode()
+    pictures_first = expanding(named_first[:-1] + b', "x": ', 64 * MB)  # only the value bound
     picture = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
     chats = {
         "": [{"role": "user", "content": "hi"}],
@@ -944,6 +972,12 @@ def json_expansion(t: Target, seconds: float) -> dict[str, Any]:
                 sends.send(f"{name} 64 MB of {{}} with the token", token, url, plain)
                 sends.send(
                     f"{name} 64 MB of {{}} + images: [] with the token", token, url, pictures
+                )
+                sends.send(
+                    f"{name} images: [] + 64 MB of {{}} with the token",
+                    token,
+                    url,
+                    pictures_first,
                 )
             for variant, messages in chats.items():
                 chat = {"model": t.model, "max_tokens": 2, "messages": messages}

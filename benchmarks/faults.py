@@ -155,8 +155,17 @@ def worker_running(stack: Stack) -> float:
                if line.startswith("vllm:num_requests_running"))  # fmt: skip
 
 
-def attack_run(model: str, port: int) -> None:
-    from attacks import Attack, Campaign, ServeStack, Users, highest_peaks, plot_campaign
+def attack_run(model: str, port: int, nice: int = 0, only: str = "") -> None:
+    from attacks import (
+        Attack,
+        Campaign,
+        ServeStack,
+        Users,
+        chosen,
+        highest_peaks,
+        plot_campaign,
+        result_stem,
+    )
 
     def slow(service: str, seconds: int) -> Attack:
         name = f"slow headers: 1,000 connections for {seconds} s on the {service}"
@@ -189,14 +198,18 @@ def attack_run(model: str, port: int) -> None:
             "each on a new connection",
         }
         users = Users(stack.target, clients=1, mix=False, max_tokens=8, fresh_connections=True)
-        campaign = Campaign(stack, users, baseline_s=20, gap_s=3, after_s=15)
-        report["windows"] = campaign.run(attacks, say=lambda m: print(m, flush=True))
+        report["attacker_nice"] = nice
+        campaign = Campaign(stack, users, baseline_s=20, gap_s=3, after_s=15, attacker_nice=nice)
+        report["windows"] = campaign.run(chosen(attacks, only), say=lambda m: print(m, flush=True))
         report["serve_said"] = stack.serve_lines()
         report["peak_rss_mb_any_window"] = highest_peaks(report["windows"])
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "faults_attacks.json").write_text(json.dumps(report, indent=2) + "\n")
+    stem = result_stem("faults_attacks", nice)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     title = "faults.py --attacks: one probe user during each attack on vilaserve serve"
-    plot_campaign(report["windows"], title, RESULTS / "faults_attacks.png")
+    if nice:
+        title += f" (attacker at nice {nice})"
+    plot_campaign(report["windows"], title, RESULTS / f"{stem}.png")
     print(json.dumps(report, indent=2))
 
 
@@ -205,12 +218,15 @@ def main() -> None:
     parser.add_argument("model", nargs="?", help="default: the W4A16 demo model")
     parser.add_argument("--attacks", action="store_true", help="issue 23's attacks instead")
     parser.add_argument("--port", type=int, default=18100, help="--attacks: API port (+1, +2)")
+    from attacks import add_campaign_options
+
+    add_campaign_options(parser)
     args = parser.parse_args()
     model = args.model
     if args.attacks:
         from attacks import demo_model
 
-        attack_run(model or demo_model(), args.port)
+        attack_run(model or demo_model(), args.port, args.attacker_nice, args.only)
         return
     if model is None:
         from vilaserve.entrypoints.offline.demo import build_demo

@@ -142,9 +142,11 @@ def attack_run(args: argparse.Namespace) -> None:
         Campaign,
         ServeStack,
         Users,
+        chosen,
         demo_model,
         highest_peaks,
         plot_campaign,
+        result_stem,
     )
 
     attacks = [
@@ -166,14 +168,21 @@ def attack_run(args: argparse.Namespace) -> None:
         }
         users = Users(stack.target, args.clients, mix=True, max_tokens=args.max_tokens,
                       timeout_s=args.timeout)  # fmt: skip
-        campaign = Campaign(stack, users, baseline_s=30, gap_s=5, after_s=20)
-        report["windows"] = campaign.run(attacks, say=lambda m: print(m, flush=True))
+        report["attacker_nice"] = args.attacker_nice
+        campaign = Campaign(stack, users, baseline_s=30, gap_s=5, after_s=20,
+                            attacker_nice=args.attacker_nice)  # fmt: skip
+        report["windows"] = campaign.run(
+            chosen(attacks, args.only), say=lambda m: print(m, flush=True)
+        )
         report["serve_said"] = stack.serve_lines()
         report["peak_rss_mb_any_window"] = highest_peaks(report["windows"])
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "load_clients_attacks.json").write_text(json.dumps(report, indent=2) + "\n")
+    stem = result_stem("load_clients_attacks", args.attacker_nice)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     title = f"load_clients.py --attacks: {args.clients} clients during each attack"
-    plot_campaign(report["windows"], title, RESULTS / "load_clients_attacks.png")
+    if args.attacker_nice:
+        title += f" (attacker at nice {args.attacker_nice})"
+    plot_campaign(report["windows"], title, RESULTS / f"{stem}.png")
     print(json.dumps(report, indent=2))
 
 
@@ -186,6 +195,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=18000)
     parser.add_argument("--attacks", action="store_true", help="issue 23's attacks meanwhile")
     parser.add_argument("--max-tokens", type=int, default=32, help="--attacks: per request")
+    from attacks import add_campaign_options
+
+    add_campaign_options(parser)
     args = parser.parse_args()
     if args.attacks:
         attack_run(args)

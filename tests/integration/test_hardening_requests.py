@@ -206,12 +206,16 @@ def test_a_huge_prompt_through_the_api_is_refused_before_it_is_parsed(api_stack:
 # --- 5. JSON that expands in memory -------------------------------------------------------
 
 
-def expanding_body(megabytes: int, images: bool) -> bytes:
+def expanding_body(megabytes: int, images: str = "") -> bytes:
     """`{"prompt": "hi", "x": [{}, {}, ...]}`: 3 bytes per dict on the wire, ~25x in memory.
-    With `images` it also names an (empty) list of pictures, so only the value bound stops it."""
+    `images` "first": it names an (empty) list of pictures before the values, so only the
+    value bound stops it; "last": after them, beyond the first 4 MiB, where a request's
+    pictures must be named."""
     count = megabytes * MB // 3
-    extra = b', "images": []' if images else b""
-    return b'{"prompt": "USER: hi ASSISTANT:", "x": [' + b"{}," * count + b"{}]" + extra + b"}"
+    first = b'"images": [], ' if images == "first" else b""
+    last = b', "images": []' if images == "last" else b""
+    values = b'"x": [' + b"{}," * count + b"{}]"
+    return b'{"prompt": "USER: hi ASSISTANT:", ' + first + values + last + b"}"
 
 
 @contextmanager
@@ -226,8 +230,9 @@ def controller_process() -> Iterator[ChildServer]:
 def test_a_body_of_many_tiny_values_is_refused_before_it_is_materialised(
     tiny_vila_siglip: Path,
 ) -> None:
-    bodies = [(expanding_body(32, False), 413, b"without any picture")]
-    bodies.append((expanding_body(32, True), 400, b"JSON commas and brackets"))
+    bodies = [(expanding_body(32), 413, b"without any picture")]
+    bodies.append((expanding_body(32, "last"), 413, b"without any picture"))
+    bodies.append((expanding_body(32, "first"), 400, b"JSON commas and brackets"))
     with worker_process(tiny_vila_siglip, free_port()) as worker, controller_process() as control:
         for server, path in ((worker, "/worker_generate"), (control, "/worker_generate_stream")):
             before = rss_mb(server)

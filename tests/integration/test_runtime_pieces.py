@@ -152,3 +152,15 @@ def test_cuda_fp16_logits_match_cpu_fp32_and_generation_runs(tiny_vila_siglip: P
 
     steps = asyncio.run(generate())
     assert steps[-1].finish_reason in ("stop", "length")
+
+
+def test_ignore_eos_leaves_only_the_requests_own_stop_tokens(tiny_vila_siglip: Path) -> None:
+    options = VilaRuntimeOptions(model_path=str(tiny_vila_siglip), dtype="float32")
+    runtime = VilaRuntime.load(options)
+    runner = runtime.model_runner
+    usual = runner.prepare("USER: hi ASSISTANT:", None, SamplingParams(stop_token_ids=(7,)))
+    ignoring = runner.prepare(
+        "USER: hi ASSISTANT:", None, SamplingParams(stop_token_ids=(7,), ignore_eos=True)
+    )
+    assert len(usual.stop_token_ids) > 1  # the model's own end tokens, and 7
+    assert ignoring.stop_token_ids == frozenset({7})

@@ -359,17 +359,34 @@ def test_sentencepiece_chunks_are_tokenized_separately(sentencepiece_dir: Path) 
 
 
 class _RecordingTokenizer:
-    """Forwards to a tokenizer and remembers the longest id list it was asked to decode."""
+    """Forwards to a tokenizer (and to its Rust backend, which the detokenizer calls directly)
+    and remembers the longest id list either was asked to decode, and how many calls."""
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
         self.longest_decode = 0
+        self.calls = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
+    @property
+    def backend_tokenizer(self) -> Any:
+        return _RecordingBackend(self, self._inner.backend_tokenizer)
+
     def decode(self, ids: list[int], **kwargs: Any) -> str:
         self.longest_decode = max(self.longest_decode, len(ids))
+        self.calls += 1
+        return str(self._inner.decode(ids, **kwargs))
+
+
+class _RecordingBackend:
+    def __init__(self, recorder: _RecordingTokenizer, inner: Any) -> None:
+        self._recorder, self._inner = recorder, inner
+
+    def decode(self, ids: list[int], **kwargs: Any) -> str:
+        self._recorder.longest_decode = max(self._recorder.longest_decode, len(ids))
+        self._recorder.calls += 1
         return str(self._inner.decode(ids, **kwargs))
 
 
@@ -435,7 +452,8 @@ def test_detokenizer_cost_is_per_window_not_per_sequence(llama_tok: Any) -> None
     assert len(ids) > 1000
     pieces = _stream(recorder, ids)
     assert "".join(pieces) == llama_tok.decode(ids, skip_special_tokens=True)
-    assert recorder.longest_decode <= 12
+    assert 0 < recorder.longest_decode <= 12
+    assert recorder.calls <= 2 * len(ids) + 2  # the window, and what it emitted: no more
 
 
 def test_flush_without_tokens_is_empty(llama_tok: Any) -> None:

@@ -99,7 +99,8 @@ class GenerateStream:
         )
         template = self._generator.conversation_template
         params = request.params
-        stop = tuple(dict.fromkeys((*params.stop, *template.stop_str)))
+        own_stops = () if params.ignore_eos else template.stop_str
+        stop = tuple(dict.fromkeys((*params.stop, *own_stops)))
         request_id = request.request_id or uuid.uuid4().hex[:16]
         request = replace(request, params=replace(params, stop=stop), request_id=request_id)
         log.info(

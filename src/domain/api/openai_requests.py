@@ -69,6 +69,7 @@ class SamplingRequest(_Lenient):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     seed: int | None = Field(None, ge=-SEED_RANGE, lt=SEED_RANGE)
+    ignore_eos: bool = False  # vLLM's extension: the model's end-of-turn does not end it
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Accepted for compatibility (FastChat and many UIs send them); the worker has no penalties.

@@ -27,6 +27,7 @@ class WorkerJob:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False
 
     def for_choice(self, index: int) -> WorkerJob:
         """Choice `index` of `n`: a different seed each (seed + index) when a seed was given."""
@@ -51,6 +52,8 @@ class WorkerJob:
         }
         if self.seed is not None:
             payload["seed"] = self.seed
+        if self.ignore_eos:
+            payload["ignore_eos"] = True
         if self.images:
             payload["images"] = list(self.images)
         return payload
@@ -79,6 +82,9 @@ def job_for(
     top_k = request.top_k if request.top_k and request.top_k > 0 else -1
     if top_p == 0:  # an empty nucleus keeps only the most likely token, as OpenAI treats it
         top_p, top_k = 1.0, 1
+    # vLLM's `ignore_eos`: the template's own end-of-turn strings and tokens do not end it.
+    own_stops = () if request.ignore_eos else template.stop_str
+    own_stop_ids = () if request.ignore_eos else template.stop_token_ids
     return WorkerJob(
         model=request.model,
         prompt=prompt,
@@ -87,9 +93,8 @@ def job_for(
         top_p=top_p,
         top_k=top_k,
         max_new_tokens=max_tokens or context_length,
-        stop=tuple(dict.fromkeys((*request.stop_list, *template.stop_str))),
-        stop_token_ids=tuple(
-            dict.fromkeys((*template.stop_token_ids, *(request.stop_token_ids or ())))
-        ),
+        stop=tuple(dict.fromkeys((*request.stop_list, *own_stops))),
+        stop_token_ids=tuple(dict.fromkeys((*own_stop_ids, *(request.stop_token_ids or ())))),
         seed=request.seed,
+        ignore_eos=request.ignore_eos,
     )

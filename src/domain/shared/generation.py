@@ -33,6 +33,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
+    # vLLM's and llama-server's flag: the model's own end-of-turn tokens and strings do not end
+    # the answer (benchmarks measure exactly max_new_tokens); `stop` and `stop_token_ids` still do.
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -161,6 +164,15 @@ def _int_list(body: Mapping[str, Any], key: str) -> tuple[int, ...]:
     raise InvalidRequest(f"'{key}' must be a list of integers")
 
 
+def _flag(body: Mapping[str, Any], key: str) -> bool:
+    value = body.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"'{key}' must be a boolean")
+    return value
+
+
 def parse_generation_request(
     body: Any, max_new_tokens_cap: int = DEFAULT_MAX_NEW_TOKENS_CAP
 ) -> GenerationRequest:
@@ -187,6 +199,7 @@ def parse_generation_request(
         stop=_string_list(body, "stop"),
         stop_token_ids=_int_list(body, "stop_token_ids"),
         seed=_integer(body, "seed", None),
+        ignore_eos=_flag(body, "ignore_eos"),
     )
     echo = body.get("echo", True)
     if echo is None:

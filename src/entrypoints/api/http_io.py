@@ -16,10 +16,10 @@ from vilaserve.domain.api.errors import ApiError, BadRequest, PayloadTooLarge, U
 from vilaserve.domain.shared.errors import ErrorCode
 from vilaserve.entrypoints.shared.internal_access import bearer_token
 from vilaserve.entrypoints.shared.worker_protocol_http import (
+    DEFAULT_MAX_JSON_VALUES,
     BodyTooLarge,
     parse_json,
     read_bounded,
-    refuse_text_only,
 )
 
 
@@ -27,15 +27,15 @@ async def read_json_body(
     request: Request, limit: int, text_limit: int | None = None, picture_key: bytes | None = None
 ) -> Any:
     """The body as JSON, at most `limit` bytes; at most `text_limit` bytes when it names no
-    picture (`picture_key` does not occur in it: checked on the bytes, before parsing, so a
-    20 MB prompt costs the API neither parsing nor rendering). 413 beyond either."""
+    picture (`picture_key` does not occur within its first `text_limit` bytes: checked on the
+    bytes as they arrive, so a 20 MB prompt costs the API neither parsing nor rendering). 413
+    beyond either."""
     try:
-        raw = await read_bounded(request, limit)
-        refuse_text_only(raw, text_limit, picture_key)
+        scan = await read_bounded(request, limit, picture_key, DEFAULT_MAX_JSON_VALUES, text_limit)
     except BodyTooLarge as exc:
         raise PayloadTooLarge(str(exc)) from exc
     try:
-        return parse_json(raw)
+        return parse_json(scan)
     except ValueError as exc:
         raise BadRequest(str(exc)) from exc
 

@@ -67,11 +67,10 @@ async def read_json(
                 415,
             )
     try:
-        raw = await read_bounded(request, limit)
-        refuse_text_only(raw, text_limit, b'"images"')
-        body = parse_json(raw)
-        if not (isinstance(body, dict) and body.get("images")):  # `"images": []` names none
-            refuse_text_only(raw, text_limit)
+        scan = await read_bounded(request, limit, b'"images"', DEFAULT_MAX_JSON_VALUES, text_limit)
+        body = parse_json(scan)
+        # `"images": []` names none
+        refuse_text_only(scan, text_limit, isinstance(body, dict) and bool(body.get("images")))
     except BodyTooLarge as exc:
         raise BodyRefused(str(exc), 413) from exc
     except ValueError as exc:
@@ -83,32 +82,84 @@ class BodyTooLarge(Exception):
     """The body is over the service's limit (the rest of it was read and dropped)."""
 
 
-def refuse_text_only(raw: bytes, text_limit: int | None, picture_key: bytes | None = None) -> None:
-    """Raises `BodyTooLarge` for a body over `text_limit` that names no picture (`picture_key`
-    occurs nowhere in its bytes; None: it holds none). Only pictures need the full body limit,
-    and checked on the bytes, a large text-only body is never parsed."""
-    if text_limit is None or len(raw) <= text_limit:
+def refuse_text_only(body: BodyScan, text_limit: int | None, names_picture: bool) -> None:
+    """Raises `BodyTooLarge` for a body over `text_limit` that names no picture: only pictures
+    need the full body limit."""
+    if text_limit is None or body.size <= text_limit or names_picture:
         return
-    if picture_key is None or picture_key not in raw:
-        raise BodyTooLarge(
-            f"the request body is {len(raw):,} bytes without any picture; the limit for a "
-            f"request without pictures is {text_limit:,} bytes"
-        )
+    raise BodyTooLarge(
+        f"the request body is {body.size:,} bytes without any picture; the limit for a "
+        f"request without pictures is {text_limit:,} bytes"
+    )
 
 
-async def read_bounded(request: Request, limit: int) -> bytes:
-    """The body, at most `limit` bytes (declared or not); raises `BodyTooLarge` beyond."""
+async def read_bounded(
+    request: Request,
+    limit: int,
+    picture_key: bytes | None = None,
+    max_values: int | None = None,
+    text_limit: int | None = None,
+) -> BodyScan:
+    """The body, at most `limit` bytes (declared or not), and at most `text_limit` unless
+    `picture_key` occurs within its first `text_limit` bytes (a request's text comes to far
+    less: prompts are bounded by the context): `BodyTooLarge` beyond either, decided as soon
+    as the bytes show it, the rest drained unread. Each piece is checked as it arrives (see
+    `BodyScan`), so a 64 MB body costs the event loop many short turns, never one long one."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         await _drain(request)
         raise BodyTooLarge(f"the request body is {declared} bytes; the limit is {limit}")
-    raw = bytearray()
+    scan = BodyScan(picture_key, max_values)
     async for piece in request.stream():
-        raw += piece
-        if len(raw) > limit:
+        scan.add(piece)
+        if scan.size > limit:
             await _drain(request)
             raise BodyTooLarge(f"the request body is larger than the limit of {limit} bytes")
-    return bytes(raw)
+        if text_limit is not None and scan.size > text_limit and not scan.names_picture:
+            await _drain(request)
+            raise BodyTooLarge(
+                f"the request body is over {text_limit:,} bytes without any picture; "
+                f"the limit for a request without pictures is {text_limit:,} bytes"
+            )
+    return scan
+
+
+class BodyScan:
+    """A body read piece by piece, with what the checks need counted on the way (C-speed
+    searches over each piece, a few bytes of overlap for matches across pieces): its JSON
+    commas and brackets, whether it names a picture, whether it holds a surrogate escape.
+    Past `max_values` commas and brackets the body is refused: from there on it is only
+    measured and searched for the picture key, not kept."""
+
+    _OVERLAP = 16
+
+    def __init__(self, picture_key: bytes | None = None, max_values: int | None = None) -> None:
+        self.raw = bytearray()
+        self.size = 0
+        self.max_values = max_values
+        self.separators = 0
+        self.picture_key = picture_key
+        self.names_picture = False
+        self.surrogate_escape = False
+        self._tail = b""
+
+    def add(self, piece: bytes) -> None:
+        self.size += len(piece)
+        seam = self._tail + piece[: self._OVERLAP]
+        self._tail = (self._tail + piece[-self._OVERLAP :])[-self._OVERLAP :]
+        if self.picture_key is not None and not self.names_picture:
+            self.names_picture = self.picture_key in piece or self.picture_key in seam
+        if self.max_values is not None and self.separators > self.max_values:
+            return  # refused already: nothing more is counted or kept
+        self.separators += piece.count(b",") + piece.count(b"[") + piece.count(b"{")
+        if not self.surrogate_escape:
+            self.surrogate_escape = bool(
+                _SURROGATE_ESCAPE.search(piece) or _SURROGATE_ESCAPE.search(seam)
+            )
+        if self.max_values is None or self.separators <= self.max_values:
+            self.raw += piece
+        else:
+            self.raw = bytearray()
 
 
 # A body's commas and brackets bound how many values parsing it creates: each costs 50-70 bytes
@@ -120,24 +171,27 @@ DEFAULT_MAX_JSON_VALUES = 1_000_000
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
-def parse_json(raw: bytes, max_values: int = DEFAULT_MAX_JSON_VALUES) -> Any:
+def parse_json(raw: bytes | BodyScan, max_values: int = DEFAULT_MAX_JSON_VALUES) -> Any:
     """A JSON body; ValueError naming the problem (empty, malformed, nested too deeply, too many
-    values, NaN or Infinity, text that is not valid Unicode)."""
-    if not raw:
+    values, NaN or Infinity, text that is not valid Unicode). A `BodyScan` was counted as it
+    was read: its bytes are not searched again."""
+    if isinstance(raw, BodyScan):
+        separators, surrogate_escape, text = raw.separators, raw.surrogate_escape, raw.raw
+        max_values = min(max_values, raw.max_values or max_values)
+    else:
+        separators = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
+        surrogate_escape, text = bool(_SURROGATE_ESCAPE.search(raw)), raw
+    if separators > max_values:  # before anything else: a refused scan kept no bytes
+        raise ValueError(_too_many_values(separators, max_values))
+    if not text:
         raise ValueError("the request body is empty; a JSON object is expected")
-    separators = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
-    if separators > max_values:
-        raise ValueError(
-            f"the request body holds {separators:,} JSON commas and brackets; at most "
-            f"{max_values:,} are read"
-        )
     try:
-        value = json.loads(raw, parse_constant=_refuse_constant)
+        value = json.loads(text, parse_constant=_refuse_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"the request body is not valid JSON ({exc})") from exc
     except RecursionError as exc:
         raise ValueError("the request body is nested too deeply to be read") from exc
-    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(value):
+    if surrogate_escape and _has_lone_surrogate(value):
         # Python reads `"\\ud800"` into a str no encoder accepts: refused here, once, rather
         # than failing later in whichever service re-encodes it.
         raise ValueError(
@@ -145,6 +199,13 @@ def parse_json(raw: bytes, max_values: int = DEFAULT_MAX_JSON_VALUES) -> Any:
             "escape such as \\ud800)"
         )
     return value
+
+
+def _too_many_values(separators: int, max_values: int) -> str:
+    return (
+        f"the request body holds {separators:,} JSON commas and brackets; at most "
+        f"{max_values:,} are read"
+    )
 
 
 def _refuse_constant(name: str) -> Any:

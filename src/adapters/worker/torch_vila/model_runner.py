@@ -186,7 +186,8 @@ class TorchModelRunner(ModelRunner[TorchPrompt]):
             embeddings,
             _position_keys(ids, image_keys, lengths),
             min(params.max_new_tokens, room - prompt_len),
-            self._stop_ids | frozenset(params.stop_token_ids),
+            (frozenset() if params.ignore_eos else self._stop_ids)
+            | frozenset(params.stop_token_ids),
             Sampler(params, self.model.device),
         )
 

@@ -150,19 +150,26 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
+        # A fast tokenizer's Rust decoder, called directly: the same text as `decode(ids,
+        # skip_special_tokens=True, clean_up_tokenization_spaces=False)` without transformers'
+        # per-call Python (argument conversion, type checks), which was most of a token's cost
+        # on the event loop.
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._rust_decode = getattr(backend, "decode", None)
         self._special = special_token_ids(tokenizer)
         self._byte_ids = byte_fallback_ids(tokenizer)
         # Only ids from the prefix offset onwards are kept (the prefix is always index 0), so
         # memory and decode cost stay O(window) however long the generation gets.
         self._window: list[int] = []
         self._read = 0  # index into the window: ids before it have been emitted
+        self._emitted = ""  # window[:read] decoded: changes only when the window slides
 
     def push(self, token_id: int) -> str:
         """Add one id; return the text it completes ("" while a character is incomplete)."""
         if token_id in self._special:
             return ""
         self._window.append(int(token_id))
-        emitted = self._decode(self._window[: self._read])
+        emitted = self._emitted
         if self._window[-1] not in self._byte_ids:
             text = self._decode(self._window)
             if _is_complete(text, emitted):
@@ -176,8 +183,7 @@ class IncrementalDetokenizer:
         """Emit whatever is still held back (the stream is over, so nothing more will come)."""
         if self._read == len(self._window):
             return ""
-        emitted = self._decode(self._window[: self._read])
-        return self._advance(len(self._window), self._decode(self._window), emitted)
+        return self._advance(len(self._window), self._decode(self._window), self._emitted)
 
     def _last_clean_boundary(self, emitted: str) -> int:
         """The longest pending prefix that ends on a complete character (forced emission)."""
@@ -193,11 +199,14 @@ class IncrementalDetokenizer:
         read = self._read
         self._window = self._window[read:]
         self._read = end - read
+        self._emitted = self._decode(self._window[: self._read])
         return text[len(emitted) :]
 
     def _decode(self, ids: list[int]) -> str:
         if not ids:
             return ""
+        if self._rust_decode is not None:
+            return str(self._rust_decode(ids, skip_special_tokens=True))
         return str(
             self._tokenizer.decode(
                 ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
