@@ -11,6 +11,7 @@ from engine_fakes import STOP, FakeModelRunner
 from vilaserve.application.worker.engine.chunk_control import ChunkController
 from vilaserve.application.worker.engine.engine import Engine
 from vilaserve.application.worker.engine.scheduler import SchedulerConfig
+from vilaserve.application.worker.engine.sequence import SequenceStatus
 from vilaserve.application.worker.engine.text_generator import EngineTextGenerator
 from vilaserve.domain.shared.errors import OutOfDeviceMemory, ServingError
 from vilaserve.domain.shared.generation import GenerationStep, SamplingParams
@@ -172,6 +173,33 @@ def test_a_client_that_goes_away_frees_its_slot_within_one_step() -> None:
         assert engine.scheduler.slots.free_count == 2
         assert engine.num_running == 0
         assert len(runner.batches) <= steps_before + 1  # at most the step already running
+        await generator.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_sequence_leaves_once_and_says_why() -> None:
+    async def scenario() -> None:
+        runner = FakeModelRunner(slots=2, delay_s=0.002)
+        generator = make(runner, max_num_seqs=2)
+        engine = generator.engine
+        long = generator.generate(
+            prompt(4), None, SamplingParams(temperature=0, max_new_tokens=500)
+        )
+        await long.__anext__()
+        (seq,) = engine.scheduler.running
+        assert seq.status is SequenceStatus.RUNNING and seq.end is None
+        engine.abort(seq)  # through the inbox: the step that drains it takes the sequence out
+        engine.abort(seq)  # twice (a disconnect and a close): still out once
+        for _ in range(100):
+            if seq.finished:
+                break
+            await asyncio.sleep(0.005)
+        assert seq.status is SequenceStatus.FINISHED and seq.end == "aborted"
+        assert seq not in engine.scheduler.running and engine.scheduler.slots.free_count == 2
+        await long.aclose()
+        _, finish, _ = await collect(generator.generate(prompt(3), None, GREEDY))
+        assert finish == "length"
         await generator.close()
 
     asyncio.run(scenario())

@@ -4,8 +4,9 @@ Each step is one piece of work queued on the model's own thread (`ModelRunner.su
 ends it queues the next, behind whatever else waits there (image encodes), so the model never
 waits for the event loop between steps. The event loop only receives tokens (one callback per
 step hands them to the requests' queues) and sends requests in and aborts, through a
-thread-safe inbox that each step drains first. A client that goes away therefore has its
-sequence out and its slot free before the next step runs.
+thread-safe inbox that each step drains first (new sequences, then aborts). A client that goes
+away therefore has its sequence out and its slot free before the next step runs. A sequence
+leaves only through `Sequence.finish(reason)`, on the model thread.
 
 The scheduler's state is touched on the model thread only.
 """
@@ -46,7 +47,9 @@ class Engine:
         self.scheduler = Scheduler(config, SlotTable(runner.num_slots))
         self._observer: EngineObserver = observer or NoObserver()
         self._ids = itertools.count()
-        self._inbox: deque[Sequence] = deque()  # appended on the loop, drained by steps
+        # Appended on the event loop, drained by steps (deque appends and pops are atomic).
+        self._inbox: deque[Sequence] = deque()
+        self._aborts: deque[Sequence] = deque()
         self._lock = threading.Lock()
         self._stepping = False  # a step is queued or running on the model thread
         self._closed = False
@@ -65,7 +68,7 @@ class Engine:
 
     def abort(self, seq: Sequence) -> None:
         """The request is gone: it leaves before the next step."""
-        seq.aborted = True
+        self._aborts.append(seq)
         self._kick()
 
     def fail_all(self, error: ServingError) -> None:
@@ -100,7 +103,7 @@ class Engine:
             more = True
         with self._lock:
             # Nothing to do: stop, unless a request slipped into the inbox meanwhile.
-            if self._closed or (not more and not self._inbox):
+            if self._closed or (not more and not self._inbox and not self._aborts):
                 self._stepping = False
                 return
         self.runner.submit(self._step)
@@ -109,10 +112,14 @@ class Engine:
         scheduler = self.scheduler
         while self._inbox:
             scheduler.add(self._inbox.popleft())
+        while self._aborts:
+            seq = self._aborts.popleft()
+            if not seq.finished:
+                scheduler.remove(seq)
+                seq.finish("aborted")
         if self._failing is not None:
             self._end_everyone(self._failing)
             return False
-        self._drop_aborted()
         if not scheduler.has_work:
             self._report_load()
             return False
@@ -165,8 +172,7 @@ class Engine:
             try:
                 loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # that loop is closed: nobody is listening any more
-                for seq, _ in items:
-                    seq.aborted = True
+                self._aborts.extend(seq for seq, _ in items)
 
     def _end_everyone(self, error: ServingError) -> None:
         scheduler = self.scheduler
@@ -174,13 +180,13 @@ class Engine:
         scheduler.fail(tuple(scheduler.running))  # their slots' contents are not trusted
         scheduler.waiting.clear()
         for seq in everyone:
-            seq.finished = True
-        self._send([(seq, error) for seq in everyone if not seq.aborted])
+            seq.finish("failed")
+        self._send([(seq, error) for seq in everyone])
         self._report_load()
 
     def _refuse(self, seq: Sequence, exc: Exception) -> None:
         """A sequence the scheduler could not admit: its request ends with the reason."""
-        seq.finished = True
+        seq.finish("failed")
         if isinstance(exc, ServingError):
             error = exc
         else:
@@ -194,7 +200,7 @@ class Engine:
         failed = step.decoding + step.prefilling
         self.scheduler.fail(failed)
         for seq in failed:
-            seq.finished = True
+            seq.finish("failed")
         self._send([(seq, error) for seq in failed])
         log.warning(
             "engine step failed",
@@ -204,12 +210,6 @@ class Engine:
                 "reason": error.message,
             },
         )
-
-    def _drop_aborted(self) -> None:
-        scheduler = self.scheduler
-        for seq in [s for s in (*scheduler.running, *scheduler.waiting) if s.aborted]:
-            scheduler.remove(seq)
-            seq.finished = True
 
     def _report_admissions(self, step: ScheduledStep) -> None:
         for seq, chunk in zip(step.prefilling, step.batch.prefills, strict=True):

@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from vilaserve.application.worker.engine.chunk_control import ChunkController
-from vilaserve.application.worker.engine.sequence import Sequence, TokenOut
+from vilaserve.application.worker.engine.sequence import Sequence, SequenceStatus, TokenOut
 from vilaserve.application.worker.engine.slot_table import SlotTable
 from vilaserve.domain.shared.errors import InvalidRequest
 from vilaserve.domain.shared.generation import FinishReason
@@ -151,6 +151,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.slot, seq.computed = found
             seq.reused = seq.computed
+            seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
         return refused
 
@@ -172,8 +173,6 @@ class Scheduler:
         return outcome
 
     def _append(self, seq: Sequence, token: int, outcome: StepOutcome) -> None:
-        if seq.aborted:
-            return
         seq.output.append(token)
         finish: FinishReason | None = None
         if token in seq.prompt.stop_token_ids:
@@ -182,7 +181,7 @@ class Scheduler:
             finish = "length"
         outcome.tokens.append((seq, TokenOut(token, finish)))
         if finish is not None:
-            seq.finished = True
+            seq.finish(finish)
             outcome.finished.append(seq)
 
     def _free_slot(self, seq: Sequence) -> None:

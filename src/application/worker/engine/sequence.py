@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 from dataclasses import dataclass, field
+from typing import Literal
 
 from vilaserve.domain.shared.errors import ServingError
 from vilaserve.domain.shared.generation import FinishReason
@@ -23,6 +25,16 @@ class TokenOut:
 Outcome = TokenOut | ServingError
 
 
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # submitted: in the inbox or the scheduler's queue
+    RUNNING = "running"  # admitted: holds a cache slot
+    FINISHED = "finished"  # out of the engine for good; `Sequence.end` says why
+
+
+# Why a sequence left: its last token said so, its client went away, or its step failed.
+EndReason = Literal["stop", "length", "aborted", "failed"]
+
+
 @dataclass(eq=False)
 class Sequence:
     seq_id: int
@@ -33,10 +45,19 @@ class Sequence:
     computed: int = 0  # leading positions whose keys/values are in the slot
     reused: int = 0  # of those, how many came from the prefix cache
     output: list[int] = field(default_factory=list)
-    finished: bool = False
-    aborted: bool = False
+    status: SequenceStatus = SequenceStatus.WAITING
+    end: EndReason | None = None
     last_token_at: float = 0.0
     loop: asyncio.AbstractEventLoop | None = None  # where the request's stream awaits
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def finish(self, reason: EndReason) -> None:
+        """The one way out of the engine (on the model thread)."""
+        self.status = SequenceStatus.FINISHED
+        self.end = reason
 
     @property
     def prompt_length(self) -> int:
