@@ -21,6 +21,8 @@ the B=1 step over the one-call decoder.
 
     python benchmarks/serving_overhead.py [--paths auto,avx2,torch] [--runs 3]
     python benchmarks/serving_overhead.py --size 3b --paths auto --skip-stack
+    python benchmarks/serving_overhead.py --paths auto --llama-server PATH --gguf \\
+        ~/.cache/vilaserve/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 
 Writes benchmarks/results/serving_overhead[-3b].{json,png}; `--size 3b` measures the 2.7B
 VILA1.5-3B LLM shape (a random W4A16 checkpoint) with four streams instead of eight.
@@ -47,6 +49,7 @@ from serve_load import (
     Stream,
     chatml,
     cpu_description,
+    llama_server,
     shaped_checkpoints,
     vilaserve_server,
 )
@@ -178,6 +181,34 @@ def all_at_once(texts: list[str], one: Any) -> list[Stream]:
     return asyncio.run(run())
 
 
+async def llama_stream(url: str, text: str) -> Stream:
+    """llama-server's /completion, SSE, one event per token; EOS ignored (exactly TOKENS)."""
+    body = {"prompt": text, "n_predict": TOKENS, "temperature": 0, "stream": True,
+            "ignore_eos": True, "cache_prompt": False}  # fmt: skip
+    stream = Stream(time.perf_counter())
+    buffer = b""
+    async for piece in post_stream(url, "/completion", body):
+        now = time.perf_counter()
+        buffer += piece
+        *events, buffer = buffer.split(b"\n\n")
+        for event in events:
+            if event.startswith(b"data: {") and json.loads(event[6:]).get("content"):
+                stream.token_times.append(now)
+    return stream
+
+
+def llama_http(binary: str, gguf: str, port: int) -> dict[str, Any]:
+    """llama-server on the same model's GGUF, MANY slots, 2 threads, the same client."""
+    server = llama_server(binary, gguf, port, MANY, os.cpu_count() or 2, 2048)
+    with server:
+
+        def once(texts: list[str]) -> list[Stream]:
+            return all_at_once(texts, lambda t: llama_stream(server.url, t))
+
+        once(prompts(-3, 1))
+        return {str(c): best_of(1, c, once) for c in (1, MANY)}
+
+
 def best_levels(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Per concurrency level, the best round, with every round's figure."""
     out = {}
@@ -259,20 +290,30 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     names = list(report["paths"])
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    width = 0.2
-    for i, (label, key) in enumerate((
+
+    def level(part: str, c: int) -> Any:
+        return lambda p: (p.get(part) or {}).get(str(c), {}).get("decode_tok_s", 0.0)
+
+    bars = [
         ("in-process decode", lambda p: p["in_process"]["decode_tok_s"]),
-        ("HTTP c=1", lambda p: p["http"]["1"]["decode_tok_s"]),
+        ("worker HTTP c=1", level("http", 1)),
+        ("whole stack c=1", level("whole_stack", 1)),
+        ("llama-server c=1", level("llama_server", 1)),
         (f"in-process B={MANY} step", lambda p: p["in_process"]["step_bn_tok_s"]),
-        (f"HTTP c={MANY}", lambda p: p["http"][str(MANY)]["decode_tok_s"]),
-    )):  # fmt: skip
+        (f"worker HTTP c={MANY}", level("http", MANY)),
+        (f"whole stack c={MANY}", level("whole_stack", MANY)),
+        (f"llama-server c={MANY}", level("llama_server", MANY)),
+    ]
+    width = 0.8 / len(bars)
+    for i, (label, key) in enumerate(bars):
         values = [key(report["paths"][n]) for n in names]
-        ax.bar([x + (i - 1.5) * width for x in range(len(names))], values, width, label=label)
+        offset = (i - (len(bars) - 1) / 2) * width
+        ax.bar([x + offset for x in range(len(names))], values, width, label=label)
     ax.set_xticks(range(len(names)), [report["paths"][n]["in_process"]["cpu_path"] for n in names])
     ax.set_ylabel("tokens / s")
     shape = "2.7B VILA1.5-3B LLM" if report["size"] == "3b" else "SmolLM2-135M"
     ax.set_title(f"serving overhead, W4A16 {shape} shape ({report['cpu']['Model name']})")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -287,6 +328,8 @@ def main() -> None:
     parser.add_argument("--many", type=int, default=8, help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=40, help="engine steps timed per batch")
     parser.add_argument("--skip-stack", action="store_true", help="no whole-stack run")
+    parser.add_argument("--llama-server", default=None, help="llama-server binary: also measured")
+    parser.add_argument("--gguf", default=None, help="the same model's GGUF for --llama-server")
     parser.add_argument(
         "--size",
         default="small",
@@ -318,12 +361,14 @@ def main() -> None:
     paths = args.paths.split(",") if args.paths else runnable_paths()
     child = ("--in-process", "--rounds", str(args.rounds), "--size", args.size, "--many")
     for path in paths:
-        kernels, https, stacks = [], [], []
+        kernels, https, stacks, llamas = [], [], [], []
         for _ in range(args.runs):
             kernels.append(on_path(path, *child, str(MANY)))
             https.append(worker_http(model, path, 1, args.port))
             if path == "auto" and not args.skip_stack:
                 stacks.append(whole_stack(model, 1, args.port + 10))
+            if path == "auto" and args.llama_server:
+                llamas.append(llama_http(args.llama_server, args.gguf, args.port + 20))
         kernel = {k: max(r[k] for r in kernels) for k in kernels[0] if k != "cpu_path"}
         entry: dict[str, Any] = {
             "in_process": {"cpu_path": kernels[0]["cpu_path"], **kernel, "runs": kernels},
@@ -346,6 +391,13 @@ def main() -> None:
                 ),
             }
             entry["whole_stack"] = stack
+        if llamas:
+            llama = best_levels(llamas)
+            llama["vilaserve_http_over_llama_server"] = {
+                level: round(http[level]["decode_tok_s"] / llama[level]["decode_tok_s"], 2)
+                for level in llama
+            }
+            entry["llama_server"] = llama
         report["paths"][path] = entry
         print(json.dumps({path: entry}), flush=True)
     RESULTS.mkdir(exist_ok=True)
