@@ -37,7 +37,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -181,20 +181,31 @@ def all_at_once(texts: list[str], one: Any) -> list[Stream]:
     return asyncio.run(run())
 
 
-async def llama_stream(url: str, text: str) -> Stream:
-    """llama-server's /completion, SSE, one event per token; EOS ignored (exactly TOKENS)."""
-    body = {"prompt": text, "n_predict": TOKENS, "temperature": 0, "stream": True,
-            "ignore_eos": True, "cache_prompt": False}  # fmt: skip
+async def sse_stream(
+    url: str,
+    path: str,
+    body: dict[str, Any],
+    has_text: Callable[[dict[str, Any]], bool],
+    headers: dict[str, str] | None = None,
+) -> Stream:
+    """A server-sent-events stream: a token's time for each `data:` event that carries text."""
     stream = Stream(time.perf_counter())
     buffer = b""
-    async for piece in post_stream(url, "/completion", body):
+    async for piece in post_stream(url, path, body, headers):
         now = time.perf_counter()
         buffer += piece
         *events, buffer = buffer.split(b"\n\n")
         for event in events:
-            if event.startswith(b"data: {") and json.loads(event[6:]).get("content"):
+            if event.startswith(b"data: {") and has_text(json.loads(event[6:])):
                 stream.token_times.append(now)
     return stream
+
+
+async def llama_stream(url: str, text: str) -> Stream:
+    """llama-server's /completion, one event per token; EOS ignored (exactly TOKENS)."""
+    body = {"prompt": text, "n_predict": TOKENS, "temperature": 0, "stream": True,
+            "ignore_eos": True, "cache_prompt": False}  # fmt: skip
+    return await sse_stream(url, "/completion", body, lambda event: bool(event.get("content")))
 
 
 def llama_http(binary: str, gguf: str, port: int) -> dict[str, Any]:
@@ -236,17 +247,13 @@ async def api_stream(url: str, key: str, model: str, text: str) -> Stream:
     """OpenAI streaming completions: one SSE event per streamed token."""
     body = {"model": model, "prompt": text, "max_tokens": TOKENS, "temperature": 0,
             "stream": True, "ignore_eos": True}  # fmt: skip
-    stream = Stream(time.perf_counter())
-    buffer = b""
-    headers = {"Authorization": f"Bearer {key}"}
-    async for piece in post_stream(url, "/v1/completions", body, headers):
-        now = time.perf_counter()
-        buffer += piece
-        *events, buffer = buffer.split(b"\n\n")
-        for event in events:
-            if event.startswith(b"data: {") and json.loads(event[6:])["choices"][0].get("text"):
-                stream.token_times.append(now)
-    return stream
+    return await sse_stream(
+        url,
+        "/v1/completions",
+        body,
+        lambda event: bool(event["choices"][0].get("text")),
+        {"Authorization": f"Bearer {key}"},
+    )
 
 
 def whole_stack(model: str, runs: int, port: int) -> dict[str, Any]:
@@ -267,19 +274,18 @@ def whole_stack(model: str, runs: int, port: int) -> dict[str, Any]:
 
 
 def runnable_paths() -> list[str]:
+    """`auto` (the native path), then every other path this machine can be forced onto."""
     from vilaserve.adapters.worker import cpu_kernels
 
+    def runs_here(path: str) -> bool:
+        if path == "torch":
+            return True
+        if path == "avx512_bf16":
+            return cpu_kernels.avx512_kernels() is not None
+        return cpu_kernels.fp32_kernels(path) is not None
+
     native = cpu_kernels.cpu_path()
-    out = ["auto"]
-    for path in cpu_kernels.CPU_PATHS:
-        if path == native:
-            continue
-        try:
-            cpu_kernels._chosen_path(path)
-        except ValueError:
-            continue
-        out.append(path)
-    return out
+    return ["auto", *(p for p in cpu_kernels.CPU_PATHS if p != native and runs_here(p))]
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from vilaserve.domain.shared.body_fields import flag
 from vilaserve.domain.shared.errors import InvalidRequest
 from vilaserve.domain.shared.worker_status import WorkerStatus
 
@@ -36,16 +37,16 @@ def parse_registration(body: Any) -> Registration:
     status = body.get("worker_status")
     return Registration(
         worker_name=_worker_name(body),
-        check_heart_beat=_flag(body, "check_heart_beat", True),
+        check_heart_beat=flag(body, "check_heart_beat", True),
         worker_status=None if status is None else parse_worker_status(status),
-        multimodal=_flag(body, "multimodal", False),
+        multimodal=flag(body, "multimodal", False),
     )
 
 
 def parse_heartbeat(body: Any) -> HeartbeatReport:
     body = _object(body, "/receive_heart_beat")
     return HeartbeatReport(
-        _worker_name(body), _count(body, "queue_length", 0), _flag(body, "leaving", False)
+        _worker_name(body), _count(body, "queue_length", 0), flag(body, "leaving", False)
     )
 
 
@@ -166,15 +167,6 @@ def _inet_aton(text: str) -> ipaddress.IPv4Address | None:
     for value in leading:
         number = number * 256 + value
     return ipaddress.IPv4Address(number * 256**last_bytes + last)
-
-
-def _flag(body: Mapping[str, Any], key: str, default: bool) -> bool:
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise InvalidRequest(f"'{key}' must be true or false, got {value!r}")
-    return value
 
 
 def _count(body: Mapping[str, Any], key: str, default: int) -> int:

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from vilaserve.domain.shared.body_fields import flag
 from vilaserve.domain.shared.errors import InvalidRequest, ParamOutOfRange
 
 FinishReason = Literal["stop", "length"]
@@ -164,15 +165,6 @@ def _int_list(body: Mapping[str, Any], key: str) -> tuple[int, ...]:
     raise InvalidRequest(f"'{key}' must be a list of integers")
 
 
-def _flag(body: Mapping[str, Any], key: str) -> bool:
-    value = body.get(key, False)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise InvalidRequest(f"'{key}' must be a boolean")
-    return value
-
-
 def parse_generation_request(
     body: Any, max_new_tokens_cap: int = DEFAULT_MAX_NEW_TOKENS_CAP
 ) -> GenerationRequest:
@@ -199,13 +191,9 @@ def parse_generation_request(
         stop=_string_list(body, "stop"),
         stop_token_ids=_int_list(body, "stop_token_ids"),
         seed=_integer(body, "seed", None),
-        ignore_eos=_flag(body, "ignore_eos"),
+        ignore_eos=flag(body, "ignore_eos", False),
     )
-    echo = body.get("echo", True)
-    if echo is None:
-        echo = True
-    if not isinstance(echo, bool):
-        raise InvalidRequest("'echo' must be a boolean")
+    echo = flag(body, "echo", True)
     request_id = body.get("request_id") or ""
     return GenerationRequest(
         prompt=prompt, images=images, params=params, echo=echo, request_id=str(request_id)

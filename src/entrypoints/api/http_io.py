@@ -16,7 +16,6 @@ from vilaserve.domain.api.errors import ApiError, BadRequest, PayloadTooLarge, U
 from vilaserve.domain.shared.errors import ErrorCode
 from vilaserve.entrypoints.shared.internal_access import bearer_token
 from vilaserve.entrypoints.shared.worker_protocol_http import (
-    DEFAULT_MAX_JSON_VALUES,
     BodyTooLarge,
     parse_json,
     read_bounded,
@@ -31,7 +30,7 @@ async def read_json_body(
     bytes as they arrive, so a 20 MB prompt costs the API neither parsing nor rendering). 413
     beyond either."""
     try:
-        scan = await read_bounded(request, limit, picture_key, DEFAULT_MAX_JSON_VALUES, text_limit)
+        scan = await read_bounded(request, limit, picture_key, text_limit=text_limit)
     except BodyTooLarge as exc:
         raise PayloadTooLarge(str(exc)) from exc
     try:

@@ -27,6 +27,14 @@ DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 _DRAIN_LIMIT = 256 * 1024 * 1024
 T = TypeVar("T")
 
+# A body's commas and brackets bound how many values parsing it creates: each costs 50-70 bytes
+# of memory for 2-3 bytes on the wire, so `[{}, {}, ...]` of 64 MB became 1.6 GB. Counted over
+# each piece of the raw bytes as it arrives (strings included; C-speed), before parsing. Base64
+# pictures hold none of these characters; a prompt would need megabytes of commas to get near.
+DEFAULT_MAX_JSON_VALUES = 1_000_000
+# A `\\uD800`-`\\uDFFF` escape: the only way a JSON text can carry an unpaired surrogate.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
 
 class BodyRefused(InvalidRequest):
     """A body refused for its size or type: answered with `http_status`, not a plain 400."""
@@ -67,7 +75,7 @@ async def read_json(
                 415,
             )
     try:
-        scan = await read_bounded(request, limit, b'"images"', DEFAULT_MAX_JSON_VALUES, text_limit)
+        scan = await read_bounded(request, limit, b'"images"', text_limit=text_limit)
         body = parse_json(scan)
         # `"images": []` names none
         refuse_text_only(scan, text_limit, isinstance(body, dict) and bool(body.get("images")))
@@ -88,8 +96,8 @@ def refuse_text_only(body: BodyScan, text_limit: int | None, names_picture: bool
     if text_limit is None or body.size <= text_limit or names_picture:
         return
     raise BodyTooLarge(
-        f"the request body is {body.size:,} bytes without any picture; the limit for a "
-        f"request without pictures is {text_limit:,} bytes"
+        f"the request body is over {text_limit:,} bytes without any picture; that is the "
+        "limit for a request without pictures"
     )
 
 
@@ -97,7 +105,7 @@ async def read_bounded(
     request: Request,
     limit: int,
     picture_key: bytes | None = None,
-    max_values: int | None = None,
+    max_values: int | None = DEFAULT_MAX_JSON_VALUES,
     text_limit: int | None = None,
 ) -> BodyScan:
     """The body, at most `limit` bytes (declared or not), and at most `text_limit` unless
@@ -117,10 +125,7 @@ async def read_bounded(
             raise BodyTooLarge(f"the request body is larger than the limit of {limit} bytes")
         if text_limit is not None and scan.size > text_limit and not scan.names_picture:
             await _drain(request)
-            raise BodyTooLarge(
-                f"the request body is over {text_limit:,} bytes without any picture; "
-                f"the limit for a request without pictures is {text_limit:,} bytes"
-            )
+            refuse_text_only(scan, text_limit, names_picture=False)
     return scan
 
 
@@ -162,26 +167,12 @@ class BodyScan:
             self.raw = bytearray()
 
 
-# A body's commas and brackets bound how many values parsing it creates: each costs 50-70 bytes
-# of memory for 2-3 bytes on the wire, so `[{}, {}, ...]` of 64 MB became 1.6 GB. Counted over
-# the raw bytes (strings included; C-speed, ~2 ms a MB), before anything is parsed. Base64
-# pictures hold none of these characters; a prompt would need megabytes of commas to get near.
-DEFAULT_MAX_JSON_VALUES = 1_000_000
-# A `\\uD800`-`\\uDFFF` escape: the only way a JSON text can carry an unpaired surrogate.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def parse_json(raw: bytes | BodyScan, max_values: int = DEFAULT_MAX_JSON_VALUES) -> Any:
-    """A JSON body; ValueError naming the problem (empty, malformed, nested too deeply, too many
-    values, NaN or Infinity, text that is not valid Unicode). A `BodyScan` was counted as it
-    was read: its bytes are not searched again."""
-    if isinstance(raw, BodyScan):
-        separators, surrogate_escape, text = raw.separators, raw.surrogate_escape, raw.raw
-        max_values = min(max_values, raw.max_values or max_values)
-    else:
-        separators = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
-        surrogate_escape, text = bool(_SURROGATE_ESCAPE.search(raw)), raw
-    if separators > max_values:  # before anything else: a refused scan kept no bytes
+def parse_json(scan: BodyScan) -> Any:
+    """A body read by `read_bounded` as JSON; ValueError naming the problem (empty, malformed,
+    nested too deeply, too many values, NaN or Infinity, text that is not valid Unicode). The
+    scan counted its bytes as they arrived: they are not searched again."""
+    separators, max_values, text = scan.separators, scan.max_values, scan.raw
+    if max_values is not None and separators > max_values:  # first: nothing of it was kept
         raise ValueError(_too_many_values(separators, max_values))
     if not text:
         raise ValueError("the request body is empty; a JSON object is expected")
@@ -191,7 +182,7 @@ def parse_json(raw: bytes | BodyScan, max_values: int = DEFAULT_MAX_JSON_VALUES)
         raise ValueError(f"the request body is not valid JSON ({exc})") from exc
     except RecursionError as exc:
         raise ValueError("the request body is nested too deeply to be read") from exc
-    if surrogate_escape and _has_lone_surrogate(value):
+    if scan.surrogate_escape and _has_lone_surrogate(value):
         # Python reads `"\\ud800"` into a str no encoder accepts: refused here, once, rather
         # than failing later in whichever service re-encodes it.
         raise ValueError(
