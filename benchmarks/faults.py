@@ -12,7 +12,9 @@ Writes benchmarks/results/faults.{json,png}.
     python benchmarks/faults.py --attacks
 
 Issue 23's attacks instead, one after another, on `vilaserve serve` with API keys (a 0600
-file) and so an internal token (see attacks.py): an empty prompt, relay poison (a lone
+file) and so an internal token (see attacks.py): first a control (no request, one process
+keeping a core busy for 2 s: what any burst of CPU on the host costs the users), then an
+empty prompt, relay poison (a lone
 surrogate and NaN to the controller's relay once a second for 30 s, without the token and with
 it), a 20 MB prompt, JSON expansion (64 MB to the worker and the controller, four 32 MB API
 requests at once, then four naming a picture), 1,000 connections trickling their request
@@ -22,7 +24,8 @@ completions one after another throughout, each on a new connection (a new visito
 connection limit meets). For each attack: what the attacking client got, the probe's latency
 p50 / p99 against its baseline, requests lost, each process's peak RSS and CPU seconds,
 whether the controller still lists the worker, and the seconds until served again (after the
-kill: the recovery). Writes benchmarks/results/faults_attacks.{json,png}.
+kill: the recovery). Each attacking process builds its payloads before its window opens.
+Writes benchmarks/results/faults_attacks.{json,png}.
 """
 
 from __future__ import annotations
@@ -172,6 +175,8 @@ def attack_run(model: str, port: int, nice: int = 0, only: str = "") -> None:
         return Attack(name, "slow_headers", seconds, ("--service", service.lower()))
 
     attacks = [
+        # The control: no request, one process busy on the host for 2 s (the floor).
+        Attack("control: a busy process on the host for 2 s, no request", "busy_process", 2),
         Attack("empty prompt (API and worker, twice a second)", "empty_prompt", 15),
         Attack("relay poison (surrogate, NaN) once a second for 30 s", "relay_poison", 30),
         Attack("20 MB prompt (worker, /count_token + refresh, API)", "huge_prompt", 10),

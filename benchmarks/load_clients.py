@@ -12,14 +12,15 @@ Writes benchmarks/results/load_clients.{json,png}.
 
     python benchmarks/load_clients.py --attacks --clients 8
 
-Issue 23's attacks while the clients run (see attacks.py), on `vilaserve serve` with API keys
-(a 0600 file) and so an internal token: the clients loop over chat completions (half with a
+Issue 23's attacks while the clients run (see attacks.py), on `vilaserve serve` with API keys (a
+0600 file) and so an internal token: the clients loop over chat completions (half with a
 picture, half streamed, `--max-tokens` each) for a quiet baseline, then through each attack in
-turn (an empty prompt, relay poison once a second for 30 s, a 20 MB prompt, JSON expansion,
-1,000 connections trickling their heads at the API for 60 s, `kill -9` of the worker), then a
-quiet window after. Per window: the clients' latency p50 / p99 against the baseline (target:
-at most 2x), requests lost (failed or hung) and refused (503 during the worker's restart),
-each process's peak RSS, what the attacking client got, and the recovery time after the kill.
+turn (a control: one busy process and no request; an empty prompt, relay poison once a second
+for 30 s, a 20 MB prompt, JSON expansion, 1,000 connections trickling their heads at the API for
+60 s, `kill -9` of the worker), then a quiet window after. Per window: the clients' latency p50
+/ p99 against the baseline (target: at most 2x), requests lost (failed or hung) and refused (503
+during the worker's restart), each process's peak RSS, what the attacking client got, and the
+recovery time after the kill.
 Writes benchmarks/results/load_clients_attacks.{json,png}.
 """
 
@@ -150,6 +151,8 @@ def attack_run(args: argparse.Namespace) -> None:
     )
 
     attacks = [
+        # The control: no request, one process busy on the host for 2 s (the floor).
+        Attack("control: a busy process on the host for 2 s, no request", "busy_process", 2),
         Attack("empty prompt under load (API and worker)", "empty_prompt", 20),
         Attack("relay poison (surrogate, NaN) once a second for 30 s", "relay_poison", 30),
         Attack("20 MB prompt (worker, /count_token + refresh, API)", "huge_prompt", 15),

@@ -42,6 +42,7 @@ def _load_runtime(settings: WorkerSettings) -> Any:
             embedding_bits=settings.embedding_bits,
             kv_slots=settings.cache_slots,
             max_model_len=settings.max_model_len,
+            adaptive_threads=settings.adaptive_threads,
         )
     )
 

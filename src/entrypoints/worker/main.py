@@ -123,6 +123,15 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         "error chunk (default 30); the controller forgets the worker at once",
     )
     add(
+        "--no-adaptive-threads",
+        dest="adaptive_threads",
+        action="store_const",
+        const=False,
+        help="CPU: keep every compute thread even while other processes on the host use its "
+        "cores (default: one fewer per core they take, back once they leave it; a thread "
+        "sharing its core stalls every barrier of a step)",
+    )
+    add(
         "--no-register",
         dest="register_with_controller",
         action="store_const",

@@ -62,6 +62,8 @@ class WorkerSettings(BaseSettings):
     body_timeout_s: float = Field(30.0, gt=0)
     max_connections: int = Field(4096, ge=1)
     image_cache_mb: int = Field(256, ge=0)  # projected embeddings of recent images; 0: off
+    # CPU: run one compute thread fewer for each core other processes on the host take.
+    adaptive_threads: bool = True
 
     # Sent to the controller on registration and heartbeats (Authorization: Bearer).
     registration_secret: str | None = None  # env: VILASERVE_REGISTRATION_SECRET

@@ -18,25 +18,45 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
+from vilaserve.adapters.worker.torch_vila.compute_threads import MODEL_THREAD_NAME, name_os_thread
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
+def _nothing() -> None:
+    pass
+
+
 class ModelExecutor:
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vilaserve-model")
+        self._pool = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix=MODEL_THREAD_NAME,
+            initializer=name_os_thread,
+            initargs=(MODEL_THREAD_NAME,),
+        )
+        self._before_each: Callable[[], None] = _nothing
+
+    def before_each(self, hook: Callable[[], None]) -> None:
+        """`hook` runs on the model thread before each piece of work (compute_threads.py)."""
+        self._before_each = hook
+
+    def _then(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        self._before_each()
+        return fn(*args, **kwargs)
 
     async def run(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+        return await loop.run_in_executor(self._pool, lambda: self._then(fn, *args, **kwargs))
 
     def submit(self, fn: Callable[[], None]) -> None:
         """Queues `fn` behind the thread's other work and returns at once."""
-        self._pool.submit(fn)
+        self._pool.submit(self._then, fn)
 
     def call(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """Runs `fn` on the model thread and waits for it (loading, before serving starts)."""
-        return self._pool.submit(fn, *args, **kwargs).result()
+        return self._pool.submit(self._then, fn, *args, **kwargs).result()
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -11,6 +11,7 @@ import torch
 
 from vilaserve.adapters.worker import cpu_kernels
 from vilaserve.adapters.worker.torch_vila.checkpoint import VilaCheckpoint
+from vilaserve.adapters.worker.torch_vila.compute_threads import ComputeThreads
 from vilaserve.adapters.worker.torch_vila.device import resolve_device, resolve_dtype
 from vilaserve.adapters.worker.torch_vila.executor import ModelExecutor
 from vilaserve.adapters.worker.torch_vila.fast_linear import accelerate_cpu_linears
@@ -50,6 +51,8 @@ class VilaRuntimeOptions:
     kv_slots: int = 16  # KV-cache rows: running sequences plus prefixes kept for reuse
     max_model_len: int | None = None  # positions per KV row (None: the model's context)
     vision_tower: str | None = None  # LLaVA-1.5: the local folder of the tower its config names
+    # CPU: one compute thread fewer per core other processes take (compute_threads.py).
+    adaptive_threads: bool = True
 
 
 @dataclass
@@ -155,6 +158,12 @@ class VilaRuntime:
             vision = TorchVisionEncoder(
                 pipeline, executor, options.max_image_pixels, cache, options.max_request_pixels
             )
+        threads = torch.get_num_threads()  # this (the model) thread's: torch's are per thread
+        if device.type == "cpu" and options.adaptive_threads:
+            follower = ComputeThreads.for_this_process(threads, torch.set_num_threads)
+            if follower is not None:
+                executor.before_each(follower.apply)
+                follower.start()
         # One line that says what was found and how it will be served.
         log.info(
             "model loaded",
@@ -169,6 +178,8 @@ class VilaRuntime:
                 "tokens_per_image": vision.tokens_per_image if vision else 0,
                 "compute_path": compute_path,
                 "cpu_kernel_linears": fast_linears,
+                "cpu_threads": threads if device.type == "cpu" else 0,
+                "adaptive_threads": device.type == "cpu" and options.adaptive_threads,
                 "kv_slots": runner.num_slots,
                 "kv_slot_length": runner.slot_length,
                 "seconds": round(time.perf_counter() - started, 2),
