@@ -283,10 +283,12 @@ def guarded_protocol(
 
 
 # Descriptors per allowed connection: the connection; one of the service's own per inbound
-# one (the controller relays streams, the API calls workers); and one for the listen backlog,
+# one (the controller relays streams, the API calls workers); one for the listen backlog,
 # which is as long as the limit: asyncio accepts a backlog's worth of connections in one turn
-# of the loop, before any of them can be refused.
-FDS_PER_CONNECTION = 3
+# of the loop, before any of them can be refused; and one for the previous turn's refused
+# connections, whose close completes a turn later. With three, a fresh-clone CI run saw
+# "Too many open files" at accept under a file limit of 256 and 300 trickling connections.
+FDS_PER_CONNECTION = 4
 MAX_BACKLOG = 2048  # uvicorn's default
 
 
