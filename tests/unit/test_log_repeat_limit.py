@@ -134,7 +134,11 @@ def test_the_connection_limit_fits_the_file_limit(monkeypatch: pytest.MonkeyPatc
     raised: list[tuple[int, int]] = []
     monkeypatch.setattr(http_server.resource, "setrlimit", lambda _, value: raised.append(value))
     assert fit_to_file_limit(limits) == limits  # the soft limit raised to what it needs
-    assert raised == [(3 * 512 + http_server.FD_RESERVE, 4096)]
+    assert raised == [(http_server.FDS_PER_CONNECTION * 512 + http_server.FD_RESERVE, 4096)]
 
     monkeypatch.setattr(http_server.resource, "getrlimit", lambda _: (256, 256))
-    assert fit_to_file_limit(limits).max_connections == (256 - http_server.FD_RESERVE) // 3
+    per_connection = http_server.FDS_PER_CONNECTION
+    assert (
+        fit_to_file_limit(limits).max_connections
+        == (256 - http_server.FD_RESERVE) // per_connection
+    )
