@@ -234,7 +234,7 @@ class ComputeThreads:
             self._applied = wanted
 
     def start(self) -> None:
-        """Samples on a daemon thread until stop(), or until nothing holds this object any
+        """Samples on a daemon thread until sampling fails, or until nothing holds this object any
         more (the thread keeps only a weak reference: a runtime dropped ends its sampler)."""
         threading.Thread(
             target=_sample_while_alive,
@@ -242,9 +242,6 @@ class ComputeThreads:
             name="vilaserve-compute-threads",
             daemon=True,
         ).start()
-
-    def stop(self) -> None:
-        self.stopped.set()
 
     def fail_open(self, exc: Exception) -> None:
         """/proc unreadable: every thread from now on, and no more sampling."""
