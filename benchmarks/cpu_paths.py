@@ -49,8 +49,8 @@ from tqdm import tqdm
 
 from vilaserve.adapters.worker import cpu_kernels
 from vilaserve.adapters.worker.awq.qlinear import fuse_w4a16, quantize_model_linears
+from vilaserve.adapters.worker.torch_vila.cpu_path import put_on_cpu_path
 from vilaserve.adapters.worker.torch_vila.device import resolve_dtype
-from vilaserve.adapters.worker.torch_vila.fast_linear import accelerate_cpu_linears
 from vilaserve.adapters.worker.torch_vila.int8_embedding import (
     compress_tied_embeddings,
     compress_token_embeddings,
@@ -75,7 +75,7 @@ def w4a16_model(size: str, dtype: torch.dtype) -> Llama:
     model.fuse_projections(fuse_w4a16)
     compress_token_embeddings(model)
     compress_tied_embeddings(model)  # the fp32 paths: one int8 table, also the head
-    accelerate_cpu_linears(model)
+    put_on_cpu_path(model)
     return model.to(dtype)  # the 4-bit layers and the 16-bit head keep their storage
 
 

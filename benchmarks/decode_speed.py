@@ -38,7 +38,7 @@ from vilaserve.adapters.worker.awq.qlinear import (
     weight_bytes,
 )
 from vilaserve.adapters.worker.awq.quantized_weight import QuantizedWeight
-from vilaserve.adapters.worker.torch_vila.fast_linear import accelerate_cpu_linears
+from vilaserve.adapters.worker.torch_vila.cpu_path import NativeDecodeBody, put_on_cpu_path
 from vilaserve.adapters.worker.torch_vila.int8_embedding import (
     Int8TiedHead,
     compress_token_embeddings,
@@ -232,18 +232,19 @@ def main() -> None:
         # a decode step reads every weight but the embedding table (unless tied to the head)
         embed = model.model.embed_tokens.weight
         w16_streamed = bf16_bytes - (0 if model.args.tie_word_embeddings else embed.nbytes)
-        model.use_native_decode = False  # PyTorch's ops only, layer by layer
-        w16_torch = decode_speed(model, tokens, f"{size} W16A16 torch")
-        accelerate_cpu_linears(model)  # what the worker does on CPU
-        model.use_native_decode = True
+        w16_torch = decode_speed(model, tokens, f"{size} W16A16 torch")  # PyTorch's ops only
+        put_on_cpu_path(model)  # what the worker does on CPU
+        body = model.model
+        assert isinstance(body, NativeDecodeBody), "needs a CPU path with native kernels"
         w16 = decode_speed(model, tokens, f"{size} W16A16")
         quantize_in_place(model, args.backend)
         # as the worker does: merged q/k/v and gate/up (AVX-512 backend), int8 token table
         model.fuse_projections(fuse_w4a16)
         compress_token_embeddings(model)
-        model.use_native_decode = False  # the same kernels, dispatched op by op from Python
+        body.replan()  # the layers now hold the 4-bit linears
+        body.one_call = False  # the same kernels, dispatched op by op from Python
         w4_per_op = decode_speed(model, tokens, f"{size} W4A16 per-op")
-        model.use_native_decode = True
+        body.one_call = True
         w4, bandwidth_near, over_bound = w4_against_bandwidth(model, tokens, args.rounds)
         streamed = streamed_bytes(model)
         bound = streamed / (bandwidth_near * 1e9)

@@ -142,7 +142,7 @@ def test_a_fp32_model_on_the_fp32_path_keeps_16_bit_weights_and_its_logits() -> 
     with torch.inference_mode():
         want = model(model.new_cache(1, 32), 0, input_ids=ids, last_only=False)
     assert FP32 is not None
-    swapped = accelerate_cpu_linears_on(model, FP32.path)
+    swapped = accelerate_cpu_linears(model, FP32)
     assert swapped == 2 * 7 + 1  # every decoder linear and the (tied) head
     assert isinstance(model.lm_head, Fp32DecodeLinear)
     assert model.lm_head.weight.dtype == torch.bfloat16
@@ -152,12 +152,6 @@ def test_a_fp32_model_on_the_fp32_path_keeps_16_bit_weights_and_its_logits() -> 
         prefill = model(cache, 0, input_ids=ids[:, :-1], last_only=False)
         step = model(cache, 9, input_ids=ids[:, -1:])
     assert rel_err(torch.cat((prefill, step), dim=1), want) < 1e-5
-
-
-def accelerate_cpu_linears_on(model: nn.Module, path: str) -> int:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("VILASERVE_CPU_PATH", path)
-        return accelerate_cpu_linears(model)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -197,21 +191,19 @@ def test_the_fp32_decoder_refuses_a_hidden_state_of_another_dtype(
 ) -> None:
     """The C decoder reads and writes the hidden state in place: a bf16 buffer handed to the
     fp32 decoder would be overrun, so the model never hands one and `run` refuses it."""
-    from vilaserve.adapters.worker.torch_vila.native_decode import NativeDecoder
+    from vilaserve.adapters.worker.torch_vila.cpu_path import NativeDecodeBody, put_on_cpu_path
 
     assert FP32 is not None
     monkeypatch.setenv("VILASERVE_CPU_PATH", FP32.path)
     torch.manual_seed(0)
     model = Llama(tiny_args(tied=True)).to(torch.bfloat16).float().eval()
-    accelerate_cpu_linears(model)
-    native = NativeDecoder.for_model(model)
+    report = put_on_cpu_path(model)
+    assert report.path == FP32.path and report.native_decode
+    assert isinstance(model.model, NativeDecodeBody)
+    native = model.model.decoder
     assert native is not None and native.dtype == torch.float32
     cache = model.new_cache(1, 8)
     cos, sin = model.rope.rows(0, 1, torch.float32)
     zero = torch.zeros(1, dtype=torch.int64)
     with pytest.raises(ValueError, match="float32"):
         native.run(torch.zeros(1, 1, 128, dtype=torch.bfloat16), cache, zero, zero, cos, sin)
-    with torch.inference_mode():
-        assert model._native_decoder(torch.zeros(1, 1, 128, dtype=torch.bfloat16)) is None
-        planned = model._native_decoder(torch.zeros(1, 1, 128))
-    assert planned is not None and planned.dtype == torch.float32

@@ -62,6 +62,7 @@ def test_rope_kernel_is_bit_exact_with_the_torch_expression() -> None:
 
 def test_rms_norm_kernel_matches_hf_rmsnorm_to_one_bf16_step() -> None:
     assert KERNELS is not None
+    from vilaserve.adapters.worker.torch_vila.cpu_path import KernelRMSNorm
     from vilaserve.adapters.worker.torch_vila.llama import RMSNorm
 
     norm = RMSNorm(256, 1e-5).to(torch.bfloat16)
@@ -69,14 +70,18 @@ def test_rms_norm_kernel_matches_hf_rmsnorm_to_one_bf16_step() -> None:
         norm.weight.normal_(1.0, 0.2)
     x = (torch.randn(3, 1, 256) * 4).to(torch.bfloat16)
     with torch.inference_mode():
-        got = norm(x)  # the kernel path
-        norm._kernels = None
+        got = KernelRMSNorm(norm, KERNELS)(x)  # the kernel path
         want = norm(x)  # the PyTorch expression
     # only the fp32 summation order differs: at most one bf16 rounding step apart
     assert float((got.float() - want.float()).abs().max()) <= float(want.abs().max()) / 128
 
 
 def test_llama_decode_on_kernels_agrees_with_the_torch_path() -> None:
+    from vilaserve.adapters.worker.torch_vila.cpu_path import (
+        KernelAttention,
+        KernelRMSNorm,
+        swap_kernel_norms_and_attention,
+    )
     from vilaserve.adapters.worker.torch_vila.llama import Llama, LlamaArgs
 
     args = LlamaArgs(
@@ -85,8 +90,7 @@ def test_llama_decode_on_kernels_agrees_with_the_torch_path() -> None:
         rope_theta=10_000.0, rope_scaling=None, max_position_embeddings=64,
     )  # fmt: skip
     torch.manual_seed(0)
-    model = Llama(args).to(torch.bfloat16).eval()
-    model.use_native_decode = False  # the per-op path; test_native_decode covers the other
+    model = Llama(args).to(torch.bfloat16).eval()  # plain PyTorch until swapped
     ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(1))
 
     def decode_logits() -> torch.Tensor:
@@ -96,9 +100,11 @@ def test_llama_decode_on_kernels_agrees_with_the_torch_path() -> None:
             steps = [model(cache, p, input_ids=ids[:, p : p + 1]) for p in range(6, 10)]
         return torch.cat(steps, dim=1)
 
-    fast = decode_logits()
-    for module in model.modules():
-        if hasattr(module, "_kernels"):
-            module._kernels = None
     slow = decode_logits()
+    assert KERNELS is not None
+    # The per-op kernel path only (test_native_decode covers the one-call decoder).
+    swap_kernel_norms_and_attention(model, KERNELS)
+    kinds = {type(m) for m in model.modules()}
+    assert KernelAttention in kinds and KernelRMSNorm in kinds
+    fast = decode_logits()
     assert float((fast - slow).abs().max()) < 2e-2 * float(slow.abs().max())

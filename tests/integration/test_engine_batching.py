@@ -13,8 +13,8 @@ from test_cpu_paths import PATHS
 from test_qlinear import rel_err, rtn_weights, tiny_args
 
 from vilaserve.adapters.worker.awq.qlinear import fuse_w4a16, quantize_model_linears
-from vilaserve.adapters.worker.torch_vila.fast_linear import accelerate_cpu_linears
-from vilaserve.adapters.worker.torch_vila.llama import _NATIVE_DECODERS, Llama
+from vilaserve.adapters.worker.torch_vila.cpu_path import put_on_cpu_path
+from vilaserve.adapters.worker.torch_vila.llama import Llama
 from vilaserve.adapters.worker.torch_vila.runtime import VilaRuntime, VilaRuntimeOptions
 from vilaserve.domain.shared.generation import SamplingParams
 
@@ -23,6 +23,7 @@ PATH_MODELS = {"torch": ("dequant", torch.float32), "avx512_bf16": ("cpu_avx512"
 
 
 def model_on(path: str, quantized: bool, monkeypatch: pytest.MonkeyPatch) -> Llama:
+    """The model as the worker serves it on `path`."""
     monkeypatch.setenv("VILASERVE_CPU_PATH", path)
     backend, dtype = PATH_MODELS.get(path, ("cpu_fp32", torch.float32))
     torch.manual_seed(0)
@@ -32,7 +33,8 @@ def model_on(path: str, quantized: bool, monkeypatch: pytest.MonkeyPatch) -> Lla
     if quantized:
         quantize_model_linears(model, rtn_weights(model, group=64), dtype, "cpu", backend)
         model.fuse_projections(fuse_w4a16)
-    accelerate_cpu_linears(model)
+    report = put_on_cpu_path(model)
+    assert report.path == path and report.native_decode == (path != "torch")
     return model
 
 
@@ -61,7 +63,6 @@ def test_rows_at_different_positions_decode_as_each_would_alone(
         again = model.decode_rows(  # and the next position, fed back, still per row
             pool, torch.tensor(slots), torch.tensor(lengths) + 1, got.argmax(-1)
         )
-    assert (path == "torch") == (_NATIVE_DECODERS.get(model) is None)
     tolerance = 2e-2 if model.dtype == torch.bfloat16 else 1e-5
     assert rel_err(got, torch.stack(want)) < tolerance
     assert torch.isfinite(again).all()

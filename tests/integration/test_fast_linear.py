@@ -9,12 +9,12 @@ from torch import nn
 
 from vilaserve.adapters.worker import cpu_kernels
 from vilaserve.adapters.worker.torch_vila import fast_linear
+from vilaserve.adapters.worker.torch_vila.cpu_path import put_on_cpu_path
 from vilaserve.adapters.worker.torch_vila.fast_linear import CpuDecodeLinear, accelerate_cpu_linears
 from vilaserve.adapters.worker.torch_vila.llama import Llama, LlamaArgs
 
-pytestmark = pytest.mark.skipif(
-    cpu_kernels.load() is None, reason="needs an AVX-512 BF16 CPU and a C compiler"
-)
+KERNELS = cpu_kernels.load()
+pytestmark = pytest.mark.skipif(KERNELS is None, reason="needs an AVX-512 BF16 CPU and gcc")
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -28,7 +28,8 @@ def test_decode_rows_match_f_linear(out_features: int, bias: bool) -> None:
     torch.manual_seed(out_features)
     linear = nn.Linear(256, out_features, bias=bias).to(torch.bfloat16)
     model = nn.Sequential(linear)
-    assert accelerate_cpu_linears(model) == 1
+    assert KERNELS is not None
+    assert accelerate_cpu_linears(model, KERNELS) == 1
     fast = model[0]
     assert isinstance(fast, CpuDecodeLinear) and fast.weight is linear.weight
     for rows in (1, 3, fast_linear.DECODE_MAX_ROWS):
@@ -43,7 +44,8 @@ def test_decode_rows_match_f_linear(out_features: int, bias: bool) -> None:
 
 def test_prefill_rows_and_other_dtypes_take_f_linear_unchanged() -> None:
     linear = nn.Linear(128, 96).to(torch.bfloat16)
-    fast = CpuDecodeLinear(linear, cpu_kernels.load())  # type: ignore[arg-type]
+    assert KERNELS is not None
+    fast = CpuDecodeLinear(linear, KERNELS)
     many = torch.randn(fast_linear.DECODE_MAX_ROWS + 1, 128).to(torch.bfloat16)
     with torch.inference_mode():
         assert torch.equal(fast(many), F.linear(many, linear.weight, linear.bias))
@@ -52,7 +54,7 @@ def test_prefill_rows_and_other_dtypes_take_f_linear_unchanged() -> None:
     fast(one).float().sum().backward()
     assert one.grad is not None and one.grad.abs().sum() > 0
     fp32 = nn.Linear(128, 96)
-    assert accelerate_cpu_linears(nn.Sequential(fp32)) == 0  # only bf16 weights are swapped
+    assert accelerate_cpu_linears(nn.Sequential(fp32), KERNELS) == 0  # only bf16 weights
 
 
 def test_llama_keeps_its_state_dict_and_tied_head() -> None:
@@ -74,7 +76,8 @@ def test_llama_keeps_its_state_dict_and_tied_head() -> None:
             return model(cache, 8, input_ids=ids[:, -1:])
 
     before = greedy_logits()
-    assert accelerate_cpu_linears(model) == 2 * 7 + 1  # every decoder linear and the head
+    report = put_on_cpu_path(model)
+    assert report.kernel_linears == 2 * 7 + 1  # every decoder linear and the head
     assert list(model.state_dict()) == keys
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert rel_err(greedy_logits(), before) < 3e-2

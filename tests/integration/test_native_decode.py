@@ -11,13 +11,11 @@ from torch import nn
 from vilaserve.adapters.offline.awq_quantizer import quantize_to_canonical
 from vilaserve.adapters.worker import cpu_kernels
 from vilaserve.adapters.worker.awq.qlinear import fuse_w4a16, quantize_model_linears
-from vilaserve.adapters.worker.torch_vila.fast_linear import accelerate_cpu_linears
+from vilaserve.adapters.worker.torch_vila.cpu_path import NativeDecodeBody, put_on_cpu_path
 from vilaserve.adapters.worker.torch_vila.llama import DECODER_LINEARS, Llama, LlamaArgs
-from vilaserve.adapters.worker.torch_vila.native_decode import NativeDecoder
 
-pytestmark = pytest.mark.skipif(
-    cpu_kernels.load() is None, reason="needs an AVX-512 BF16 CPU and gcc"
-)
+KERNELS = cpu_kernels.load()
+pytestmark = pytest.mark.skipif(KERNELS is None, reason="needs an AVX-512 BF16 CPU and gcc")
 
 
 def tiny_args(**changes: object) -> LlamaArgs:
@@ -55,11 +53,20 @@ def w4a16_model(args: LlamaArgs, fused: bool) -> Llama:
     return model
 
 
-def decode(
-    model: Llama, native: bool, batch: int = 2, steps: int = 5
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def op_by_op(model: Llama) -> Llama:
+    """The same kernels as `in_one_call`, dispatched op by op from Python."""
+    report = put_on_cpu_path(model, one_call_decode=False)
+    assert report.kernel_linears > 0 and not report.native_decode
+    return model
+
+
+def in_one_call(model: Llama) -> Llama:
+    assert put_on_cpu_path(model).native_decode
+    return model
+
+
+def decode(model: Llama, batch: int = 2, steps: int = 5) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Greedy-free decode of fixed ids: logits of every step and the final KV cache."""
-    model.use_native_decode = native
     ids = torch.randint(0, model.args.vocab_size, (batch, 7 + steps),
                         generator=torch.Generator().manual_seed(3))  # fmt: skip
     cache = model.new_cache(batch, 7 + steps)
@@ -72,9 +79,8 @@ def decode(
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "separate"])
 def test_w4a16_layers_in_one_call_equal_the_per_op_path(fused: bool) -> None:
     model = w4a16_model(tiny_args(), fused)
-    assert NativeDecoder.for_model(model) is not None
-    fast, fast_cache = decode(model, native=True)
-    slow, slow_cache = decode(model, native=False)
+    slow, slow_cache = decode(op_by_op(copy.deepcopy(model)))
+    fast, fast_cache = decode(in_one_call(model))
     # The same matmul, norm, rotary and attention kernels in the same order: equal results
     # up to SiLU's exp (a polynomial here, Sleef in torch), i.e. a rare bf16 rounding flip.
     assert float((fast - slow).abs().max()) < 2e-2 * float(slow.abs().max())
@@ -85,17 +91,17 @@ def test_w4a16_layers_in_one_call_equal_the_per_op_path(fused: bool) -> None:
 
 def test_dense_bf16_layers_agree_with_pytorch_fp32() -> None:
     args = tiny_args(num_key_value_heads=1)  # GQA with one KV head
-    model = bf16_model(args, seed=1)
-    accelerate_cpu_linears(model)
-    fast, _ = decode(model, native=True, batch=1)
-    reference = copy.deepcopy(model).float()  # the deepcopy must not trip on the native plan
-    reference.use_native_decode = False
-    want, _ = decode(reference, native=False, batch=1)
+    model = in_one_call(bf16_model(args, seed=1))
+    fast, _ = decode(model, batch=1)
+    # The deepcopy must not trip on the native plan; in fp32 every swapped module runs
+    # PyTorch's ops.
+    reference = copy.deepcopy(model).float()
+    want, _ = decode(reference, batch=1)
     assert float((fast - want).abs().max()) < 5e-2 * float(want.abs().max())
 
 
 def test_a_caller_embedding_is_not_overwritten() -> None:
-    model = w4a16_model(tiny_args(), fused=True)
+    model = in_one_call(w4a16_model(tiny_args(), fused=True))
     cache = model.new_cache(1, 4)
     embeds = torch.randn(1, 1, 128).to(torch.bfloat16)
     before = embeds.clone()
@@ -105,22 +111,26 @@ def test_a_caller_embedding_is_not_overwritten() -> None:
 
 
 def test_models_the_c_code_cannot_run_keep_the_per_op_path() -> None:
-    assert NativeDecoder.for_model(bf16_model(tiny_args(attention_bias=True))) is None
-    assert NativeDecoder.for_model(bf16_model(tiny_args(head_dim=48, hidden_size=192))) is None
-    assert NativeDecoder.for_model(bf16_model(tiny_args()).float()) is None
+    def one_call_decoder(model: Llama) -> bool:
+        return put_on_cpu_path(model).native_decode
+
+    assert not one_call_decoder(bf16_model(tiny_args(attention_bias=True)))
+    assert not one_call_decoder(bf16_model(tiny_args(head_dim=48, hidden_size=192)))
+    assert not one_call_decoder(bf16_model(tiny_args()).float())
     model = bf16_model(tiny_args())
     model.model.layers[1].mlp.down_proj = nn.Linear(384, 128, bias=True).to(torch.bfloat16)
-    assert NativeDecoder.for_model(model) is None
+    assert not one_call_decoder(model)
     # ...and still decode correctly (the per-op path), batch beyond the kernels' rows included.
-    logits, _ = decode(model, native=True, batch=9, steps=2)
+    logits, _ = decode(model, batch=9, steps=2)
     assert torch.isfinite(logits).all()
 
 
 def test_moving_the_model_drops_the_plan() -> None:
-    from vilaserve.adapters.worker.torch_vila import llama
-
-    model = w4a16_model(tiny_args(), fused=True)
-    decode(model, native=True, steps=1)
-    assert llama._NATIVE_DECODERS.get(model) is not None
+    model = in_one_call(w4a16_model(tiny_args(), fused=True))
+    body = model.model
+    assert isinstance(body, NativeDecodeBody)
+    planned = body.decoder
+    assert planned is not None
+    decode(model, steps=1)
     model.to("cpu")
-    assert model not in llama._NATIVE_DECODERS
+    assert body.decoder is not None and body.decoder is not planned

@@ -34,10 +34,9 @@ from vilaserve.adapters.worker.awq.loading import load_awq_llm, read_awq
 from vilaserve.adapters.worker.awq.qlinear import fuse_w4a16, quantize_model_linears
 from vilaserve.adapters.worker.torch_vila import llm_loading
 from vilaserve.adapters.worker.torch_vila.checkpoint import VilaCheckpoint
-from vilaserve.adapters.worker.torch_vila.fast_linear import accelerate_cpu_linears
+from vilaserve.adapters.worker.torch_vila.cpu_path import NativeDecodeBody, put_on_cpu_path
 from vilaserve.adapters.worker.torch_vila.llama import DECODER_LINEARS, Llama, LlamaArgs
 from vilaserve.adapters.worker.torch_vila.llm_loading import load_llm_weights
-from vilaserve.adapters.worker.torch_vila.native_decode import NativeDecoder
 
 VOCAB, HIDDEN = 300, 64
 PROMPT, NEW_TOKENS = 6, 16
@@ -399,7 +398,6 @@ def native_qwen2(kind: str) -> Llama:
     assert NATIVE_DTYPE is not None
     model = model.to(torch.bfloat16).to(NATIVE_DTYPE)
     if kind == "dense":
-        accelerate_cpu_linears(model)
         return model
     weights = {
         f"model.layers.{i}.{name}": quantize_to_canonical(
@@ -414,8 +412,7 @@ def native_qwen2(kind: str) -> Llama:
     return model
 
 
-def decode_steps(model: Llama, native: bool, steps: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-    model.use_native_decode = native
+def decode_steps(model: Llama, steps: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.randint(0, VOCAB, (2, 7 + steps), generator=torch.Generator().manual_seed(3))
     cache = model.new_cache(2, 7 + steps)
     with torch.inference_mode():
@@ -428,11 +425,15 @@ def decode_steps(model: Llama, native: bool, steps: int = 5) -> tuple[torch.Tens
 @pytest.mark.parametrize("kind", ["dense", "w4a16", "w4a16_fused"])
 def test_native_decode_with_qkv_biases_equals_the_per_op_path(kind: str) -> None:
     model = native_qwen2(kind)
-    native = NativeDecoder.for_model(model)
-    assert native is not None  # the biases no longer send Qwen2 to the per-op path
-    assert all(len(layer.qkv_bias) == len(layer.qkv) for layer in native.plan.layers)
-    fast, fast_cache = decode_steps(model, native=True)
-    slow, slow_cache = decode_steps(model, native=False)
+    op_by_op = copy.deepcopy(model)
+    assert not put_on_cpu_path(op_by_op, one_call_decode=False).native_decode
+    # The biases no longer send Qwen2 to the per-op path.
+    assert put_on_cpu_path(model).native_decode
+    assert isinstance(model.model, NativeDecodeBody) and model.model.decoder is not None
+    plan = model.model.decoder.plan
+    assert all(len(layer.qkv_bias) == len(layer.qkv) for layer in plan.layers)
+    fast, fast_cache = decode_steps(model)
+    slow, slow_cache = decode_steps(op_by_op)
     # fp32: the same matmul kernels, other fp32 summation orders around them. bf16: the same
     # kernels in the same order, up to SiLU's exp (a rare bf16 rounding flip).
     tolerance = 2e-2 if NATIVE_DTYPE is torch.bfloat16 else 1e-4
@@ -443,9 +444,8 @@ def test_native_decode_with_qkv_biases_equals_the_per_op_path(kind: str) -> None
     with torch.no_grad():
         for module in model.model.layers.modules():
             if isinstance(getattr(module, "bias", None), Tensor):
-                module.bias.zero_()
-    model._forget_native_decoder()
-    unbiased, _ = decode_steps(model, native=True)
+                module.bias.zero_()  # in place: the native plan reads them where they are
+    unbiased, _ = decode_steps(model)
     visible = max(0.1, 5 * tolerance)
     assert float((unbiased - slow).abs().max()) > visible * float(slow.abs().max())
 
@@ -453,6 +453,6 @@ def test_native_decode_with_qkv_biases_equals_the_per_op_path(kind: str) -> None
 @needs_native
 def test_an_o_proj_bias_still_keeps_the_per_op_path() -> None:
     model = native_qwen2("dense")
-    assert NativeDecoder.for_model(model) is not None
+    assert put_on_cpu_path(model).native_decode
     biased = Llama(dataclasses.replace(model.args, attention_bias=True))
-    assert NativeDecoder.for_model(biased.to(torch.bfloat16).to(NATIVE_DTYPE)) is None
+    assert not put_on_cpu_path(biased.to(torch.bfloat16).to(NATIVE_DTYPE)).native_decode

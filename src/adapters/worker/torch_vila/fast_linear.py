@@ -109,19 +109,15 @@ def exact_16_bit(weight: Tensor) -> Tensor | None:
     return None
 
 
-def accelerate_cpu_linears(model: nn.Module) -> int:
-    """Puts the plain CPU `nn.Linear`s on this machine's native decode kernel.
+def accelerate_cpu_linears(model: nn.Module, kernels: cpu_kernels.NativeKernels) -> int:
+    """Puts the plain CPU `nn.Linear`s on `kernels` (cpu_path.py chooses them).
 
     AVX-512: bf16 linears with K % 32 == 0 become `CpuDecodeLinear`. fp32 paths (AVX2, NEON):
     linears whose weight is exactly 16-bit, with K % 8 == 0, become `Fp32DecodeLinear`.
-    Returns how many were swapped (0 on the torch path).
+    Returns how many were swapped.
     """
-    fp32 = cpu_kernels.load_fp32()
-    if fp32 is not None:
-        return _swap_for_fp32(model, fp32)
-    kernels = cpu_kernels.load()
-    if kernels is None:
-        return 0
+    if isinstance(kernels, cpu_kernels.Fp32Kernels):
+        return _swap_for_fp32(model, kernels)
     swaps = [
         (parent, name, child)
         for parent in model.modules()

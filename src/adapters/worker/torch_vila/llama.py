@@ -19,22 +19,19 @@ Usage::
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vilaserve.adapters.worker import cpu_kernels
-from vilaserve.adapters.worker.cpu_kernels.decoder import CachePointers
 from vilaserve.adapters.worker.torch_vila.device import apply_keeping_dtypes, embedding_table
-from vilaserve.adapters.worker.torch_vila.fast_linear import FP32_KERNEL_MAX_ROWS
-from vilaserve.adapters.worker.torch_vila.native_decode import NativeDecoder
+from vilaserve.adapters.worker.torch_vila.kv_cache import KVCache
+from vilaserve.adapters.worker.torch_vila.llama_config import LlamaArgs, RopeScaling
 
-DEFAULT_ROPE_THETA = 10_000.0
+__all__ = ["DECODER_LINEARS", "KVCache", "LayerStep", "Llama", "LlamaArgs", "RopeScaling"]
+
 # RoPE tables start this long (capped by max_position_embeddings) and grow on demand, so a
 # 128K-context config does not pin 128 MB of tables that a 4K serving cache never reads.
 _INITIAL_ROPE_POSITIONS = 4096
@@ -54,149 +51,6 @@ EMBED_KEY = "model.embed_tokens.weight"
 HEAD_KEY = "lm_head.weight"
 # Old HF checkpoints saved the rotary inverse frequencies; they are derived, never loaded.
 DERIVED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
-_SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-# `model_type`s whose LLM is this decoder, by family. "llava_llama" is LLaVA-1.5's (and
-# VILA-1.0's) single-folder LlavaLlamaForCausalLM, whose config holds the Llama fields at the
-# top level. A config without `model_type` (hand-written, or an old export) is read as Llama.
-_FAMILY_OF_MODEL_TYPE = {"llama": "llama", "llava_llama": "llama", "qwen2": "qwen2"}
-# HF's defaults where a config leaves the field out (LlamaConfig / Qwen2Config).
-_DEFAULT_MAX_POSITIONS = {"llama": 2048, "qwen2": 32768}
-
-
-@dataclass(frozen=True)
-class RopeScaling:
-    """Position-interpolation settings: `linear` uses only `factor`; `llama3` uses all."""
-
-    rope_type: str
-    factor: float
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
-
-
-@dataclass(frozen=True)
-class LlamaArgs:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: RopeScaling | None
-    max_position_embeddings: int
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False  # Llama's flag: a bias on q, k, v *and* o
-    mlp_bias: bool = False
-    qkv_bias: bool = False  # Qwen2: a bias on q, k and v only
-    model_type: str = "llama"  # the family: "llama" or "qwen2"
-
-    @classmethod
-    def from_hf_config(cls, cfg: Mapping[str, Any], source: str | None = None) -> LlamaArgs:
-        """Reads a Hugging Face Llama or Qwen2 `config.json` dict (transformers v4 or v5
-        layout). `source` (the file's path) only makes error messages name the file."""
-        where = source or "the LLM config"
-        family = _model_family(cfg, where)
-        _refuse_sliding_window(cfg, where)
-        activation = cfg.get("hidden_act", "silu")
-        if activation != "silu":
-            raise ValueError(f"only SwiGLU (hidden_act='silu') is supported, got {activation!r}")
-        heads = int(_required(cfg, "num_attention_heads", where))
-        hidden = int(_required(cfg, "hidden_size", where))
-        max_positions = int(cfg.get("max_position_embeddings") or _DEFAULT_MAX_POSITIONS[family])
-        theta, scaling = _parse_rope(cfg, max_positions)
-        qwen2 = family == "qwen2"
-        return cls(
-            vocab_size=int(_required(cfg, "vocab_size", where)),
-            hidden_size=hidden,
-            intermediate_size=int(_required(cfg, "intermediate_size", where)),
-            num_hidden_layers=int(_required(cfg, "num_hidden_layers", where)),
-            num_attention_heads=heads,
-            # v5 writes these keys as null when unset, so `or` rather than a .get default.
-            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            max_position_embeddings=max_positions,
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            # Qwen2's biases are fixed by its architecture, not by config fields.
-            attention_bias=False if qwen2 else bool(cfg.get("attention_bias", False)),
-            mlp_bias=False if qwen2 else bool(cfg.get("mlp_bias", False)),
-            qkv_bias=qwen2,
-            model_type=family,
-        )
-
-
-def _model_family(cfg: Mapping[str, Any], where: str) -> str:
-    model_type = cfg.get("model_type") or "llama"
-    family = _FAMILY_OF_MODEL_TYPE.get(str(model_type))
-    if family is None:
-        supported = ", ".join(sorted(_FAMILY_OF_MODEL_TYPE))
-        raise ValueError(
-            f"unsupported LLM model_type {model_type!r} in {where} (supported: {supported})"
-        )
-    return family
-
-
-def _refuse_sliding_window(cfg: Mapping[str, Any], where: str) -> None:
-    """Every layer here attends to the whole cache; a windowed layer would silently differ."""
-    if cfg.get("use_sliding_window"):
-        raise ValueError(
-            f"use_sliding_window is true in {where}: sliding-window attention is not supported"
-        )
-    windowed = [t for t in cfg.get("layer_types") or [] if t != "full_attention"]
-    if windowed:
-        raise ValueError(
-            f"layer_types in {where} has {windowed[0]!r} layers: only full attention is supported"
-        )
-
-
-def _required(cfg: Mapping[str, Any], key: str, where: str) -> Any:
-    if cfg.get(key) is None:
-        raise ValueError(f"{where} has no {key!r}: not a Llama/Qwen2 LLM config")
-    return cfg[key]
-
-
-def _parse_rope(cfg: Mapping[str, Any], max_positions: int) -> tuple[float, RopeScaling | None]:
-    """Returns (theta, scaling) from either config layout.
-
-    v5 stores everything in `rope_parameters` ({"rope_type", "rope_theta", ...}); v4 files have a
-    top-level `rope_theta` plus an optional `rope_scaling` whose kind is `rope_type` (or `type`
-    in older files). Like HF, `rope_scaling` wins when both dicts are present.
-    """
-    params: Mapping[str, Any] = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", DEFAULT_ROPE_THETA)))
-    partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
-        raise ValueError(f"partial_rotary_factor={partial} is not supported for Llama")
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type == "default":
-        return theta, None
-    if rope_type == "linear":
-        return theta, RopeScaling("linear", float(_rope_field(params, "factor", rope_type)))
-    if rope_type == "llama3":
-        return theta, RopeScaling(
-            rope_type="llama3",
-            factor=float(_rope_field(params, "factor", rope_type)),
-            low_freq_factor=float(_rope_field(params, "low_freq_factor", rope_type)),
-            high_freq_factor=float(_rope_field(params, "high_freq_factor", rope_type)),
-            # HF falls back to max_position_embeddings when the pretraining length is absent.
-            original_max_position_embeddings=int(
-                params.get("original_max_position_embeddings", max_positions)
-            ),
-        )
-    raise ValueError(
-        f"unsupported rope type {rope_type!r} (supported: {', '.join(_SUPPORTED_ROPE_TYPES)})"
-    )
-
-
-def _rope_field(params: Mapping[str, Any], key: str, rope_type: str) -> Any:
-    if key not in params:
-        raise ValueError(f"rope type {rope_type!r} needs {key!r} in the rope parameters")
-    return params[key]
 
 
 def rope_inv_freq(args: LlamaArgs) -> Tensor:
@@ -286,74 +140,6 @@ class RotaryTable(nn.Module):
         return self
 
 
-class KVCache:
-    """Per-layer key/value storage [rows, kv_heads, max_len, head_dim], allocated once.
-
-    One row per sequence: a single request's cache has one row, the engine's pool one row per
-    slot. `Llama.forward` writes new positions into it in place; nothing is reallocated per
-    step. Create it with `Llama.new_cache`.
-    """
-
-    def __init__(
-        self,
-        num_layers: int,
-        batch: int,
-        kv_heads: int,
-        max_len: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-    ) -> None:
-        shape = (batch, kv_heads, max_len, head_dim)
-        # Uninitialised: attention reads only the positions a row has written, and on the CPU
-        # untouched pages stay unallocated, so a large pool costs memory only as it fills.
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self._native: CachePointers | None = None
-
-    @classmethod
-    def _of(cls, keys: list[Tensor], values: list[Tensor]) -> KVCache:
-        cache = cls.__new__(cls)
-        cache.keys, cache.values, cache._native = keys, values, None
-        return cache
-
-    def row(self, index: int) -> KVCache:
-        """Row `index` as a one-row cache sharing this one's storage (a slot's prefill)."""
-        return KVCache._of(
-            [k[index : index + 1] for k in self.keys], [v[index : index + 1] for v in self.values]
-        )
-
-    @property
-    def bytes_per_position(self) -> int:
-        """Bytes one position of one row takes over all layers, keys and values."""
-        per_layer = self.keys[0][0, :, 0].numel() * self.keys[0].element_size()
-        return 2 * len(self.keys) * per_layer
-
-    def native_pointers(self) -> CachePointers:
-        """The buffers' addresses for the native decoder, gathered on first use."""
-        if self._native is None:
-            self._native = CachePointers.of(self.keys, self.values)
-        return self._native
-
-    @property
-    def batch(self) -> int:
-        return self.keys[0].shape[0]
-
-    @property
-    def max_len(self) -> int:
-        return self.keys[0].shape[2]
-
-    def update(
-        self, layer: int, start_pos: int, keys: Tensor, values: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Writes [B, kv_heads, T, D] at start_pos; returns views of positions [0, start_pos+T)."""
-        end = start_pos + keys.shape[2]
-        layer_keys, layer_values = self.keys[layer], self.values[layer]
-        layer_keys[:, :, start_pos:end] = keys
-        layer_values[:, :, start_pos:end] = values
-        return layer_keys[:, :, :end], layer_values[:, :, :end]
-
-
 class LayerStep(NamedTuple):
     """What every layer needs about the positions of one forward call, built once per call.
 
@@ -372,34 +158,13 @@ class LayerStep(NamedTuple):
     lengths: tuple[tuple[int, int], ...] = ()  # (cache row, length) per batch row
 
 
-# Native decoders by model, built on a model's first decode step. Kept outside the module so
-# that deepcopy / pickling of a model (which cannot copy ctypes structs) never sees them.
-_NATIVE_DECODERS: weakref.WeakKeyDictionary[Llama, NativeDecoder | None] = (
-    weakref.WeakKeyDictionary()
-)
-_UNPLANNED: Any = object()  # no plan yet (None means: planned, and the model does not qualify)
-
-# Decode-sized calls (a few rows) go to the CPU kernels; PyTorch's ops win on long prefills.
-# Kernels run only without autograd (inference), so training through the LLM still works.
-_KERNEL_MAX_ROWS = 8
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-        self._kernels = cpu_kernels.load() if dim % 16 == 0 else None
 
     def forward(self, x: Tensor) -> Tensor:
-        if (
-            self._kernels is not None
-            and x.dtype == self.weight.dtype == torch.bfloat16
-            and x.device.type == "cpu"
-            and x.numel() <= _KERNEL_MAX_ROWS * x.shape[-1]
-            and not torch.is_grad_enabled()  # the kernels have no backward
-        ):
-            return self._kernels.rms_norm(x, self.weight, self.eps)
         # Normalize in fp32 and cast back before the weight, exactly like HF's LlamaRMSNorm.
         x32 = x.to(torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -432,10 +197,6 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.hidden_size, kv_width, bias=qkv_bias)
         self.v_proj = nn.Linear(args.hidden_size, kv_width, bias=qkv_bias)
         self.o_proj = nn.Linear(q_width, args.hidden_size, bias=args.attention_bias)
-        # The CPU decode-attention kernel, when it runs here and fits the head size.
-        kernels = cpu_kernels.load()
-        fits = kernels is not None and args.head_dim % 32 == 0 and args.head_dim <= 256
-        self._kernels = kernels if fits else None
         # Set by `fuse_projections`: one layer computing [q | k | v] instead of three.
         self.qkv_proj: nn.Module | None = None
         self._qkv_widths = (q_width, kv_width, kv_width)
@@ -448,24 +209,18 @@ class Attention(nn.Module):
         del self.q_proj, self.k_proj, self.v_proj
         return True
 
-    def forward(self, x: Tensor, step: LayerStep, cache: KVCache) -> Tensor:
-        batch, length, _ = x.shape
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v of `x` [B, T, hidden], each [B, T, heads * head_dim]."""
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x).split(self._qkv_widths, dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            return q, k, v
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def forward(self, x: Tensor, step: LayerStep, cache: KVCache) -> Tensor:
+        batch, length, _ = x.shape
+        q, k, v = self.project(x)
         if step.rows is not None:
             return self.o_proj(self._attend_rows(q, k, v, step, cache).view(batch, 1, -1))
-        if (
-            self._kernels is not None
-            and length == 1
-            and step.mask is None
-            and q.dtype == torch.bfloat16
-            and q.device.type == "cpu"
-            and not torch.is_grad_enabled()
-        ):
-            out = self._decode_on_cpu_kernels(q, k, v, step, cache)
-            return self.o_proj(out.view(batch, 1, -1))
         q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -493,25 +248,6 @@ class Attention(nn.Module):
             for b, (r, n) in enumerate(step.lengths)
         ]
         return torch.cat(outs) if len(outs) > 1 else outs[0]
-
-    def _decode_on_cpu_kernels(
-        self, q: Tensor, k: Tensor, v: Tensor, step: LayerStep, cache: KVCache
-    ) -> Tensor:
-        """One position: rotary straight into a q buffer and the cache slot, then attention.
-        Same rounding as the torch path; replaces about a dozen small ops per layer."""
-        kernels = self._kernels
-        assert kernels is not None
-        batch, pos, dim = q.shape[0], step.start_pos, self.head_dim
-        cos, sin = step.cos[0], step.sin[0]
-        rotated_q = torch.empty(batch, self.n_heads, 1, dim, dtype=q.dtype)
-        kernels.rope(q.view(batch, self.n_heads, dim), cos, sin, rotated_q.view(batch, -1, dim))
-        layer_keys, layer_values = cache.keys[self.layer_idx], cache.values[self.layer_idx]
-        kernels.rope(k.view(batch, self.n_kv_heads, dim), cos, sin, layer_keys[:, :, pos])
-        layer_values[:, :, pos] = v.view(batch, self.n_kv_heads, dim)
-        end = pos + 1
-        return kernels.decode_attention(
-            rotated_q, layer_keys[:, :, :end], layer_values[:, :, :end], self.scale
-        )
 
     def _attend(self, q: Tensor, keys: Tensor, values: Tensor, step: LayerStep) -> Tensor:
         if step.mask is None and q.shape[2] == 1:
@@ -541,13 +277,6 @@ class Attention(nn.Module):
         setup at this size, and GQA needs no copies: the query heads that share a KV head
         become the rows of one matmul. Same arithmetic as HF's eager attention."""
         batch, heads, _, dim = q.shape
-        if (
-            self._kernels is not None
-            and q.dtype == torch.bfloat16
-            and q.device.type == "cpu"
-            and not torch.is_grad_enabled()
-        ):
-            return self._kernels.decode_attention(q.contiguous(), keys, values, self.scale)
         grouped = q.reshape(batch, self.n_kv_heads, self.groups, dim)
         scores = torch.matmul(grouped, keys.transpose(-1, -2)) * self.scale
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
@@ -601,6 +330,13 @@ class LlamaBody(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
+    def run_layers(self, hidden: Tensor, step: LayerStep, cache: KVCache) -> Tensor:
+        """Every decoder layer, op by op. `hidden` belongs to this call: a body that a CPU path
+        swaps in (cpu_path.py) may run a decode step natively, updating it in place."""
+        for layer in self.layers:
+            hidden = layer(hidden, step, cache)
+        return hidden
+
 
 class Llama(nn.Module):
     def __init__(self, args: LlamaArgs) -> None:
@@ -612,9 +348,6 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         initial = min(args.max_position_embeddings, _INITIAL_ROPE_POSITIONS)
         self.rope = RotaryTable(rope_inv_freq(args), initial)
-        # Decode through one native call for all layers where it can (native_decode.py);
-        # tests switch it off to compare with the per-op path.
-        self.use_native_decode = True
 
     @classmethod
     def empty(cls, args: LlamaArgs, dtype: torch.dtype, device: torch.device | str) -> Llama:
@@ -643,7 +376,6 @@ class Llama(nn.Module):
         """Lets `fuse` merge each layer's q/k/v and gate/up layers (it returns None to decline:
         only some kernels gain from it). Returns how many merges happened. Inference only: the
         state dict of a fused model no longer has the separate projections."""
-        self._forget_native_decoder()
         merged = 0
         for layer in self.model.layers:
             merged += layer.self_attn.fuse_projections(fuse) + layer.mlp.fuse_projections(fuse)
@@ -683,18 +415,7 @@ class Llama(nn.Module):
         hidden = self._input_hidden(input_ids, inputs_embeds)
         batch, length, _ = hidden.shape
         _check_fits(cache, batch, start_pos, length)
-        step = self.make_step(start_pos, length, hidden)
-        native = self._native_decoder(hidden) if length == 1 else None
-        if native is not None:
-            if inputs_embeds is not None:
-                hidden = hidden.clone()  # updated in place: never the caller's tensor
-            positions = torch.full((batch,), start_pos, dtype=torch.int64)
-            rows = torch.arange(batch, dtype=torch.int64)
-            cos, sin = step.cos.expand(batch, -1), step.sin.expand(batch, -1)
-            hidden = native.run(hidden, cache, positions, rows, cos, sin)
-        else:
-            for layer in self.model.layers:
-                hidden = layer(hidden, step, cache)
+        hidden = self.model.run_layers(hidden, self.make_step(start_pos, length, hidden), cache)
         if last_only:
             # Norm and head are per position: skip them for positions nobody reads.
             hidden = hidden[:, -1:]
@@ -717,49 +438,19 @@ class Llama(nn.Module):
             raise ValueError(f"rows/positions outside the cache ({cache.batch} x {cache.max_len})")
         self.rope.ensure(top)
         cos_table, sin_table = self.rope.rows(0, top, hidden.dtype)
-        native = self._native_decoder(hidden)
-        if native is not None:
-            cos, sin = cos_table[positions], sin_table[positions]
-            hidden = native.run(hidden, cache, positions, rows, cos, sin)
-        else:
-            device_positions = positions.to(self.device)
-            step = LayerStep(
-                start_pos=0,
-                cos=cos_table[device_positions].view(batch, 1, 1, -1),
-                sin=sin_table[device_positions].view(batch, 1, 1, -1),
-                mask=None,
-                is_causal=False,
-                rows=rows.to(self.device),
-                positions=device_positions,
-                lengths=tuple(zip(rows.tolist(), (positions + 1).tolist(), strict=True)),
-            )
-            for layer in self.model.layers:
-                hidden = layer(hidden, step, cache)
+        device_positions = positions.to(self.device)
+        step = LayerStep(
+            start_pos=0,
+            cos=cos_table[device_positions].view(batch, 1, 1, -1),
+            sin=sin_table[device_positions].view(batch, 1, 1, -1),
+            mask=None,
+            is_causal=False,
+            rows=rows.to(self.device),
+            positions=device_positions,
+            lengths=tuple(zip(rows.tolist(), (positions + 1).tolist(), strict=True)),
+        )
+        hidden = self.model.run_layers(hidden, step, cache)
         return self.lm_head(self.model.norm(hidden))[:, 0].float()
-
-    def _native_decoder(self, hidden: Tensor) -> NativeDecoder | None:
-        """The one-call decoder for this decode step, when the model and the step qualify."""
-        if (
-            not self.use_native_decode
-            or hidden.dtype not in (torch.bfloat16, torch.float32)
-            or hidden.device.type != "cpu"
-            or hidden.shape[0] > FP32_KERNEL_MAX_ROWS  # a decode batch (C: VS_MAX_DECODE_ROWS)
-            or not hidden.is_contiguous()
-            or torch.is_grad_enabled()  # the kernels have no backward
-        ):
-            return None
-        native = _NATIVE_DECODERS.get(self, _UNPLANNED)
-        if native is _UNPLANNED:
-            native = _NATIVE_DECODERS[self] = NativeDecoder.for_model(self)
-        # The C decoder reads and writes the hidden state in its own dtype: never hand it another.
-        return native if native is not None and native.dtype == hidden.dtype else None
-
-    def _forget_native_decoder(self) -> None:
-        _NATIVE_DECODERS.pop(self, None)
-
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Llama:
-        self._forget_native_decoder()  # .to() / .half() may move or recast the weights
-        return super()._apply(fn, recurse)
 
     def _input_hidden(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
         if (input_ids is None) == (inputs_embeds is None):
@@ -767,8 +458,9 @@ class Llama(nn.Module):
         if input_ids is not None:
             return self.embed(input_ids)
         assert inputs_embeds is not None
-        # Vision features may arrive in fp32 while the model runs in bf16 (no-op otherwise).
-        return inputs_embeds.to(self.dtype)
+        # Vision features may arrive in fp32 while the model runs in bf16; a copy either way,
+        # since the layers may update the hidden state in place (LlamaBody.run_layers).
+        return inputs_embeds.to(self.dtype, copy=True)
 
     def make_step(self, start_pos: int, length: int, hidden: Tensor) -> LayerStep:
         """Positions, RoPE rows and mask shared by every layer of one forward (also used by

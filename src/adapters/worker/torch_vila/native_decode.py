@@ -11,14 +11,13 @@ decoders exist, one per CPU path:
   `Fp32DecodeLinear`s.
 
 Either also needs a model on CPU whose only biases are on q/k/v (none, or Qwen2's); others
-keep the per-op path. The plan points at the model's weights and biases: it is dropped whenever
-they may move (`Llama.fuse_projections`, `.to()`).
+keep the per-op path. The plan points at the model's weights and biases; cpu_path.py decides
+when one is made and drops it whenever they may move (`.to()`).
 """
 
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -26,9 +25,8 @@ from torch import Tensor, nn
 from vilaserve.adapters.worker import cpu_kernels
 from vilaserve.adapters.worker.cpu_kernels.decoder import DecoderPlan, LayerSpec, LinearSpec
 from vilaserve.adapters.worker.torch_vila.fast_linear import Fp32DecodeLinear
-
-if TYPE_CHECKING:
-    from vilaserve.adapters.worker.torch_vila.llama import KVCache, Llama
+from vilaserve.adapters.worker.torch_vila.kv_cache import KVCache
+from vilaserve.adapters.worker.torch_vila.llama_config import LlamaArgs
 
 # decoder.c's limits: vector widths of the norms and rotary, the attention kernel's head size.
 _MAX_HEAD_DIM = 256
@@ -48,17 +46,19 @@ class NativeDecoder:
         self._scratch: dict[tuple[int, int], Tensor] = {}
 
     @classmethod
-    def for_model(cls, model: Llama) -> NativeDecoder | None:
-        """The decoder for `model`, or None when some layer is not one decoder.c can run."""
-        kernels: cpu_kernels.NativeKernels | None = cpu_kernels.load()
-        dtype = torch.bfloat16
-        if kernels is None:
-            kernels, dtype = cpu_kernels.load_fp32(), torch.float32
-        args = model.args
+    def for_layers(
+        cls,
+        args: LlamaArgs,
+        layers: nn.ModuleList,
+        kernels: cpu_kernels.NativeKernels,
+        dtype: torch.dtype,
+    ) -> NativeDecoder | None:
+        """The decoder of `layers` on `kernels` (whose hidden state is `dtype`: bf16 on
+        AVX-512, fp32 on AVX2 / NEON), or None when some layer is not one they can run."""
+        norm = layers[0].input_layernorm.weight
         if (
-            kernels is None
-            or model.dtype != dtype
-            or model.device.type != "cpu"
+            norm.dtype != dtype
+            or norm.device.type != "cpu"
             or args.attention_bias
             or args.mlp_bias
             or args.head_dim % 32
@@ -67,12 +67,12 @@ class NativeDecoder:
             or args.intermediate_size % 16
         ):
             return None
-        layers = []
-        for layer in model.model.layers:
+        specs = []
+        for layer in layers:
             spec = _layer_spec(layer, dtype)
             if spec is None:
                 return None
-            layers.append(spec)
+            specs.append(spec)
         plan = DecoderPlan(
             hidden=args.hidden_size,
             heads=args.num_attention_heads,
@@ -81,7 +81,7 @@ class NativeDecoder:
             intermediate=args.intermediate_size,
             eps=args.rms_norm_eps,
             scale=args.head_dim**-0.5,
-            layers=layers,
+            layers=specs,
         )
         return cls(plan, kernels, dtype)
 

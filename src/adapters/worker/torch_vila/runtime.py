@@ -9,12 +9,11 @@ from typing import Any
 
 import torch
 
-from vilaserve.adapters.worker import cpu_kernels
 from vilaserve.adapters.worker.torch_vila.checkpoint import VilaCheckpoint
 from vilaserve.adapters.worker.torch_vila.compute_threads import ComputeThreads
+from vilaserve.adapters.worker.torch_vila.cpu_path import put_on_cpu_path
 from vilaserve.adapters.worker.torch_vila.device import resolve_device, resolve_dtype
 from vilaserve.adapters.worker.torch_vila.executor import ModelExecutor
-from vilaserve.adapters.worker.torch_vila.fast_linear import accelerate_cpu_linears
 from vilaserve.adapters.worker.torch_vila.image_cache import ImageEmbeddingCache
 from vilaserve.adapters.worker.torch_vila.int8_embedding import (
     compress_tied_embeddings,
@@ -103,8 +102,8 @@ class VilaRuntime:
                     "quant_method 'awq'): load it with --precision W4A16"
                 )
             model = load_llm(checkpoint, dtype, device, layout.llm_key_map)
-        fast_linears = accelerate_cpu_linears(model) if device.type == "cpu" else 0
-        compute_path = cpu_kernels.cpu_path() if device.type == "cpu" else device.type
+        on_path = put_on_cpu_path(model)
+        compute_path = on_path.path
         template = pick_template(
             checkpoint.llm_config, tokenizer, options.conv_template or layout.template
         )
@@ -177,7 +176,8 @@ class VilaRuntime:
                 "multimodal": vision is not None,
                 "tokens_per_image": vision.tokens_per_image if vision else 0,
                 "compute_path": compute_path,
-                "cpu_kernel_linears": fast_linears,
+                "cpu_kernel_linears": on_path.kernel_linears,
+                "native_decode": on_path.native_decode,
                 "cpu_threads": threads if device.type == "cpu" else 0,
                 "adaptive_threads": device.type == "cpu" and options.adaptive_threads,
                 "kv_slots": runner.num_slots,
