@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+from vilaserve.application.worker.engine.admission import Admission
 from vilaserve.domain.shared.conversation import TEMPLATES, ConversationTemplate
 from vilaserve.domain.shared.errors import ContextOverflow, ControllerUnavailable, InvalidImage
 from vilaserve.domain.shared.generation import IMAGE_PLACEHOLDER, GenerationStep, SamplingParams
 from vilaserve.domain.shared.worker_status import WorkerStatus
 from vilaserve.domain.worker.ports import (
+    Admitted,
     ControllerClient,
     ImageFeatures,
     TextGenerator,
@@ -32,16 +35,27 @@ class FakeFeatures(ImageFeatures):
 
 
 class FakeVisionEncoder(VisionEncoder):
-    """Accepts anything that starts like a PNG; 4 positions per image."""
+    """Accepts anything that starts like a PNG; 4 positions per image.
 
-    def __init__(self) -> None:
+    With a `gate`, every encode waits until it is set (from any thread): a request whose
+    pictures are still being encoded."""
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
         self.encoded: list[tuple[bytes, ...]] = []
+        self.gate = gate
+        self.encoding = 0
 
     @property
     def tokens_per_image(self) -> int:
         return 4
 
     async def encode(self, images: Sequence[bytes]) -> ImageFeatures:
+        self.encoding += 1
+        try:
+            while self.gate is not None and not self.gate.is_set():
+                await asyncio.sleep(0.001)  # polled: a cancelled request leaves no thread behind
+        finally:
+            self.encoding -= 1
         for i, data in enumerate(images):
             if not data.startswith(PNG_MAGIC):
                 raise InvalidImage(f"image {i + 1} could not be decoded as an image")
@@ -51,13 +65,17 @@ class FakeVisionEncoder(VisionEncoder):
 
 @dataclass
 class FakeTextGenerator(TextGenerator):
-    """Replies with `reply` piece by piece; one whitespace-separated word is one token."""
+    """Replies with `reply` piece by piece; one whitespace-separated word is one token.
+
+    Its queue is the engine's real `Admission`, moved as an engine without a batch limit
+    would: a request runs from its first step and leaves when its generation ends."""
 
     reply: Sequence[str] = ("Hello", ",", " world", "!")
     context: int = 64
     delay_s: float = 0.0
     fail_after: int | None = None
     template: ConversationTemplate = TEMPLATES["vicuna_v1"]
+    admission: Admission = field(default_factory=Admission)
     calls: list[tuple[str, SamplingParams]] = field(default_factory=list)
     closed: int = 0
 
@@ -75,20 +93,36 @@ class FakeTextGenerator(TextGenerator):
     def count_words(self, text: str) -> int:
         return len(text.replace(IMAGE_PLACEHOLDER, " ").split())
 
+    def admit(self) -> Admitted:
+        return self.admission.admit()
+
+    @property
+    def queue_length(self) -> int:
+        return self.admission.queue_length
+
     def generate(
-        self, prompt: str, images: ImageFeatures | None, params: SamplingParams
+        self,
+        prompt: str,
+        images: ImageFeatures | None,
+        params: SamplingParams,
+        admitted: Admitted | None = None,
     ) -> AsyncIterator[GenerationStep]:
         self.calls.append((prompt, params))
         prompt_tokens = self.count_words(prompt) + 4 * (images.num_images if images else 0)
         if prompt_tokens >= self.context:
+            if admitted is not None:
+                admitted.leave()  # its prompt is refused: it never runs
             raise ContextOverflow(
                 f"the prompt takes {prompt_tokens} tokens; the context holds {self.context}"
             )
-        return self._steps(prompt_tokens, params)
+        return self._steps(prompt_tokens, params, admitted)
 
     async def _steps(
-        self, prompt_tokens: int, params: SamplingParams
+        self, prompt_tokens: int, params: SamplingParams, admitted: Admitted | None
     ) -> AsyncIterator[GenerationStep]:
+        admission = self.admission
+        ticket = admission.admit() if admitted is None else admission.claim(admitted)
+        ticket.started()
         try:
             for i, piece in enumerate(self.reply):
                 if self.fail_after is not None and i == self.fail_after:
@@ -103,6 +137,7 @@ class FakeTextGenerator(TextGenerator):
                 if finish:
                     return
         finally:
+            ticket.ended()
             self.closed += 1
 
 

@@ -171,7 +171,7 @@ def test_a_client_that_goes_away_frees_its_slot_within_one_step() -> None:
         await steps.aclose()  # what the HTTP layer does when the client disconnects
         await asyncio.sleep(0.01)
         assert engine.scheduler.slots.free_count == 2
-        assert engine.num_running == 0
+        assert engine.admission.queue_length == 0
         assert len(runner.batches) <= steps_before + 1  # at most the step already running
         await generator.close()
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import threading
 
 import pytest
 from fakes import FAKE_PNG_B64, FakeTextGenerator, FakeVisionEncoder
 
+from vilaserve.application.worker.engine.admission import Admission
 from vilaserve.application.worker.generate_stream import GenerateStream, GenerationLimits
-from vilaserve.application.worker.slots import ConcurrencySlots
 from vilaserve.domain.shared.errors import ErrorCode, InvalidImage, InvalidRequest
 from vilaserve.domain.shared.generation import StreamChunk
 
@@ -18,12 +19,10 @@ def make(
     generator: FakeTextGenerator | None = None,
     vision: FakeVisionEncoder | None = None,
     interval: int = 1,
-    slots: ConcurrencySlots | None = None,
 ) -> GenerateStream:
     return GenerateStream(
         generator or FakeTextGenerator(),
         vision if vision is not None else FakeVisionEncoder(),
-        slots or ConcurrencySlots(2),
         GenerationLimits(stream_interval=interval),
     )
 
@@ -138,34 +137,70 @@ def test_a_crash_mid_stream_ends_with_an_internal_error_chunk() -> None:
     assert "NETWORK ERROR" not in chunks[-1].text
 
 
-def test_slot_is_released_after_errors_and_cancellation() -> None:
-    slots = ConcurrencySlots(1)
+def test_a_request_leaves_the_queue_once_after_errors_and_cancellation() -> None:
     generator = FakeTextGenerator(delay_s=0.01, reply=tuple("abcdefgh"))
-    use_case = make(generator, slots=slots)
+    use_case = make(generator)
 
     async def scenario() -> None:
         stream = use_case.stream(use_case.prepare({"prompt": "q"}))
         await stream.__anext__()
-        assert slots.queue_length == 1
+        assert (generator.admission.running, generator.admission.waiting) == (1, 0)
         await stream.aclose()  # the client went away
-        assert slots.queue_length == 0
+        assert generator.queue_length == 0
         assert generator.closed == 1
+        generator.fail_after = 2
+        chunks = await collect(use_case, {"prompt": "q"})
+        assert chunks[-1].error_code == ErrorCode.INTERNAL_ERROR
+        assert generator.queue_length == 0
+        generator.fail_after = None
+        chunks = await collect(use_case, {"prompt": " ".join(["w"] * 80)})  # refused prompt
+        assert chunks[-1].error_code == ErrorCode.CONTEXT_OVERFLOW
+        assert generator.queue_length == 0
+        chunks = await collect(use_case, {"prompt": "<image> q", "images": ["bm90IGEgcG5n"]})
+        assert chunks[-1].error_code == ErrorCode.VALIDATION_TYPE_ERROR  # a bad picture
+        assert generator.queue_length == 0
         chunks = await collect(use_case, {"prompt": "q"})
         assert chunks[-1].finish_reason == "stop"
+        assert (generator.admission.running, generator.admission.waiting) == (0, 0)
 
     asyncio.run(scenario())
 
 
-def test_queue_length_counts_running_and_waiting() -> None:
-    slots = ConcurrencySlots(1, max_waiting=1)
-    use_case = make(FakeTextGenerator(delay_s=0.02), slots=slots)
+def test_a_request_encoding_its_pictures_waits_in_the_queue() -> None:
+    gate = threading.Event()
+    generator = FakeTextGenerator()
+    use_case = make(generator, FakeVisionEncoder(gate))
+
+    async def scenario() -> None:
+        body = {"prompt": "<image> q", "images": [FAKE_PNG_B64]}
+        task = asyncio.create_task(collect(use_case, body))
+        await asyncio.sleep(0.01)
+        assert (generator.admission.running, generator.admission.waiting) == (0, 1)
+        assert generator.queue_length == 1
+        task.cancel()  # the client went away while its picture was being encoded
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert generator.queue_length == 0
+        assert generator.calls == []  # it never reached the model
+
+    asyncio.run(scenario())
+
+
+def test_requests_beyond_the_queue_are_refused_at_once_naming_the_counts() -> None:
+    generator = FakeTextGenerator(delay_s=0.02, admission=Admission(max_requests=2))
+    use_case = make(generator)
 
     async def scenario() -> list[list[StreamChunk]]:
         tasks = [asyncio.create_task(collect(use_case, {"prompt": "q"})) for _ in range(3)]
         await asyncio.sleep(0.005)
-        assert slots.queue_length == 2  # one running, one waiting, the third refused
+        assert generator.queue_length == 2  # two in, the third refused
         return await asyncio.gather(*tasks)
 
     results = asyncio.run(scenario())
     codes = sorted(r[-1].error_code for r in results)
     assert codes == [0, 0, ErrorCode.ENGINE_OVERLOADED]
+    refused = next(r[-1] for r in results if r[-1].error_code)
+    assert refused.text == (
+        "the worker is busy: 2 requests running and 0 waiting (limit 2); retry later"
+    )
+    assert generator.queue_length == 0

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from fakes import FakeController
+from fakes import FakeController, FakeTextGenerator
 
 from vilaserve.application.worker.heartbeat import Heartbeat, HeartbeatPolicy, Register
 from vilaserve.application.worker.report_status import ReportStatus
-from vilaserve.application.worker.slots import ConcurrencySlots
 
 
 class VirtualClock:
@@ -30,7 +29,7 @@ class VirtualClock:
 
 
 def make(controller: FakeController, clock: VirtualClock) -> Heartbeat:
-    status = ReportStatus(["m"], ConcurrencySlots(5))
+    status = ReportStatus(["m"], FakeTextGenerator())
     register = Register(controller, "http://w:1", status, multimodal=True)
     policy = HeartbeatPolicy(interval_s=15.0, retry_min_s=1.0, retry_max_s=4.0)
     return Heartbeat(controller, register, status, "http://w:1", policy, clock.sleep)
@@ -73,3 +72,18 @@ def test_heartbeats_survive_a_controller_outage() -> None:
     run(make(controller, clock))
     assert clock.delays[2:5] == [1.0, 2.0, 4.0]
     assert len(controller.registrations) == 2  # re-registered once the controller came back
+
+
+def test_heartbeats_carry_the_generators_admission_queue() -> None:
+    controller = FakeController()
+    generator = FakeTextGenerator()
+    status = ReportStatus(["m"], generator)
+    register = Register(controller, "http://w:1", status, multimodal=True)
+    heartbeat = Heartbeat(controller, register, status, "http://w:1", HeartbeatPolicy())
+    first, second = generator.admit(), generator.admit()  # e.g. encoding their pictures
+    asyncio.run(heartbeat.beat_once())
+    first.leave()
+    asyncio.run(heartbeat.beat_once())
+    second.leave()
+    asyncio.run(heartbeat.beat_once())
+    assert [length for _, length in controller.heartbeats] == [2, 1, 0]

@@ -17,7 +17,6 @@ import base64
 from collections.abc import AsyncIterator, Sequence
 
 from vilaserve.application.worker.generate_stream import GenerateStream, GenerationLimits
-from vilaserve.application.worker.slots import ConcurrencySlots
 from vilaserve.domain.api.chat_prompt import build_chat_prompt
 from vilaserve.domain.api.openai_requests import ChatMessage, ContentPart, ImagePart, TextPart
 from vilaserve.domain.shared.errors import ErrorCode, ServingError
@@ -72,9 +71,7 @@ class AskAboutImages:
     ) -> None:
         self._generator = generator
         self._vision = vision
-        self._stream = GenerateStream(
-            generator, vision, ConcurrencySlots(1), limits or GenerationLimits()
-        )
+        self._stream = GenerateStream(generator, vision, limits or GenerationLimits())
 
     def prompt(
         self, question: str, image_count: int, history: Sequence[tuple[str, str]] = ()

@@ -19,7 +19,6 @@ from vilaserve.application.worker.image_payloads import (
     decode_image_payload,
 )
 from vilaserve.application.worker.prompt_bounds import check_prompt_chars
-from vilaserve.application.worker.slots import ConcurrencySlots
 from vilaserve.domain.shared.errors import ErrorCode, InvalidRequest, ServingError
 from vilaserve.domain.shared.generation import (
     DEFAULT_MAX_NEW_TOKENS_CAP,
@@ -30,7 +29,12 @@ from vilaserve.domain.shared.generation import (
     Usage,
     parse_generation_request,
 )
-from vilaserve.domain.worker.ports import ImageFeatures, TextGenerator, VisionEncoder
+from vilaserve.domain.worker.ports import (
+    Admitted,
+    ImageFeatures,
+    TextGenerator,
+    VisionEncoder,
+)
 from vilaserve.domain.worker.stop_strings import StopStringMatcher
 
 log = logging.getLogger(__name__)
@@ -66,12 +70,10 @@ class GenerateStream:
         self,
         generator: TextGenerator,
         vision: VisionEncoder | None,
-        slots: ConcurrencySlots,
         limits: GenerationLimits,
     ) -> None:
         self._generator = generator
         self._vision = vision
-        self._slots = slots
         self._limits = limits
 
     def prepare(self, body: Any) -> PreparedRequest:
@@ -122,12 +124,19 @@ class GenerateStream:
         prefix = request.prompt if request.echo else ""
         started = time.perf_counter()
         try:
-            async with self._slots.hold():
-                features = await self._encode(prepared.image_files)
-                # aclosing: a client that goes away must stop the model, not just this loop.
-                async with aclosing(self._generate(prepared, features, prefix)) as chunks:
-                    async for chunk in chunks:
-                        yield chunk
+            # Accepted or refused before any work; counted as waiting until its sequence runs,
+            # it waits for its turn (a bounded number are served at once), then is encoded.
+            admitted = self._generator.admit()
+            try:
+                async with admitted.turn():
+                    features = await self._encode(prepared.image_files)
+                    # aclosing: a client that goes away must stop the model, not this loop.
+                    generation = self._generate(prepared, features, prefix, admitted)
+                    async with aclosing(generation) as chunks:
+                        async for chunk in chunks:
+                            yield chunk
+            finally:
+                admitted.leave()  # however it ended (a sequence still in the engine: soon)
             log.info(
                 "request done",
                 extra={
@@ -161,7 +170,11 @@ class GenerateStream:
         return await self._vision.encode(files)
 
     async def _generate(
-        self, prepared: PreparedRequest, features: ImageFeatures | None, prefix: str
+        self,
+        prepared: PreparedRequest,
+        features: ImageFeatures | None,
+        prefix: str,
+        admitted: Admitted,
     ) -> AsyncIterator[StreamChunk]:
         params = prepared.request.params
         matcher = StopStringMatcher(params.stop)
@@ -170,7 +183,7 @@ class GenerateStream:
         usage = Usage(0, 0)
         finish: FinishReason | None = None
         unsent = 0
-        steps = self._generator.generate(prepared.model_prompt, features, params)
+        steps = self._generator.generate(prepared.model_prompt, features, params, admitted)
         async with aclosing(steps):
             async for step in steps:
                 scan = matcher.push(step.text)

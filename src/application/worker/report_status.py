@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from vilaserve.application.worker.prompt_bounds import check_prompt_chars
-from vilaserve.application.worker.slots import ConcurrencySlots
 from vilaserve.domain.shared.conversation import ConversationTemplate
 from vilaserve.domain.shared.errors import InvalidRequest
 from vilaserve.domain.shared.generation import IMAGE_PLACEHOLDER
@@ -15,15 +14,16 @@ from vilaserve.domain.worker.ports import TextGenerator, VisionEncoder
 
 
 class ReportStatus:
-    """`/worker_get_status`: the model names, a speed weight and the queue length."""
+    """`/worker_get_status` (and the heartbeats): the model names, a speed weight and the
+    queue length, which is the generator's admission queue, the one /metrics reports."""
 
-    def __init__(self, model_names: Sequence[str], slots: ConcurrencySlots, speed: int = 1):
+    def __init__(self, model_names: Sequence[str], generator: TextGenerator, speed: int = 1):
         self._model_names = tuple(model_names)
-        self._slots = slots
+        self._generator = generator
         self._speed = speed
 
     def __call__(self) -> WorkerStatus:
-        return WorkerStatus(self._model_names, self._speed, self._slots.queue_length)
+        return WorkerStatus(self._model_names, self._speed, self._generator.queue_length)
 
 
 class DescribeModel:

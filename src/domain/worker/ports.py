@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Generic, TypeVar
 
 from vilaserve.domain.shared.conversation import ConversationTemplate
@@ -37,8 +38,26 @@ class VisionEncoder(ABC):
         """Decode and encode the images in order. Raises `InvalidImage` naming the bad one."""
 
 
+class Admitted(ABC):
+    """A request the worker accepted: its place in the worker's one queue, counted as waiting
+    until its sequence runs, then as running, until it leaves the count, exactly once."""
+
+    @abstractmethod
+    def leave(self) -> None:
+        """The request is over, however it ended. It leaves the count now or, when the engine
+        still holds its sequence (an abort is on its way), as soon as the engine lets the
+        sequence go, so that the count never shows a cache slot free before it is. Calling it
+        again, or after the generation ended it, does nothing."""
+
+    @abstractmethod
+    def turn(self) -> AbstractAsyncContextManager[None]:
+        """Held while the request is served (its pictures encoded, then its generation): the
+        worker serves a bounded number at once; the others wait here, still counted."""
+
+
 class TextGenerator(ABC):
-    """The language model: tokenizer, template and token-by-token generation."""
+    """The language model: tokenizer, template and token-by-token generation, and the one
+    admission queue in front of it."""
 
     @property
     @abstractmethod
@@ -60,11 +79,30 @@ class TextGenerator(ABC):
         Tokenizing a long text takes a while: never on the event loop's own thread."""
 
     @abstractmethod
+    def admit(self) -> Admitted:
+        """Takes a request in, as waiting, or raises `EngineOverloaded` when the worker holds
+        as many as it may: the worker's one accept-or-refuse decision, made before anything is
+        done for the request (its pictures are encoded while it waits)."""
+
+    @property
+    @abstractmethod
+    def queue_length(self) -> int:
+        """Requests admitted and not yet gone, running plus waiting (FastChat's and TinyChat's
+        `queue_length`); the engine's load figures are the same two counts."""
+
+    @abstractmethod
     def generate(
-        self, prompt: str, images: ImageFeatures | None, params: SamplingParams
+        self,
+        prompt: str,
+        images: ImageFeatures | None,
+        params: SamplingParams,
+        admitted: Admitted | None = None,
     ) -> AsyncIterator[GenerationStep]:
         """Stream the reply to `prompt`; `<image>` placeholders take `images` in order.
 
+        `admitted`: the request's place from `admit()`; the generation moves it to running and
+        out of the count when it ends. Without one the generation admits itself (raising
+        `EngineOverloaded` from the first iteration when the queue is full).
         Stops on the params' stop token ids, the template's and the tokenizer's end tokens, or
         `max_new_tokens`. Raises `ContextOverflow` (from the first iteration) before any step
         when the prompt cannot fit.

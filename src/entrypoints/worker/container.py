@@ -18,7 +18,6 @@ from vilaserve.application.worker.engine.text_generator import EngineTextGenerat
 from vilaserve.application.worker.generate_stream import GenerateStream, GenerationLimits
 from vilaserve.application.worker.heartbeat import Heartbeat, HeartbeatPolicy, Register
 from vilaserve.application.worker.report_status import DescribeModel, ReportStatus
-from vilaserve.application.worker.slots import ConcurrencySlots
 from vilaserve.domain.worker.naming import derive_model_name
 from vilaserve.entrypoints.worker.settings import WorkerSettings
 
@@ -53,6 +52,8 @@ def _engine_text_generator(settings: WorkerSettings, runtime: Any, observer: Any
             runtime.model_runner,
             SchedulerConfig(
                 max_num_seqs=settings.running_sequences,
+                max_requests=settings.max_requests,
+                max_in_service=settings.limit_model_concurrency,
                 max_num_batched_tokens=max(
                     settings.max_num_batched_tokens, settings.running_sequences
                 ),
@@ -88,11 +89,6 @@ class WorkerContainer(containers.DeclarativeContainer):
         lambda s: derive_model_name(s.model_path, s.precision, s.model_name), settings
     )
     multimodal = providers.Singleton(_is_multimodal, settings, vision_encoder)
-    slots = providers.Singleton(
-        ConcurrencySlots,
-        limit=settings.provided.limit_model_concurrency,
-        max_waiting=settings.provided.max_queue_length,
-    )
     limits = providers.Singleton(
         GenerationLimits,
         max_new_tokens_cap=settings.provided.max_new_tokens_cap,
@@ -102,8 +98,9 @@ class WorkerContainer(containers.DeclarativeContainer):
         max_prompt_chars=settings.provided.max_prompt_chars,
     )
 
+    # The engine's admission queue is the one the status, the heartbeats and /metrics report.
     report_status = providers.Singleton(
-        ReportStatus, model_names=providers.List(model_name), slots=slots
+        ReportStatus, model_names=providers.List(model_name), generator=text_generator
     )
     describe_model = providers.Singleton(
         DescribeModel,
@@ -116,7 +113,6 @@ class WorkerContainer(containers.DeclarativeContainer):
         GenerateStream,
         generator=text_generator,
         vision=vision_encoder,
-        slots=slots,
         limits=limits,
     )
     register = providers.Singleton(

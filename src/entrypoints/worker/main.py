@@ -64,12 +64,13 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--limit-model-concurrency",
         type=int,
-        help="requests in service at once (default 8); more wait in the queue",
+        help="requests running at once, the engine's batch (default 8); more wait in the queue",
     )
     add(
         "--max-num-seqs",
         type=int,
-        help="sequences decoded together in one step (default: --limit-model-concurrency)",
+        help="sequences decoded together in one step (default and at most: "
+        "--limit-model-concurrency)",
     )
     add(
         "--max-num-batched-tokens",
@@ -95,7 +96,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         "(default 2 x --max-num-seqs)",
     )
     add("--max-model-len", type=int, help="positions per sequence (default: the model's context)")
-    add("--max-queue-length", type=int, help="requests allowed to wait (default 64)")
+    add(
+        "--max-queue-length",
+        type=int,
+        help="requests allowed to wait, pictures being encoded included (default 64); "
+        "beyond, error 42903 at once",
+    )
     add(
         "--max-image-pixels",
         type=int,

@@ -32,8 +32,10 @@ class WorkerSettings(BaseSettings):
     register_with_controller: bool = True
     multi_modal: bool | None = None  # None: multimodal when the checkpoint has a vision tower
 
-    # Requests in service at once (images being encoded, sequences in the engine); the engine
-    # runs up to `max_num_seqs` of them per step (default: this many).
+    # Requests that run at once (FastChat's meaning): the engine's batch. `max_queue_length`
+    # more may wait (pictures being encoded, prompts tokenized, queued for the batch); beyond
+    # both, a request is refused at once. `max_num_seqs` (sequences per step) may only lower
+    # the batch below `limit_model_concurrency`; the others wait, counted in the queue.
     limit_model_concurrency: int = Field(8, ge=1)
     max_num_seqs: int | None = Field(None, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=1)  # positions computed per step
@@ -80,11 +82,20 @@ class WorkerSettings(BaseSettings):
 
     @property
     def running_sequences(self) -> int:
-        return self.max_num_seqs or self.limit_model_concurrency
+        """The engine's batch: `max_num_seqs`, but never more requests than
+        `limit_model_concurrency` run at once."""
+        return min(self.max_num_seqs or self.limit_model_concurrency, self.limit_model_concurrency)
+
+    @property
+    def max_requests(self) -> int:
+        """Requests the worker holds at once, running and waiting; the next is refused."""
+        return self.limit_model_concurrency + self.max_queue_length
 
     @property
     def cache_slots(self) -> int:
-        return max(self.kv_slots or 2 * self.running_sequences, self.running_sequences)
+        # From --max-num-seqs as given: one above the limit still sizes the prefix cache.
+        seqs = self.max_num_seqs or self.limit_model_concurrency
+        return max(self.kv_slots or 2 * seqs, seqs)
 
     @property
     def advertised_address(self) -> str:

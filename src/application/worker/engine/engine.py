@@ -8,7 +8,11 @@ thread-safe inbox that each step drains first (new sequences, then aborts). A cl
 away therefore has its sequence out and its slot free before the next step runs. A sequence
 leaves only through `Sequence.finish(reason)`, on the model thread.
 
-The scheduler's state is touched on the model thread only.
+The engine owns the worker's one admission queue (admission.py): a request is counted from
+its acceptance (before its pictures are encoded) to its sequence's end, and the load figures
+it reports are that queue's counts, the same ones /worker_get_status reports.
+
+The scheduler's state is changed on the model thread only.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import threading
 import time
 from collections import deque
 
+from vilaserve.application.worker.engine.admission import Admission
 from vilaserve.application.worker.engine.observer import EngineObserver, NoObserver
 from vilaserve.application.worker.engine.scheduler import (
     ScheduledStep,
@@ -29,7 +34,7 @@ from vilaserve.application.worker.engine.scheduler import (
 from vilaserve.application.worker.engine.sequence import Outcome, Sequence
 from vilaserve.application.worker.engine.slot_table import SlotTable
 from vilaserve.domain.shared.errors import ErrorCode, ServingError
-from vilaserve.domain.worker.ports import ModelRunner, PreparedPrompt
+from vilaserve.domain.worker.ports import Admitted, ModelRunner, PreparedPrompt
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +59,18 @@ class Engine:
         self._stepping = False  # a step is queued or running on the model thread
         self._closed = False
         self._failing: ServingError | None = None  # set by fail_all: everything ends with it
-        # Read by /worker_get_status and /metrics from the event loop; written by steps.
-        self.num_running = 0
-        self.num_waiting = 0
+        self.admission = Admission(
+            config.max_requests, self._report_load, max_in_service=config.max_in_service
+        )
 
-    def submit(self, prompt: PreparedPrompt) -> Sequence:
-        """Queues a prepared prompt; its tokens arrive on the returned sequence's outbox."""
-        seq = Sequence(next(self._ids), prompt, time.perf_counter())
+    def submit(self, prompt: PreparedPrompt, admitted: Admitted | None = None) -> Sequence:
+        """Queues a prepared prompt; its tokens arrive on the returned sequence's outbox.
+
+        `admitted`: its request's place in `admission`; without one it is admitted here
+        (`EngineOverloaded` when the queue is full). From here the sequence's end ends it."""
+        ticket = self.admission.admit() if admitted is None else self.admission.claim(admitted)
+        ticket.submitted()
+        seq = Sequence(next(self._ids), prompt, time.perf_counter(), ticket)
         seq.loop = asyncio.get_running_loop()
         self._inbox.append(seq)
         self._kick()
@@ -121,13 +131,14 @@ class Engine:
             self._end_everyone(self._failing)
             return False
         if not scheduler.has_work:
-            self._report_load()
+            self.admission.report()
             return False
         step = scheduler.schedule()
         for seq, exc in step.refused:
             self._refuse(seq, exc)
         self._report_admissions(step)
         if not step.batch:
+            self.admission.report()
             return False  # every slot is taken by sequences that wait on nothing: impossible
         started = time.perf_counter()
         try:
@@ -158,7 +169,7 @@ class Engine:
             if out.finish_reason is not None:
                 self._observer.finished(reason=out.finish_reason, generated=len(seq.output))
         self._send(delivery)
-        self._report_load()
+        self.admission.report()  # the cache's use changed with the step
         return True
 
     def _send(self, delivery: Delivery) -> None:
@@ -182,7 +193,6 @@ class Engine:
         for seq in everyone:
             seq.finish("failed")
         self._send([(seq, error) for seq in everyone])
-        self._report_load()
 
     def _refuse(self, seq: Sequence, exc: Exception) -> None:
         """A sequence the scheduler could not admit: its request ends with the reason."""
@@ -216,14 +226,16 @@ class Engine:
             if chunk.start == seq.reused:  # its first chunk
                 self._observer.admitted(prompt_tokens=seq.prompt_length, reused_tokens=seq.reused)
 
-    def _report_load(self) -> None:
-        scheduler, slots = self.scheduler, self.scheduler.slots
-        self.num_running = len(scheduler.running)
-        self.num_waiting = len(scheduler.waiting) + len(self._inbox)
+    def _report_load(self, running: int, waiting: int) -> None:
+        """The admission's counts as the load figures, with the cache's use at that moment.
+
+        Called under the admission's lock on whichever thread changed the counts; it only
+        reads the slot table's size (one `len`), so the model thread still alone changes it.
+        Sequences end after their slot is given back, so a request seen gone is seen with its
+        slot free."""
+        slots = self.scheduler.slots
         self._observer.load(
-            running=self.num_running,
-            waiting=self.num_waiting,
-            kv_usage=slots.used_count / slots.num_slots,
+            running=running, waiting=waiting, kv_usage=slots.used_count / slots.num_slots
         )
 
 

@@ -7,7 +7,7 @@ nothing is decoding, but while streams are running only as many as keep the step
 `prefill_chunk_while_decoding`), so a long prompt that arrives mid-stream delays each running
 token by a bounded factor rather than by the whole prompt (a short prompt, `short_prompt`
 positions or fewer, is taken whole: its first token matters more than one slower step for the
-others). Sequences are admitted first come, first served, while a cache slot is free and fewer
+others). Sequences join the batch first come, first served, while a cache slot is free and fewer
 than `max_num_seqs` run.
 """
 
@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from vilaserve.application.worker.engine.chunk_control import ChunkController
-from vilaserve.application.worker.engine.sequence import Sequence, SequenceStatus, TokenOut
+from vilaserve.application.worker.engine.sequence import Sequence, TokenOut
 from vilaserve.application.worker.engine.slot_table import SlotTable
 from vilaserve.domain.shared.errors import InvalidRequest
 from vilaserve.domain.shared.generation import FinishReason
@@ -27,7 +27,14 @@ from vilaserve.domain.worker.ports import PreparedPrompt
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 8
+    max_num_seqs: int = 8  # sequences in the batch: the requests that run at once
+    # Requests the engine holds at once, running and waiting (pictures being encoded included);
+    # beyond, the admission queue (admission.py) refuses at once. None: no bound.
+    max_requests: int | None = None
+    # Of those, requests served at once (pictures encoded, then generated): the others wait
+    # for their turn before any work, so a burst neither holds every request's picture
+    # features nor stalls the running streams with encodes. None: no bound.
+    max_in_service: int | None = None
     max_num_batched_tokens: int = 2048
     prefill_chunk_while_decoding: int = 512
     max_itl_slowdown: float = 2.5
@@ -58,10 +65,10 @@ class ScheduledStep:
 
 @dataclass
 class StepOutcome:
-    """What a step produced, per sequence, and who left."""
+    """What a step produced, per sequence, and who left (and why)."""
 
     tokens: list[tuple[Sequence, TokenOut]] = field(default_factory=list)
-    finished: list[Sequence] = field(default_factory=list)
+    finished: list[tuple[Sequence, FinishReason]] = field(default_factory=list)
 
 
 class Scheduler:
@@ -149,9 +156,7 @@ class Scheduler:
             if found is None:
                 break
             self.waiting.popleft()
-            seq.slot, seq.computed = found
-            seq.reused = seq.computed
-            seq.status = SequenceStatus.RUNNING
+            seq.start(*found)
             self.running.append(seq)
         return refused
 
@@ -167,9 +172,10 @@ class Scheduler:
             seq.computed = chunk.end
             if chunk.samples:
                 self._append(seq, next(samples), outcome)
-        for seq in outcome.finished:
+        for seq, reason in outcome.finished:
             self.running.remove(seq)
             self._free_slot(seq)
+            seq.finish(reason)  # after its slot is free: the load figures see both at once
         return outcome
 
     def _append(self, seq: Sequence, token: int, outcome: StepOutcome) -> None:
@@ -181,8 +187,7 @@ class Scheduler:
             finish = "length"
         outcome.tokens.append((seq, TokenOut(token, finish)))
         if finish is not None:
-            seq.finish(finish)
-            outcome.finished.append(seq)
+            outcome.finished.append((seq, finish))
 
     def _free_slot(self, seq: Sequence) -> None:
         self.slots.release(seq.slot, seq.written_keys())

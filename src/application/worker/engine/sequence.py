@@ -7,6 +7,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Literal
 
+from vilaserve.application.worker.engine.admission import Ticket
 from vilaserve.domain.shared.errors import ServingError
 from vilaserve.domain.shared.generation import FinishReason
 from vilaserve.domain.worker.batch import PositionKey
@@ -40,6 +41,7 @@ class Sequence:
     seq_id: int
     prompt: PreparedPrompt
     arrived: float
+    ticket: Ticket  # the request's place in the admission queue, moved as the sequence moves
     outbox: asyncio.Queue[Outcome] = field(default_factory=asyncio.Queue)
     slot: int = -1
     computed: int = 0  # leading positions whose keys/values are in the slot
@@ -54,10 +56,19 @@ class Sequence:
     def finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
+    def start(self, slot: int, cached: int) -> None:
+        """The one way into the batch (on the model thread): it holds `slot`, whose first
+        `cached` positions it reuses."""
+        self.slot, self.computed, self.reused = slot, cached, cached
+        self.status = SequenceStatus.RUNNING
+        self.ticket.started()
+
     def finish(self, reason: EndReason) -> None:
-        """The one way out of the engine (on the model thread)."""
+        """The one way out of the engine (on the model thread), once its slot is given back:
+        the request leaves the admission count here, whatever the reason."""
         self.status = SequenceStatus.FINISHED
         self.end = reason
+        self.ticket.ended()
 
     @property
     def prompt_length(self) -> int:

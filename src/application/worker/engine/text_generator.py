@@ -1,5 +1,6 @@
 """The `TextGenerator` port in front of the engine: each request's async iterator reads its
 sequence's outbox, so the use cases stream exactly as they did with one sequence per model.
+Its admission queue is the engine's (admission.py).
 
 Prompts are tokenized on a thread of their own, one at a time: a long prompt never holds the
 event loop (other requests, heartbeats and status go on meanwhile), never delays an engine step
@@ -16,7 +17,7 @@ from vilaserve.application.worker.engine.engine import Engine
 from vilaserve.domain.shared.conversation import ConversationTemplate
 from vilaserve.domain.shared.errors import ServingError
 from vilaserve.domain.shared.generation import GenerationStep, SamplingParams
-from vilaserve.domain.worker.ports import ImageFeatures, TextGenerator
+from vilaserve.domain.worker.ports import Admitted, ImageFeatures, TextGenerator
 
 
 class EngineTextGenerator(TextGenerator):
@@ -41,20 +42,41 @@ class EngineTextGenerator(TextGenerator):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._tokenizing, self._runner.count_tokens, text)
 
+    def admit(self) -> Admitted:
+        return self.engine.admission.admit()
+
+    @property
+    def queue_length(self) -> int:
+        return self.engine.admission.queue_length
+
     def generate(
-        self, prompt: str, images: ImageFeatures | None, params: SamplingParams
+        self,
+        prompt: str,
+        images: ImageFeatures | None,
+        params: SamplingParams,
+        admitted: Admitted | None = None,
     ) -> AsyncIterator[GenerationStep]:
-        return self._stream(prompt, images, params)
+        return self._stream(prompt, images, params, admitted)
 
     async def _stream(
-        self, prompt: str, images: ImageFeatures | None, params: SamplingParams
+        self,
+        prompt: str,
+        images: ImageFeatures | None,
+        params: SamplingParams,
+        admitted: Admitted | None,
     ) -> AsyncIterator[GenerationStep]:
+        admission = self.engine.admission
+        ticket = admission.admit() if admitted is None else admission.claim(admitted)
         loop = asyncio.get_running_loop()
-        # Raises before any step (a prompt that cannot fit, placeholders without images).
-        prepared = await loop.run_in_executor(
-            self._tokenizing, self._runner.prepare, prompt, images, params
-        )
-        seq = self.engine.submit(prepared)
+        try:
+            # Raises before any step (a prompt that cannot fit, placeholders without images).
+            prepared = await loop.run_in_executor(
+                self._tokenizing, self._runner.prepare, prompt, images, params
+            )
+            seq = self.engine.submit(prepared, ticket)
+        except BaseException:  # refused, or abandoned while tokenizing: never in the engine
+            ticket.leave()
+            raise
         detokenizer = self._runner.detokenizer()
         produced = 0
         try:
