@@ -13,6 +13,7 @@ import contextlib
 import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Mapping
+from json.encoder import encode_basestring
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -52,9 +53,43 @@ def encode_frame(frame: Mapping[str, Any]) -> bytes:
     return json.dumps(frame, ensure_ascii=False).encode() + FRAME_SEPARATOR
 
 
+class FrameEncoder:
+    """Encodes one stream's frames, byte for byte as `encode_frame` does, without escaping
+    again the cumulative `text` already sent: it keeps the escaped text of the last frame and,
+    when the next frame's text extends it (the usual case: one token more), escapes only the
+    new tail (JSON string escaping maps each character on its own, so the pieces join). Any
+    other frame (text that does not extend, an error's message, `text` not the first key) is
+    encoded in full."""
+
+    def __init__(self) -> None:
+        self._text = ""
+        self._escaped = bytearray()  # `self._text` escaped, without its quotes, UTF-8
+
+    def encode(self, frame: Mapping[str, Any]) -> bytes:
+        text = frame.get("text") if type(frame) is dict else None
+        if not isinstance(text, str) or next(iter(frame)) != "text":
+            self._text, self._escaped = "", bytearray()
+            return encode_frame(frame)
+        if text.startswith(self._text):
+            self._escaped += _escaped(text[len(self._text) :])
+        else:
+            self._escaped = bytearray(_escaped(text))
+        self._text = text
+        rest = json.dumps({k: v for k, v in frame.items() if k != "text"}, ensure_ascii=False)
+        rest = rest[1:] if rest == "{}" else ", " + rest[1:]  # the `}` only, or `, ...}`
+        return b"".join((b'{"text": "', self._escaped, b'"', rest.encode(), FRAME_SEPARATOR))
+
+
+def _escaped(text: str) -> bytes:
+    """`text` as the JSON string `json.dumps(..., ensure_ascii=False)` writes, less its quotes."""
+    return encode_basestring(text)[1:-1].encode()
+
+
 async def encode_frames(frames: AsyncIterator[Mapping[str, Any]]) -> AsyncIterator[bytes]:
+    """One stream's frames (one request's), each encoded as `encode_frame` does."""
+    encoder = FrameEncoder()
     async for frame in frames:
-        yield encode_frame(frame)
+        yield encoder.encode(frame)
 
 
 async def read_json(

@@ -27,6 +27,7 @@ from vilaserve.entrypoints.shared.openapi_bodies import (
 from vilaserve.entrypoints.shared.worker_protocol_http import (
     FRAME_MEDIA_TYPE,
     ClientGone,
+    FrameEncoder,
     encode_frame,
     http_status_of,
     prepend,
@@ -58,8 +59,9 @@ def _refused(error: ServingError) -> int:
 
 
 async def _frames(chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[bytes]:
+    encoder = FrameEncoder()  # one request's frames: the text already sent is not escaped again
     async for chunk in chunks:
-        yield encode_frame(chunk.to_dict())
+        yield encoder.encode(chunk.to_dict())
 
 
 @router.post("/worker_generate_stream", openapi_extra=json_body(GENERATION_REQUEST))
