@@ -99,8 +99,13 @@ class FakeModelRunner(ModelRunner[FakePrompt]):
         return FakePrompt(words, limit, seed, frozenset({STOP, *params.stop_token_ids}))
 
     def submit(self, work: Callable[[], None]) -> None:
-        # The fake's "model thread" is the event loop itself, one step per `delay_s`.
-        asyncio.get_running_loop().call_later(self.delay_s, work)
+        # The fake's "model thread" is the event loop itself: an engine step takes `delay_s`;
+        # other work (a request in, an abort) runs as soon as the loop gets to it.
+        loop = asyncio.get_running_loop()
+        if getattr(work, "__name__", "") == "_step":
+            loop.call_later(self.delay_s, work)
+        else:
+            loop.call_soon(work)
 
     def execute(self, batch: ModelBatch[FakePrompt]) -> Sequence[int]:
         self.batches.append(batch)

@@ -1,18 +1,18 @@
-"""The engine loop: schedule -> execute -> update, one model step at a time, on the model thread.
+"""The engine loop: receive -> schedule -> execute -> update -> deliver, on the model thread.
 
-Each step is one piece of work queued on the model's own thread (`ModelRunner.submit`); when it
-ends it queues the next, behind whatever else waits there (image encodes), so the model never
-waits for the event loop between steps. The event loop only receives tokens (one callback per
-step hands them to the requests' queues) and sends requests in and aborts, through a
-thread-safe inbox that each step drains first (new sequences, then aborts). A client that goes
-away therefore has its sequence out and its slot free before the next step runs. A sequence
-leaves only through `Sequence.finish(reason)`, on the model thread.
+The model thread works through one queue, in order (`ModelRunner.submit`, executor.py): that
+queue is the engine's inbox. New requests, aborts and `fail_all` arrive in it as small pieces
+of work, image encodes as larger ones, and each engine step (`_step`: schedule -> execute ->
+update -> deliver) is one piece that, while there is work, queues the next behind whatever
+arrived meanwhile. So every change to the engine's state happens on the model thread, in
+arrival order, without a lock, and the model never waits for the event loop between steps.
+The event loop only puts work in and receives each step's tokens (one callback per step hands
+them to the requests' queues). A client that goes away has its sequence out and its slot free
+before the next step runs. A sequence leaves only through `Sequence.finish(reason)`.
 
 The engine owns the worker's one admission queue (admission.py): a request is counted from
 its acceptance (before its pictures are encoded) to its sequence's end, and the load figures
 it reports are that queue's counts, the same ones /worker_get_status reports.
-
-The scheduler's state is changed on the model thread only.
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import threading
 import time
-from collections import deque
+from functools import partial
 
 from vilaserve.application.worker.engine.admission import Admission
 from vilaserve.application.worker.engine.observer import EngineObserver, NoObserver
@@ -52,17 +51,15 @@ class Engine:
         self.scheduler = Scheduler(config, SlotTable(runner.num_slots))
         self._observer: EngineObserver = observer or NoObserver()
         self._ids = itertools.count()
-        # Appended on the event loop, drained by steps (deque appends and pops are atomic).
-        self._inbox: deque[Sequence] = deque()
-        self._aborts: deque[Sequence] = deque()
-        self._lock = threading.Lock()
-        self._stepping = False  # a step is queued or running on the model thread
+        # Model thread only: a step is queued; everything ends (fail_all) with this error.
+        self._stepping = False
+        self._failing: ServingError | None = None
         self._closed = False
-        self._failing: ServingError | None = None  # set by fail_all: everything ends with it
         self.admission = Admission(
             config.max_requests, self._report_load, max_in_service=config.max_in_service
         )
 
+    # ---------------------------------------------------------------- from the event loop
     def submit(self, prompt: PreparedPrompt, admitted: Admitted | None = None) -> Sequence:
         """Queues a prepared prompt; its tokens arrive on the returned sequence's outbox.
 
@@ -72,31 +69,41 @@ class Engine:
         ticket.submitted()
         seq = Sequence(next(self._ids), prompt, time.perf_counter(), ticket)
         seq.loop = asyncio.get_running_loop()
-        self._inbox.append(seq)
-        self._kick()
+        self.runner.submit(partial(self._receive, seq))
         return seq
 
     def abort(self, seq: Sequence) -> None:
         """The request is gone: it leaves before the next step."""
-        self._aborts.append(seq)
-        self._kick()
+        if not self._closed:  # closed: the model thread takes no more work
+            self.runner.submit(partial(self._abort, seq))
 
     def fail_all(self, error: ServingError) -> None:
         """Ends every sequence, queued or running, with `error`, and any submitted later."""
-        self._failing = error
-        self._kick()
+        self.runner.submit(partial(self._fail_all, error))
 
     async def close(self) -> None:
         self._closed = True
 
-    def _kick(self) -> None:
-        with self._lock:
-            if self._stepping or self._closed:
-                return
-            self._stepping = True
-        self.runner.submit(self._step)
-
     # ---------------------------------------------------------------- on the model thread
+    def _receive(self, seq: Sequence) -> None:
+        if self._failing is not None:
+            seq.finish("failed")
+            self._send([(seq, self._failing)])
+            return
+        self.scheduler.add(seq)
+        if not self._stepping and not self._closed:
+            self._stepping = True
+            self.runner.submit(self._step)
+
+    def _abort(self, seq: Sequence) -> None:
+        if not seq.finished:
+            self.scheduler.remove(seq)
+            seq.finish("aborted")
+
+    def _fail_all(self, error: ServingError) -> None:
+        self._failing = error
+        self._end_everyone(error)
+
     def _step(self) -> None:
         try:
             more = self._run_one_step()
@@ -110,26 +117,14 @@ class Engine:
                     f"internal error: {type(exc).__name__}: {exc}", ErrorCode.INTERNAL_ERROR
                 )
             )
-            more = True
-        with self._lock:
-            # Nothing to do: stop, unless a request slipped into the inbox meanwhile.
-            if self._closed or (not more and not self._inbox and not self._aborts):
-                self._stepping = False
-                return
-        self.runner.submit(self._step)
+            more = False
+        if more and not self._closed:
+            self.runner.submit(self._step)  # behind what arrived during this one
+        else:
+            self._stepping = False
 
     def _run_one_step(self) -> bool:
         scheduler = self.scheduler
-        while self._inbox:
-            scheduler.add(self._inbox.popleft())
-        while self._aborts:
-            seq = self._aborts.popleft()
-            if not seq.finished:
-                scheduler.remove(seq)
-                seq.finish("aborted")
-        if self._failing is not None:
-            self._end_everyone(self._failing)
-            return False
         if not scheduler.has_work:
             self.admission.report()
             return False
@@ -183,7 +178,8 @@ class Engine:
             try:
                 loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # that loop is closed: nobody is listening any more
-                self._aborts.extend(seq for seq, _ in items)
+                for seq, _ in items:
+                    self._abort(seq)
 
     def _end_everyone(self, error: ServingError) -> None:
         scheduler = self.scheduler
