@@ -1,26 +1,28 @@
 """What a user receives over HTTP against what the kernels deliver in-process (issue 24).
 
 For each CPU path this machine runs (the native one `auto` picks, then each one forced with
-`VILASERVE_CPU_PATH`), with the W4A16 demo model (SmolLM2-135M's shape) and 128 new tokens,
-greedy:
+`VILASERVE_CPU_PATH`), with the W4A16 demo model (SmolLM2-135M) and 128 new tokens, greedy:
 
-* in-process, in a child process on that path (random weights of the same shape, built as the
-  worker builds a W4A16 model; `cpu_paths.w4a16_model`): the single-sequence decode of the
-  one-call decoder (`model(cache, position, input_ids=...)`), and the engine's decode step
+* in-process, the reference: the same checkpoint loaded as the worker loads it, in a child
+  process on that path, on its own model thread: the single-sequence decode of the one-call
+  decoder (`model(cache, position, input_ids=...)`), and the engine's decode step
   (`Llama.decode_rows`) at B=1 and B=8;
 * the worker over HTTP (`/worker_generate_stream`, a child process on that path): one stream
   (its decode tok/s: tokens after the first over the time between the first and the last),
   and eight at once (the sum of the eight streams' decode tok/s);
 * the whole stack (`vilaserve serve`: OpenAI `/v1/completions` streaming -> controller ->
-  worker), on the native path only: one stream and eight.
+  worker), on the native path only: one stream and eight;
+* llama-server on the same model's GGUF (`--llama-server`), best of `--runs`.
 
-`--runs` rounds of (in-process, worker over HTTP, whole stack), each figure the best over the
-rounds: these shared 2-core machines drift by 20-30 % within minutes, so both sides of a ratio
-are measured turn about. Ratios: HTTP c=1 over the in-process decode, c=8 over the B=8 step,
-the B=1 step over the one-call decoder.
+These shared 2-core machines drift by 20-30 % within seconds to minutes, so each ratio is
+measured in pairs: the reference and the served figure back to back, `--pairs` times, with
+both processes up (the idle one's threads sleep); a ratio is the median of its pairs (with
+quartiles), never a best of one side over a best of the other. Ratios: HTTP c=1 over the
+in-process decode, c=8 over the B=8 step, and the B=1 step over the one-call decoder.
 
-    python benchmarks/serving_overhead.py [--paths auto,avx2,torch] [--runs 3]
-    python benchmarks/serving_overhead.py --size 3b --paths auto --skip-stack
+    python benchmarks/serving_overhead.py [--paths auto,avx2,torch] [--pairs 8]
+    python benchmarks/serving_overhead.py --size 3b --paths auto --llama-server PATH \\
+        --gguf ~/.cache/vilaserve/bench/vila15-3b-random-q4_0.gguf
     python benchmarks/serving_overhead.py --paths auto --llama-server PATH --gguf \\
         ~/.cache/vilaserve/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 
@@ -34,6 +36,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -59,36 +62,72 @@ TOKENS = 128
 MANY = 8  # the many-streams level: 8 for the demo model, 4 at the 2.7B shape (`--size 3b`)
 
 
-def in_process_figures(size: str, rounds: int, many: int) -> dict[str, float]:
-    """Runs in the child process: the figures of this process's CPU path."""
-    import torch
+def reference_loop(model_path: str, rounds: int) -> None:
+    """Runs in the child process: the checkpoint as the worker loads it (on this process's CPU
+    path, on its own model thread), then one figure per command read from stdin."""
     from batched_decode import step_seconds
-    from cpu_paths import decode_ms, w4a16_model
+    from cpu_paths import decode_ms
 
-    from vilaserve.adapters.worker import cpu_kernels
-    from vilaserve.adapters.worker.torch_vila.device import resolve_dtype
+    from vilaserve.adapters.worker.torch_vila.runtime import VilaRuntime, VilaRuntimeOptions
 
-    torch.manual_seed(0)
-    model = w4a16_model(size, resolve_dtype("auto", torch.device("cpu")))
-    decode = 1e3 / min(decode_ms(model, TOKENS) for _ in range(3))
-    b1 = min(step_seconds(model, 1, 32, rounds) for _ in range(3))
-    bn = min(step_seconds(model, many, 32, rounds) for _ in range(3))
+    options = VilaRuntimeOptions(model_path=model_path, precision="W4A16", adaptive_threads=False)
+    runtime = VilaRuntime.load(options)
+    model, executor = runtime.model_runner.model, runtime.executor
+    executor.call(decode_ms, model, 8)  # warm-up
+    print(json.dumps({"cpu_path": runtime.model_runner.compute_path}), flush=True)
+    for line in sys.stdin:
+        command, batch = line.split()
+        if command == "decode":
+            figure = 1e3 / executor.call(decode_ms, model, TOKENS)
+        else:
+            rows = int(batch)
+            figure = rows / executor.call(step_seconds, model, rows, 32, rounds)
+        print(json.dumps(round(figure, 1)), flush=True)
+
+
+class Reference:
+    """The in-process reference: a child process on `path` that answers decode and step
+    figures on demand, so that they can be taken back to back with the served ones."""
+
+    def __init__(self, path: str, model_path: str, rounds: int) -> None:
+        env = {**os.environ, "VILASERVE_CPU_PATH": path}
+        command = [sys.executable, __file__, "--reference", model_path, "--rounds", str(rounds)]
+        self.child = subprocess.Popen(
+            command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        self.cpu_path = str(json.loads(self._read())["cpu_path"])
+
+    def _read(self) -> str:
+        assert self.child.stdout is not None
+        line = self.child.stdout.readline()
+        if not line:
+            raise SystemExit(f"the in-process reference failed (exit {self.child.wait()})")
+        return line
+
+    def figure(self, command: str, batch: int = 1) -> float:
+        assert self.child.stdin is not None
+        self.child.stdin.write(f"{command} {batch}\n")
+        self.child.stdin.flush()
+        return float(json.loads(self._read()))
+
+    def __enter__(self) -> Reference:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.child.kill()
+        self.child.wait()
+
+
+def paired(pairs: list[tuple[float, float]]) -> dict[str, Any]:
+    """Served over reference, pair by pair: the median ratio and its quartiles."""
+    ratios = sorted(got / ref for ref, got in pairs if ref > 0)
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
     return {
-        "cpu_path": cpu_kernels.cpu_path(),
-        "decode_tok_s": round(decode, 1),
-        "step_b1_tok_s": round(1 / b1, 1),
-        "step_bn_tok_s": round(many / bn, 1),
+        "median": round(statistics.median(ratios), 3),
+        "quartiles": [round(quartiles[0], 3), round(quartiles[2], 3)],
+        "pairs": [[ref, got] for ref, got in pairs],
     }
-
-
-def on_path(path: str, *args: str) -> dict[str, Any]:
-    env = {**os.environ, "VILASERVE_CPU_PATH": path}
-    done = subprocess.run(
-        [sys.executable, __file__, *args], env=env, capture_output=True, text=True, check=False
-    )
-    if done.returncode:
-        raise SystemExit(f"the in-process run on {path} failed:\n{done.stderr[-3000:]}")
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def decode_rate(stream: Stream) -> float:
@@ -230,7 +269,28 @@ def best_levels(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def worker_http(model: str, path: str, runs: int, port: int) -> dict[str, Any]:
+def served_pairs(ref: Reference, once: Any, pairs: int) -> dict[str, Any]:
+    """One stream against the reference's decode and MANY against its B=MANY step, each
+    pair back to back, `pairs` times."""
+    out: dict[str, Any] = {}
+    for clients, command in ((1, "decode"), (MANY, "step")):
+        measured, errors, tokens = [], [], []
+        for run in range(pairs):
+            reference = ref.figure(command, clients)
+            streams = once(prompts(run + 100 * clients, clients))
+            errors += [s.error for s in streams if s.error]
+            tokens = [len(s.token_times) for s in streams]
+            measured.append((reference, round(sum(decode_rate(s) for s in streams), 1)))
+        out[str(clients)] = {
+            "decode_tok_s": max(got for _, got in measured),  # the best run, for the plot
+            "tokens": tokens,
+            "errors": errors,
+            "over_reference": paired(measured),
+        }
+    return out
+
+
+def worker_http(model: str, path: str, ref: Reference, pairs: int, port: int) -> dict[str, Any]:
     server = vilaserve_server(model, port, MANY, [])
     server.env = {**server.env, "VILASERVE_CPU_PATH": path}
     url = server.url
@@ -240,7 +300,7 @@ def worker_http(model: str, path: str, runs: int, port: int) -> dict[str, Any]:
             return all_at_once(texts, lambda t: worker_stream(url, t))
 
         once(prompts(-1, 1))  # warm-up
-        return {str(c): best_of(runs, c, once) for c in (1, MANY)}
+        return served_pairs(ref, once, pairs)
 
 
 async def api_stream(url: str, key: str, model: str, text: str) -> Stream:
@@ -256,7 +316,7 @@ async def api_stream(url: str, key: str, model: str, text: str) -> Stream:
     )
 
 
-def whole_stack(model: str, runs: int, port: int) -> dict[str, Any]:
+def whole_stack(model: str, ref: Reference, pairs: int, port: int) -> dict[str, Any]:
     from attacks import ServeStack
 
     with ServeStack(model, port) as stack:
@@ -270,7 +330,7 @@ def whole_stack(model: str, runs: int, port: int) -> dict[str, Any]:
             )
 
         once(prompts(-2, 1))
-        return {str(c): best_of(runs, c, once) for c in (1, MANY)}
+        return served_pairs(ref, once, pairs)
 
 
 def runnable_paths() -> list[str]:
@@ -327,11 +387,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--paths", default="", help="comma list; default: every runnable one")
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=8, help="back-to-back pairs per ratio")
+    parser.add_argument("--runs", type=int, default=3, help="llama-server runs (best of)")
     parser.add_argument("--port", type=int, default=18400)
     parser.add_argument("--model", default=None, help="default: the W4A16 demo model")
-    parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--many", type=int, default=8, help=argparse.SUPPRESS)
+    parser.add_argument("--reference", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=40, help="engine steps timed per batch")
     parser.add_argument("--skip-stack", action="store_true", help="no whole-stack run")
     parser.add_argument("--llama-server", default=None, help="llama-server binary: also measured")
@@ -343,8 +403,8 @@ def main() -> None:
         help="3b: the 2.7B VILA1.5-3B LLM shape (a random W4A16 checkpoint), c=1 and c=4",
     )
     args = parser.parse_args()
-    if args.in_process:
-        print(json.dumps(in_process_figures(args.size, args.rounds, args.many)))
+    if args.reference:
+        reference_loop(args.reference, args.rounds)
         return
     from attacks import demo_model
 
@@ -361,44 +421,38 @@ def main() -> None:
         "many": MANY,
         "paths": {},
     }
-    # Rounds of (in-process, worker over HTTP, whole stack), each figure the best over the
-    # rounds: these shared machines drift by 20-30 % within minutes, so the two sides of a
-    # ratio are measured turn about, never one long stretch each.
     paths = args.paths.split(",") if args.paths else runnable_paths()
-    child = ("--in-process", "--rounds", str(args.rounds), "--size", args.size, "--many")
     for path in paths:
-        kernels, https, stacks, llamas = [], [], [], []
-        for _ in range(args.runs):
-            kernels.append(on_path(path, *child, str(MANY)))
-            https.append(worker_http(model, path, 1, args.port))
+        entry: dict[str, Any] = {}
+        with Reference(path, model, args.rounds) as ref:
+            b1 = [(ref.figure("decode"), ref.figure("step", 1)) for _ in range(args.pairs)]
+            http = worker_http(model, path, ref, args.pairs, args.port)
             if path == "auto" and not args.skip_stack:
-                stacks.append(whole_stack(model, 1, args.port + 10))
-            if path == "auto" and args.llama_server:
-                llamas.append(llama_http(args.llama_server, args.gguf, args.port + 20))
-        kernel = {k: max(r[k] for r in kernels) for k in kernels[0] if k != "cpu_path"}
-        entry: dict[str, Any] = {
-            "in_process": {"cpu_path": kernels[0]["cpu_path"], **kernel, "runs": kernels},
-            "http": best_levels(https),
+                entry["whole_stack"] = whole_stack(model, ref, args.pairs, args.port + 10)
+        decodes = [r for r, _ in b1] + [r for r, _ in http["1"]["over_reference"]["pairs"]]
+        entry["in_process"] = {
+            "cpu_path": ref.cpu_path,
+            "decode_tok_s": max(decodes),
+            "step_b1_tok_s": max(step for _, step in b1),
+            "step_bn_tok_s": max(r for r, _ in http[str(MANY)]["over_reference"]["pairs"]),
         }
-        http = entry["http"]
-        entry["ratios"] = {
-            "http_c1_over_decode": round(http["1"]["decode_tok_s"] / kernel["decode_tok_s"], 3),
-            "http_cn_over_bn_step": round(
-                http[str(MANY)]["decode_tok_s"] / kernel["step_bn_tok_s"], 3
-            ),
-            "b1_step_over_decode": round(kernel["step_b1_tok_s"] / kernel["decode_tok_s"], 3),
+        entry["http"] = http
+        entry["ratios"] = {  # medians of back-to-back pairs
+            "http_c1_over_decode": http["1"]["over_reference"]["median"],
+            "http_cn_over_bn_step": http[str(MANY)]["over_reference"]["median"],
+            "b1_step_over_decode": paired(b1),
         }
-        if stacks:
-            stack = best_levels(stacks)
+        if "whole_stack" in entry:
+            stack = entry["whole_stack"]
             stack["ratios"] = {
-                "c1_over_decode": round(stack["1"]["decode_tok_s"] / kernel["decode_tok_s"], 3),
-                "cn_over_bn_step": round(
-                    stack[str(MANY)]["decode_tok_s"] / kernel["step_bn_tok_s"], 3
-                ),
+                "c1_over_decode": stack["1"]["over_reference"]["median"],
+                "cn_over_bn_step": stack[str(MANY)]["over_reference"]["median"],
             }
-            entry["whole_stack"] = stack
-        if llamas:
-            llama = best_levels(llamas)
+        if path == "auto" and args.llama_server:
+            runs = [
+                llama_http(args.llama_server, args.gguf, args.port + 20) for _ in range(args.runs)
+            ]
+            llama = best_levels(runs)
             llama["vilaserve_http_over_llama_server"] = {
                 level: round(http[level]["decode_tok_s"] / llama[level]["decode_tok_s"], 2)
                 for level in llama
