@@ -12,7 +12,8 @@ For each CPU path this machine runs (the native one `auto` picks, then each one 
   and eight at once (the sum of the eight streams' decode tok/s);
 * the whole stack (`vilaserve serve`: OpenAI `/v1/completions` streaming -> controller ->
   worker), on the native path only: one stream and eight;
-* llama-server on the same model's GGUF (`--llama-server`), best of `--runs`.
+* llama-server on the same model's GGUF (`--llama-server`), both servers up, the same
+  streams to one then the other, `--runs` pairs per level.
 
 These shared 2-core machines drift by 20-30 % within seconds to minutes, so each ratio is
 measured in pairs: the reference and the served figure back to back, `--pairs` times, with
@@ -144,21 +145,6 @@ def prompts(run: int, clients: int) -> list[str]:
     ]
 
 
-def best_of(runs: int, clients: int, once: Any) -> dict[str, Any]:
-    tried = []
-    for run in range(runs):
-        streams: list[Stream] = once(prompts(run + 100 * clients, clients))
-        errors = [s.error for s in streams if s.error]
-        rates = [decode_rate(s) for s in streams]
-        tried.append({
-            "decode_tok_s": round(sum(rates), 1),
-            "tokens": [len(s.token_times) for s in streams],
-            "errors": errors,
-        })  # fmt: skip
-    best = max(tried, key=lambda t: t["decode_tok_s"])
-    return {**best, "runs": [t["decode_tok_s"] for t in tried]}
-
-
 async def post_stream(
     url: str, path: str, body: dict[str, Any], headers: dict[str, str] | None = None
 ) -> AsyncIterator[bytes]:
@@ -247,25 +233,35 @@ async def llama_stream(url: str, text: str) -> Stream:
     return await sse_stream(url, "/completion", body, lambda event: bool(event.get("content")))
 
 
-def llama_http(binary: str, gguf: str, port: int) -> dict[str, Any]:
-    """llama-server on the same model's GGUF, MANY slots, 2 threads, the same client."""
-    server = llama_server(binary, gguf, port, MANY, os.cpu_count() or 2, 2048)
-    with server:
+def against_llama(model: str, binary: str, gguf: str, pairs: int, port: int) -> dict[str, Any]:
+    """The worker and llama-server (the same model's GGUF, MANY slots, as many threads), both
+    up, the same streams sent to one and then the other, `pairs` times per level: each side's
+    best, and the median of the worker over llama-server pair by pair."""
+    worker = vilaserve_server(model, port, MANY, [])
+    peer = llama_server(binary, gguf, port + 20, MANY, os.cpu_count() or 2, 2048)
+    with worker, peer:
 
-        def once(texts: list[str]) -> list[Stream]:
-            return all_at_once(texts, lambda t: llama_stream(server.url, t))
+        def ours(texts: list[str]) -> list[Stream]:
+            return all_at_once(texts, lambda t: worker_stream(worker.url, t))
 
-        once(prompts(-3, 1))
-        return {str(c): best_of(1, c, once) for c in (1, MANY)}
+        def theirs(texts: list[str]) -> list[Stream]:
+            return all_at_once(texts, lambda t: llama_stream(peer.url, t))
 
-
-def best_levels(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per concurrency level, the best round, with every round's figure."""
-    out = {}
-    for level in rounds[0]:
-        tried = [r[level] for r in rounds]
-        best = max(tried, key=lambda t: t["decode_tok_s"])
-        out[level] = {**best, "runs": [t["decode_tok_s"] for t in tried]}
+        ours(prompts(-1, 1))
+        theirs(prompts(-3, 1))
+        out: dict[str, Any] = {}
+        for clients in (1, MANY):
+            measured = []
+            for run in range(pairs):
+                texts = prompts(run + 100 * clients, clients)
+                peer_rate = sum(decode_rate(s) for s in theirs(texts))
+                our_rate = sum(decode_rate(s) for s in ours(texts))
+                measured.append((round(peer_rate, 1), round(our_rate, 1)))
+            out[str(clients)] = {
+                "llama_server_tok_s": max(p for p, _ in measured),
+                "vilaserve_tok_s": max(o for _, o in measured),
+                "vilaserve_over_llama_server": paired(measured),
+            }
     return out
 
 
@@ -355,31 +351,72 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(report["paths"])
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, (ax, ratio_ax) = plt.subplots(1, 2, figsize=(15, 4.8))
 
-    def level(part: str, c: int) -> Any:
-        return lambda p: (p.get(part) or {}).get(str(c), {}).get("decode_tok_s", 0.0)
+    def level(part: str, c: int, key: str = "decode_tok_s") -> Any:
+        return lambda p: (p.get(part) or {}).get(str(c), {}).get(key, 0.0)
 
     bars = [
         ("in-process decode", lambda p: p["in_process"]["decode_tok_s"]),
         ("worker HTTP c=1", level("http", 1)),
         ("whole stack c=1", level("whole_stack", 1)),
-        ("llama-server c=1", level("llama_server", 1)),
+        ("llama-server c=1", level("llama_server", 1, "llama_server_tok_s")),
         (f"in-process B={MANY} step", lambda p: p["in_process"]["step_bn_tok_s"]),
         (f"worker HTTP c={MANY}", level("http", MANY)),
         (f"whole stack c={MANY}", level("whole_stack", MANY)),
-        (f"llama-server c={MANY}", level("llama_server", MANY)),
+        (f"llama-server c={MANY}", level("llama_server", MANY, "llama_server_tok_s")),
     ]
     width = 0.8 / len(bars)
     for i, (label, key) in enumerate(bars):
         values = [key(report["paths"][n]) for n in names]
         offset = (i - (len(bars) - 1) / 2) * width
         ax.bar([x + offset for x in range(len(names))], values, width, label=label)
-    ax.set_xticks(range(len(names)), [report["paths"][n]["in_process"]["cpu_path"] for n in names])
-    ax.set_ylabel("tokens / s")
+    labels = [report["paths"][n]["in_process"]["cpu_path"] for n in names]
+    ax.set_xticks(range(len(names)), labels)
+    ax.set_ylabel("tokens / s (best pair)")
     shape = "2.7B VILA1.5-3B LLM" if report["size"] == "3b" else "SmolLM2-135M"
-    ax.set_title(f"serving overhead, W4A16 {shape} shape ({report['cpu']['Model name']})")
-    ax.legend(fontsize=8)
+    ax.set_title(f"W4A16 {shape} shape ({report['cpu']['Model name']})")
+    ax.legend(fontsize=7)
+
+    def ratio(part: str, c: int | None, key: str = "over_reference") -> Any:
+        def get(p: dict[str, Any]) -> dict[str, Any] | None:
+            if c is None:
+                return p["ratios"]["b1_step_over_decode"]  # type: ignore[no-any-return]
+            return (p.get(part) or {}).get(str(c), {}).get(key)
+
+        return get
+
+    ratios = [
+        ("worker HTTP c=1 / decode", ratio("http", 1)),
+        (f"worker HTTP c={MANY} / B={MANY} step", ratio("http", MANY)),
+        ("whole stack c=1 / decode", ratio("whole_stack", 1)),
+        (f"whole stack c={MANY} / B={MANY} step", ratio("whole_stack", MANY)),
+        ("B=1 step / decode", ratio("", None)),
+        ("worker / llama-server c=1", ratio("llama_server", 1, "vilaserve_over_llama_server")),
+        (
+            f"worker / llama-server c={MANY}",
+            ratio("llama_server", MANY, "vilaserve_over_llama_server"),
+        ),
+    ]
+    width = 0.8 / len(ratios)
+    for i, (label, get) in enumerate(ratios):
+        found = [(x, get(report["paths"][n])) for x, n in enumerate(names)]
+        found = [(x, r) for x, r in found if r]
+        if not found:
+            continue
+        offset = (i - (len(ratios) - 1) / 2) * width
+        medians = [r["median"] for _, r in found]
+        spread = [
+            [m - r["quartiles"][0] for m, (_, r) in zip(medians, found, strict=True)],
+            [r["quartiles"][1] - m for m, (_, r) in zip(medians, found, strict=True)],
+        ]
+        xs = [x + offset for x, _ in found]
+        ratio_ax.bar(xs, medians, width, yerr=spread, capsize=2, label=label)
+    ratio_ax.axhline(0.9, color="k", linestyle="--", linewidth=0.8)
+    ratio_ax.set_xticks(range(len(names)), labels)
+    ratio_ax.set_ylabel("median of back-to-back pairs (bars: quartiles)")
+    ratio_ax.set_title("served / in-process, and worker / llama-server")
+    ratio_ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -388,7 +425,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--paths", default="", help="comma list; default: every runnable one")
     parser.add_argument("--pairs", type=int, default=8, help="back-to-back pairs per ratio")
-    parser.add_argument("--runs", type=int, default=3, help="llama-server runs (best of)")
+    parser.add_argument("--runs", type=int, default=3, help="worker / llama-server pairs per level")
     parser.add_argument("--port", type=int, default=18400)
     parser.add_argument("--model", default=None, help="default: the W4A16 demo model")
     parser.add_argument("--reference", default=None, help=argparse.SUPPRESS)
@@ -449,15 +486,9 @@ def main() -> None:
                 "cn_over_bn_step": stack[str(MANY)]["over_reference"]["median"],
             }
         if path == "auto" and args.llama_server:
-            runs = [
-                llama_http(args.llama_server, args.gguf, args.port + 20) for _ in range(args.runs)
-            ]
-            llama = best_levels(runs)
-            llama["vilaserve_http_over_llama_server"] = {
-                level: round(http[level]["decode_tok_s"] / llama[level]["decode_tok_s"], 2)
-                for level in llama
-            }
-            entry["llama_server"] = llama
+            entry["llama_server"] = against_llama(
+                model, args.llama_server, args.gguf, args.runs, args.port + 30
+            )
         report["paths"][path] = entry
         print(json.dumps({path: entry}), flush=True)
     RESULTS.mkdir(exist_ok=True)
