@@ -18,6 +18,7 @@ the tensors under the same names.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -212,7 +213,7 @@ class NativeDecodeBody(LlamaBody):
             cos, sin = step.cos.view(batch, -1), step.sin.view(batch, -1)
         return decoder.run(hidden, cache, positions, rows, cos, sin)
 
-    def _apply(self, fn: Any, recurse: bool = True) -> NativeDecodeBody:
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> NativeDecodeBody:
         self.replan()  # `.to()` / `.half()` may move or recast the weights
         return super()._apply(fn, recurse)
 

@@ -33,7 +33,7 @@ _MAX_HEAD_DIM = 256
 
 
 class NativeDecoder:
-    """Runs one position of every decoder layer; see `for_model`."""
+    """Runs one position of every decoder layer; see `for_layers`."""
 
     def __init__(
         self, plan: DecoderPlan, kernels: cpu_kernels.NativeKernels, dtype: torch.dtype
