@@ -304,10 +304,10 @@ def test_a_prompt_the_scheduler_cannot_admit_fails_alone_and_once() -> None:
         generator = make(runner, max_num_seqs=2)
         await collect(generator.generate("x y", None, GREEDY))  # leaves a prefix to compare
         engine = generator.engine
-        empty = engine.submit(runner.prepare("", None, GREEDY))
+        empty = engine.submit(runner.prepare("", None, GREEDY), engine.admission.admit())
         broken_prompt = runner.prepare("x b", None, GREEDY)
         broken_prompt.words = [Incomparable(), "b"]
-        broken = engine.submit(broken_prompt)
+        broken = engine.submit(broken_prompt, engine.admission.admit())
         served = generator.generate(prompt(4), None, GREEDY)
         text, finish, _ = await asyncio.wait_for(collect(served), 5)
         assert finish == "length" and text == await alone(prompt(4))

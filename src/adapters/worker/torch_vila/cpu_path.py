@@ -60,19 +60,20 @@ def put_on_cpu_path(model: Llama, one_call_decode: bool = True) -> CpuPathReport
     op by op from Python (what benchmarks and tests compare the one-call decoder with)."""
     if model.device.type != "cpu":
         return CpuPathReport(model.device.type, 0, False)
+    path = cpu_kernels.cpu_path()
     avx512 = cpu_kernels.load()
     kernels: cpu_kernels.NativeKernels | None = avx512 or cpu_kernels.load_fp32()
     if kernels is None:  # the torch path
-        return CpuPathReport(cpu_kernels.cpu_path(), 0, False)
+        return CpuPathReport(path, 0, False)
     linears = accelerate_cpu_linears(model, kernels)
     if avx512 is not None:
         swap_kernel_norms_and_attention(model, avx512)
     if not one_call_decode:
-        return CpuPathReport(cpu_kernels.cpu_path(), linears, False)
+        return CpuPathReport(path, linears, False)
     dtype = torch.bfloat16 if avx512 is not None else torch.float32
     body = NativeDecodeBody(model.model, model.args, kernels, dtype)
     model.model = body
-    return CpuPathReport(cpu_kernels.cpu_path(), linears, body.decoder is not None)
+    return CpuPathReport(path, linears, body.decoder is not None)
 
 
 def swap_kernel_norms_and_attention(model: Llama, kernels: cpu_kernels.CpuKernels) -> None:

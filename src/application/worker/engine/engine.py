@@ -23,7 +23,7 @@ import logging
 import time
 from functools import partial
 
-from vilaserve.application.worker.engine.admission import Admission
+from vilaserve.application.worker.engine.admission import Admission, Ticket
 from vilaserve.application.worker.engine.observer import EngineObserver, NoObserver
 from vilaserve.application.worker.engine.scheduler import (
     ScheduledStep,
@@ -33,7 +33,7 @@ from vilaserve.application.worker.engine.scheduler import (
 from vilaserve.application.worker.engine.sequence import Outcome, Sequence
 from vilaserve.application.worker.engine.slot_table import SlotTable
 from vilaserve.domain.shared.errors import ErrorCode, ServingError
-from vilaserve.domain.worker.ports import Admitted, ModelRunner, PreparedPrompt
+from vilaserve.domain.worker.ports import ModelRunner, PreparedPrompt
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,11 @@ class Engine:
         )
 
     # ---------------------------------------------------------------- from the event loop
-    def submit(self, prompt: PreparedPrompt, admitted: Admitted | None = None) -> Sequence:
+    def submit(self, prompt: PreparedPrompt, ticket: Ticket) -> Sequence:
         """Queues a prepared prompt; its tokens arrive on the returned sequence's outbox.
 
-        `admitted`: its request's place in `admission`; without one it is admitted here
-        (`EngineOverloaded` when the queue is full). From here the sequence's end ends it."""
-        ticket = self.admission.admit() if admitted is None else self.admission.claim(admitted)
+        `ticket`: its request's place in `admission` (`admission.admit()`); from here the
+        sequence's end ends it."""
         ticket.submitted()
         seq = Sequence(next(self._ids), prompt, time.perf_counter(), ticket)
         seq.loop = asyncio.get_running_loop()
