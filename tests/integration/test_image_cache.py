@@ -11,6 +11,7 @@ from vilaserve.adapters.offline.checkpoints.tiny_vila import make_png
 from vilaserve.adapters.worker.torch_vila.image_cache import ImageEmbeddingCache
 from vilaserve.adapters.worker.torch_vila.model_runner import TorchImageFeatures
 from vilaserve.adapters.worker.torch_vila.runtime import VilaRuntime, VilaRuntimeOptions
+from vilaserve.domain.worker.first_token import NO_IMAGES
 
 
 def test_the_cache_is_bounded_in_bytes_and_evicts_the_least_recently_used() -> None:
@@ -54,4 +55,19 @@ def test_a_picture_seen_before_is_served_from_the_cache_with_the_same_embeddings
     uncached = encode([green, blue])
     encoder.cache = cache
     torch.testing.assert_close(second, uncached, rtol=1e-5, atol=1e-5)
+    runtime.executor.shutdown()
+
+
+def test_encoding_reports_its_parts_and_a_cached_picture_costs_none(
+    tiny_vila_siglip: Path,
+) -> None:
+    runtime = VilaRuntime.load(
+        VilaRuntimeOptions(model_path=str(tiny_vila_siglip), dtype="float32")
+    )
+    encoder = runtime.vision_encoder
+    assert encoder is not None and encoder.cache is not None
+    orange = make_png(36, 28, "orange")
+    fresh = asyncio.run(encoder.encode([orange])).timings
+    assert fresh.decode_s > 0 and fresh.tower_s > 0 and fresh.projector_s > 0
+    assert asyncio.run(encoder.encode([orange])).timings == NO_IMAGES  # from the cache
     runtime.executor.shutdown()

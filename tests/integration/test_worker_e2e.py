@@ -326,3 +326,25 @@ def test_turn_two_about_one_picture_reuses_its_prefix_and_encoding(
     per_image = httpx.post(url + "/model_details").json()["tokens_per_image"]
     assert reused >= per_image + 5  # the image's positions, the text around it, the answer
     assert metric(url, "vllm:mm_cache_hits_total") == hits[1] + 1
+
+
+def test_the_parts_of_each_first_token_are_on_metrics(siglip_worker: ServerThread) -> None:
+    url = siglip_worker.url
+    name = "vilaserve:first_token_part_seconds"
+    parts = ("queue", "image_decode", "vision_tower", "projector", "prefill", "first_sample")
+
+    def sample(kind: str, part: str) -> float:
+        return metric(url, f'{name}_{kind}{{part="{part}"}}')
+
+    before = {part: (sample("count", part), sample("sum", part)) for part in parts}
+    body = {
+        "prompt": "USER: <image>\nWhat is this? ASSISTANT:",
+        "images": [make_png_b64(44, 36, "teal")],  # a picture no other test sends: encoded
+        "temperature": 0,
+        "max_new_tokens": 4,
+    }
+    assert stream_frames(url, body)[-1]["error_code"] == 0
+    for part, (count, total) in before.items():
+        assert sample("count", part) == count + 1, part  # once for the request, not per token
+        if part != "queue":  # nothing else ran: its wait may round to nothing
+            assert sample("sum", part) > total, part

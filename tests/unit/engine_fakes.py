@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from vilaserve.domain.shared.conversation import TEMPLATES, ConversationTemplate
 from vilaserve.domain.shared.errors import ContextOverflow, ServingError
 from vilaserve.domain.shared.generation import SamplingParams
-from vilaserve.domain.worker.batch import ModelBatch, PositionKey
+from vilaserve.domain.worker.batch import ModelBatch, PositionKey, StepTiming
 from vilaserve.domain.worker.ports import Detokenizer, ImageFeatures, ModelRunner, PreparedPrompt
 
 STOP = 0  # the fake's end-of-text token
@@ -59,6 +59,7 @@ class FakeModelRunner(ModelRunner[FakePrompt]):
     delay_s: float = 0.0
     stop_at: int | None = None  # sample STOP once a sequence has this many positions
     fail_next: ServingError | None = None
+    step_timing: StepTiming | None = None  # what it says every step with chunks took
     batches: list[ModelBatch[FakePrompt]] = field(default_factory=list)
     kv: dict[int, list[PositionKey]] = field(default_factory=dict)
 
@@ -80,6 +81,10 @@ class FakeModelRunner(ModelRunner[FakePrompt]):
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())
+
+    @property
+    def last_step_timing(self) -> StepTiming | None:
+        return self.step_timing
 
     def detokenizer(self) -> Detokenizer:
         return FakeDetokenizer()

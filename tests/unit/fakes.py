@@ -13,6 +13,7 @@ from vilaserve.domain.shared.conversation import TEMPLATES, ConversationTemplate
 from vilaserve.domain.shared.errors import ContextOverflow, ControllerUnavailable, InvalidImage
 from vilaserve.domain.shared.generation import IMAGE_PLACEHOLDER, GenerationStep, SamplingParams
 from vilaserve.domain.shared.worker_status import WorkerStatus
+from vilaserve.domain.worker.first_token import NO_IMAGES, ImageTimings
 from vilaserve.domain.worker.ports import (
     Admitted,
     ControllerClient,
@@ -28,21 +29,29 @@ FAKE_PNG_B64 = base64.b64encode(PNG_MAGIC + b"fake image body").decode()
 @dataclass
 class FakeFeatures(ImageFeatures):
     files: tuple[bytes, ...]
+    image_timings: ImageTimings = NO_IMAGES
 
     @property
     def num_images(self) -> int:
         return len(self.files)
+
+    @property
+    def timings(self) -> ImageTimings:
+        return self.image_timings
 
 
 class FakeVisionEncoder(VisionEncoder):
     """Accepts anything that starts like a PNG; 4 positions per image.
 
     With a `gate`, every encode waits until it is set (from any thread): a request whose
-    pictures are still being encoded."""
+    pictures are still being encoded. Its features say they took `timings`."""
 
-    def __init__(self, gate: threading.Event | None = None) -> None:
+    def __init__(
+        self, gate: threading.Event | None = None, timings: ImageTimings = NO_IMAGES
+    ) -> None:
         self.encoded: list[tuple[bytes, ...]] = []
         self.gate = gate
+        self.timings = timings
         self.encoding = 0
 
     @property
@@ -60,7 +69,7 @@ class FakeVisionEncoder(VisionEncoder):
             if not data.startswith(PNG_MAGIC):
                 raise InvalidImage(f"image {i + 1} could not be decoded as an image")
         self.encoded.append(tuple(images))
-        return FakeFeatures(tuple(images))
+        return FakeFeatures(tuple(images), self.timings)
 
 
 @dataclass

@@ -9,11 +9,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from vilaserve.domain.worker.first_token import FIRST_TOKEN_PARTS, FirstTokenParts
+
 # From 1 ms: a small model's decode step on a CPU takes 4-7 ms, and one of a few hundred
 # microseconds is what tells a user the step is not where the time goes.
 _LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.02, 0.04, 0.06, 0.08,
                     0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0)  # fmt: skip
 _TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+# The parts of a time to first token: a greedy sample is a millisecond, a queue behind a burst
+# of pictures on a CPU or a long prompt's prefill can take minutes.
+_PART_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                 10.0, 20.0, 40.0, 60.0, 120.0)  # fmt: skip
 
 
 class HitCounting(Protocol):
@@ -72,6 +78,13 @@ class PrometheusEngineObserver:
             "vllm:inter_token_latency_seconds", "Between two tokens of one stream",
             buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        self._ttft_parts = Histogram(
+            "vilaserve:first_token_part_seconds",
+            "Where each request's time to first token went: " + ", ".join(FIRST_TOKEN_PARTS),
+            ["part"], buckets=_PART_BUCKETS, registry=r,
+        )  # fmt: skip
+        # Each part is on the page from the start (zero counts), not from its first request.
+        self._by_part = {part: self._ttft_parts.labels(part=part) for part in FIRST_TOKEN_PARTS}
         if image_cache is not None:
             r.register(_ImageCacheCollector(image_cache))
 
@@ -93,6 +106,10 @@ class PrometheusEngineObserver:
     def first_token(self, seconds: float) -> None:
         self._ttft.observe(seconds)
         self._generation_tokens.inc()
+
+    def first_token_parts(self, parts: FirstTokenParts) -> None:
+        for part, seconds in parts.by_name().items():
+            self._by_part[part].observe(seconds)
 
     def inter_token(self, seconds: float) -> None:
         self._itl.observe(seconds)

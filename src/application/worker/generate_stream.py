@@ -14,6 +14,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import Any
 
+from vilaserve.application.worker.engine.observer import FirstTokenObserver
 from vilaserve.application.worker.image_payloads import (
     DEFAULT_MAX_IMAGE_BYTES,
     decode_image_payload,
@@ -25,10 +26,12 @@ from vilaserve.domain.shared.generation import (
     IMAGE_PLACEHOLDER,
     FinishReason,
     GenerationRequest,
+    PromptTimings,
     StreamChunk,
     Usage,
     parse_generation_request,
 )
+from vilaserve.domain.worker.first_token import NO_IMAGES, FirstTokenParts
 from vilaserve.domain.worker.ports import (
     Admitted,
     ImageFeatures,
@@ -71,10 +74,13 @@ class GenerateStream:
         generator: TextGenerator,
         vision: VisionEncoder | None,
         limits: GenerationLimits,
+        observer: FirstTokenObserver | None = None,
     ) -> None:
+        """`observer`: hears where each request's time to first token went (/metrics)."""
         self._generator = generator
         self._vision = vision
         self._limits = limits
+        self._observer = observer
 
     def prepare(self, body: Any) -> PreparedRequest:
         """Checks everything that needs no model; raises `ServingError` naming the problem."""
@@ -129,9 +135,10 @@ class GenerateStream:
             admitted = self._generator.admit()
             try:
                 async with admitted.turn():
+                    waited = _Waited(started, time.perf_counter() - started)
                     features = await self._encode(prepared.image_files)
                     # aclosing: a client that goes away must stop the model, not this loop.
-                    generation = self._generate(prepared, features, prefix, admitted)
+                    generation = self._generate(prepared, features, prefix, admitted, waited)
                     async with aclosing(generation) as chunks:
                         async for chunk in chunks:
                             yield chunk
@@ -175,6 +182,7 @@ class GenerateStream:
         features: ImageFeatures | None,
         prefix: str,
         admitted: Admitted,
+        waited: _Waited,
     ) -> AsyncIterator[StreamChunk]:
         params = prepared.request.params
         matcher = StopStringMatcher(params.stop)
@@ -183,9 +191,13 @@ class GenerateStream:
         usage = Usage(0, 0)
         finish: FinishReason | None = None
         unsent = 0
+        first = True
         steps = self._generator.generate(prepared.model_prompt, features, params, admitted)
         async with aclosing(steps):
             async for step in steps:
+                if first:
+                    first = False
+                    self._first_token(prepared, features, waited, step.timings)
                 scan = matcher.push(step.text)
                 text += scan.emit
                 usage = Usage(step.prompt_tokens, step.completion_tokens)
@@ -204,6 +216,35 @@ class GenerateStream:
             text += matcher.flush()
             finish = "length"
         yield StreamChunk(text=prefix + text, usage=usage, finish_reason=finish)
+
+    def _first_token(
+        self,
+        prepared: PreparedRequest,
+        features: ImageFeatures | None,
+        waited: _Waited,
+        timings: PromptTimings | None,
+    ) -> None:
+        """Once per request: where its time to first token went, logged and observed."""
+        images = features.timings if features is not None else NO_IMAGES
+        parts = FirstTokenParts.of(waited.turn_s, images, timings)
+        log.info(
+            "first token",
+            extra={
+                "request_id": prepared.request.request_id,
+                "ttft_s": round(time.perf_counter() - waited.started, 3),
+                **{f"{name}_s": round(s, 3) for name, s in parts.by_name().items()},
+            },
+        )
+        if self._observer is not None:
+            self._observer.first_token_parts(parts)
+
+
+@dataclass(frozen=True)
+class _Waited:
+    """When a request's stream started, and how long it then waited for its turn."""
+
+    started: float
+    turn_s: float
 
 
 def _normalise_placeholders(prompt: str, n_images: int) -> str:

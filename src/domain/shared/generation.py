@@ -90,16 +90,29 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class PromptTimings:
+    """How a generator spent a request's time up to its first token, in seconds: waiting for
+    its turn inside the generator (a cache slot, the model's thread), the steps that prefilled
+    its prompt (whole steps: what the request waited for), and the sampling of that token."""
+
+    queue_s: float = 0.0
+    prefill_s: float = 0.0
+    first_sample_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class GenerationStep:
     """What a `TextGenerator` yields: newly decoded text and the running counts.
 
     `text` is the delta since the previous step. `finish_reason` is set on the last step only.
+    `timings`: on the first step only, from a generator that measures them.
     """
 
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: FinishReason | None = None
+    timings: PromptTimings | None = None
 
 
 @dataclass(frozen=True)

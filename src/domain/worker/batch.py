@@ -59,3 +59,12 @@ class ModelBatch(Generic[PromptT]):
 
     def __bool__(self) -> bool:
         return bool(self.decodes or self.prefills)
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """How a runner's step that prefilled spent its time, in seconds: everything before the
+    sampling (the batch's decode rows and prompt chunks, their inputs), then the sampling."""
+
+    forward_s: float
+    sample_s: float

@@ -14,7 +14,8 @@ from vilaserve.domain.shared.conversation import ConversationTemplate
 from vilaserve.domain.shared.errors import ServingError
 from vilaserve.domain.shared.generation import GenerationStep, SamplingParams
 from vilaserve.domain.shared.worker_status import WorkerStatus
-from vilaserve.domain.worker.batch import ModelBatch, PositionKey
+from vilaserve.domain.worker.batch import ModelBatch, PositionKey, StepTiming
+from vilaserve.domain.worker.first_token import NO_IMAGES, ImageTimings
 
 
 class ImageFeatures(ABC):
@@ -23,6 +24,11 @@ class ImageFeatures(ABC):
     @property
     @abstractmethod
     def num_images(self) -> int: ...
+
+    @property
+    def timings(self) -> ImageTimings:
+        """How long these images took to encode; zeros from an encoder that does not say."""
+        return NO_IMAGES
 
 
 class VisionEncoder(ABC):
@@ -182,6 +188,12 @@ class ModelRunner(ABC, Generic[P]):
         """Runs one step; called only on the model's own thread (see `submit`). Returns the
         sampled tokens in the batch's order (`ModelBatch`). Raises `OutOfDeviceMemory` when the
         device is full."""
+
+    @property
+    def last_step_timing(self) -> StepTiming | None:
+        """How the last `execute` whose batch held prompt chunks split its time (read on the
+        model's thread right after it); None from a runner that does not measure."""
+        return None
 
     @abstractmethod
     def submit(self, work: Callable[[], None]) -> None:

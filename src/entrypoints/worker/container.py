@@ -114,6 +114,7 @@ class WorkerContainer(containers.DeclarativeContainer):
         generator=text_generator,
         vision=vision_encoder,
         limits=limits,
+        observer=engine_observer,
     )
     register = providers.Singleton(
         Register,

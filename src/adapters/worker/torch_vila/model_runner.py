@@ -3,12 +3,15 @@
 A KV pool of `num_slots` rows x `slot_length` positions is allocated once (on the CPU its pages
 are taken only as positions fill). A step runs every decode row in one batched forward (each
 row at its own position of its own slot), then each prefill chunk into its slot, then samples
-all rows at once: one host sync per step, for the token ids the streams need. Steps run on the
-model thread (executor.py), queued by the engine through `submit`.
+all rows at once: one host sync per step, for the token ids the streams need (on a GPU a step
+with prompt chunks waits once more, before its sampling, so that its model work and its
+sampling are timed apart: `last_step_timing`). Steps run on the model thread (executor.py),
+queued by the engine through `submit`.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,24 +30,33 @@ from vilaserve.adapters.worker.torch_vila.tokenization import (
 from vilaserve.domain.shared.conversation import ConversationTemplate
 from vilaserve.domain.shared.errors import ContextOverflow, InvalidRequest, OutOfDeviceMemory
 from vilaserve.domain.shared.generation import SamplingParams
-from vilaserve.domain.worker.batch import ModelBatch, PositionKey
+from vilaserve.domain.worker.batch import ModelBatch, PositionKey, StepTiming
+from vilaserve.domain.worker.first_token import NO_IMAGES, ImageTimings
 from vilaserve.domain.worker.ports import Detokenizer, ImageFeatures, ModelRunner, PreparedPrompt
 
 
 class TorchImageFeatures(ImageFeatures):
     """Projected image embeddings, one [positions, llm_hidden] tensor per image in the LLM's
-    dtype (NVILA's pictures take different numbers of positions), and a content key per image
-    (a hash of its bytes and preprocessing) for prefix matching."""
+    dtype (NVILA's pictures take different numbers of positions), a content key per image
+    (a hash of its bytes and preprocessing) for prefix matching, and how long they took."""
 
     def __init__(
-        self, embeddings: Sequence[torch.Tensor] | torch.Tensor, image_keys: Sequence[str] = ()
+        self,
+        embeddings: Sequence[torch.Tensor] | torch.Tensor,
+        image_keys: Sequence[str] = (),
+        timings: ImageTimings = NO_IMAGES,
     ) -> None:
         self.embeddings: list[torch.Tensor] = list(embeddings)
         self.image_keys = tuple(image_keys)
+        self._timings = timings
 
     @property
     def num_images(self) -> int:
         return len(self.embeddings)
+
+    @property
+    def timings(self) -> ImageTimings:
+        return self._timings
 
 
 class TorchPrompt(PreparedPrompt):
@@ -122,6 +134,10 @@ class TorchModelRunner(ModelRunner[TorchPrompt]):
         self._num_slots = num_slots
         self._slot_length = min(slot_length or context_length, context_length)
         self.cache = model.new_cache(num_slots, self._slot_length)
+        self._on_cuda = torch.device(model.device).type == "cuda"
+        # The last step with prompt chunks: its model work, then its sampling (seconds).
+        self._forward_s = 0.0
+        self._sample_s = 0.0
 
     @property
     def context_length(self) -> int:
@@ -191,6 +207,10 @@ class TorchModelRunner(ModelRunner[TorchPrompt]):
             Sampler(params, self.model.device),
         )
 
+    @property
+    def last_step_timing(self) -> StepTiming:
+        return StepTiming(self._forward_s, self._sample_s)
+
     def submit(self, work: Callable[[], None]) -> None:
         self._executor.submit(work)
 
@@ -202,6 +222,7 @@ class TorchModelRunner(ModelRunner[TorchPrompt]):
             raise OutOfDeviceMemory(f"the device ran out of memory: {exc}") from exc
 
     def _step(self, batch: ModelBatch[TorchPrompt]) -> list[int]:
+        started = time.perf_counter()
         model, cache = self.model, self.cache
         logits: list[torch.Tensor] = []
         samplers: list[Sampler] = []
@@ -218,13 +239,24 @@ class TorchModelRunner(ModelRunner[TorchPrompt]):
                 logits.append(out[:, -1])
                 samplers.append(chunk.prompt.sampler)
                 chunk.prompt.prefilled()
-        if not logits:
-            return []
-        return _sample(torch.cat(logits) if len(logits) > 1 else logits[0], samplers)
+        if not batch.prefills:  # decodes only: no request's first token, nothing to time
+            return _sample(logits, samplers)
+        if self._on_cuda:
+            # Kernels run after their launch: without this wait the sampling's host sync
+            # would be charged with the prefill's work.
+            torch.cuda.synchronize(model.device)
+        forwarded = time.perf_counter()
+        tokens = _sample(logits, samplers)
+        self._forward_s = forwarded - started
+        self._sample_s = time.perf_counter() - forwarded
+        return tokens
 
 
-def _sample(logits: torch.Tensor, samplers: list[Sampler]) -> list[int]:
+def _sample(parts: list[torch.Tensor], samplers: list[Sampler]) -> list[int]:
     """Greedy rows in one argmax, the others each with its own generator; one host sync."""
+    if not parts:
+        return []
+    logits = torch.cat(parts) if len(parts) > 1 else parts[0]
     if all(s.is_greedy for s in samplers):
         return logits.argmax(dim=-1).tolist()  # type: ignore[no-any-return]
     chosen = logits.argmax(dim=-1)

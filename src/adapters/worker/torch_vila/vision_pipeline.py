@@ -6,7 +6,9 @@ VILA-1.5 (196 positions), its S2 and InternViT variants, NVILA's tiling, LLaVA's
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,15 @@ from vilaserve.adapters.worker.torch_vila.projector import (
     load_projector,
 )
 from vilaserve.adapters.worker.torch_vila.vision_tower import VisionTower
+
+
+@dataclass(frozen=True)
+class TimedEncoding:
+    """`VisionPipeline.encode_prepared`'s result, with the seconds its two model parts took."""
+
+    embeddings: list[torch.Tensor]
+    tower_s: float
+    projector_s: float
 
 
 class VisionPipeline:
@@ -147,14 +158,31 @@ class VisionPipeline:
 
     def encode_prepared(self, items: Sequence[PreparedImage]) -> list[torch.Tensor]:
         """Per picture [positions, hidden] in the pipeline dtype."""
+        return self.encode_timed(items).embeddings
+
+    def encode_timed(self, items: Sequence[PreparedImage]) -> TimedEncoding:
+        """`encode_prepared`, timing the tower (the pixels' copy to the device included) and
+        the projector (with the per-picture assembly around it) apart."""
         if not items:
-            return []
+            return TimedEncoding([], 0.0, 0.0)
+        started = time.perf_counter()
         with torch.inference_mode():
             pixels = torch.cat([item.pixels for item in items])
             pixels = pixels.to(device=self.device, dtype=self.dtype, non_blocking=True)
             features = self.tower(pixels).split([item.tiles for item in items])
+            self._finish_kernels()
+            towered = time.perf_counter()
             encoded = self.mode.assemble(features, items, self.projector)
-        return [e.to(self.dtype) for e in encoded]
+        embeddings = [e.to(self.dtype) for e in encoded]
+        self._finish_kernels()
+        return TimedEncoding(embeddings, towered - started, time.perf_counter() - towered)
+
+    def _finish_kernels(self) -> None:
+        # CUDA runs kernels after their launch: without this wait the clock would time the
+        # launches, and the projector would be charged with the tower's work. On a CPU the
+        # work is done when the call returns.
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def encode(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """[N, positions, hidden] for pictures that take the same positions (one request)."""

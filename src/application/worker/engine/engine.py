@@ -147,6 +147,8 @@ class Engine:
             message = f"internal error: {type(exc).__name__}: {exc}"
             self._fail(step, ServingError(message, ErrorCode.INTERNAL_ERROR))
             return True
+        if step.prefilling:
+            self._charge_prefill(step, now - started)
         prefilled = step.batch.num_tokens - len(step.decoding)
         scheduler.chunks.observe(now - started, len(step.decoding), prefilled)
         self._observer.step(
@@ -219,7 +221,23 @@ class Engine:
     def _report_admissions(self, step: ScheduledStep) -> None:
         for seq, chunk in zip(step.prefilling, step.batch.prefills, strict=True):
             if chunk.start == seq.reused:  # its first chunk
+                seq.queued_s = time.perf_counter() - seq.arrived
                 self._observer.admitted(prompt_tokens=seq.prompt_length, reused_tokens=seq.reused)
+
+    def _charge_prefill(self, step: ScheduledStep, seconds: float) -> None:
+        """Each sequence whose chunk ran waited for the whole step's model work (the decode
+        rows and the other chunks in it too); the one whose last chunk ran also waited for the
+        sampling of its first token. A runner that does not split its step: all of it is
+        prefill."""
+        timing = self.runner.last_step_timing
+        if timing is None:
+            forward_s, sample_s = seconds, 0.0
+        else:
+            forward_s, sample_s = timing.forward_s, timing.sample_s
+        for seq, chunk in zip(step.prefilling, step.batch.prefills, strict=True):
+            seq.prefill_s += forward_s
+            if chunk.samples:
+                seq.first_sample_s = sample_s
 
     def _report_load(self, running: int, waiting: int) -> None:
         """The admission's counts as the load figures, with the cache's use at that moment.

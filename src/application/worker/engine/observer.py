@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from vilaserve.domain.worker.first_token import FirstTokenParts
 
-class EngineObserver(Protocol):
+
+class FirstTokenObserver(Protocol):
+    def first_token_parts(self, parts: FirstTokenParts) -> None:
+        """Once per request, when its first token is out: where its time to it went."""
+
+
+class EngineObserver(FirstTokenObserver, Protocol):
     def step(self, *, tokens: int, decodes: int, seconds: float) -> None: ...
 
     def load(self, *, running: int, waiting: int, kv_usage: float) -> None: ...
@@ -30,6 +37,9 @@ class NoObserver:
         pass
 
     def first_token(self, seconds: float) -> None:
+        pass
+
+    def first_token_parts(self, parts: FirstTokenParts) -> None:
         pass
 
     def inter_token(self, seconds: float) -> None:

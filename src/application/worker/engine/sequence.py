@@ -51,6 +51,11 @@ class Sequence:
     end: EndReason | None = None
     last_token_at: float = 0.0
     loop: asyncio.AbstractEventLoop | None = None  # where the request's stream awaits
+    # Up to its first token, on the model thread: seconds from arrival to its first chunk's
+    # step, of the steps that ran its chunks, and of the sampling of that token.
+    queued_s: float = 0.0
+    prefill_s: float = 0.0
+    first_sample_s: float = 0.0
 
     @property
     def finished(self) -> bool:

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from vilaserve.application.worker.engine.engine import Engine
 from vilaserve.domain.shared.conversation import ConversationTemplate
 from vilaserve.domain.shared.errors import ServingError
-from vilaserve.domain.shared.generation import GenerationStep, SamplingParams
+from vilaserve.domain.shared.generation import GenerationStep, PromptTimings, SamplingParams
 from vilaserve.domain.worker.ports import Admitted, ImageFeatures, TextGenerator
 
 
@@ -91,7 +91,13 @@ class EngineTextGenerator(TextGenerator):
                     text = detokenizer.push(out.token)
                     if out.finish_reason is not None:
                         text += detokenizer.flush()
-                yield GenerationStep(text, seq.prompt_length, produced, out.finish_reason)
+                # The engine wrote the sequence's timings before it sent the first token.
+                timings = (
+                    PromptTimings(seq.queued_s, seq.prefill_s, seq.first_sample_s)
+                    if produced == 1
+                    else None
+                )
+                yield GenerationStep(text, seq.prompt_length, produced, out.finish_reason, timings)
                 if out.finish_reason is not None:
                     return
         finally:
