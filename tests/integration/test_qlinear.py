@@ -23,6 +23,7 @@ from vilaserve.adapters.worker.awq.qlinear import (
     W4A16Linear,
     cpu_int4_available,
     fuse_w4a16,
+    keep_16_bit_prefill,
     quantize_model_linears,
     weight_bytes,
 )
@@ -30,6 +31,9 @@ from vilaserve.adapters.worker.awq.quantized_weight import QuantizedWeight
 from vilaserve.adapters.worker.torch_vila.llama import DECODER_LINEARS, Llama, LlamaArgs
 
 BF16_REL_TOL = 2e-2
+# The AVX2 prefill GEMM rounds activations to 8 bits per 32 columns (half a step: 0.4 % of the
+# block's largest |x|); we observe ~6e-3 of the largest output, and a wrong layout is ~1.
+W4A8_REL_TOL = 2e-2
 FP32_REL_TOL = 1e-5
 AVX512 = cpu_kernels.avx512_kernels() is not None
 FP32 = cpu_kernels.fp32_kernels()  # AVX2 on x86, NEON on ARM
@@ -110,6 +114,9 @@ def test_backend_matches_oracle(
         return
     layer = W4A16Linear.from_quantized(w, dtype, "cpu", backend)
     assert layer.backend == backend
+    if dense_from is not None:
+        layer.keep_16_bit_prefill()
+    gemm = backend == "cpu_fp32" and FP32 is not None and FP32.has_gemm and dense_from is None
     gen = torch.Generator().manual_seed(1)
     for rows in (1, 3, 17, 64):
         x = torch.randn(2, rows, k, generator=gen).to(dtype)
@@ -123,6 +130,8 @@ def test_backend_matches_oracle(
         )
         exact = dtype == torch.float32 and (backend == "dequant" or dense)
         tol = FP32_REL_TOL if exact else BF16_REL_TOL
+        if gemm and rows >= qlinear.GEMM_MIN_ROWS:
+            tol = W4A8_REL_TOL
         assert rel_err(got, want) < tol, (backend, rows, rel_err(got, want))
 
 
@@ -237,6 +246,74 @@ def test_native_kernel_keeps_activations_16_bit_on_hard_rows(kernels: Any) -> No
     want = x.float() @ w.dequantize().t()
     for row in range(24):
         assert rel_err(out[row], want[row]) < 1e-4, row
+
+
+needs_gemm = pytest.mark.skipif(
+    FP32 is None or not FP32.has_gemm, reason="the W4A8 prefill GEMM is built for AVX2 only"
+)
+
+
+@needs_gemm
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_prefill_gemm_against_the_oracle_on_hard_rows(dtype: torch.dtype) -> None:
+    """Each row within the 8-bit bound of the fp32 oracle, for row counts that leave every
+    tail of the kernel's 4-row blocks, and rows its 8-bit form could get wrong: one huge
+    outlier (only its own 32 columns lose precision), a silent block, tiny values alone."""
+    assert FP32 is not None
+    n, k, group = 96, 1024, 128
+    w = random_qweight(n, k, group, seed=12, bias=False)
+    packed = cpu_kernels.pack_for_kernel(w)
+    dense = w.dequantize()
+    gen = torch.Generator().manual_seed(6)
+    for rows in (4, 5, 6, 7, 33):
+        x = torch.randn(rows, k, generator=gen)
+        x[0, 5] = 1e3
+        x[1, 32:64] = 0.0
+        x[2] *= 1e-30
+        x = x.to(dtype)
+        out = torch.empty(rows, n, dtype=dtype)
+        FP32.gemm(x, packed, n, group, out)
+        want = x.float() @ dense.t()
+        # The outlier's block keeps the outlier alone (its 8-bit step, 1e3 / 127, rounds the
+        # block's other values to 0); every other block of the row keeps its precision.
+        kept = x[0].float().clone()
+        kept[:32] = 0.0
+        others = float((kept @ dense.t()).abs().max())
+        kept[5] = x[0, 5].float()
+        want0 = kept @ dense.t()
+        bound = W4A8_REL_TOL * others
+        if dtype == torch.bfloat16:  # the output's own rounding, at the outlier's magnitude
+            bound += 2**-8 * float(want0.abs().max())
+        assert float((out[0].float() - want0).abs().max()) < bound
+        for row in range(1, rows):
+            assert rel_err(out[row], want[row]) < W4A8_REL_TOL, (rows, row)
+
+
+@needs_gemm
+def test_prefill_rows_take_the_gemm_unless_kept_16_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From `GEMM_MIN_ROWS` rows a cpu_fp32 layer calls the GEMM; `keep_16_bit_prefill` sends
+    them back to the 16-bit decode kernel (and the dense switch), and survives fusing."""
+    assert FP32 is not None
+    calls: list[int] = []
+    gemm = FP32.gemm
+    monkeypatch.setattr(FP32, "gemm", lambda x, *a: calls.append(x.shape[0]) or gemm(x, *a))
+    parts = [
+        W4A16Linear.from_quantized(random_qweight(64, 256, 64, s), torch.float32, "cpu", "cpu_fp32")
+        for s in (1, 2)
+    ]
+    x = torch.randn(qlinear.GEMM_MIN_ROWS, 256)
+    parts[0](x[:-1])
+    assert calls == []
+    parts[0](x)
+    assert calls == [qlinear.GEMM_MIN_ROWS]
+    keep_16_bit_prefill(nn.Sequential(parts[0]))
+    exact = parts[0](x)
+    assert calls == [qlinear.GEMM_MIN_ROWS]
+    assert rel_err(exact, x @ parts[0].dequantized().t() + parts[0].bias) < 1e-4
+    fused = fuse_w4a16(parts)
+    assert fused is not None
+    fused(x)
+    assert calls == [qlinear.GEMM_MIN_ROWS]
 
 
 def test_avx512_kernel_declines_rows_not_in_tiles_of_16() -> None:

@@ -8,8 +8,10 @@
   group <= 2048.
 * ``cpu_fp32``   -- our AVX2 / NEON kernel (fp32_kernels.c: the same packed layout and integer
   numerics, `vpmaddubsw` or `sdot` instead of VNNI) with fp32 or bf16 activations, for CPUs
-  that only emulate bf16; from `FP32_PREFILL_MIN_ROWS` rows it dequantizes into the reused
-  buffer and runs one dense GEMM. Same shape rules.
+  that only emulate bf16. On AVX2, from `GEMM_MIN_ROWS` rows, the W4A8 GEMM (prefill_gemm.c:
+  activations in 8 bits per 32 columns, as llama.cpp's prefill); elsewhere, from
+  `FP32_PREFILL_MIN_ROWS` rows it dequantizes into the reused buffer and runs one dense GEMM.
+  Same shape rules.
 * ``cpu_int4``  -- `aten._weight_int4pack_mm_for_cpu` for decode (few rows); many-row calls
   (prefill) dequantize the packed weight to 16 bits once per call and run a dense GEMM.
 * ``cuda_int4`` -- tinygemm (`aten._weight_int4pack_mm`, bf16 only, inner_k_tiles 8).
@@ -49,6 +51,14 @@ AVX512_PREFILL_MIN_ROWS = 24
 # Writing a 4-byte dequantized weight costs as much as the integer kernel's extra work per row up
 # to a few hundred rows, so the switch sits where the two meet: no cliff at any row count.
 FP32_PREFILL_MIN_ROWS = 256
+# Rows from which the AVX2 build runs the W4A8 GEMM instead of the decode kernel. Measured on the
+# AVX2-only 2-core EPYC (2 threads, g128, fp32 activations), GMAC/s, decode kernel | GEMM:
+#   2560x2560  M=2: 46 | 42   M=4: 53 | 80   M=8: 53 | 89   M=64: 63 | 150   M=256: 71 | 150
+#   6912x2560  M=2: 54 | 46   M=4: 57 | 80   M=8: 54 | 89   M=64: 74 | 150   M=256: 73 | 156
+# The decode kernel re-unpacks a tile's nibbles for each row and multiplies 16-bit activations in
+# two byte halves; the GEMM unpacks once per call and needs one `vpmaddubsw` per 32 products.
+GEMM_MIN_ROWS = 4
+_NEVER = 1 << 62
 
 # Rows from which the CPU path dequantizes + runs one dense GEMM instead of the int4 kernel.
 # Measured on the shared 2-core EPYC (AVX-512, torch 2.13, 1 thread, g128, bf16), ms per call,
@@ -175,7 +185,16 @@ class W4A16Linear(nn.Module):
         self._prefill_min_rows = (
             AVX512_PREFILL_MIN_ROWS if self.backend == "cpu_avx512" else FP32_PREFILL_MIN_ROWS
         )
+        # The AVX2 build's W4A8 GEMM takes every call from a handful of rows (before the
+        # dequantize + dense GEMM switch, which it outruns at every row count).
+        has_gemm = isinstance(kernel, cpu_kernels.Fp32Kernels) and kernel.has_gemm
+        self._gemm_min_rows = GEMM_MIN_ROWS if has_gemm else _NEVER
         self._impl = self._forward_native
+
+    def keep_16_bit_prefill(self) -> None:
+        """Prefill without the W4A8 GEMM: the decode kernel's 16-bit activations for few rows,
+        a dequantize + dense GEMM for many (exact to fp32 rounding in fp32 models)."""
+        self._gemm_min_rows = _NEVER
 
     def native_layout(self, dtype: torch.dtype) -> cpu_kernels.PackedInt4 | None:
         """The packed weight a native decoder reads: the AVX-512 one (bf16) for bf16 layers on
@@ -248,8 +267,8 @@ class W4A16Linear(nn.Module):
 
     def _forward_native(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features)
-        n, g = self.out_features, self.group_size
-        if rows.shape[0] >= self._prefill_min_rows:
+        n, g, m = self.out_features, self.group_size, rows.shape[0]
+        if self._prefill_min_rows <= m < self._gemm_min_rows:
             w = _dequant_buffer(n, self.in_features, self.prefill_dtype)
             self._kernel.dequantize(self._packed, n, self.in_features, g, w)
             out = torch.mm(rows.to(self.prefill_dtype), w.t())
@@ -257,8 +276,11 @@ class W4A16Linear(nn.Module):
             if rows.dtype not in self._decode_in_dtypes:
                 rows = rows.to(self._decode_in_dtypes[0])
             rows = rows.contiguous()  # a no-op on the decode path
-            out = torch.empty(rows.shape[0], n, dtype=self._decode_out_dtype)
-            self._kernel.matmul(rows, self._packed, n, g, out)
+            out = torch.empty(m, n, dtype=self._decode_out_dtype)
+            if m >= self._gemm_min_rows:
+                self._kernel.gemm(rows, self._packed, n, g, out)  # type: ignore[union-attr]
+            else:
+                self._kernel.matmul(rows, self._packed, n, g, out)
         return self._finish(out, x)
 
     def _forward_cuda(self, x: Tensor) -> Tensor:
@@ -507,6 +529,8 @@ def fuse_w4a16(parts: list[nn.Module]) -> W4A16Linear | None:
         torch.cat([p.kernel_zeros for p in layers]),
     )
     fused._adopt_native(packed, first._kernel)
+    if any(p._gemm_min_rows == _NEVER for p in layers):
+        fused.keep_16_bit_prefill()
     biases = [p.bias for p in layers]
     bias = None
     if any(b is not None for b in biases):
@@ -516,6 +540,14 @@ def fuse_w4a16(parts: list[nn.Module]) -> W4A16Linear | None:
         )  # fmt: skip
     fused.register_buffer("bias", bias, persistent=False)
     return fused
+
+
+def keep_16_bit_prefill(model: nn.Module) -> int:
+    """`W4A16Linear.keep_16_bit_prefill` on every layer of `model`; returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, W4A16Linear)]
+    for layer in layers:
+        layer.keep_16_bit_prefill()
+    return len(layers)
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -47,7 +47,7 @@ CFLAGS = (
     "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma",
     "-mf16c",
 )  # fmt: skip
-FP32_SOURCES = (HERE / "fp32_kernels.c",)
+FP32_SOURCES = (HERE / "fp32_kernels.c", HERE / "prefill_gemm.c", HERE / "w8a8_gemm.c")
 FP32_HEADERS = (HERE / "plan.h",)
 _COMMON_CFLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp")
 # The fp32 set's builds: ISA flags per CPU path (the C source picks its sections from them).
@@ -72,6 +72,28 @@ class PackedInt4:
     weight: Tensor  # uint8 [N * K / 2]
     scales: Tensor  # float16 [N / 16, K / group, 16]
     zeros: Tensor  # uint8 [N / 16, K / group, 16]
+
+
+@dataclass(frozen=True)
+class PackedInt8:
+    """One linear layer for w8a8_gemm.c: int8 weights in tiles of 8 channels x 4 columns."""
+
+    weight: Tensor  # int8 [N / 8, K / 4, 8, 4]
+    scales: Tensor  # float32 [N]: w = q * scale
+    sums: Tensor  # int32 [N]: each channel's sum of q (the kernel's unsigned offset comes out)
+
+
+def w8a8_fits(out_features: int, in_features: int) -> bool:
+    return out_features % 16 == 0 and in_features % 8 == 0
+
+
+def pack_int8(q: Tensor, scales: Tensor) -> PackedInt8:
+    """int8 q [N, K] with per-channel fp32 scales, in w8a8_gemm.c's layout."""
+    n, k = q.shape
+    if not w8a8_fits(n, k):
+        raise ValueError(f"the W8A8 kernel needs N % 16 == 0 and K % 8 == 0; got {n}x{k}")
+    tiles = q.view(n // 8, 8, k // 4, 4).permute(0, 2, 1, 3).contiguous()
+    return PackedInt8(tiles, scales.float().contiguous(), q.sum(1, dtype=torch.int32))
 
 
 def fits(out_features: int, in_features: int, group_size: int) -> bool:
@@ -269,6 +291,16 @@ class Fp32Kernels(_NativeSet):
         self._int8 = library.vsf_int8_matmul
         self._int8.argtypes = [ptr, i64, ptr, ptr, i64, i64, ptr, i64, flag]
         self._int8.restype = ctypes.c_int
+        self._gemm = library.vsf_int4_gemm
+        self._gemm.argtypes = [ptr, flag, i64, ptr, ptr, ptr, i64, i64, i64, ptr, i64, flag, flag]
+        self._gemm.restype = ctypes.c_int
+        # prefill_gemm.c: the W4A8 GEMM for many rows (AVX2 builds; other ISAs lack one yet).
+        self.has_gemm = bool(library.vsf_gemm_supported())
+        self._w8a8 = library.vsf_w8a8_gemm
+        self._w8a8.argtypes = [ptr, flag, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, flag]
+        self._w8a8.restype = ctypes.c_int
+        # w8a8_gemm.c: the vision tower's int8 GEMM (AVX2 builds).
+        self.has_w8a8 = bool(library.vsf_w8a8_supported())
 
     def __reduce__(self) -> tuple[object, tuple[str]]:
         return (_fp32_or_fail, (self.path,))
@@ -283,6 +315,30 @@ class Fp32Kernels(_NativeSet):
         )  # fmt: skip
         if status:
             raise RuntimeError(f"vsf_int4_matmul failed with status {status}")
+
+    def gemm(self, x: Tensor, w: PackedInt4, n: int, group: int, out: Tensor) -> None:
+        """out[M, N] (fp32 or bf16) = x[M, K] (fp32 or bf16, contiguous) @ W^T for many rows:
+        x rounded to 8 bits per 32 columns (prefill_gemm.c). Needs `has_gemm`."""
+        m, k = x.shape
+        status = self._gemm(
+            x.data_ptr(), x.dtype == torch.float32, m, w.weight.data_ptr(), w.scales.data_ptr(),
+            w.zeros.data_ptr(), n, k, group, out.data_ptr(), n, out.dtype == torch.float32,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise RuntimeError(f"vsf_int4_gemm failed with status {status}")
+
+    def w8a8_gemm(self, x: Tensor, w: PackedInt8, bias: Tensor | None, out: Tensor) -> None:
+        """out[M, N] (fp32) = x[M, K] (fp32 or bf16, contiguous; 7 bits per row) @ W^T + bias
+        (w8a8_gemm.c). Needs `has_w8a8`, N % 16 == 0 and K % 8 == 0."""
+        m, k = x.shape
+        status = self._w8a8(
+            x.data_ptr(), x.dtype == torch.float32, m, w.weight.data_ptr(), w.scales.data_ptr(),
+            w.sums.data_ptr(), None if bias is None else bias.data_ptr(), w.scales.shape[0], k,
+            out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise RuntimeError(f"vsf_w8a8_gemm failed with status {status}")
 
     def dense_matmul(self, x: Tensor, weight: Tensor, out: Tensor) -> None:
         """out[M, N] (fp32 or bf16) = x[M, K] (fp32 or bf16) @ weight[N, K]^T (bf16 or fp16);

@@ -74,3 +74,15 @@ class KVCache:
         layer_keys[:, :, start_pos:end] = keys
         layer_values[:, :, start_pos:end] = values
         return layer_keys[:, :, :end], layer_values[:, :, :end]
+
+    def update_row(
+        self, layer: int, row: int, start_pos: int, keys: Tensor, values: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """`update` for one row of the pool: writes [1, kv_heads, T, D] at start_pos of row
+        `row`; returns views [1, kv_heads, start_pos + T, D] of that row."""
+        end = start_pos + keys.shape[2]
+        layer_keys = self.keys[layer][row : row + 1]
+        layer_values = self.values[layer][row : row + 1]
+        layer_keys[:, :, start_pos:end] = keys
+        layer_values[:, :, start_pos:end] = values
+        return layer_keys[:, :, :end], layer_values[:, :, :end]

@@ -19,7 +19,7 @@ Usage::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -156,6 +156,9 @@ class LayerStep(NamedTuple):
     rows: Tensor | None = None
     positions: Tensor | None = None
     lengths: tuple[tuple[int, int], ...] = ()  # (cache row, length) per batch row
+    # Packed prefill (`Llama.prefill_packed`): several prompts' chunks side by side in one
+    # [1, sum T] batch, each with its cache row and its own step (positions, RoPE rows, mask).
+    segments: tuple[tuple[int, LayerStep], ...] = ()
 
 
 class RMSNorm(nn.Module):
@@ -219,6 +222,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, step: LayerStep, cache: KVCache) -> Tensor:
         batch, length, _ = x.shape
         q, k, v = self.project(x)
+        if step.segments:
+            return self.o_proj(self._attend_segments(q, k, v, step, cache))
         if step.rows is not None:
             return self.o_proj(self._attend_rows(q, k, v, step, cache).view(batch, 1, -1))
         q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
@@ -229,6 +234,23 @@ class Attention(nn.Module):
         keys, values = cache.update(self.layer_idx, step.start_pos, k, v)
         out = self._attend(q, keys, values, step)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+    def _attend_segments(
+        self, q: Tensor, k: Tensor, v: Tensor, step: LayerStep, cache: KVCache
+    ) -> Tensor:
+        """Packed prefill: the projections ran once for every prompt's rows (one GEMM each);
+        attention runs per prompt, each over its own cache row. Returns [1, sum T, width]."""
+        outs, at = [], 0
+        for row, own in step.segments:
+            n = own.cos.shape[0]
+            qs = q[:, at : at + n].view(1, n, self.n_heads, self.head_dim).transpose(1, 2)
+            ks = k[:, at : at + n].view(1, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            vs = v[:, at : at + n].view(1, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            qs, ks = _apply_rope(qs, own.cos, own.sin), _apply_rope(ks, own.cos, own.sin)
+            keys, values = cache.update_row(self.layer_idx, row, own.start_pos, ks, vs)
+            outs.append(self._attend(qs, keys, values, own).transpose(1, 2).reshape(1, n, -1))
+            at += n
+        return torch.cat(outs, dim=1)
 
     def _attend_rows(
         self, q: Tensor, k: Tensor, v: Tensor, step: LayerStep, cache: KVCache
@@ -420,6 +442,32 @@ class Llama(nn.Module):
             # Norm and head are per position: skip them for positions nobody reads.
             hidden = hidden[:, -1:]
         return self.lm_head(self.model.norm(hidden)).float()
+
+    def prefill_packed(self, cache: KVCache, chunks: Sequence[tuple[int, int, Tensor]]) -> Tensor:
+        """Prefills several prompts' chunks in one forward: chunk i, embeddings [1, T_i,
+        hidden], goes to positions [start_i, start_i + T_i) of cache row row_i (rows distinct).
+        Every linear runs once over all the chunks' rows; attention runs per chunk. Returns fp32
+        logits [len(chunks), vocab] of each chunk's last position."""
+        rows = [row for row, _, _ in chunks]
+        if len(set(rows)) != len(rows):
+            raise ValueError(f"packed chunks must go to distinct cache rows, got {rows}")
+        hidden = torch.cat([embeds.reshape(-1, embeds.shape[-1]) for _, _, embeds in chunks])[None]
+        segments, ends, at = [], [], 0
+        for row, start, embeds in chunks:
+            length = embeds.shape[-2]
+            if not 0 <= row < cache.batch or start < 0 or start + length > cache.max_len:
+                raise ValueError(
+                    f"chunk of {length} at {start} in row {row} is outside the cache "
+                    f"({cache.batch} x {cache.max_len})"
+                )
+            segments.append((row, self.make_step(start, length, hidden)))
+            at += length
+            ends.append(at - 1)
+        first = segments[0][1]
+        step = LayerStep(0, first.cos, first.sin, None, False, segments=tuple(segments))
+        hidden = self.model.run_layers(hidden, step, cache)
+        last = hidden[0, torch.tensor(ends, device=hidden.device)]
+        return self.lm_head(self.model.norm(last)).float()
 
     def decode_rows(
         self, cache: KVCache, rows: Tensor, positions: Tensor, input_ids: Tensor

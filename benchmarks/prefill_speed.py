@@ -1,0 +1,268 @@
+"""Prefill speed at the VILA1.5-3B LLM shape (2.7B Llama, W4A16 g128) against llama.cpp, on
+every CPU path this machine runs, beside the bound the machine's GEMM peak sets.
+
+Ours: the random-weight VILA1.5-3B-shaped checkpoint loaded as the worker loads it
+(`VilaRuntime`, W4A16, q/k/v and gate/up fused, int8 token table), one prompt of N tokens in
+one forward (the engine's default step budget is 2,048 positions), time to the first token's
+logits, best of `--repeats`, in a child process per path (`VILASERVE_CPU_PATH`).
+llama.cpp: `llama-bench -p N` on the same-shape Q4_0 GGUF, same threads, in the same run.
+The bound: multiply-adds per prompt token (weights, plus attention over the prompt) over the
+GEMM peak measured here: our W4A8 GEMM at 512 rows (int8 products) and PyTorch's fp32 GEMM.
+
+    python benchmarks/prefill_speed.py --threads 2 \\
+        --llama-bench ~/.cache/vilaserve/llama.cpp/llama-bench \\
+        --gguf ~/.cache/vilaserve/bench/vila15-3b-random-q4_0.gguf
+
+Writes benchmarks/results/prefill_speed.{json,png}. Run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LENGTHS = (16, 64, 256, 1024, 2048)
+# PyTorch's own kernels (the torch path) take minutes per long prompt on a CPU without bf16.
+TORCH_MAX_LENGTH = 256
+
+
+def child(lengths: list[int], repeats: int, model_path: str) -> None:
+    """Runs in the child: loads the checkpoint on this process's path, prints one JSON line."""
+    import torch
+
+    from vilaserve.adapters.worker.torch_vila.runtime import VilaRuntime, VilaRuntimeOptions
+
+    options = VilaRuntimeOptions(
+        model_path=model_path, precision="W4A16", adaptive_threads=False, kv_slots=1
+    )
+    runtime = VilaRuntime.load(options)
+    runner = runtime.model_runner
+    model = runner.model
+
+    def prefill_ms(length: int) -> float:
+        ids = torch.randint(3, model.args.vocab_size, (1, length))
+        best = float("inf")
+        for _ in range(repeats):
+            with torch.inference_mode():
+                started = time.perf_counter()
+                model(runner.cache.row(0), 0, input_ids=ids)
+                best = min(best, time.perf_counter() - started)
+        return best * 1e3
+
+    def on_model_thread() -> dict[str, Any]:
+        prefill_ms(16)  # warm-up: kernel builds, first-touch of buffers
+        return {str(n): prefill_ms(n) for n in lengths}
+
+    ms = runtime.executor.call(on_model_thread)
+    print(json.dumps({"path": runner.compute_path, "threads": torch.get_num_threads(), "ms": ms}))
+    runtime.executor.shutdown()
+
+
+def ours(path: str, lengths: list[int], repeats: int, model_path: str, threads: int) -> Any:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    if path != "auto":
+        env["VILASERVE_CPU_PATH"] = path
+    command = [sys.executable, __file__, "--child", "--model", model_path,
+               "--lengths", ",".join(map(str, lengths)), "--repeats", str(repeats)]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def llama_bench(binary: str, gguf: str, threads: int, lengths: list[int]) -> dict[str, Any]:
+    command = [binary, "-m", gguf, "-t", str(threads), "-p", ",".join(map(str, lengths)),
+               "-n", "0", "-r", "2"]  # fmt: skip
+    result = subprocess.run([*command, "-o", "json"], capture_output=True, text=True, check=True)
+    rows = json.loads(result.stdout)
+    return {
+        "command": " ".join(command),
+        "build_commit": rows[0].get("build_commit"),
+        "tok_s": {str(r["n_prompt"]): r["avg_ts"] for r in rows if r["n_gen"] == 0},
+    }
+
+
+def gemm_peaks(threads: int) -> dict[str, float]:
+    """GMAC/s of the two GEMMs a prefill can run on here, at a size where they are at speed."""
+    import torch
+
+    from vilaserve.adapters.worker import cpu_kernels
+    from vilaserve.adapters.worker.awq.quantized_weight import QuantizedWeight
+
+    torch.set_num_threads(threads)
+
+    def best(fn: Any, repeats: int = 5) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    n = k = 2560
+    m = 512
+    peaks: dict[str, float] = {}
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    peaks["fp32_gemm_gmac_s"] = m * n * k / best(lambda: torch.mm(a, b)) / 1e9
+    kernels = cpu_kernels.fp32_kernels()
+    if kernels is not None and kernels.has_gemm:
+        w = QuantizedWeight(
+            torch.randint(0, 16, (n, k), dtype=torch.uint8),
+            torch.rand(n, k // 128) * 0.01,
+            torch.randint(0, 16, (n, k // 128), dtype=torch.uint8),
+            128,
+            None,
+        )
+        packed = cpu_kernels.pack_for_kernel(w)
+        out = torch.empty(m, n)
+        seconds = best(lambda: kernels.gemm(a, packed, n, 128, out))
+        peaks["w4a8_gemm_gmac_s"] = m * n * k / seconds / 1e9
+    return peaks
+
+
+def macs_per_token(config: dict[str, Any], length: int) -> float:
+    """Multiply-adds per prompt token: every decoder weight once, attention over the causal
+    prompt (half of it on average) for scores and values; the head runs for one token only."""
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads", heads)
+    head_dim = hidden // heads
+    weights = hidden * (hidden + 2 * kv_heads * head_dim) + hidden * hidden + 3 * hidden * inter
+    attention = 2 * heads * head_dim * (length + 1) / 2
+    return float(layers * (weights + attention))
+
+
+def cpu_description() -> dict[str, str]:
+    info: dict[str, str] = {}
+    text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("Model name", "CPU(s)"):
+            info[key.strip()] = value.strip()
+        if key.strip() == "Flags":
+            info["simd"] = " ".join(
+                f for f in value.split() if f.startswith(("avx", "fma", "f16c"))
+            )
+    return info
+
+
+def runnable_paths() -> list[str]:
+    from vilaserve.adapters.worker import cpu_kernels
+
+    def runs_here(path: str) -> bool:
+        if path == "torch":
+            return True
+        if path == "avx512_bf16":
+            return cpu_kernels.avx512_kernels() is not None
+        return cpu_kernels.fp32_kernels(path) is not None
+
+    native = cpu_kernels.cpu_path()
+    return ["auto", *(p for p in cpu_kernels.CPU_PATHS if p != native and runs_here(p))]
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    theirs = report.get("llama_cpp", {}).get("tok_s", {})
+    for name, row in report["paths"].items():
+        lengths = sorted(int(n) for n in row["tok_s"])
+        left.plot(lengths, [row["tok_s"][str(n)] for n in lengths], "o-", label=f"vilaserve {name}")
+        if theirs:
+            shared = [n for n in lengths if str(n) in theirs]
+            right.plot(shared, [row["tok_s"][str(n)] / theirs[str(n)] for n in shared], "o-",
+                       label=name)  # fmt: skip
+    if theirs:
+        lengths = sorted(int(n) for n in theirs)
+        left.plot(lengths, [theirs[str(n)] for n in lengths], "s--", label="llama.cpp Q4_0")
+        right.axhline(1.5, color="grey", linestyle=":", label="target 1.5x")
+    for name, bound in report["bound_tok_s"].items():
+        lengths = sorted(int(n) for n in bound)
+        left.plot(lengths, [bound[str(n)] for n in lengths], ":", label=f"bound ({name})")
+    left.set(xscale="log", xlabel="prompt tokens", ylabel="prefill tok/s", title="prefill, 2.7B")
+    right.set(xscale="log", xlabel="prompt tokens", ylabel="vilaserve / llama.cpp",
+              title="against llama-bench -p")  # fmt: skip
+    left.legend(fontsize=7)
+    right.legend(fontsize=7)
+    fig.suptitle(f"{report['cpu'].get('Model name', '?')}, {report['threads']} threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default=None, help="VILA1.5-3B-shaped W4A16 checkpoint")
+    parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--paths", default=None, help="comma-separated (default: all here)")
+    parser.add_argument("--llama-bench", default=None)
+    parser.add_argument("--gguf", default=None)
+    parser.add_argument("--out", default=str(RESULTS / "prefill_speed"))
+    args = parser.parse_args()
+    lengths = [int(n) for n in args.lengths.split(",")]
+    if args.child:
+        child(lengths, args.repeats, args.model)
+        return
+    model = args.model
+    if model is None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from serve_load import shaped_checkpoints
+
+        model, gguf = shaped_checkpoints()
+        args.gguf = args.gguf or str(gguf)
+    config = json.loads((Path(model) / "llm" / "config.json").read_text())
+    from tqdm import tqdm
+
+    report: dict[str, Any] = {
+        "cpu": cpu_description(),
+        "threads": args.threads,
+        "model": model,
+        "lengths": lengths,
+        "paths": {},
+    }
+    paths = args.paths.split(",") if args.paths else runnable_paths()
+    for path in tqdm(paths, desc="vilaserve paths"):
+        wanted = [n for n in lengths if path != "torch" or n <= TORCH_MAX_LENGTH]
+        result = ours(path, wanted, args.repeats, model, args.threads)
+        name = path if path != "auto" else f"auto ({result['path']})"
+        report["paths"][name] = {
+            "ms": result["ms"],
+            "tok_s": {n: int(n) / (ms / 1e3) for n, ms in result["ms"].items()},
+        }
+        print(name, {n: round(v, 1) for n, v in report["paths"][name]["tok_s"].items()})
+    if args.llama_bench and args.gguf:
+        report["llama_cpp"] = llama_bench(args.llama_bench, args.gguf, args.threads, lengths)
+        theirs = report["llama_cpp"]["tok_s"]
+        print("llama.cpp", {n: round(v, 1) for n, v in theirs.items()})
+        for row in report["paths"].values():
+            row["over_llama_cpp"] = {
+                n: row["tok_s"][n] / theirs[n] for n in row["tok_s"] if n in theirs
+            }
+    report["gemm_peaks"] = peaks = gemm_peaks(args.threads)
+    report["bound_tok_s"] = {
+        name.removesuffix("_gmac_s"): {
+            str(n): gmac * 1e9 / macs_per_token(config, n) for n in lengths
+        }
+        for name, gmac in peaks.items()
+    }
+    print("GEMM peaks (GMAC/s):", {k: round(v, 1) for k, v in peaks.items()})
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    plot(report, out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
