@@ -49,7 +49,14 @@ from vilaserve.entrypoints.chat import checkpoint_precision
 from vilaserve.entrypoints.offline.demo import build_demo
 
 RESULTS = Path(__file__).resolve().parent / "results"
-LABELS = {"16bit": "16-bit", "awq": "W4A16 AWQ", "rtn": "W4A16 RTN"}
+LABELS = {
+    "16bit": "16-bit",
+    "awq": "W4A16 AWQ",
+    "rtn": "W4A16 RTN",
+    "awq-w8a8": "AWQ + W8A8 tower",
+}
+# The W8A8 tower's smoothing comes from training pictures (never an evaluation split).
+SMOOTHING_PICTURES = 64
 MAX_NEW_TOKENS = 16
 MISSES_KEPT = 25
 
@@ -203,12 +210,38 @@ def _degradation(record: Record) -> str:
     return "clean"
 
 
-def load_asker(path: Path) -> tuple[VilaRuntime, AskAboutImages]:
+def load_asker(path: Path, variant: str) -> tuple[VilaRuntime, AskAboutImages]:
     """As `vilaserve chat` asks: the runtime's model runner behind an engine."""
-    options = VilaRuntimeOptions(model_path=str(path), precision=checkpoint_precision(path))
+    w8a8 = variant.endswith("-w8a8")
+    if w8a8:
+        smooth_demo_tower(path)
+    options = VilaRuntimeOptions(
+        model_path=str(path),
+        precision=checkpoint_precision(path),
+        vision_quantization="w8a8" if w8a8 else "none",
+    )
     runtime = VilaRuntime.load(options)
     engine = Engine(runtime.model_runner, SchedulerConfig(max_num_seqs=1))
     return runtime, AskAboutImages(EngineTextGenerator(engine), runtime.vision_encoder)
+
+
+def smooth_demo_tower(path: Path) -> None:
+    """SmoothQuant factors for the demo's tower from its training split, written once beside
+    the tower (only `--quantize-vision-tower w8a8` reads them)."""
+    from vilaserve.adapters.offline.vision_smoothing import calibrate_vision_smoothing
+    from vilaserve.adapters.worker.torch_vila.layout import detect_layout
+    from vilaserve.adapters.worker.torch_vila.vision_pipeline import VisionPipeline
+    from vilaserve.adapters.worker.torch_vila.vision_w8a8 import SMOOTHING_FILE
+
+    tower_dir = path / "vision_tower"
+    if (tower_dir / SMOOTHING_FILE).is_file():
+        return
+    layout = detect_layout(str(path), vision_tower=None)
+    assert layout.vision is not None
+    hidden = int(layout.checkpoint.llm_config["hidden_size"])
+    pipeline = VisionPipeline.from_layout(layout.vision, hidden, torch.float32, "cpu")
+    pictures = [e.png() for e in shapes.examples("train", 11, SMOOTHING_PICTURES)]
+    calibrate_vision_smoothing(pipeline, pictures, tower_dir)
 
 
 def main() -> None:
@@ -251,7 +284,10 @@ def main() -> None:
             flush=True,
         )
     # Every build first: weights that change during the run cannot mix into it.
-    paths = {variant: build_demo(variant) for variant in args.variants.split(",")}  # type: ignore[arg-type]
+    paths = {
+        variant: build_demo(variant.removesuffix("-w8a8"))  # type: ignore[arg-type]
+        for variant in args.variants.split(",")
+    }
     settings = {
         "pictures": len(heldout),
         "split": "eval",
@@ -283,7 +319,7 @@ def main() -> None:
         todo_independent = bool(independent) and "independent" not in result
         if not (todo_heldout or todo_independent):
             continue
-        runtime, asker = load_asker(path)
+        runtime, asker = load_asker(path, variant)
         if todo_heldout:
             started = time.perf_counter()
             by_kind, misses = asyncio.run(evaluate(asker, heldout, images))

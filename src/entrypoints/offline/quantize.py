@@ -62,6 +62,13 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     add("--export-tinychat", action="store_true", help="also write TinyChat's *-awq-v2.pt")
     add("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to search")
     add("--seed", type=int, default=0, help="calibration shuffle seed")
+    add(
+        "--smooth-vision-tower",
+        metavar="PICTURES",
+        help="folder of calibration pictures: also write the vision tower's SmoothQuant factors "
+        "(for the worker's --quantize-vision-tower w8a8)",
+    )
+    add("--smooth-alpha", type=float, default=0.5, help="SmoothQuant's migration strength")
 
 
 def quantize_checkpoint(args: argparse.Namespace, warn_little_calibration: bool = True) -> Path:
@@ -106,6 +113,8 @@ def quantize_checkpoint(args: argparse.Namespace, warn_little_calibration: bool 
     if args.export_tinychat:
         name = f"{checkpoint.root.name.lower()}-w4-g{args.group_size}-awq-v2.pt"
         save_tinychat_checkpoint(llm_out / name, quantized, plain, args.group_size)
+    if args.smooth_vision_tower:
+        smooth_vision_tower(args, output)
     log.info(
         "quantized",
         extra={
@@ -117,6 +126,27 @@ def quantize_checkpoint(args: argparse.Namespace, warn_little_calibration: bool 
         },
     )
     return output
+
+
+def smooth_vision_tower(args: argparse.Namespace, output: Path) -> Path:
+    """SmoothQuant factors of the tower, from the pictures in `args.smooth_vision_tower`, in
+    fp32 on the CPU, written into the output's copy of the tower."""
+    from vilaserve.adapters.offline.vision_smoothing import (
+        calibrate_vision_smoothing,
+        picture_files,
+    )
+    from vilaserve.adapters.worker.torch_vila.vision_pipeline import VisionPipeline
+
+    layout = detect_layout(args.model_path, vision_tower=None)
+    if layout.vision is None:
+        raise SystemExit(f"{args.model_path}: no vision tower to smooth")
+    llm_hidden = int(layout.checkpoint.llm_config["hidden_size"])
+    pipeline = VisionPipeline.from_layout(layout.vision, llm_hidden, torch.float32, "cpu")
+    pictures = [p.read_bytes() for p in picture_files(Path(args.smooth_vision_tower))]
+    target = output / layout.vision.tower.weights_dir.name
+    path = calibrate_vision_smoothing(pipeline, pictures, target, args.smooth_alpha)
+    log.info("vision tower smoothing written", extra={"path": str(path), "pictures": len(pictures)})
+    return path
 
 
 def write_layout(checkpoint: VilaCheckpoint, output: Path) -> Path:

@@ -39,6 +39,7 @@ def _load_runtime(settings: WorkerSettings) -> Any:
             max_request_pixels=settings.max_request_pixels,
             image_cache_mb=settings.image_cache_mb,
             embedding_bits=settings.embedding_bits,
+            vision_quantization=settings.quantize_vision_tower,
             kv_slots=settings.cache_slots,
             max_model_len=settings.max_model_len,
             adaptive_threads=settings.adaptive_threads,

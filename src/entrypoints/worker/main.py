@@ -52,6 +52,13 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         choices=[8, 16],
         help="W4A16: token embedding table in int8 (default 8) or 16-bit as stored",
     )
+    add(
+        "--quantize-vision-tower",
+        choices=["none", "w8a8"],
+        help="w8a8: the vision tower in int8 weights and 7-bit activations, smoothed with the "
+        "factors `vilaserve quantize --smooth-vision-tower` wrote (faster first token on a "
+        "picture on AVX2 CPUs; default none)",
+    )
     add("--device", choices=["auto", "cpu", "cuda"], help="where to run (default auto)")
     add("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="compute dtype")
     add("--conv-template", help="override the conversation template (vicuna_v1, llama_3, ...)")

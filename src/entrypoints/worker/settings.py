@@ -24,6 +24,9 @@ class WorkerSettings(BaseSettings):
     conv_template: str | None = None
     # W4A16: the token embedding table in int8 with per-row scales (8) or as stored (16).
     embedding_bits: Literal[8, 16] = 8
+    # The vision tower's linears in int8 weights x 7-bit activations (vision_w8a8.py), with the
+    # smoothing factors `vilaserve quantize --smooth-vision-tower` wrote beside them.
+    quantize_vision_tower: Literal["none", "w8a8"] = "none"
 
     host: str = "127.0.0.1"
     port: int = 21002

@@ -46,6 +46,7 @@ class VilaRuntimeOptions:
     max_image_pixels: int = 64_000_000
     max_request_pixels: int | None = None  # all of a request's images (None: 4 x per image)
     embedding_bits: int = 8  # W4A16 only: the token embedding table in int8 (8) or 16-bit (16)
+    vision_quantization: str = "none"  # "w8a8": the tower's linears in W8A8 (vision_w8a8.py)
     image_cache_mb: int = 256  # projected embeddings of recent images (0: no cache)
     kv_slots: int = 16  # KV-cache rows: running sequences plus prefixes kept for reuse
     max_model_len: int | None = None  # positions per KV row (None: the model's context)
@@ -75,6 +76,10 @@ class VilaRuntime:
     def _load(cls, options: VilaRuntimeOptions, executor: ModelExecutor) -> VilaRuntime:
         if options.precision not in ("W16A16", "W4A16"):
             raise ValueError(f"--precision {options.precision}: expected W16A16 or W4A16")
+        if options.vision_quantization not in ("none", "w8a8"):
+            raise ValueError(
+                f"--quantize-vision-tower {options.vision_quantization}: expected none or w8a8"
+            )
         if options.embedding_bits not in (8, 16):
             raise ValueError(f"--embedding-bits {options.embedding_bits}: expected 8 or 16")
         started = time.perf_counter()
@@ -149,6 +154,18 @@ class VilaRuntime:
             pipeline = VisionPipeline.from_layout(
                 layout.vision, llm_hidden, dtype, device, end_embedding
             )
+            if options.vision_quantization == "w8a8":
+                from vilaserve.adapters.worker.torch_vila.vision_w8a8 import (
+                    load_smoothing,
+                    quantize_vision_tower,
+                )
+
+                factors = load_smoothing(layout.vision.tower.weights_dir)
+                swapped = quantize_vision_tower(pipeline.tower, factors)
+                log.info(
+                    "vision tower in W8A8",
+                    extra={"linears": swapped, "smoothed": factors is not None},
+                )
             cache = None
             if options.image_cache_mb > 0:
                 cache = ImageEmbeddingCache(
