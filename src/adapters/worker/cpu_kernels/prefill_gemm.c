@@ -120,51 +120,65 @@ static inline int32_t load4(const int8_t *p) {
     return v;
 }
 
-/* ROWS rows of x (m0..) against one half (8 rows of W: `half` 0 or 1) of an unpacked tile. */
-static inline __attribute__((always_inline)) void rows_x_half(
-    const x_bytes *xq, int64_t m0, const int ROWS, const uint8_t *tile, int half,
+/* ROWS rows of x (m0..) against all 16 rows of an unpacked tile. Measured on the AVX2 EPYC
+ * (6912x2560, 128 rows, paired runs): 4 rows x 16 columns runs 1.16x faster than 4 rows x 8
+ * columns twice (each x broadcast feeds four products instead of two), 3, 5 and 6 rows slower. */
+static inline __attribute__((always_inline)) void rows_x_tile(
+    const x_bytes *xq, int64_t m0, const int ROWS, const uint8_t *tile,
     const uint16_t *scales, const uint8_t *zeros, int64_t k, int64_t group, float *y,
     int64_t ldy) {
     const __m256i ones = _mm256_set1_epi16(1);
     const int64_t blocks = k / X_BLOCK, groups = k / group, per_group = group / X_BLOCK;
-    __m256 acc[ROW_BLOCK];
-    for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
+    __m256 acc[ROW_BLOCK][2];
+    for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
-        const __m256 ws = _mm256_cvtph_ps(
-            _mm_loadu_si128((const __m128i *)(scales + g * TILE_ROWS + 8 * half)));
+        const uint16_t *s = scales + g * TILE_ROWS;
+        const __m256 ws0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)s));
+        const __m256 ws1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + 8)));
         for (int64_t b = g * per_group; b < (g + 1) * per_group; b++) {
-            __m256i dot[ROW_BLOCK];
-            for (int r = 0; r < ROWS; r++) dot[r] = _mm256_setzero_si256();
-/* Not unrolled: unrolled, gcc hoists all 16 products and spills them (-20 % at 2560x2560). */
+            __m256i dot[ROW_BLOCK][2];
+            for (int r = 0; r < ROWS; r++) dot[r][0] = dot[r][1] = _mm256_setzero_si256();
+/* Not unrolled: unrolled, gcc hoists the block's products and spills them. */
 #pragma GCC unroll 1
             for (int c = 0; c < X_BLOCK / CHUNK; c++) {
                 const int64_t kc = b * X_BLOCK + c * CHUNK;
-                const __m256i *wv = (const __m256i *)(tile + 16 * kc) + half;
-                const __m256i lo = _mm256_load_si256(wv), hi = _mm256_load_si256(wv + 2);
+                const __m256i *wv = (const __m256i *)(tile + 16 * kc);
+                const __m256i l0 = _mm256_load_si256(wv), l1 = _mm256_load_si256(wv + 1);
+                const __m256i h0 = _mm256_load_si256(wv + 2), h1 = _mm256_load_si256(wv + 3);
                 for (int r = 0; r < ROWS; r++) {
                     const int8_t *xr = xq->q + (m0 + r) * k + kc;
-                    dot[r] = _mm256_add_epi16(
-                        dot[r], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load4(xr))));
-                    dot[r] = _mm256_add_epi16(
-                        dot[r], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load4(xr + 4))));
+                    const __m256i lo = _mm256_set1_epi32(load4(xr));
+                    const __m256i hi = _mm256_set1_epi32(load4(xr + 4));
+                    dot[r][0] = _mm256_add_epi16(dot[r][0], _mm256_maddubs_epi16(l0, lo));
+                    dot[r][1] = _mm256_add_epi16(dot[r][1], _mm256_maddubs_epi16(l1, lo));
+                    dot[r][0] = _mm256_add_epi16(dot[r][0], _mm256_maddubs_epi16(h0, hi));
+                    dot[r][1] = _mm256_add_epi16(dot[r][1], _mm256_maddubs_epi16(h1, hi));
                 }
             }
             for (int r = 0; r < ROWS; r++) {
-                const __m256 s = _mm256_mul_ps(ws, _mm256_broadcast_ss(xq->scale + (m0 + r) * blocks + b));
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(dot[r], ones)), s,
-                                         acc[r]);
+                const __m256 sx = _mm256_broadcast_ss(xq->scale + (m0 + r) * blocks + b);
+                for (int h = 0; h < 2; h++) {
+                    const __m256 sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(dot[r][h], ones));
+                    acc[r][h] = _mm256_fmadd_ps(sum, _mm256_mul_ps(h ? ws1 : ws0, sx), acc[r][h]);
+                }
             }
         }
         /* minus s * z * sum(x) over the group */
-        const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
-            _mm_loadl_epi64((const __m128i *)(zeros + g * TILE_ROWS + 8 * half))));
-        const __m256 sz = _mm256_mul_ps(ws, z);
+        const uint8_t *z = zeros + g * TILE_ROWS;
+        const __m256 sz0 = _mm256_mul_ps(
+            ws0, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)z))));
+        const __m256 sz1 = _mm256_mul_ps(
+            ws1, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(z + 8)))));
         for (int r = 0; r < ROWS; r++) {
-            acc[r] = _mm256_fnmadd_ps(sz, _mm256_broadcast_ss(xq->group_sum + (m0 + r) * groups + g),
-                                      acc[r]);
+            const __m256 xs = _mm256_broadcast_ss(xq->group_sum + (m0 + r) * groups + g);
+            acc[r][0] = _mm256_fnmadd_ps(sz0, xs, acc[r][0]);
+            acc[r][1] = _mm256_fnmadd_ps(sz1, xs, acc[r][1]);
         }
     }
-    for (int r = 0; r < ROWS; r++) _mm256_storeu_ps(y + r * ldy + 8 * half, acc[r]);
+    for (int r = 0; r < ROWS; r++) {
+        _mm256_storeu_ps(y + r * ldy, acc[r][0]);
+        _mm256_storeu_ps(y + r * ldy + 8, acc[r][1]);
+    }
 }
 
 static void tile_times_rows(const x_bytes *xq, int64_t m_rows, const uint8_t *tile,
@@ -172,15 +186,9 @@ static void tile_times_rows(const x_bytes *xq, int64_t m_rows, const uint8_t *ti
                             float *y, int64_t ldy) {
     int64_t m = 0;
     for (; m + ROW_BLOCK <= m_rows; m += ROW_BLOCK) {
-        for (int half = 0; half < 2; half++) {
-            rows_x_half(xq, m, ROW_BLOCK, tile, half, scales, zeros, k, group, y + m * ldy, ldy);
-        }
+        rows_x_tile(xq, m, ROW_BLOCK, tile, scales, zeros, k, group, y + m * ldy, ldy);
     }
-    for (; m < m_rows; m++) {
-        for (int half = 0; half < 2; half++) {
-            rows_x_half(xq, m, 1, tile, half, scales, zeros, k, group, y + m * ldy, ldy);
-        }
-    }
+    for (; m < m_rows; m++) rows_x_tile(xq, m, 1, tile, scales, zeros, k, group, y + m * ldy, ldy);
 }
 
 static inline void store_out(void *out, int out_fp32, int64_t at, const float *y) {
