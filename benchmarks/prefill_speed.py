@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -33,51 +34,82 @@ LENGTHS = (16, 64, 256, 1024, 2048)
 TORCH_MAX_LENGTH = 256
 
 
-def child(lengths: list[int], repeats: int, model_path: str) -> None:
-    """Runs in the child: loads the checkpoint on this process's path, prints one JSON line."""
+def child(args: argparse.Namespace, lengths: list[int]) -> None:
+    """Runs in the child: loads the checkpoint on this process's path and, length by length,
+    times our prefill and llama-bench's back to back (alternating which goes first), so each
+    ratio compares two runs a few seconds apart. Prints one JSON line."""
     import torch
 
     from vilaserve.adapters.worker.torch_vila.runtime import VilaRuntime, VilaRuntimeOptions
 
     options = VilaRuntimeOptions(
-        model_path=model_path, precision="W4A16", adaptive_threads=False, kv_slots=1
+        model_path=args.model, precision="W4A16", adaptive_threads=False, kv_slots=1
     )
     runtime = VilaRuntime.load(options)
     runner = runtime.model_runner
     model = runner.model
 
-    def prefill_ms(length: int) -> float:
+    def ours_tok_s(length: int) -> float:
         ids = torch.randint(3, model.args.vocab_size, (1, length))
         best = float("inf")
-        for _ in range(repeats):
+        for _ in range(args.repeats):
             with torch.inference_mode():
                 started = time.perf_counter()
                 model(runner.cache.row(0), 0, input_ids=ids)
                 best = min(best, time.perf_counter() - started)
-        return best * 1e3
+        return length / best
+
+    def theirs_tok_s(length: int) -> float | None:
+        if not (args.llama_bench and args.gguf):
+            return None
+        return float(
+            llama_bench(args.llama_bench, args.gguf, args.threads, [length], 1)["tok_s"][
+                str(length)
+            ]
+        )
 
     def on_model_thread() -> dict[str, Any]:
-        prefill_ms(16)  # warm-up: kernel builds, first-touch of buffers
-        return {str(n): prefill_ms(n) for n in lengths}
+        ours_tok_s(16)  # warm-up: kernel builds, first-touch of buffers
+        pairs: dict[str, list[tuple[float, float | None]]] = {}
+        for length in lengths:
+            for index in range(args.rounds):
+                if index % 2 == 0:
+                    mine = ours_tok_s(length)
+                    theirs = theirs_tok_s(length)
+                else:
+                    theirs = theirs_tok_s(length)
+                    mine = ours_tok_s(length)
+                pairs.setdefault(str(length), []).append((mine, theirs))
+            print(length, pairs[str(length)], file=sys.stderr, flush=True)
+        return pairs
 
-    ms = runtime.executor.call(on_model_thread)
-    print(json.dumps({"path": runner.compute_path, "threads": torch.get_num_threads(), "ms": ms}))
+    pairs = runtime.executor.call(on_model_thread)
+    print(
+        json.dumps(
+            {"path": runner.compute_path, "threads": torch.get_num_threads(), "pairs": pairs}
+        )
+    )
     runtime.executor.shutdown()
 
 
-def ours(path: str, lengths: list[int], repeats: int, model_path: str, threads: int) -> Any:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+def ours(path: str, lengths: list[int], args: argparse.Namespace) -> Any:
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     if path != "auto":
         env["VILASERVE_CPU_PATH"] = path
-    command = [sys.executable, __file__, "--child", "--model", model_path,
-               "--lengths", ",".join(map(str, lengths)), "--repeats", str(repeats)]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    command = [sys.executable, __file__, "--child", "--model", args.model,
+               "--lengths", ",".join(map(str, lengths)), "--repeats", str(args.repeats),
+               "--rounds", str(args.rounds), "--threads", str(args.threads)]  # fmt: skip
+    if args.llama_bench and args.gguf:
+        command += ["--llama-bench", args.llama_bench, "--gguf", args.gguf]
+    result = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def llama_bench(binary: str, gguf: str, threads: int, lengths: list[int]) -> dict[str, Any]:
+def llama_bench(
+    binary: str, gguf: str, threads: int, lengths: list[int], repeats: int = 2
+) -> dict[str, Any]:
     command = [binary, "-m", gguf, "-t", str(threads), "-p", ",".join(map(str, lengths)),
-               "-n", "0", "-r", "2"]  # fmt: skip
+               "-n", "0", "-r", str(repeats)]  # fmt: skip
     result = subprocess.run([*command, "-o", "json"], capture_output=True, text=True, check=True)
     rows = json.loads(result.stdout)
     return {
@@ -177,10 +209,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
     for name, row in report["paths"].items():
         lengths = sorted(int(n) for n in row["tok_s"])
         left.plot(lengths, [row["tok_s"][str(n)] for n in lengths], "o-", label=f"vilaserve {name}")
-        if theirs:
-            shared = [n for n in lengths if str(n) in theirs]
-            right.plot(shared, [row["tok_s"][str(n)] / theirs[str(n)] for n in shared], "o-",
-                       label=name)  # fmt: skip
+        ratios = row.get("over_llama_cpp") or {}
+        if ratios:
+            shared = sorted(int(n) for n in ratios)
+            right.plot(shared, [ratios[str(n)] for n in shared], "o-", label=name)
     if theirs:
         lengths = sorted(int(n) for n in theirs)
         left.plot(lengths, [theirs[str(n)] for n in lengths], "s--", label="llama.cpp Q4_0")
@@ -203,7 +235,8 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help="VILA1.5-3B-shaped W4A16 checkpoint")
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1, help="our runs per pair (best)")
+    parser.add_argument("--rounds", type=int, default=3, help="pairs per length (ours, theirs)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--paths", default=None, help="comma-separated (default: all here)")
     parser.add_argument("--llama-bench", default=None)
@@ -212,7 +245,7 @@ def main() -> None:
     args = parser.parse_args()
     lengths = [int(n) for n in args.lengths.split(",")]
     if args.child:
-        child(lengths, args.repeats, args.model)
+        child(args, lengths)
         return
     model = args.model
     if model is None:
@@ -220,7 +253,7 @@ def main() -> None:
         from serve_load import shaped_checkpoints
 
         model, gguf = shaped_checkpoints()
-        args.gguf = args.gguf or str(gguf)
+        args.model, args.gguf = model, args.gguf or str(gguf)
     config = json.loads((Path(model) / "llm" / "config.json").read_text())
     from tqdm import tqdm
 
@@ -232,23 +265,27 @@ def main() -> None:
         "paths": {},
     }
     paths = args.paths.split(",") if args.paths else runnable_paths()
+    # The machine's speed drifts by tens of percent over minutes (a shared host): each length
+    # is timed as pairs (ours, llama-bench) a few seconds apart, alternating which goes first;
+    # the figures are the medians over the pairs, the ratio the median of the pairs' ratios.
     for path in tqdm(paths, desc="vilaserve paths"):
         wanted = [n for n in lengths if path != "torch" or n <= TORCH_MAX_LENGTH]
-        result = ours(path, wanted, args.repeats, model, args.threads)
+        result = ours(path, wanted, args)
         name = path if path != "auto" else f"auto ({result['path']})"
-        report["paths"][name] = {
-            "ms": result["ms"],
-            "tok_s": {n: int(n) / (ms / 1e3) for n, ms in result["ms"].items()},
-        }
-        print(name, {n: round(v, 1) for n, v in report["paths"][name]["tok_s"].items()})
-    if args.llama_bench and args.gguf:
-        report["llama_cpp"] = llama_bench(args.llama_bench, args.gguf, args.threads, lengths)
-        theirs = report["llama_cpp"]["tok_s"]
-        print("llama.cpp", {n: round(v, 1) for n, v in theirs.items()})
-        for row in report["paths"].values():
-            row["over_llama_cpp"] = {
-                n: row["tok_s"][n] / theirs[n] for n in row["tok_s"] if n in theirs
-            }
+        row: dict[str, Any] = {"pairs": result["pairs"], "tok_s": {}, "over_llama_cpp": {}}
+        theirs_median: dict[str, float] = {}
+        for n, pairs in result["pairs"].items():
+            row["tok_s"][n] = statistics.median(mine for mine, _ in pairs)
+            if all(theirs is not None for _, theirs in pairs):
+                row["over_llama_cpp"][n] = statistics.median(
+                    mine / theirs for mine, theirs in pairs
+                )
+                theirs_median[n] = statistics.median(theirs for _, theirs in pairs)
+        report["paths"][name] = row
+        if theirs_median and (path == "auto" or "llama_cpp" not in report):
+            report["llama_cpp"] = {"build_commit": "see llama-bench", "tok_s": theirs_median}
+        print(name, {n: round(v, 1) for n, v in row["tok_s"].items()},
+              {n: round(v, 2) for n, v in row["over_llama_cpp"].items()})  # fmt: skip
     report["gemm_peaks"] = peaks = gemm_peaks(args.threads)
     report["bound_tok_s"] = {
         name.removesuffix("_gmac_s"): {
