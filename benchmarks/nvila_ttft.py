@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,18 +34,9 @@ TILES = 17  # 448 px tower passes: 1 (448) + 4 (896) + 12 (the largest dynamic t
 LLM_LAYERS, TOWER_LAYERS = 28, 26
 
 
-def best_of(fn: Any, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
-
-
 def llm_seconds(layers: int, repeats: int) -> dict[str, float]:
     from decode_speed import rtn_quantize
+    from prefill_speed import best_seconds
 
     from vilaserve.adapters.worker.awq.qlinear import fuse_w4a16, quantize_model_linears
     from vilaserve.adapters.worker.torch_vila.cpu_path import put_on_cpu_path
@@ -76,11 +66,13 @@ def llm_seconds(layers: int, repeats: int) -> dict[str, float]:
     ids = torch.randint(0, args.vocab_size, (1, POSITIONS))
     cache = model.new_cache(1, POSITIONS + 1)
     with torch.inference_mode():
-        seconds = best_of(lambda: model(cache, 0, input_ids=ids), repeats)
+        seconds = best_seconds(lambda: model(cache, 0, input_ids=ids), repeats)
     return {"measured_layers": layers, "seconds": seconds * LLM_LAYERS / layers}
 
 
 def tower_seconds(layers: int, repeats: int) -> dict[str, Any]:
+    from prefill_speed import best_seconds
+
     from vilaserve.adapters.worker.torch_vila.vision_transformer import (
         VisionConfig,
         VisionTransformer,
@@ -97,18 +89,20 @@ def tower_seconds(layers: int, repeats: int) -> dict[str, Any]:
     out: dict[str, Any] = {"measured_layers": layers}
     with torch.inference_mode():
         run = lambda: tower.encoder(tower.embeddings(pixels))  # noqa: E731
-        out["fp32"] = best_of(run, repeats) * TOWER_LAYERS / layers * TILES
+        out["fp32"] = best_seconds(run, repeats) * TOWER_LAYERS / layers * TILES
         quantize_vision_tower(tower, None)
-        out["w8a8"] = best_of(run, repeats) * TOWER_LAYERS / layers * TILES
+        out["w8a8"] = best_seconds(run, repeats) * TOWER_LAYERS / layers * TILES
     return out
 
 
 def projector_seconds(repeats: int) -> float:
     """mlp_downsample's two linears (13,824 -> 3584 -> 3584) over the image positions, fp32."""
+    from prefill_speed import best_seconds
+
     first, second = torch.nn.Linear(4 * 3456, 3584), torch.nn.Linear(3584, 3584)
     x = torch.randn(POSITIONS - 1, 4 * 3456)
     with torch.inference_mode():
-        return best_of(lambda: second(torch.nn.functional.gelu(first(x))), repeats)
+        return best_seconds(lambda: second(torch.nn.functional.gelu(first(x))), repeats)
 
 
 def main() -> None:

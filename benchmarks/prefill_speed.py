@@ -119,6 +119,17 @@ def llama_bench(
     }
 
 
+def best_seconds(fn: Any, repeats: int = 5) -> float:
+    """The fastest of `repeats` timed calls, after one untimed call (builds, first touch)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
 def gemm_peaks(threads: int) -> dict[str, float]:
     """GMAC/s of the two GEMMs a prefill can run on here, at a size where they are at speed."""
     import torch
@@ -127,15 +138,7 @@ def gemm_peaks(threads: int) -> dict[str, float]:
     from vilaserve.adapters.worker.awq.quantized_weight import QuantizedWeight
 
     torch.set_num_threads(threads)
-
-    def best(fn: Any, repeats: int = 5) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - started)
-        return min(times)
+    best = best_seconds
 
     n = k = 2560
     m = 512
@@ -182,20 +185,6 @@ def cpu_description() -> dict[str, str]:
                 f for f in value.split() if f.startswith(("avx", "fma", "f16c"))
             )
     return info
-
-
-def runnable_paths() -> list[str]:
-    from vilaserve.adapters.worker import cpu_kernels
-
-    def runs_here(path: str) -> bool:
-        if path == "torch":
-            return True
-        if path == "avx512_bf16":
-            return cpu_kernels.avx512_kernels() is not None
-        return cpu_kernels.fp32_kernels(path) is not None
-
-    native = cpu_kernels.cpu_path()
-    return ["auto", *(p for p in cpu_kernels.CPU_PATHS if p != native and runs_here(p))]
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -264,6 +253,8 @@ def main() -> None:
         "lengths": lengths,
         "paths": {},
     }
+    from serving_overhead import runnable_paths
+
     paths = args.paths.split(",") if args.paths else runnable_paths()
     # The machine's speed drifts by tens of percent over minutes (a shared host): each length
     # is timed as pairs (ours, llama-bench) a few seconds apart, alternating which goes first;

@@ -48,7 +48,7 @@ CFLAGS = (
     "-mf16c",
 )  # fmt: skip
 FP32_SOURCES = (HERE / "fp32_kernels.c", HERE / "prefill_gemm.c", HERE / "w8a8_gemm.c")
-FP32_HEADERS = (HERE / "plan.h",)
+FP32_HEADERS = (HERE / "plan.h", HERE / "avx2_rows.h")
 _COMMON_CFLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp")
 # The fp32 set's builds: ISA flags per CPU path (the C source picks its sections from them).
 FP32_CFLAGS = {

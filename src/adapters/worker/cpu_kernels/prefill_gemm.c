@@ -40,6 +40,8 @@ int vsf_gemm_supported(void) {
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 
+#include "avx2_rows.h"
+
 /* x as signed bytes in blocks of X_BLOCK columns: q [M, K], scale [M, K / X_BLOCK], and per
  * (row, group) the sum over the group of scale * q, for the zero points. */
 typedef struct {
@@ -47,19 +49,6 @@ typedef struct {
     float *scale;
     float *group_sum;
 } x_bytes;
-
-static inline __m256 load8(const void *x, int x_fp32, int64_t i) {
-    if (x_fp32) return _mm256_loadu_ps((const float *)x + i);
-    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)x + i));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-static inline float hmax8(__m256 v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 0x55));
-    return _mm_cvtss_f32(m);
-}
 
 static inline int32_t hsum8i(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -112,12 +101,6 @@ static void unpack_tile(const uint8_t *w, int64_t k, uint8_t *out) {
         _mm256_store_si256(dst + 2, _mm256_and_si256(_mm256_srli_epi16(v0, 4), nibble));
         _mm256_store_si256(dst + 3, _mm256_and_si256(_mm256_srli_epi16(v1, 4), nibble));
     }
-}
-
-static inline int32_t load4(const int8_t *p) {
-    int32_t v;
-    memcpy(&v, p, 4);
-    return v;
 }
 
 /* ROWS rows of x (m0..) against all 16 rows of an unpacked tile. Measured on the AVX2 EPYC

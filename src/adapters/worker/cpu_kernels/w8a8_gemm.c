@@ -32,11 +32,7 @@ int vsf_w8a8_supported(void) {
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
-static inline __m256 load8(const void *x, int x_fp32, int64_t i) {
-    if (x_fp32) return _mm256_loadu_ps((const float *)x + i);
-    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)x + i));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
+#include "avx2_rows.h"
 
 /* One row of x as u = round(x / s) + 64 (s = max|x| / 63); returns s. K % 8 == 0 here. */
 static float quantize_row(const void *x, int x_fp32, int64_t row, int64_t k, uint8_t *u) {
@@ -45,10 +41,7 @@ static float quantize_row(const void *x, int x_fp32, int64_t row, int64_t k, uin
     for (int64_t i = 0; i < k; i += 8) {
         amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, load8(x, x_fp32, row * k + i)));
     }
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 0x55));
-    const float top = _mm_cvtss_f32(m);
+    const float top = hmax8(amax);
     const __m256 inverse = _mm256_set1_ps(top > 0.0f ? X_LEVELS / top : 0.0f);
     const __m256i offset = _mm256_set1_epi32(64);
     for (int64_t i = 0; i < k; i += 8) {
@@ -58,12 +51,6 @@ static float quantize_row(const void *x, int x_fp32, int64_t row, int64_t k, uin
         _mm_storel_epi64((__m128i *)(u + i), _mm_packus_epi16(q16, q16));
     }
     return top / X_LEVELS;
-}
-
-static inline int32_t load4(const uint8_t *p) {
-    int32_t v;
-    memcpy(&v, p, 4);
-    return v;
 }
 
 /* ROWS rows of x (u, row stride k) against two tiles (16 channels) starting at `w`. */
