@@ -212,3 +212,65 @@ def test_calibration_writes_factors_the_worker_loads(
     assert not math.isnan(float(got.sum()))
     plain.executor.shutdown()
     quantized.executor.shutdown()
+
+
+def test_the_tower_stays_16_bit_where_no_int8_gemm_runs(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """CUDA, or a CPU path without the kernel (here the forced torch path): the fp32 reference
+    would only add work, so the option warns and keeps the tower as it is."""
+    from types import SimpleNamespace
+
+    from vilaserve.adapters.worker.torch_vila.runtime import quantize_tower
+    from vilaserve.adapters.worker.torch_vila.vision_w8a8 import int8_path_here
+
+    assert not int8_path_here(torch.device("cuda"))
+    monkeypatch.setenv("VILASERVE_CPU_PATH", "torch")
+    assert not int8_path_here(torch.device("cpu"))
+    tower = tiny_tower()
+    with caplog.at_level("WARNING"):
+        quantize_tower(SimpleNamespace(tower=tower), tmp_path, torch.device("cpu"))  # type: ignore[arg-type]
+    assert not any(isinstance(m, W8A8Linear) for m in tower.modules())
+    assert "no int8 GEMM" in caplog.text
+    if FP32 is not None and FP32.has_w8a8:
+        monkeypatch.setenv("VILASERVE_CPU_PATH", "auto")
+        quantize_tower(SimpleNamespace(tower=tower), tmp_path, torch.device("cpu"))  # type: ignore[arg-type]
+        assert sum(isinstance(m, W8A8Linear) for m in tower.modules()) == 12
+
+
+def test_vilaserve_quantize_writes_the_smoothing_beside_the_tower(
+    tiny_vila_siglip: Path, tmp_path: Path
+) -> None:
+    """`vilaserve quantize ... --smooth-vision-tower PICTURES`: the output's tower folder holds
+    the factors, and the quantized checkpoint loads with the W8A8 tower from them."""
+    import argparse
+
+    from vilaserve.entrypoints.offline.quantize import add_quantize_arguments, quantize_checkpoint
+
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for index, data in enumerate(pictures(3)):
+        (folder / f"{index}.png").write_bytes(data)
+    calib = tmp_path / "calibration.txt"
+    calib.write_text("a picture of a cat on a mat\n" * 200)
+    parser = argparse.ArgumentParser()
+    add_quantize_arguments(parser)
+    output = tmp_path / "VILA1.5-tiny-siglip-awq"
+    args = parser.parse_args(
+        ["--model-path", str(tiny_vila_siglip), "--output", str(output), "--calib", str(calib),
+         "--no-search", "--group-size", "32", "--smooth-vision-tower", str(folder)]
+    )  # fmt: skip
+    quantize_checkpoint(args, warn_little_calibration=False)
+    assert (output / "vision_tower" / SMOOTHING_FILE).is_file()
+    runtime = VilaRuntime.load(
+        VilaRuntimeOptions(
+            model_path=str(output),
+            precision="W4A16",
+            adaptive_threads=False,
+            vision_quantization="w8a8",
+        )
+    )
+    tower = runtime.vision_encoder._pipeline.tower  # type: ignore[union-attr]
+    expected = FP32 is not None and FP32.has_w8a8
+    assert any(isinstance(m, W8A8Linear) for m in tower.modules()) == expected
+    runtime.executor.shutdown()

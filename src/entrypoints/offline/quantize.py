@@ -113,8 +113,10 @@ def quantize_checkpoint(args: argparse.Namespace, warn_little_calibration: bool 
     if args.export_tinychat:
         name = f"{checkpoint.root.name.lower()}-w4-g{args.group_size}-awq-v2.pt"
         save_tinychat_checkpoint(llm_out / name, quantized, plain, args.group_size)
-    if args.smooth_vision_tower:
-        smooth_vision_tower(args, output)
+    # Callers that build their own Namespace (the demo build) predate these two options.
+    pictures = getattr(args, "smooth_vision_tower", None)
+    if pictures:
+        smooth_vision_tower(args.model_path, pictures, getattr(args, "smooth_alpha", 0.5), output)
     log.info(
         "quantized",
         extra={
@@ -128,23 +130,23 @@ def quantize_checkpoint(args: argparse.Namespace, warn_little_calibration: bool 
     return output
 
 
-def smooth_vision_tower(args: argparse.Namespace, output: Path) -> Path:
-    """SmoothQuant factors of the tower, from the pictures in `args.smooth_vision_tower`, in
-    fp32 on the CPU, written into the output's copy of the tower."""
+def smooth_vision_tower(model_path: str, pictures_dir: str, alpha: float, output: Path) -> Path:
+    """SmoothQuant factors of the tower, from the pictures in `pictures_dir`, in fp32 on the
+    CPU, written into the output's copy of the tower."""
     from vilaserve.adapters.offline.vision_smoothing import (
         calibrate_vision_smoothing,
         picture_files,
     )
     from vilaserve.adapters.worker.torch_vila.vision_pipeline import VisionPipeline
 
-    layout = detect_layout(args.model_path, vision_tower=None)
+    layout = detect_layout(model_path, vision_tower=None)
     if layout.vision is None:
-        raise SystemExit(f"{args.model_path}: no vision tower to smooth")
+        raise SystemExit(f"{model_path}: no vision tower to smooth")
     llm_hidden = int(layout.checkpoint.llm_config["hidden_size"])
     pipeline = VisionPipeline.from_layout(layout.vision, llm_hidden, torch.float32, "cpu")
-    pictures = [p.read_bytes() for p in picture_files(Path(args.smooth_vision_tower))]
+    pictures = [p.read_bytes() for p in picture_files(Path(pictures_dir))]
     target = output / layout.vision.tower.weights_dir.name
-    path = calibrate_vision_smoothing(pipeline, pictures, target, args.smooth_alpha)
+    path = calibrate_vision_smoothing(pipeline, pictures, target, alpha)
     log.info("vision tower smoothing written", extra={"path": str(path), "pictures": len(pictures)})
     return path
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -155,17 +156,7 @@ class VilaRuntime:
                 layout.vision, llm_hidden, dtype, device, end_embedding
             )
             if options.vision_quantization == "w8a8":
-                from vilaserve.adapters.worker.torch_vila.vision_w8a8 import (
-                    load_smoothing,
-                    quantize_vision_tower,
-                )
-
-                factors = load_smoothing(layout.vision.tower.weights_dir)
-                swapped = quantize_vision_tower(pipeline.tower, factors)
-                log.info(
-                    "vision tower in W8A8",
-                    extra={"linears": swapped, "smoothed": factors is not None},
-                )
+                quantize_tower(pipeline, layout.vision.tower.weights_dir, device)
             cache = None
             if options.image_cache_mb > 0:
                 cache = ImageEmbeddingCache(
@@ -203,6 +194,25 @@ class VilaRuntime:
             },
         )
         return cls(checkpoint, runner, vision, executor)
+
+
+def quantize_tower(pipeline: VisionPipeline, weights_dir: Path, device: torch.device) -> None:
+    """`--quantize-vision-tower w8a8` where an int8 GEMM runs, else a warning (16-bit tower)."""
+    from vilaserve.adapters.worker.torch_vila.vision_w8a8 import (
+        int8_path_here,
+        load_smoothing,
+        quantize_vision_tower,
+    )
+
+    if not int8_path_here(device):
+        log.warning(
+            "--quantize-vision-tower w8a8: no int8 GEMM on this device; the tower stays 16-bit",
+            extra={"device": str(device)},
+        )
+        return
+    factors = load_smoothing(weights_dir)
+    swapped = quantize_vision_tower(pipeline.tower, factors)
+    log.info("vision tower in W8A8", extra={"linears": swapped, "smoothed": factors is not None})
 
 
 def load_llm(

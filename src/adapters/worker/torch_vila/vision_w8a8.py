@@ -136,6 +136,16 @@ def quantize_vision_tower(tower: nn.Module, factors: Mapping[str, Tensor] | None
     return len(swaps)
 
 
+def int8_path_here(device: torch.device) -> bool:
+    """Whether the W8A8 tower would run on an integer GEMM here (the AVX2 build of
+    w8a8_gemm.c, also on AVX-512 CPUs). Elsewhere (CUDA, NEON, the forced torch path) its fp32
+    reference would only add work, so the tower stays 16-bit."""
+    if device.type != "cpu" or cpu_kernels.cpu_path() == "torch":
+        return False
+    kernels = cpu_kernels.load_fp32() or cpu_kernels.fp32_kernels()
+    return kernels is not None and kernels.has_w8a8
+
+
 def load_smoothing(weights_dir: Path) -> dict[str, Tensor] | None:
     """The tower's smoothing factors, or None (with a warning) where it was not calibrated."""
     path = Path(weights_dir) / SMOOTHING_FILE
