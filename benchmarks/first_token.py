@@ -154,7 +154,7 @@ def main() -> None:
         child(args.child, args.model, args.repeats)
         return
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from prefill_speed import cpu_description, gemm_peaks, macs_per_token
+    from prefill_speed import cpu_description, gemm_peaks, macs_per_token, write_report
     from tqdm import tqdm
 
     model = args.model
@@ -198,11 +198,7 @@ def main() -> None:
     }
     print("GEMM peaks (GMAC/s):", {k: round(v, 1) for k, v in peaks.items()})
     print("bound (s):", {k: round(v, 2) for k, v in report["bound_s"].items()})
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    plot(report, out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    write_report(report, Path(args.out), plot)
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

@@ -119,6 +119,14 @@ def llama_bench(
     }
 
 
+def write_report(report: dict[str, Any], out: Path, plot: Any) -> None:
+    """`out`.json holds the figures, `out`.png their plot (`plot(report, path)`)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    plot(report, out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
 def best_seconds(fn: Any, repeats: int = 5) -> float:
     """The fastest of `repeats` timed calls, after one untimed call (builds, first touch)."""
     fn()
@@ -285,11 +293,7 @@ def main() -> None:
         for name, gmac in peaks.items()
     }
     print("GEMM peaks (GMAC/s):", {k: round(v, 1) for k, v in peaks.items()})
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    plot(report, out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    write_report(report, Path(args.out), plot)
 
 
 if __name__ == "__main__":

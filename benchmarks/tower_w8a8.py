@@ -175,7 +175,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from prefill_speed import cpu_description
+    from prefill_speed import cpu_description, write_report
     from serve_load import shaped_checkpoints
 
     from vilaserve.adapters.offline.demo import shapes
@@ -193,11 +193,7 @@ def main() -> None:
             demo, {"photographs": photos, "held-out drawings": heldout}, 64
         ),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    plot(report, out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    write_report(report, Path(args.out), plot)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import torch
 
 from vilaserve.adapters.offline.checkpoints.tiny_vila import make_png
@@ -31,12 +33,16 @@ def test_the_cache_is_bounded_in_bytes_and_evicts_the_least_recently_used() -> N
     assert other.key(b"\0") != cache.key(b"\0")  # other preprocessing, other entry
 
 
+@pytest.fixture
+def runtime(tiny_vila_siglip: Path) -> Iterator[VilaRuntime]:
+    loaded = VilaRuntime.load(VilaRuntimeOptions(model_path=str(tiny_vila_siglip), dtype="float32"))
+    yield loaded
+    loaded.executor.shutdown()
+
+
 def test_a_picture_seen_before_is_served_from_the_cache_with_the_same_embeddings(
-    tiny_vila_siglip: Path,
+    runtime: VilaRuntime,
 ) -> None:
-    runtime = VilaRuntime.load(
-        VilaRuntimeOptions(model_path=str(tiny_vila_siglip), dtype="float32")
-    )
     encoder = runtime.vision_encoder
     assert encoder is not None and encoder.cache is not None
     red, green, blue = (make_png(40, 30, c) for c in ("red", "green", "blue"))
@@ -55,19 +61,14 @@ def test_a_picture_seen_before_is_served_from_the_cache_with_the_same_embeddings
     uncached = encode([green, blue])
     encoder.cache = cache
     torch.testing.assert_close(second, uncached, rtol=1e-5, atol=1e-5)
-    runtime.executor.shutdown()
 
 
 def test_encoding_reports_its_parts_and_a_cached_picture_costs_none(
-    tiny_vila_siglip: Path,
+    runtime: VilaRuntime,
 ) -> None:
-    runtime = VilaRuntime.load(
-        VilaRuntimeOptions(model_path=str(tiny_vila_siglip), dtype="float32")
-    )
     encoder = runtime.vision_encoder
     assert encoder is not None and encoder.cache is not None
     orange = make_png(36, 28, "orange")
     fresh = asyncio.run(encoder.encode([orange])).timings
     assert fresh.decode_s > 0 and fresh.tower_s > 0 and fresh.projector_s > 0
     assert asyncio.run(encoder.encode([orange])).timings == NO_IMAGES  # from the cache
-    runtime.executor.shutdown()

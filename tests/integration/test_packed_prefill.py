@@ -90,3 +90,18 @@ def test_packed_chunks_must_go_to_distinct_rows_inside_the_cache() -> None:
         model.prefill_packed(cache, [(0, 0, embeds), (0, 3, embeds)])
     with pytest.raises(ValueError, match="outside the cache"):
         model.prefill_packed(cache, [(0, 0, embeds), (1, 6, embeds)])
+
+
+def test_one_packed_position_is_not_taken_for_a_decode_step() -> None:
+    """A packed step of one position (one chunk of one token, mid-prompt) must not go to the
+    one-call decoder, which would put it at the packed step's nominal position 0."""
+    model = tiny_model(True)  # W4A16: the one-call decoder takes its decode steps
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, ARGS.vocab_size, (1, 6), generator=gen)
+    alone, packed = model.new_cache(2, 16), model.new_cache(2, 16)
+    with torch.inference_mode():
+        for cache in (alone, packed):
+            model(cache.row(1), 0, input_ids=ids[:, :5])
+        want = model(alone.row(1), 5, input_ids=ids[:, 5:])[:, -1]
+        got = model.prefill_packed(packed, [(1, 5, model.embed(ids[:, 5:]))])
+    assert float((got - want).abs().max()) < 1e-4 * float(want.abs().max())

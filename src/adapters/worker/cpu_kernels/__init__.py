@@ -30,6 +30,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -307,26 +308,26 @@ class Fp32Kernels(_NativeSet):
 
     def matmul(self, x: Tensor, w: PackedInt4, n: int, group: int, out: Tensor) -> None:
         """out[M, N] (fp32 or bf16) = x[M, K] (fp32 or bf16, contiguous) @ W^T."""
-        m, k = x.shape
-        status = self._matmul(
-            x.data_ptr(), x.dtype == torch.float32, m, w.weight.data_ptr(), w.scales.data_ptr(),
-            w.zeros.data_ptr(), n, k, group, out.data_ptr(), n, out.dtype == torch.float32,
-            torch.get_num_threads(),
-        )  # fmt: skip
-        if status:
-            raise RuntimeError(f"vsf_int4_matmul failed with status {status}")
+        self._int4(self._matmul, "vsf_int4_matmul", x, w, n, group, out)
 
     def gemm(self, x: Tensor, w: PackedInt4, n: int, group: int, out: Tensor) -> None:
         """out[M, N] (fp32 or bf16) = x[M, K] (fp32 or bf16, contiguous) @ W^T for many rows:
         x rounded to 8 bits per 32 columns (prefill_gemm.c). Needs `has_gemm`."""
+        self._int4(self._gemm, "vsf_int4_gemm", x, w, n, group, out)
+
+    @staticmethod
+    def _int4(
+        fn: Any, name: str, x: Tensor, w: PackedInt4, n: int, group: int, out: Tensor
+    ) -> None:
+        """The decode kernel and the prefill GEMM take the same arguments."""
         m, k = x.shape
-        status = self._gemm(
+        status = fn(
             x.data_ptr(), x.dtype == torch.float32, m, w.weight.data_ptr(), w.scales.data_ptr(),
             w.zeros.data_ptr(), n, k, group, out.data_ptr(), n, out.dtype == torch.float32,
             torch.get_num_threads(),
         )  # fmt: skip
         if status:
-            raise RuntimeError(f"vsf_int4_gemm failed with status {status}")
+            raise RuntimeError(f"{name} failed with status {status}")
 
     def w8a8_gemm(self, x: Tensor, w: PackedInt8, bias: Tensor | None, out: Tensor) -> None:
         """out[M, N] (fp32) = x[M, K] (fp32 or bf16, contiguous; 7 bits per row) @ W^T + bias

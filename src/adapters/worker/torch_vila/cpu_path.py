@@ -194,6 +194,7 @@ class NativeDecodeBody(LlamaBody):
         batch, length, _ = hidden.shape
         if (
             length != 1
+            or step.segments  # packed prefill: per-chunk positions the decoder does not take
             or not self.one_call
             or batch > FP32_KERNEL_MAX_ROWS  # a decode batch (C: VS_MAX_DECODE_ROWS)
             or hidden.dtype != self.dtype

@@ -222,7 +222,8 @@ class TorchModelRunner(ModelRunner[TorchPrompt]):
             raise OutOfDeviceMemory(f"the device ran out of memory: {exc}") from exc
 
     def _step(self, batch: ModelBatch[TorchPrompt]) -> list[int]:
-        started = time.perf_counter()
+        # Only steps with prompt chunks are timed (a request's first token); decode steps not.
+        started = time.perf_counter() if batch.prefills else 0.0
         model, cache = self.model, self.cache
         logits: list[torch.Tensor] = []
         samplers: list[Sampler] = []

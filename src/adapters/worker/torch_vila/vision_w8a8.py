@@ -41,25 +41,28 @@ class W8A8Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         scales = weight.abs().amax(dim=1).clamp(min=1e-12) / W_LEVELS
         q = torch.round(weight / scales[:, None]).clamp(-W_LEVELS, W_LEVELS).to(torch.int8)
-        self.register_buffer("q", q, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
         bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
         self.register_buffer("bias", bias, persistent=False)
-        # The AVX2 build runs on AVX-512 CPUs too; a forced torch path keeps PyTorch's ops.
-        torch_path = cpu_kernels.cpu_path() == "torch"
-        kernels = None if torch_path else cpu_kernels.load_fp32() or cpu_kernels.fp32_kernels()
-        usable = (
-            kernels is not None
-            and kernels.has_w8a8
-            and weight.device.type == "cpu"
-            and cpu_kernels.w8a8_fits(self.out_features, self.in_features)
-        )
-        self._kernels = kernels if usable else None
-        self._packed = cpu_kernels.pack_int8(q, scales) if usable else None
+        fits = cpu_kernels.w8a8_fits(self.out_features, self.in_features)
+        self._kernels = int8_kernels(weight.device) if fits else None
+        # One copy of the int8 weights: the kernel's tiles where it runs, else the plain matrix.
+        on_kernel = self._kernels is not None
+        self._packed = cpu_kernels.pack_int8(q, scales) if on_kernel else None
+        self.register_buffer("_q", None if on_kernel else q, persistent=False)
 
     @property
     def on_kernel(self) -> bool:
         return self._kernels is not None
+
+    @property
+    def q(self) -> Tensor:
+        """The int8 weights [N, K] (read back from the kernel's tiles where it runs)."""
+        if self._packed is None:
+            assert self._q is not None
+            return self._q  # type: ignore[no-any-return]
+        tiles = self._packed.weight  # [N / 8, K / 4, 8, 4]
+        return tiles.permute(0, 2, 1, 3).reshape(self.out_features, self.in_features)
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -136,14 +139,19 @@ def quantize_vision_tower(tower: nn.Module, factors: Mapping[str, Tensor] | None
     return len(swaps)
 
 
-def int8_path_here(device: torch.device) -> bool:
-    """Whether the W8A8 tower would run on an integer GEMM here (the AVX2 build of
-    w8a8_gemm.c, also on AVX-512 CPUs). Elsewhere (CUDA, NEON, the forced torch path) its fp32
-    reference would only add work, so the tower stays 16-bit."""
+def int8_kernels(device: torch.device) -> cpu_kernels.Fp32Kernels | None:
+    """The kernel set whose w8a8_gemm.c runs here (its AVX2 build, also on AVX-512 CPUs), or
+    None: CUDA, NEON and the forced torch path have no integer GEMM for the tower."""
     if device.type != "cpu" or cpu_kernels.cpu_path() == "torch":
-        return False
+        return None
     kernels = cpu_kernels.load_fp32() or cpu_kernels.fp32_kernels()
-    return kernels is not None and kernels.has_w8a8
+    return kernels if kernels is not None and kernels.has_w8a8 else None
+
+
+def int8_path_here(device: torch.device) -> bool:
+    """Whether the W8A8 tower would run on an integer GEMM here; elsewhere its fp32 reference
+    would only add work, so the tower stays 16-bit."""
+    return int8_kernels(device) is not None
 
 
 def load_smoothing(weights_dir: Path) -> dict[str, Tensor] | None:
