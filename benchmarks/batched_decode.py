@@ -3,7 +3,7 @@ on this machine's CPU path, for SmolLM2-135M's shape and the 2.7B VILA1.5-3B LLM
 
 Random weights (speed does not depend on their values), W4A16 as the worker loads it
 (cpu_paths.w4a16_model). Each row sits at its own position (`Llama.decode_rows`, rows at
-`--context` + 7 * row) of its own KV slot; the step runs on a thread of its own, as in the
+`--context` + 7 * row) of its own KV-cache row; the step runs on a thread of its own, as in the
 worker (the model thread).
 
     python benchmarks/batched_decode.py [--skip-3b]

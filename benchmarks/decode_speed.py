@@ -38,12 +38,14 @@ from vilaserve.adapters.worker.awq.qlinear import (
     weight_bytes,
 )
 from vilaserve.adapters.worker.awq.quantized_weight import QuantizedWeight
+from vilaserve.adapters.worker.cpu_kernels import packing
 from vilaserve.adapters.worker.torch_vila.cpu_path import NativeDecodeBody, put_on_cpu_path
 from vilaserve.adapters.worker.torch_vila.int8_embedding import (
     Int8TiedHead,
     compress_token_embeddings,
 )
-from vilaserve.adapters.worker.torch_vila.llama import Llama, LlamaArgs
+from vilaserve.adapters.worker.torch_vila.llama import Llama
+from vilaserve.adapters.worker.torch_vila.llama_config import LlamaArgs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GROUP = 128
@@ -179,7 +181,7 @@ def kernel_ceiling(threads: int) -> float | None:
         torch.randint(0, 16, (n, k // GROUP), generator=gen, dtype=torch.uint8),
         GROUP,
     )
-    packed = cpu_kernels.pack_for_kernel(w)
+    packed = packing.pack_for_kernel(w)
     nbytes = sum(t.numel() * t.element_size() for t in (packed.weight, packed.scales, packed.zeros))
     x, out = torch.randn(1, k).bfloat16(), torch.empty(1, n)
     best = float("inf")

@@ -40,6 +40,7 @@ import torch
 from independent_pictures import DEFAULT_SEED, IndependentExample, independent_examples
 
 from vilaserve.adapters.offline.demo import shapes
+from vilaserve.adapters.shared.jinja_chat_template import JinjaChatTemplateRenderer
 from vilaserve.adapters.worker.torch_vila.runtime import VilaRuntime, VilaRuntimeOptions
 from vilaserve.application.chat.ask_image import AskAboutImages
 from vilaserve.application.worker.engine.engine import Engine
@@ -222,7 +223,10 @@ def load_asker(path: Path, variant: str) -> tuple[VilaRuntime, AskAboutImages]:
     )
     runtime = VilaRuntime.load(options)
     engine = Engine(runtime.model_runner, SchedulerConfig(max_num_seqs=1))
-    return runtime, AskAboutImages(EngineTextGenerator(engine), runtime.vision_encoder)
+    asker = AskAboutImages(
+        EngineTextGenerator(engine), runtime.vision_encoder, renderer=JinjaChatTemplateRenderer()
+    )
+    return runtime, asker
 
 
 def smooth_demo_tower(path: Path) -> None:

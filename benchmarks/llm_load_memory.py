@@ -76,7 +76,8 @@ def load_once(way: str, directory: Path) -> dict[str, float]:
     import torch
 
     from vilaserve.adapters.worker.torch_vila.checkpoint import VilaCheckpoint, load_state_dict
-    from vilaserve.adapters.worker.torch_vila.llama import Llama, LlamaArgs
+    from vilaserve.adapters.worker.torch_vila.llama import Llama
+    from vilaserve.adapters.worker.torch_vila.llama_config import LlamaArgs
     from vilaserve.adapters.worker.torch_vila.llm_loading import load_llm_weights
 
     checkpoint = VilaCheckpoint.open(directory)

@@ -40,7 +40,8 @@ def llm_seconds(layers: int, repeats: int) -> dict[str, float]:
 
     from vilaserve.adapters.worker.awq.qlinear import fuse_w4a16, quantize_model_linears
     from vilaserve.adapters.worker.torch_vila.cpu_path import put_on_cpu_path
-    from vilaserve.adapters.worker.torch_vila.llama import DECODER_LINEARS, Llama, LlamaArgs
+    from vilaserve.adapters.worker.torch_vila.llama import DECODER_LINEARS, Llama
+    from vilaserve.adapters.worker.torch_vila.llama_config import LlamaArgs
 
     args = LlamaArgs(
         vocab_size=1024, hidden_size=3584, intermediate_size=18944, num_hidden_layers=layers,

@@ -107,7 +107,8 @@ def default_corpus() -> Path:
 def llama_forward(model_dir: Path, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
     """Our own `Llama` loaded from a plain HF Llama folder, as a forward_logits callable."""
     from vilaserve.adapters.worker.torch_vila.checkpoint import load_state_dict
-    from vilaserve.adapters.worker.torch_vila.llama import Llama, LlamaArgs
+    from vilaserve.adapters.worker.torch_vila.llama import Llama
+    from vilaserve.adapters.worker.torch_vila.llama_config import LlamaArgs
 
     config = json.loads((model_dir / "config.json").read_text())
     model = Llama.empty(LlamaArgs.from_hf_config(config), dtype=dtype, device="cpu")

@@ -144,6 +144,7 @@ def gemm_peaks(threads: int) -> dict[str, float]:
 
     from vilaserve.adapters.worker import cpu_kernels
     from vilaserve.adapters.worker.awq.quantized_weight import QuantizedWeight
+    from vilaserve.adapters.worker.cpu_kernels import packing
 
     torch.set_num_threads(threads)
     best = best_seconds
@@ -162,7 +163,7 @@ def gemm_peaks(threads: int) -> dict[str, float]:
             128,
             None,
         )
-        packed = cpu_kernels.pack_for_kernel(w)
+        packed = packing.pack_for_kernel(w)
         out = torch.empty(m, n)
         seconds = best(lambda: kernels.gemm(a, packed, n, 128, out))
         peaks["w4a8_gemm_gmac_s"] = m * n * k / seconds / 1e9

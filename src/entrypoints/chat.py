@@ -32,6 +32,7 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    from vilaserve.adapters.shared.jinja_chat_template import JinjaChatTemplateRenderer
     from vilaserve.adapters.worker.torch_vila.runtime import VilaRuntime, VilaRuntimeOptions
     from vilaserve.application.chat.ask_image import AskAboutImages, AskFailed
     from vilaserve.application.worker.engine.engine import Engine
@@ -59,7 +60,11 @@ def run_chat(args: argparse.Namespace) -> int:
         )
     )
     engine = Engine(runtime.model_runner, SchedulerConfig(max_num_seqs=1))
-    asker = AskAboutImages(EngineTextGenerator(engine), runtime.vision_encoder)
+    asker = AskAboutImages(
+        EngineTextGenerator(engine),
+        runtime.vision_encoder,
+        renderer=JinjaChatTemplateRenderer(),
+    )
 
     async def stream() -> None:
         pieces = asker.ask(

@@ -27,7 +27,7 @@ _COMMANDS = {
         "run a model worker (TinyChat/FastChat protocol)",
         "vilaserve.entrypoints.worker.main",
         lambda m, parser: m.add_worker_arguments(parser),
-        lambda m, args, _: m.serve(m.settings_from_args(args)),
+        lambda m, args, _: m.run_worker(args),
     ),
     "controller": _Command(
         "run the controller (FastChat protocol)",

@@ -17,16 +17,20 @@ import torch
 from safetensors.torch import load_file, save_file
 from shared_data import golden_dir
 
-from vilaserve.adapters.worker.awq.formats import (
-    detect_layer_format,
-    load_hf_awq_directory,
-    load_tinychat_checkpoint,
+from vilaserve.adapters.offline.awq_checkpoint_writing import (
     pack_gemm,
     pack_gemv,
     pack_v2,
-    padded_group_count,
     save_hf_awq_directory,
     save_tinychat_checkpoint,
+)
+from vilaserve.adapters.worker.awq.checkpoint_reading import (
+    load_hf_awq_directory,
+    load_tinychat_checkpoint,
+)
+from vilaserve.adapters.worker.awq.formats import (
+    detect_layer_format,
+    padded_group_count,
     unpack_gemm,
     unpack_gemv,
     unpack_v2,

@@ -20,7 +20,8 @@ from vilaserve.adapters.offline.awq_quantizer import (
     quantize_to_canonical,
 )
 from vilaserve.adapters.worker.awq.quantized_weight import QuantizedWeight
-from vilaserve.adapters.worker.torch_vila.llama import Llama, LlamaArgs
+from vilaserve.adapters.worker.torch_vila.llama import Llama
+from vilaserve.adapters.worker.torch_vila.llama_config import LlamaArgs
 
 GROUP = 64
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -20,7 +20,10 @@ from vilaserve.adapters.worker.torch_vila.cpu_path import (
     NativeDecodeBody,
     put_on_cpu_path,
 )
-from vilaserve.adapters.worker.torch_vila.fast_linear import CpuDecodeLinear, Fp32DecodeLinear
+from vilaserve.adapters.worker.torch_vila.fast_linear import (
+    Avx512DecodeLinear,
+    PortableDecodeLinear,
+)
 from vilaserve.adapters.worker.torch_vila.llama import Llama
 
 FP32 = cpu_kernels.fp32_kernels()
@@ -72,10 +75,10 @@ def test_the_swap_keeps_names_tied_head_and_answers(
     kinds = {type(m) for m in model.modules()}
     if path == "avx512_bf16":
         assert head is table  # still tied
-        assert {CpuDecodeLinear, KernelRMSNorm, KernelAttention} <= kinds
+        assert {Avx512DecodeLinear, KernelRMSNorm, KernelAttention} <= kinds
     else:  # the head streams a 16-bit copy; lookups read the fp32 table
         assert head.dtype == torch.bfloat16 and torch.equal(head.float(), table)
-        assert Fp32DecodeLinear in kinds and KernelAttention not in kinds
+        assert PortableDecodeLinear in kinds and KernelAttention not in kinds
 
     calls = 0
     decoder = model.model.decoder

@@ -19,9 +19,10 @@ from test_qlinear import random_qweight, rel_err, tiny_args
 from torch import nn
 
 from vilaserve.adapters.worker import cpu_kernels
+from vilaserve.adapters.worker.cpu_kernels import packing
 from vilaserve.adapters.worker.torch_vila.device import cpu_computes_bf16_natively, resolve_dtype
 from vilaserve.adapters.worker.torch_vila.fast_linear import (
-    Fp32DecodeLinear,
+    PortableDecodeLinear,
     accelerate_cpu_linears,
     exact_16_bit,
 )
@@ -71,7 +72,7 @@ def test_fp32_int4_matmul_and_dequantize_against_the_oracle(
     16-bit integer form of x, so fp32 outputs agree to 1e-4; bf16 outputs to their rounding."""
     assert FP32 is not None
     w = random_qweight(n, k, group, seed=n + k, bias=False)
-    packed = cpu_kernels.pack_for_kernel(w)
+    packed = packing.pack_for_kernel(w)
     dense = torch.empty(n, k)
     FP32.dequantize(packed, n, k, group, dense)
     assert torch.equal(dense, w.dequantize())
@@ -90,7 +91,7 @@ def test_fp32_int4_matmul_on_hard_rows_in_fp32() -> None:
     assert FP32 is not None
     n, k, group = 64, 1024, 128
     w = random_qweight(n, k, group, seed=11, bias=False)
-    packed = cpu_kernels.pack_for_kernel(w)
+    packed = packing.pack_for_kernel(w)
     x = torch.randn(24, k, generator=torch.Generator().manual_seed(5)) * 1e-2
     x[0, 5] = 1e4
     x[1, group : 2 * group] = 0.0
@@ -125,7 +126,7 @@ def test_fp32_linear_keeps_exact_16_bit_weights_and_answers_like_f_linear() -> N
         linear.weight.copy_(linear.weight.to(torch.bfloat16).float())  # exactly bf16
     narrow = exact_16_bit(linear.weight.detach())
     assert narrow is not None and narrow.dtype == torch.bfloat16
-    layer = Fp32DecodeLinear(narrow, linear.bias.detach(), FP32)
+    layer = PortableDecodeLinear(narrow, linear.bias.detach(), FP32)
     with torch.inference_mode():
         for rows in (1, 3, 40):  # 40 rows: the widened weight and one GEMM
             x = torch.randn(2, rows, 64)
@@ -144,7 +145,7 @@ def test_a_fp32_model_on_the_fp32_path_keeps_16_bit_weights_and_its_logits() -> 
     assert FP32 is not None
     swapped = accelerate_cpu_linears(model, FP32)
     assert swapped == 2 * 7 + 1  # every decoder linear and the (tied) head
-    assert isinstance(model.lm_head, Fp32DecodeLinear)
+    assert isinstance(model.lm_head, PortableDecodeLinear)
     assert model.lm_head.weight.dtype == torch.bfloat16
     assert model.model.embed_tokens.weight.dtype == torch.float32  # lookups stay fp32
     with torch.inference_mode():

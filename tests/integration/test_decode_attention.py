@@ -54,10 +54,10 @@ def test_rope_kernel_is_bit_exact_with_the_torch_expression() -> None:
     angles = torch.rand(64, generator=gen) * 6
     cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
     want = _apply_rope(x[:, :, None, :], cos[None], sin[None])[:, :, 0]
-    slot = torch.zeros(2, 5, 9, 64, dtype=torch.bfloat16)  # a cache: write position 3 only
-    KERNELS.rope(x, cos, sin, slot[:, :, 3])
-    assert torch.equal(slot[:, :, 3], want)
-    assert not slot[:, :, [0, 1, 2, 4, 5, 6, 7, 8]].any()
+    cache = torch.zeros(2, 5, 9, 64, dtype=torch.bfloat16)  # a cache: write position 3 only
+    KERNELS.rope(x, cos, sin, cache[:, :, 3])
+    assert torch.equal(cache[:, :, 3], want)
+    assert not cache[:, :, [0, 1, 2, 4, 5, 6, 7, 8]].any()
 
 
 def test_rms_norm_kernel_matches_hf_rmsnorm_to_one_bf16_step() -> None:
@@ -82,7 +82,8 @@ def test_llama_decode_on_kernels_agrees_with_the_torch_path() -> None:
         KernelRMSNorm,
         swap_kernel_norms_and_attention,
     )
-    from vilaserve.adapters.worker.torch_vila.llama import Llama, LlamaArgs
+    from vilaserve.adapters.worker.torch_vila.llama import Llama
+    from vilaserve.adapters.worker.torch_vila.llama_config import LlamaArgs
 
     args = LlamaArgs(
         vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,

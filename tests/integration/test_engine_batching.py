@@ -44,7 +44,7 @@ def test_rows_at_different_positions_decode_as_each_would_alone(
     path: str, quantized: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = model_on(path, quantized, monkeypatch)
-    lengths, slots = [5, 17, 1, 30], [3, 0, 5, 1]
+    lengths, cache_rows = [5, 17, 1, 30], [3, 0, 5, 1]
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 512, (1, n), generator=gen) for n in lengths]
     nexts = torch.randint(0, 512, (len(lengths),), generator=gen)
@@ -55,13 +55,13 @@ def test_rows_at_different_positions_decode_as_each_would_alone(
             model(cache, 0, input_ids=prompt)
             want.append(model(cache, prompt.shape[1], input_ids=token.view(1, 1))[0, -1])
         pool = model.new_cache(6, 64)
-        for prompt, slot in zip(prompts, slots, strict=True):
-            model(pool.row(slot), 0, input_ids=prompt)
+        for prompt, cache_row in zip(prompts, cache_rows, strict=True):
+            model(pool.row(cache_row), 0, input_ids=prompt)
         got = model.decode_rows(
-            pool, torch.tensor(slots), torch.tensor(lengths), nexts
+            pool, torch.tensor(cache_rows), torch.tensor(lengths), nexts
         )  # one step for all four rows
         again = model.decode_rows(  # and the next position, fed back, still per row
-            pool, torch.tensor(slots), torch.tensor(lengths) + 1, got.argmax(-1)
+            pool, torch.tensor(cache_rows), torch.tensor(lengths) + 1, got.argmax(-1)
         )
     tolerance = 2e-2 if model.dtype == torch.bfloat16 else 1e-5
     assert rel_err(got, torch.stack(want)) < tolerance

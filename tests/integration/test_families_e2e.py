@@ -79,7 +79,7 @@ def greedy(lm: torch.nn.Module, embeds: torch.Tensor, stop_ids: set[int]) -> lis
 
 
 def splice(table: torch.nn.Module, ids: list[int], blocks: list[torch.Tensor]) -> torch.Tensor:
-    """Token embeddings with the k-th image slot replaced by blocks[k]."""
+    """Token embeddings with the k-th image placeholder replaced by blocks[k]."""
     pieces, start, k = [], 0, 0
     with torch.no_grad():
         for i, token in enumerate(ids):
@@ -359,7 +359,7 @@ def test_nvila_w4a16_answers_as_transformers_qwen2_on_the_dequantized_weights(
     from transformers import Qwen2ForCausalLM
 
     from vilaserve.adapters.worker.awq.loading import read_awq
-    from vilaserve.adapters.worker.torch_vila.llama import LlamaArgs
+    from vilaserve.adapters.worker.torch_vila.llama_config import LlamaArgs
     from vilaserve.entrypoints.offline.quantize import main as quantize
 
     source = tiny_family.build_tiny_nvila(tmp_path / "nvila", seed=8)

@@ -1,4 +1,4 @@
-"""The AVX-512 dense bf16 decode kernel behind `CpuDecodeLinear` (skipped where it cannot run)."""
+"""The dense bf16 decode kernel behind `Avx512DecodeLinear` (skipped where AVX-512 cannot run)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,12 @@ from torch import nn
 from vilaserve.adapters.worker import cpu_kernels
 from vilaserve.adapters.worker.torch_vila import fast_linear
 from vilaserve.adapters.worker.torch_vila.cpu_path import put_on_cpu_path
-from vilaserve.adapters.worker.torch_vila.fast_linear import CpuDecodeLinear, accelerate_cpu_linears
-from vilaserve.adapters.worker.torch_vila.llama import Llama, LlamaArgs
+from vilaserve.adapters.worker.torch_vila.fast_linear import (
+    Avx512DecodeLinear,
+    accelerate_cpu_linears,
+)
+from vilaserve.adapters.worker.torch_vila.llama import Llama
+from vilaserve.adapters.worker.torch_vila.llama_config import LlamaArgs
 
 KERNELS = cpu_kernels.load()
 pytestmark = pytest.mark.skipif(KERNELS is None, reason="needs an AVX-512 BF16 CPU and gcc")
@@ -31,7 +35,7 @@ def test_decode_rows_match_f_linear(out_features: int, bias: bool) -> None:
     assert KERNELS is not None
     assert accelerate_cpu_linears(model, KERNELS) == 1
     fast = model[0]
-    assert isinstance(fast, CpuDecodeLinear) and fast.weight is linear.weight
+    assert isinstance(fast, Avx512DecodeLinear) and fast.weight is linear.weight
     for rows in (1, 3, fast_linear.DECODE_MAX_ROWS):
         x = torch.randn(rows, 256).to(torch.bfloat16)
         want = x.float() @ linear.weight.float().t() + (linear.bias.float() if bias else 0)
@@ -45,7 +49,7 @@ def test_decode_rows_match_f_linear(out_features: int, bias: bool) -> None:
 def test_prefill_rows_and_other_dtypes_take_f_linear_unchanged() -> None:
     linear = nn.Linear(128, 96).to(torch.bfloat16)
     assert KERNELS is not None
-    fast = CpuDecodeLinear(linear, KERNELS)
+    fast = Avx512DecodeLinear(linear, KERNELS)
     many = torch.randn(fast_linear.DECODE_MAX_ROWS + 1, 128).to(torch.bfloat16)
     with torch.inference_mode():
         assert torch.equal(fast(many), F.linear(many, linear.weight, linear.bias))

@@ -262,7 +262,8 @@ def test_tokenizer_round_trip(converted: tuple[Path, dict[str, np.ndarray], bool
 def test_our_llama_matches_hf(converted: tuple[Path, dict[str, np.ndarray], bool]) -> None:
     from transformers import LlamaForCausalLM
 
-    from vilaserve.adapters.worker.torch_vila.llama import Llama, LlamaArgs
+    from vilaserve.adapters.worker.torch_vila.llama import Llama
+    from vilaserve.adapters.worker.torch_vila.llama_config import LlamaArgs
 
     out, _, _ = converted
     hf = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

@@ -12,7 +12,8 @@ from vilaserve.adapters.worker.torch_vila.int8_embedding import (
     compress_tied_embeddings,
     compress_token_embeddings,
 )
-from vilaserve.adapters.worker.torch_vila.llama import Llama, LlamaArgs
+from vilaserve.adapters.worker.torch_vila.llama import Llama
+from vilaserve.adapters.worker.torch_vila.llama_config import LlamaArgs
 
 
 def tiny_llama(tied: bool) -> Llama:

@@ -16,7 +16,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from vilaserve.adapters.worker.torch_vila.llama import Llama, LlamaArgs, RopeScaling, rope_inv_freq
+from vilaserve.adapters.worker.torch_vila.llama import Llama, rope_inv_freq
+from vilaserve.adapters.worker.torch_vila.llama_config import LlamaArgs, RopeScaling
 
 FP32_TOL = 1e-4
 BATCH = 2

@@ -12,7 +12,8 @@ from vilaserve.adapters.offline.awq_quantizer import quantize_to_canonical
 from vilaserve.adapters.worker import cpu_kernels
 from vilaserve.adapters.worker.awq.qlinear import fuse_w4a16, quantize_model_linears
 from vilaserve.adapters.worker.torch_vila.cpu_path import NativeDecodeBody, put_on_cpu_path
-from vilaserve.adapters.worker.torch_vila.llama import DECODER_LINEARS, Llama, LlamaArgs
+from vilaserve.adapters.worker.torch_vila.llama import DECODER_LINEARS, Llama
+from vilaserve.adapters.worker.torch_vila.llama_config import LlamaArgs
 
 KERNELS = cpu_kernels.load()
 pytestmark = pytest.mark.skipif(KERNELS is None, reason="needs an AVX-512 BF16 CPU and gcc")

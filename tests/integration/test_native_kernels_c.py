@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from vilaserve.adapters.worker import cpu_kernels
+from vilaserve.adapters.worker.cpu_kernels import fp32
+from vilaserve.adapters.worker.cpu_kernels.build import HERE as KERNEL_SOURCES
 
 ROOT = Path(__file__).resolve().parents[2]
 HARNESS = ROOT / "tests" / "native" / "fp32_kernels_check.c"
@@ -26,11 +28,11 @@ WARNINGS = ("-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter", "-Wno-unknow
 def isa_flags(path: str) -> list[str]:
     """The product's own ISA flags for `path`, without those that make a shared library."""
     shared = {"-fPIC", "-shared", "-fopenmp"}
-    return [f for f in cpu_kernels.FP32_CFLAGS[path] if f not in shared]
+    return [f for f in fp32.CFLAGS_BY_PATH[path] if f not in shared]
 
 
 def build(compiler: str, path: str, out: Path, static: bool) -> None:
-    command = [compiler, *isa_flags(path), *WARNINGS, f"-I{cpu_kernels.HERE}", str(HARNESS)]
+    command = [compiler, *isa_flags(path), *WARNINGS, f"-I{KERNEL_SOURCES}", str(HARNESS)]
     command += [*(["-static"] if static else []), "-o", str(out), "-lm"]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

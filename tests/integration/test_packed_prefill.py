@@ -10,7 +10,8 @@ from vilaserve.adapters.worker import cpu_kernels
 from vilaserve.adapters.worker.awq.qlinear import fuse_w4a16, quantize_model_linears
 from vilaserve.adapters.worker.awq.quantized_weight import QuantizedWeight
 from vilaserve.adapters.worker.torch_vila.cpu_path import put_on_cpu_path
-from vilaserve.adapters.worker.torch_vila.llama import DECODER_LINEARS, Llama, LlamaArgs
+from vilaserve.adapters.worker.torch_vila.llama import DECODER_LINEARS, Llama
+from vilaserve.adapters.worker.torch_vila.llama_config import LlamaArgs
 
 ARGS = LlamaArgs(
     vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,

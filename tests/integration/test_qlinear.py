@@ -28,7 +28,9 @@ from vilaserve.adapters.worker.awq.qlinear import (
     weight_bytes,
 )
 from vilaserve.adapters.worker.awq.quantized_weight import QuantizedWeight
-from vilaserve.adapters.worker.torch_vila.llama import DECODER_LINEARS, Llama, LlamaArgs
+from vilaserve.adapters.worker.cpu_kernels import packing
+from vilaserve.adapters.worker.torch_vila.llama import DECODER_LINEARS, Llama
+from vilaserve.adapters.worker.torch_vila.llama_config import LlamaArgs
 
 BF16_REL_TOL = 2e-2
 # The AVX2 prefill GEMM rounds activations to 8 bits per 32 columns (half a step: 0.4 % of the
@@ -108,7 +110,7 @@ def test_backend_matches_oracle(
         monkeypatch.setattr(qlinear, "FP32_PREFILL_MIN_ROWS", dense_from)
     w = random_qweight(n, k, group, seed=n + k + group)
     oracle = W4A16Linear.from_quantized(w, torch.float32, "cpu", "dequant")
-    if backend in qlinear.NATIVE_BACKENDS and not cpu_kernels.fits(n, k, group):
+    if backend in qlinear.NATIVE_BACKENDS and not packing.fits(n, k, group):
         with pytest.raises(ValueError, match="group%64"):
             W4A16Linear.from_quantized(w, dtype, "cpu", backend)
         return
@@ -212,7 +214,7 @@ def test_native_kernel_exact_against_fp32_oracle_on_real_shapes(kernels: Any) ->
     """fp32 output of the kernel for bf16 x: besides fp32 summation order, only the 16-bit
     integer form of x (per row and group, error <= max|x_group| / 65278) differs."""
     w = random_qweight(2560, 6912, 128, seed=3, bias=False)
-    packed = cpu_kernels.pack_for_kernel(w)
+    packed = packing.pack_for_kernel(w)
     kernel = kernels()
     assert kernel is not None
     x = torch.randn(3, 6912).to(torch.bfloat16)
@@ -232,7 +234,7 @@ def test_native_kernel_keeps_activations_16_bit_on_hard_rows(kernels: Any) -> No
     (the heap path). Each is checked against the fp32 oracle, row by row."""
     n, k, group = 64, 1024, 128
     w = random_qweight(n, k, group, seed=11, bias=False)
-    packed = cpu_kernels.pack_for_kernel(w)
+    packed = packing.pack_for_kernel(w)
     kernel = kernels()
     assert kernel is not None
     gen = torch.Generator().manual_seed(5)
@@ -262,7 +264,7 @@ def test_prefill_gemm_against_the_oracle_on_hard_rows(dtype: torch.dtype) -> Non
     assert FP32 is not None
     n, k, group = 96, 1024, 128
     w = random_qweight(n, k, group, seed=12, bias=False)
-    packed = cpu_kernels.pack_for_kernel(w)
+    packed = packing.pack_for_kernel(w)
     dense = w.dequantize()
     gen = torch.Generator().manual_seed(6)
     for rows in (4, 5, 6, 7, 33):
@@ -317,9 +319,9 @@ def test_prefill_rows_take_the_gemm_unless_kept_16_bit(monkeypatch: pytest.Monke
 
 
 def test_avx512_kernel_declines_rows_not_in_tiles_of_16() -> None:
-    assert not cpu_kernels.fits(72, 128, 64)
-    assert cpu_kernels.fits(80, 128, 64)
-    assert not cpu_kernels.fits(64, 4096, 4096)  # group > 2048: int32 sums could overflow
+    assert not packing.fits(72, 128, 64)
+    assert packing.fits(80, 128, 64)
+    assert not packing.fits(64, 4096, 4096)  # group > 2048: int32 sums could overflow
     # PyTorch's int4 kernel needs N % 16 too: the reference dequantize path takes 72 rows.
     odd = W4A16Linear.from_quantized(random_qweight(72, 128, 64, 0), torch.bfloat16, "cpu")
     assert odd.backend == "dequant"

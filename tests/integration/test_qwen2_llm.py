@@ -23,13 +23,16 @@ from safetensors.torch import save_file
 from torch import Tensor
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from vilaserve.adapters.offline.awq_checkpoint_writing import (
+    save_hf_awq_directory,
+    save_tinychat_checkpoint,
+)
 from vilaserve.adapters.offline.awq_quantizer import (
     AwqConfig,
     quantize_llama,
     quantize_to_canonical,
 )
 from vilaserve.adapters.worker import cpu_kernels
-from vilaserve.adapters.worker.awq.formats import save_hf_awq_directory, save_tinychat_checkpoint
 from vilaserve.adapters.worker.awq.loading import load_awq_llm, read_awq
 from vilaserve.adapters.worker.awq.qlinear import (
     fuse_w4a16,
@@ -39,7 +42,8 @@ from vilaserve.adapters.worker.awq.qlinear import (
 from vilaserve.adapters.worker.torch_vila import llm_loading
 from vilaserve.adapters.worker.torch_vila.checkpoint import VilaCheckpoint
 from vilaserve.adapters.worker.torch_vila.cpu_path import NativeDecodeBody, put_on_cpu_path
-from vilaserve.adapters.worker.torch_vila.llama import DECODER_LINEARS, Llama, LlamaArgs
+from vilaserve.adapters.worker.torch_vila.llama import DECODER_LINEARS, Llama
+from vilaserve.adapters.worker.torch_vila.llama_config import LlamaArgs
 from vilaserve.adapters.worker.torch_vila.llm_loading import load_llm_weights
 
 VOCAB, HIDDEN = 300, 64

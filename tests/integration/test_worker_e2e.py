@@ -242,7 +242,7 @@ def test_a_client_that_disconnects_frees_its_sequence(siglip_worker: ServerThrea
         next(chunks)
         next(chunks)
         assert metric(siglip_worker.url, "vllm:num_requests_running") == 1
-    # The connection is closed: the sequence leaves the batch, its slot is free.
+    # The connection is closed: the sequence leaves the batch, its cache row is free.
     deadline = time.monotonic() + 5
     while metric(siglip_worker.url, "vllm:num_requests_running") and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -275,9 +275,9 @@ static void check_decoder(void) {
             ref[l].post_norm[i] = uniform(0.5f, 1.5f);
         }
         const qweight *parts[3] = {&ref[l].qkv, &ref[l].o, &ref[l].gate_up};
-        vs_linear *slots[3] = {&layers[l].qkv[0], &layers[l].o, &layers[l].gate_up[0]};
+        vs_linear *targets[3] = {&layers[l].qkv[0], &layers[l].o, &layers[l].gate_up[0]};
         for (int p = 0; p < 3; p++) {
-            *slots[p] = (vs_linear){VS_LINEAR_INT4, parts[p]->packed, parts[p]->scales,
+            *targets[p] = (vs_linear){VS_LINEAR_INT4, parts[p]->packed, parts[p]->scales,
                                     parts[p]->zeros, parts[p]->n, parts[p]->k, 64};
         }
         layers[l].down = (vs_linear){VS_LINEAR_BF16, ref[l].down, NULL, NULL, HIDDEN, INNER, 0};

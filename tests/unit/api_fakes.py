@@ -13,16 +13,11 @@ from dependency_injector import providers
 from fastapi.testclient import TestClient
 
 from vilaserve.domain.api.errors import BadRequest
-from vilaserve.domain.api.ports import (
-    FetchedImage,
-    ImageFetcher,
-    ModelDetails,
-    ModelDirectory,
-    WorkerApi,
-)
+from vilaserve.domain.api.ports import FetchedImage, ImageFetcher, ModelDirectory
 from vilaserve.domain.shared.conversation import TEMPLATES, ConversationTemplate
 from vilaserve.domain.shared.errors import ControllerUnavailable, WorkerUnavailable
-from vilaserve.domain.shared.generation import StreamChunk, Usage
+from vilaserve.domain.shared.worker_gateway import ModelDetails, WorkerGateway
+from vilaserve.domain.shared.worker_status import WorkerStatus
 from vilaserve.entrypoints.api.app import create_api_app
 from vilaserve.entrypoints.api.container import ApiContainer
 from vilaserve.entrypoints.api.settings import ApiSettings
@@ -40,8 +35,8 @@ class FakeDirectory(ModelDirectory):
     down: bool = False
     lookups: list[str] = field(default_factory=list)
     listings: int = 0
-    reported: list[str] = field(default_factory=list)
-    after_report: dict[str, str] | None = None  # what it names once a worker was reported
+    refreshes: int = 0
+    after_refresh: dict[str, str] | None = None  # what it names once it checked its workers
 
     async def list_models(self) -> list[str]:
         if self.down:
@@ -55,18 +50,18 @@ class FakeDirectory(ModelDirectory):
         self.lookups.append(model)
         return self.models.get(model) or None
 
-    async def report_unreachable(self, address: str) -> None:
-        self.reported.append(address)
-        if self.after_report is not None:
-            self.models = dict(self.after_report)
+    async def refresh_workers(self) -> None:
+        self.refreshes += 1
+        if self.after_refresh is not None:
+            self.models = dict(self.after_refresh)
 
 
 @dataclass
-class FakeWorkerApi(WorkerApi):
+class FakeWorkerGateway(WorkerGateway):
     """Replies `reply` piece by piece (one piece = one token), as a worker with echo off.
 
-    `refuse` makes the first chunk an error with that code; `fail_after` breaks the stream
-    after that many chunks with an error chunk; `down` lists addresses that do not answer.
+    `refuse` makes the first frame an error with that code; `fail_after` breaks the stream
+    after that many frames with an error frame; `down` lists addresses that do not answer.
     """
 
     reply: tuple[str, ...] = ("Hello", ",", " world", "!")
@@ -88,22 +83,26 @@ class FakeWorkerApi(WorkerApi):
         if address in self.down:
             raise WorkerUnavailable(address, "connection refused")
 
+    async def get_status(self, address: str, timeout_s: float = 5.0) -> WorkerStatus:
+        self._check(address)
+        return WorkerStatus((MODEL,), 1, 0)
+
     async def model_details(self, address: str, model: str) -> ModelDetails:
         self._check(address)
         self.described += 1
         return ModelDetails(self.context_length, self.multimodal, 4)
 
-    async def conversation_template(self, address: str, model: str) -> ConversationTemplate:
+    async def conversation_template(self, address: str, model: str) -> dict[str, Any]:
         self._check(address)
-        return self.template
+        return self.template.to_fastchat_dict()
 
-    async def generate_stream(
+    async def stream_generate(
         self, address: str, payload: dict[str, Any]
-    ) -> AsyncIterator[StreamChunk]:
+    ) -> AsyncIterator[dict[str, Any]]:
         self._check(address)
         self.payloads.append(payload)
         if self.refuse is not None:
-            yield StreamChunk(text=self.refuse[1], error_code=self.refuse[0])
+            yield {"text": self.refuse[1], "error_code": self.refuse[0]}
             return
         prompt_tokens = len(payload["prompt"].split()) + 4 * len(payload.get("images", []))
         text = ""
@@ -112,26 +111,31 @@ class FakeWorkerApi(WorkerApi):
         try:
             for i, piece in enumerate(self.reply):
                 if self.fail_after is not None and i == self.fail_after:
-                    yield StreamChunk(text="simulated kernel failure", error_code=50001)
+                    yield {"text": "simulated kernel failure", "error_code": 50001}
                     return
                 if self.delay_s:
                     await asyncio.sleep(self.delay_s)
                 text += piece
                 n = i + 1
+                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n}
                 stop = next((s for s in payload["stop"] if s in text), None)
                 if stop is not None:
-                    yield StreamChunk(text[: text.index(stop)], 0, Usage(prompt_tokens, n), "stop")
+                    yield _frame(text[: text.index(stop)], usage, "stop")
                     return
                 last = n == len(self.reply)
                 at_limit = n >= payload["max_new_tokens"]
                 finish = "stop" if last else ("length" if at_limit else None)
                 self.yielded += 1
-                yield StreamChunk(text, 0, Usage(prompt_tokens, n), finish)  # type: ignore[arg-type]
+                yield _frame(text, usage, finish)
                 if finish:
                     return
         finally:
             self.at_once -= 1
             self.closed += 1
+
+
+def _frame(text: str, usage: dict[str, int], finish: str | None) -> dict[str, Any]:
+    return {"text": text, "error_code": 0, "usage": usage, "finish_reason": finish}
 
 
 @dataclass
@@ -149,21 +153,21 @@ class FakeApi:
     client: TestClient
     container: ApiContainer
     directory: FakeDirectory
-    workers: FakeWorkerApi
+    workers: FakeWorkerGateway
 
 
 @contextmanager
 def fake_api(
     directory: FakeDirectory | None = None,
-    workers: FakeWorkerApi | None = None,
+    workers: FakeWorkerGateway | None = None,
     fetcher: ImageFetcher | None = None,
     **settings: Any,
 ) -> Iterator[FakeApi]:
     directory = directory or FakeDirectory()
-    workers = workers or FakeWorkerApi()
+    workers = workers or FakeWorkerGateway()
     container = ApiContainer(settings=ApiSettings(log_format="text", **settings))
     container.model_directory.override(providers.Object(directory))
-    container.worker_api.override(providers.Object(workers))
+    container.worker_gateway.override(providers.Object(workers))
     container.image_fetcher.override(providers.Object(fetcher))
     with TestClient(create_api_app(container)) as client:
         yield FakeApi(client, container, directory, workers)

@@ -1,9 +1,9 @@
-"""A fake `ModelRunner`: a deterministic "model" that keeps honest books on its KV slots.
+"""A fake `ModelRunner`: a deterministic "model" that keeps honest books on its cache rows.
 
-Each prompt word is one position (its key is the word). The fake remembers, per slot, the key
-written at every position; a step that reads a position nobody wrote, or writes out of order,
-fails the test. The token it samples is a hash of everything the slot holds up to the new
-position (plus the seed when sampling), so a sequence whose slot held someone else's KV, or
+Each prompt word is one position (its key is the word). The fake remembers, per cache row, the
+key written at every position; a step that reads a position nobody wrote, or writes out of
+order, fails the test. The token it samples is a hash of everything the row holds up to the new
+position (plus the seed when sampling), so a sequence whose row held someone else's KV, or
 whose prefix reuse was wrong, produces different tokens than it does alone.
 """
 
@@ -54,14 +54,14 @@ class FakeDetokenizer(Detokenizer):
 
 @dataclass
 class FakeModelRunner(ModelRunner[FakePrompt]):
-    slots: int = 4
+    cache_rows: int = 4
     length: int = 512
     delay_s: float = 0.0
     stop_at: int | None = None  # sample STOP once a sequence has this many positions
     fail_next: ServingError | None = None
     step_timing: StepTiming | None = None  # what it says every step with chunks took
     batches: list[ModelBatch[FakePrompt]] = field(default_factory=list)
-    kv: dict[int, list[PositionKey]] = field(default_factory=dict)
+    kv: dict[int, list[PositionKey]] = field(default_factory=dict)  # cache row -> its keys
 
     @property
     def context_length(self) -> int:
@@ -72,11 +72,11 @@ class FakeModelRunner(ModelRunner[FakePrompt]):
         return TEMPLATES["vicuna_v1"]
 
     @property
-    def num_slots(self) -> int:
-        return self.slots
+    def num_cache_rows(self) -> int:
+        return self.cache_rows
 
     @property
-    def slot_length(self) -> int:
+    def cache_row_length(self) -> int:
         return self.length
 
     def count_tokens(self, text: str) -> int:
@@ -119,24 +119,24 @@ class FakeModelRunner(ModelRunner[FakePrompt]):
             raise error
         sampled = []
         for row in batch.decodes:
-            self._write(row.slot, row.position, row.token)
-            sampled.append(self._sample(row.slot, row.position + 1, row.prompt.seed))
+            self._write(row.cache_row, row.position, row.token)
+            sampled.append(self._sample(row.cache_row, row.position + 1, row.prompt.seed))
         for chunk in batch.prefills:
             for position in range(chunk.start, chunk.end):
-                self._write(chunk.slot, position, chunk.prompt.words[position])
+                self._write(chunk.cache_row, position, chunk.prompt.words[position])
             if chunk.samples:
-                sampled.append(self._sample(chunk.slot, chunk.end, chunk.prompt.seed))
+                sampled.append(self._sample(chunk.cache_row, chunk.end, chunk.prompt.seed))
         return sampled
 
-    def _write(self, slot: int, position: int, key: PositionKey) -> None:
-        held = self.kv.setdefault(slot, [])
-        assert position <= len(held), f"slot {slot}: position {position} written before earlier"
+    def _write(self, cache_row: int, position: int, key: PositionKey) -> None:
+        held = self.kv.setdefault(cache_row, [])
+        assert position <= len(held), f"row {cache_row}: position {position} written before earlier"
         del held[position:]
         held.append(key)
 
-    def _sample(self, slot: int, length: int, seed: int | None) -> int:
-        held = self.kv[slot]
-        assert len(held) == length, f"slot {slot} holds {len(held)} positions, expected {length}"
+    def _sample(self, cache_row: int, length: int, seed: int | None) -> int:
+        held = self.kv[cache_row]
+        assert len(held) == length, f"row {cache_row}: {len(held)} positions, expected {length}"
         if self.stop_at is not None and length >= self.stop_at:
             return STOP
         digest = hashlib.blake2b(repr((held, seed)).encode(), digest_size=4).digest()

@@ -84,7 +84,7 @@ def test_status_heartbeat_and_metrics_agree_while_requests_run_wait_and_encode()
     (Before, the status counted the picture's request but /metrics did not, and a request
     queued in the engine was 'running' for the status but 'waiting' for /metrics.)"""
     gate = threading.Event()
-    runner = FakeModelRunner(slots=4, delay_s=0.002)
+    runner = FakeModelRunner(cache_rows=4, delay_s=0.002)
     vision = FakeVisionEncoder(gate)
     # Three served at once (two in the batch, one encoding), one more may wait.
     container = worker(
@@ -139,7 +139,7 @@ def test_a_request_waiting_for_its_turn_has_nothing_encoded() -> None:
     """Beyond --limit-model-concurrency requests wait before any work: a burst of pictures
     neither holds every request's features nor stalls the running streams with encodes."""
     container = worker(
-        FakeModelRunner(slots=2, delay_s=0.002), FakeVisionEncoder(), limit_model_concurrency=1
+        FakeModelRunner(cache_rows=2, delay_s=0.002), FakeVisionEncoder(), limit_model_concurrency=1
     )
     vision = container.vision_encoder()
     with TestClient(create_worker_app(container)):
@@ -160,7 +160,7 @@ def test_a_request_waiting_for_its_turn_has_nothing_encoded() -> None:
 
 
 def test_refused_prompts_and_pictures_leave_the_queue() -> None:
-    container = worker(FakeModelRunner(slots=2, length=64), FakeVisionEncoder())
+    container = worker(FakeModelRunner(cache_rows=2, length=64), FakeVisionEncoder())
     with TestClient(create_worker_app(container)) as client:
         refusals = [
             {"prompt": ""},  # refused by the scheduler, inside the engine
@@ -184,7 +184,7 @@ def test_the_flags_keep_their_meaning() -> None:
     )
     assert settings.running_sequences == 4  # never more than the limit run at once
     assert settings.max_requests == 4 + 3  # the limit, plus the queue beyond it
-    assert settings.cache_slots == 32  # --max-num-seqs as given still sizes the cache
+    assert settings.cache_rows == 32  # --max-num-seqs as given still sizes the cache
     smaller = WorkerSettings(model_path="/m", limit_model_concurrency=4, max_num_seqs=2)
     assert (smaller.running_sequences, smaller.max_requests) == (2, 4 + 64)
 

@@ -18,11 +18,13 @@ from api_fakes import (
     PNG_DATA_URL,
     FakeDirectory,
     FakeImageFetcher,
-    FakeWorkerApi,
+    FakeWorkerGateway,
     chat_body,
     fake_api,
     sse_events,
 )
+
+from vilaserve.domain.shared.conversation import LlmShape, choose_template
 
 
 def image_body(url: str = PNG_DATA_URL, **extra: object) -> dict:
@@ -53,6 +55,21 @@ def test_chat_completion_body_and_what_the_worker_is_sent() -> None:
             "completion_tokens": 3,
             "total_tokens": prompt_tokens + 3,
         }
+
+
+def test_a_workers_jinja_template_is_rendered_by_the_containers_renderer() -> None:
+    jinja = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    template = choose_template(LlmShape(49152, 30, 9), jinja)
+    with fake_api(workers=FakeWorkerGateway(template=template)) as api:
+        response = api.client.post("/v1/chat/completions", json=image_body())
+        assert response.status_code == 200, response.text
+        assert api.workers.payloads[0]["prompt"] == (
+            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+            "<|im_start|>user\n<image>\nWhat?<|im_end|>\n<|im_start|>assistant\n"
+        )
 
 
 def test_stream_is_sse_with_role_deltas_finish_usage_and_done() -> None:
@@ -87,7 +104,7 @@ def test_stream_without_usage_option_has_no_usage_field() -> None:
 
 
 def test_n_choices_are_sent_concurrently_with_consecutive_seeds() -> None:
-    with fake_api(workers=FakeWorkerApi(delay_s=0.02)) as api:
+    with fake_api(workers=FakeWorkerGateway(delay_s=0.02)) as api:
         body = api.client.post("/v1/chat/completions", json=chat_body(n=3, seed=5)).json()
         assert [p["seed"] for p in api.workers.payloads] == [5, 6, 7]
         assert api.workers.most_at_once == 3  # side by side, not one after the other
@@ -165,7 +182,7 @@ def test_malformed_json_and_unknown_paths() -> None:
 def test_worker_refusals_become_http_statuses_streaming_or_not(
     refusal: tuple[int, str], status: int
 ) -> None:
-    with fake_api(workers=FakeWorkerApi(refuse=refusal)) as api:
+    with fake_api(workers=FakeWorkerGateway(refuse=refusal)) as api:
         for stream in (False, True):
             response = api.client.post("/v1/chat/completions", json=chat_body(stream=stream))
             assert response.status_code == status
@@ -178,7 +195,7 @@ def test_worker_refusals_become_http_statuses_streaming_or_not(
 
 
 def test_error_mid_stream_is_an_openai_error_event() -> None:
-    with fake_api(workers=FakeWorkerApi(fail_after=2)) as api:
+    with fake_api(workers=FakeWorkerGateway(fail_after=2)) as api:
         events = sse_events(
             api.client.post("/v1/chat/completions", json=chat_body(stream=True)).text
         )
@@ -190,7 +207,7 @@ def test_error_mid_stream_is_an_openai_error_event() -> None:
 
 
 def test_worker_failure_mid_request_without_stream_is_a_500() -> None:
-    with fake_api(workers=FakeWorkerApi(fail_after=1)) as api:
+    with fake_api(workers=FakeWorkerGateway(fail_after=1)) as api:
         response = api.client.post("/v1/chat/completions", json=chat_body())
     assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
 
@@ -204,17 +221,18 @@ def test_no_worker_and_controller_down_are_503() -> None:
         response = api.client.post("/v1/chat/completions", json=chat_body())
         assert response.status_code == 503
         assert "controller" in response.json()["error"]["message"]
-    with fake_api(workers=FakeWorkerApi(down={ADDRESS})) as api:
+    with fake_api(workers=FakeWorkerGateway(down={ADDRESS})) as api:
         response = api.client.post("/v1/chat/completions", json=chat_body())
         assert response.status_code == 503 and ADDRESS in response.json()["error"]["message"]
 
 
 def test_an_unreachable_worker_is_reported_and_the_request_goes_to_another() -> None:
-    directory = FakeDirectory(models={MODEL: "http://dead:1"}, after_report={MODEL: ADDRESS})
-    with fake_api(directory=directory, workers=FakeWorkerApi(down={"http://dead:1"})) as api:
+    directory = FakeDirectory(models={MODEL: "http://dead:1"}, after_refresh={MODEL: ADDRESS})
+    workers = FakeWorkerGateway(down={"http://dead:1"})
+    with fake_api(directory=directory, workers=workers) as api:
         response = api.client.post("/v1/chat/completions", json=chat_body())
         assert response.status_code == 200, response.text
-        assert directory.reported == ["http://dead:1"]
+        assert directory.refreshes == 1  # the controller was told to check its workers
 
 
 def test_api_keys() -> None:
@@ -253,7 +271,7 @@ def test_oversized_bodies_get_413_declared_or_not() -> None:
 
 
 def test_too_many_requests_in_flight_get_429() -> None:
-    with fake_api(workers=FakeWorkerApi(delay_s=0.2), max_concurrent_requests=1) as api:
+    with fake_api(workers=FakeWorkerGateway(delay_s=0.2), max_concurrent_requests=1) as api:
         results: list[int] = []
         slow = threading.Thread(
             target=lambda: results.append(
@@ -313,8 +331,8 @@ def test_metrics_after_requests() -> None:
         api.client.post("/v1/chat/completions", json=chat_body(max_tokens=2))
         text = api.client.get("/metrics").text
     label = f'model_name="{MODEL}"'
-    assert f'vilaserve:request_success_total{{{label},finished_reason="stop"}} 2' in text
-    assert f'vilaserve:request_success_total{{{label},finished_reason="length"}} 1' in text
+    assert f'vilaserve:request_success_total{{finished_reason="stop",{label}}} 2' in text
+    assert f'vilaserve:request_success_total{{finished_reason="length",{label}}} 1' in text
     assert f"vilaserve:generation_tokens_total{{{label}}} 10" in text
     assert f"vilaserve:time_to_first_token_seconds_count{{{label}}} 2" in text
     assert f"vilaserve:time_per_output_token_seconds_count{{{label}}} 3" in text
@@ -335,7 +353,7 @@ def test_logs_never_carry_image_payloads(caplog: pytest.LogCaptureFixture) -> No
 @pytest.mark.parametrize("spec_version", ["2.3", "2.4"])
 def test_a_client_that_goes_away_stops_the_generation(spec_version: str) -> None:
     """ASGI 2.3 servers announce the disconnect; under 2.4 the next send fails instead."""
-    workers = FakeWorkerApi(reply=tuple(f" w{i}" for i in range(200)), delay_s=0.02)
+    workers = FakeWorkerGateway(reply=tuple(f" w{i}" for i in range(200)), delay_s=0.02)
     with fake_api(workers=workers) as api:
         app = api.client.app
         body = json.dumps(chat_body(stream=True)).encode()
@@ -383,7 +401,7 @@ def test_a_client_that_goes_away_stops_the_generation(spec_version: str) -> None
         assert api.container.admission().active == 0
         metrics = api.client.get("/metrics").text
         assert (
-            f'vilaserve:request_failure_total{{model_name="{MODEL}",error_type="cancelled"}} 1'
+            f'vilaserve:request_failure_total{{error_type="cancelled",model_name="{MODEL}"}} 1'
             in metrics
         )
         assert f'vilaserve:num_requests_running{{model_name="{MODEL}"}} 0' in metrics

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from vilaserve.adapters.shared.jinja_chat_template import JinjaChatTemplateRenderer
 from vilaserve.domain.api.chat_prompt import build_chat_prompt, template_from_worker
 from vilaserve.domain.api.control_tokens import (
     MARKER_BREAK,
@@ -308,11 +309,12 @@ def test_message_text_cannot_spell_the_templates_control_tokens(
     template: ConversationTemplate,
 ) -> None:
     roles = ("system", "user", "assistant", "user")
+    jinja = JinjaChatTemplateRenderer()
     forged = build_chat_prompt(
-        template, messages(*({"role": r, "content": FORGERY} for r in roles)), True
+        template, messages(*({"role": r, "content": FORGERY} for r in roles)), True, jinja
     ).text
     plain = build_chat_prompt(
-        template, messages(*({"role": r, "content": "x"} for r in roles)), True
+        template, messages(*({"role": r, "content": "x"} for r in roles)), True, jinja
     ).text
     # Markers only where the template writes them ...
     markers = {*MARKERS, *template_markers(template)}
@@ -320,7 +322,7 @@ def test_message_text_cannot_spell_the_templates_control_tokens(
     # ... and the text otherwise exactly what the client wrote.
     user, assistant = template.roles
     turns = [(user, FORGERY), (assistant, FORGERY), (user, FORGERY), (assistant, None)]
-    assert forged.replace(MARKER_BREAK, "") == template.render(turns, system_message=FORGERY)
+    assert forged.replace(MARKER_BREAK, "") == template.render(turns, FORGERY, jinja)
 
 
 def test_text_that_only_resembles_markup_is_left_alone() -> None:

@@ -16,7 +16,7 @@ from vilaserve.application.controller.proxy_stream import ProxyGenerateStream
 from vilaserve.application.controller.worker_directory import WorkerDirectory
 from vilaserve.domain.controller.worker_registry import DispatchMethod, WorkerRegistry
 from vilaserve.domain.shared.errors import ErrorCode, WorkerBusy, WorkerUnavailable
-from vilaserve.domain.shared.worker_gateway import WorkerGateway
+from vilaserve.domain.shared.worker_gateway import ModelDetails, WorkerGateway
 from vilaserve.domain.shared.worker_status import WorkerStatus
 from vilaserve.entrypoints.controller.app import create_controller_app
 from vilaserve.entrypoints.controller.container import ControllerContainer
@@ -65,6 +65,13 @@ class FakeGateway(WorkerGateway):
                 await asyncio.sleep(0)
         finally:
             self.closed.append(worker_address)
+
+    # The API's part of the protocol: the controller never asks for it.
+    async def model_details(self, worker_address: str, model: str) -> ModelDetails:
+        raise AssertionError("the controller asked for /model_details")
+
+    async def conversation_template(self, worker_address: str, model: str) -> dict[str, Any]:
+        raise AssertionError("the controller asked for /worker_get_conv_template")
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from vilaserve.adapters.shared.jinja_chat_template import JinjaChatTemplateRenderer
 from vilaserve.domain.api.errors import NoWorker, as_api_error
 from vilaserve.domain.shared.conversation import (
     TEMPLATES,
@@ -139,8 +140,11 @@ def test_template_override_and_tokenizer_template() -> None:
     )
     template = choose_template(shape, jinja)
     assert template.name == "tokenizer"
-    rendered = template.render([(template.roles[0], "hi"), (template.roles[1], None)], "")
+    turns = [(template.roles[0], "hi"), (template.roles[1], None)]
+    rendered = template.render(turns, "", JinjaChatTemplateRenderer())
     assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    with pytest.raises(ValueError, match="needs a ChatTemplateRenderer"):
+        template.render(turns, "")  # the domain holds no template engine
     with pytest.raises(ValueError, match="unknown conversation template 'nope'"):
         choose_template(shape, None, "nope")
 

@@ -36,7 +36,7 @@ async def collect(steps: AsyncIterator[GenerationStep]) -> tuple[str, str | None
 
 
 async def alone(text: str, params: SamplingParams = GREEDY) -> str:
-    generator = make(FakeModelRunner(slots=1), max_num_seqs=1)
+    generator = make(FakeModelRunner(cache_rows=1), max_num_seqs=1)
     try:
         return (await collect(generator.generate(text, None, params)))[0]
     finally:
@@ -48,7 +48,7 @@ def test_a_batch_gives_each_request_what_it_gets_alone() -> None:
 
     async def scenario() -> None:
         expected = [await alone(p) for p in prompts]
-        runner = FakeModelRunner(slots=8, delay_s=0.0005)
+        runner = FakeModelRunner(cache_rows=8, delay_s=0.0005)
         generator = make(runner, max_num_seqs=8, prefill_chunk_while_decoding=4)
 
         async def late(i: int) -> str:
@@ -68,7 +68,7 @@ def test_seeded_sampling_is_the_same_alone_or_batched() -> None:
 
     async def scenario() -> None:
         expected = await alone(prompt(5), params)
-        generator = make(FakeModelRunner(slots=4), max_num_seqs=4)
+        generator = make(FakeModelRunner(cache_rows=4), max_num_seqs=4)
         results = await asyncio.gather(
             collect(generator.generate(prompt(5), None, params)),
             collect(generator.generate(prompt(9, "x"), None, GREEDY)),
@@ -82,7 +82,7 @@ def test_seeded_sampling_is_the_same_alone_or_batched() -> None:
 def test_every_step_decodes_all_running_sequences_together() -> None:
     async def scenario() -> None:
         # Prompts are tokenized on a thread: the first step waits long enough for all four.
-        runner = FakeModelRunner(slots=4, delay_s=0.05)
+        runner = FakeModelRunner(cache_rows=4, delay_s=0.05)
         generator = make(runner, max_num_seqs=4)
         await asyncio.gather(
             *(collect(generator.generate(prompt(4), None, GREEDY)) for _ in range(4))
@@ -98,7 +98,7 @@ def test_every_step_decodes_all_running_sequences_together() -> None:
 
 def test_a_long_prompt_is_prefilled_in_chunks_while_others_keep_decoding() -> None:
     async def scenario() -> None:
-        runner = FakeModelRunner(slots=4, delay_s=0.001)
+        runner = FakeModelRunner(cache_rows=4, delay_s=0.001)
         generator = make(runner, max_num_seqs=4, prefill_chunk_while_decoding=16, short_prompt=8)
         running = [
             asyncio.ensure_future(
@@ -127,7 +127,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_keep_decoding() -> No
 
 def test_turn_two_reuses_the_cached_prefix_of_turn_one_and_answers_the_same() -> None:
     async def scenario() -> None:
-        runner = FakeModelRunner(slots=2)
+        runner = FakeModelRunner(cache_rows=2)
         generator = make(runner, max_num_seqs=1)
         first = prompt(40, "chat")
         answer, _, _ = await collect(generator.generate(first, None, GREEDY))
@@ -142,9 +142,9 @@ def test_turn_two_reuses_the_cached_prefix_of_turn_one_and_answers_the_same() ->
     asyncio.run(scenario())
 
 
-def test_a_cached_prefix_is_evicted_for_a_new_request_when_no_slot_is_free() -> None:
+def test_a_cached_prefix_is_evicted_for_a_new_request_when_no_cache_row_is_free() -> None:
     async def scenario() -> None:
-        runner = FakeModelRunner(slots=1)
+        runner = FakeModelRunner(cache_rows=1)
         generator = make(runner, max_num_seqs=1)
         await collect(generator.generate(prompt(10, "a"), None, GREEDY))
         other, _, _ = await collect(generator.generate(prompt(10, "b"), None, GREEDY))
@@ -157,20 +157,20 @@ def test_a_cached_prefix_is_evicted_for_a_new_request_when_no_slot_is_free() -> 
     asyncio.run(scenario())
 
 
-def test_a_client_that_goes_away_frees_its_slot_within_one_step() -> None:
+def test_a_client_that_goes_away_frees_its_cache_row_within_one_step() -> None:
     async def scenario() -> None:
-        runner = FakeModelRunner(slots=2, delay_s=0.002)
+        runner = FakeModelRunner(cache_rows=2, delay_s=0.002)
         generator = make(runner, max_num_seqs=2)
         engine = generator.engine
         steps = generator.generate(
             prompt(4), None, SamplingParams(temperature=0, max_new_tokens=500)
         )
         await steps.__anext__()
-        assert engine.scheduler.slots.free_count == 1
+        assert engine.scheduler.cache_rows.free_count == 1
         steps_before = len(runner.batches)
         await steps.aclose()  # what the HTTP layer does when the client disconnects
         await asyncio.sleep(0.01)
-        assert engine.scheduler.slots.free_count == 2
+        assert engine.scheduler.cache_rows.free_count == 2
         assert engine.admission.queue_length == 0
         assert len(runner.batches) <= steps_before + 1  # at most the step already running
         await generator.close()
@@ -180,7 +180,7 @@ def test_a_client_that_goes_away_frees_its_slot_within_one_step() -> None:
 
 def test_a_sequence_leaves_once_and_says_why() -> None:
     async def scenario() -> None:
-        runner = FakeModelRunner(slots=2, delay_s=0.002)
+        runner = FakeModelRunner(cache_rows=2, delay_s=0.002)
         generator = make(runner, max_num_seqs=2)
         engine = generator.engine
         long = generator.generate(
@@ -196,7 +196,7 @@ def test_a_sequence_leaves_once_and_says_why() -> None:
                 break
             await asyncio.sleep(0.005)
         assert seq.status is SequenceStatus.FINISHED and seq.end == "aborted"
-        assert seq not in engine.scheduler.running and engine.scheduler.slots.free_count == 2
+        assert seq not in engine.scheduler.running and engine.scheduler.cache_rows.free_count == 2
         await long.aclose()
         _, finish, _ = await collect(generator.generate(prompt(3), None, GREEDY))
         assert finish == "length"
@@ -207,7 +207,7 @@ def test_a_sequence_leaves_once_and_says_why() -> None:
 
 def test_requests_beyond_the_running_limit_wait_and_then_run() -> None:
     async def scenario() -> None:
-        runner = FakeModelRunner(slots=2)
+        runner = FakeModelRunner(cache_rows=2)
         generator = make(runner, max_num_seqs=2)
         results = await asyncio.gather(
             *(collect(generator.generate(prompt(3, f"w{i}"), None, GREEDY)) for i in range(5))
@@ -221,13 +221,13 @@ def test_requests_beyond_the_running_limit_wait_and_then_run() -> None:
 
 def test_a_failed_step_fails_its_requests_and_the_engine_serves_the_next_one() -> None:
     async def scenario() -> None:
-        runner = FakeModelRunner(slots=2)
+        runner = FakeModelRunner(cache_rows=2)
         generator = make(runner, max_num_seqs=2)
         runner.fail_next = OutOfDeviceMemory("the device ran out of memory")
         with pytest.raises(ServingError) as failed:
             await collect(generator.generate(prompt(3), None, GREEDY))
         assert failed.value.code == OutOfDeviceMemory.code
-        assert generator.engine.scheduler.slots.free_count == 2
+        assert generator.engine.scheduler.cache_rows.free_count == 2
         text, finish, _ = await collect(generator.generate(prompt(3), None, GREEDY))
         await generator.close()
         assert finish == "length" and text == await alone(prompt(3))
@@ -237,7 +237,7 @@ def test_a_failed_step_fails_its_requests_and_the_engine_serves_the_next_one() -
 
 def test_a_stop_token_ends_the_stream_with_reason_stop() -> None:
     async def scenario() -> None:
-        runner = FakeModelRunner(slots=1, stop_at=6)
+        runner = FakeModelRunner(cache_rows=1, stop_at=6)
         generator = make(runner, max_num_seqs=1)
         text, finish, produced = await collect(generator.generate(prompt(3), None, GREEDY))
         await generator.close()
@@ -265,7 +265,7 @@ def test_prompt_chunks_shrink_when_they_slow_the_streams_and_grow_back() -> None
 
 def test_a_short_prompt_arriving_mid_stream_is_prefilled_in_one_step() -> None:
     async def scenario() -> None:
-        runner = FakeModelRunner(slots=4, delay_s=0.001)
+        runner = FakeModelRunner(cache_rows=4, delay_s=0.001)
         generator = make(runner, max_num_seqs=4, prefill_chunk_while_decoding=4, short_prompt=64)
         running = asyncio.ensure_future(
             collect(
@@ -286,7 +286,7 @@ def test_a_short_prompt_arriving_mid_stream_is_prefilled_in_one_step() -> None:
 
 
 class Incomparable:
-    """A position key whose comparison raises: a bug the slot table trips over."""
+    """A position key whose comparison raises: a bug `CacheRows` trips over."""
 
     def __eq__(self, other: object) -> bool:
         raise TypeError("this key cannot be compared")
@@ -295,12 +295,12 @@ class Incomparable:
 
 
 def test_a_prompt_the_scheduler_cannot_admit_fails_alone_and_once() -> None:
-    """Issue 23, finding 1: an empty prompt made every step raise in the slot table, forever
+    """Issue 23, finding 1: an empty prompt made every step raise in `CacheRows`, forever
     (other requests waited, the log grew by the step). Now that request ends once, with its
     reason, and the others are served."""
 
     async def scenario() -> None:
-        runner = FakeModelRunner(slots=2)
+        runner = FakeModelRunner(cache_rows=2)
         generator = make(runner, max_num_seqs=2)
         await collect(generator.generate("x y", None, GREEDY))  # leaves a prefix to compare
         engine = generator.engine

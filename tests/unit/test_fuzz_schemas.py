@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 import schemathesis
-from api_fakes import MODEL, FakeDirectory, FakeWorkerApi, chat_body
+from api_fakes import MODEL, FakeDirectory, FakeWorkerGateway, chat_body
 from dependency_injector import providers
 from fakes import FakeController, FakeTextGenerator, FakeVisionEncoder
 from hypothesis import HealthCheck, settings
@@ -135,7 +135,7 @@ def build_controller() -> tuple[Any, Any]:
 def build_api() -> tuple[Any, Any]:
     container = ApiContainer(settings=ApiSettings(log_format="text"))
     container.model_directory.override(providers.Object(FakeDirectory()))
-    container.worker_api.override(providers.Object(FakeWorkerApi()))
+    container.worker_gateway.override(providers.Object(FakeWorkerGateway()))
     container.image_fetcher.override(providers.Object(None))
     return create_api_app(container), container
 

@@ -1,4 +1,5 @@
-"""The controller as the API sees it: FastChat's `/list_models` and `/get_worker_address`."""
+"""The controller as the API sees it: FastChat's `/list_models`, `/get_worker_address` and
+`/refresh_all_workers`."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ class HttpModelDirectory(ModelDirectory):
             raise ControllerUnavailable(self._base, "/get_worker_address sent no address")
         return reply.get("address") or None
 
-    async def report_unreachable(self, address: str) -> None:
+    async def refresh_workers(self) -> None:
         # The request fails over either way; an unreachable controller expires the worker later.
         with contextlib.suppress(ControllerUnavailable):
             await self._post("/refresh_all_workers", {})

@@ -34,10 +34,10 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from vilaserve.adapters.worker.awq.quantized_weight import QuantizedWeight
+from vilaserve.adapters.worker.torch_vila.kv_cache import KVCache
 from vilaserve.adapters.worker.torch_vila.llama import (
     DECODER_LINEARS,
     DecoderLayer,
-    KVCache,
     LayerStep,
     Llama,
     RMSNorm,

@@ -1,8 +1,9 @@
 """Talking to a model worker over its FastChat / TinyChat HTTP protocol.
 
-Used by the controller (status polls, stream proxy) and the OpenAI-compatible API (metadata,
-generation). One pooled `httpx.AsyncClient` per process; the stream is read frame by frame so a
-slow worker only ever blocks the request that waits on it.
+The one client of the protocol, used by the controller (status polls, stream proxy) and the
+OpenAI-compatible API (model details, template, generation). One pooled `httpx.AsyncClient` per
+process; the stream is read frame by frame so a slow worker only ever blocks the request that
+waits on it.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import httpx
 
 from vilaserve.domain.shared.controller_messages import parse_worker_status
 from vilaserve.domain.shared.errors import InvalidRequest, WorkerBusy, WorkerUnavailable
-from vilaserve.domain.shared.worker_gateway import WorkerGateway
+from vilaserve.domain.shared.worker_gateway import FRAME_SEPARATOR, ModelDetails, WorkerGateway
 from vilaserve.domain.shared.worker_status import WorkerStatus
 
-FRAME_SEPARATOR = b"\0"
+DEFAULT_CONTEXT_LENGTH = 2048  # FastChat's fallback when a worker has no /model_details
 _JSON_HEADERS = {"content-type": "application/json"}
 
 
@@ -105,6 +106,25 @@ class HttpWorkerClient(WorkerGateway):
             raise WorkerUnavailable(
                 worker_address, f"/worker_get_status answered {repr(reply)[:200]}: {exc.message}"
             ) from exc
+
+    async def model_details(self, worker_address: str, model: str) -> ModelDetails:
+        reply = await self.post_json(worker_address, "/model_details", {"model": model})
+        if not isinstance(reply, dict):
+            raise WorkerUnavailable(worker_address, "/model_details sent no model details")
+        return ModelDetails(
+            context_length=int(reply.get("context_length") or DEFAULT_CONTEXT_LENGTH),
+            multimodal=bool(reply.get("multimodal", True)),
+            tokens_per_image=int(reply.get("tokens_per_image") or 0),
+        )
+
+    async def conversation_template(self, worker_address: str, model: str) -> dict[str, Any]:
+        reply = await self.post_json(worker_address, "/worker_get_conv_template", {"model": model})
+        conv = reply.get("conv") if isinstance(reply, dict) else None
+        if not isinstance(conv, dict):
+            raise WorkerUnavailable(
+                worker_address, "/worker_get_conv_template sent no conversation template"
+            )
+        return conv
 
     async def stream_generate(
         self, worker_address: str, payload: dict[str, Any]

@@ -49,7 +49,7 @@ class PrometheusEngineObserver:
         r = self.registry
         self._running = Gauge("vllm:num_requests_running", "Sequences in the batch", registry=r)
         self._waiting = Gauge("vllm:num_requests_waiting", "Sequences waiting", registry=r)
-        self._kv = Gauge("vllm:kv_cache_usage_perc", "KV-cache slots in use (0-1)", registry=r)
+        self._kv = Gauge("vllm:kv_cache_usage_perc", "KV-cache rows in use (0-1)", registry=r)
         self._prefix_queries = Counter(
             "vllm:prefix_cache_queries", "Prompt positions looked up in the prefix cache",
             registry=r,

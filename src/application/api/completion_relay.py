@@ -1,5 +1,7 @@
-"""What chat and text completions share: route, plan the worker jobs, run them, answer.
+"""What chat and text completions share: a place under the request limit, then the worker
+streams of the jobs the use case built, relayed as one OpenAI reply.
 
+A use case routes its request and builds its jobs inside `admit()`, then hands them to `run`.
 A reply is either a whole body (non-streaming) or a `ResponseStream` of OpenAI chunks whose
 `aclose()` the HTTP layer calls whatever happens, so a client that goes away stops its
 generations at the worker and frees its place.
@@ -7,29 +9,65 @@ generations at the worker and frees its place.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vilaserve.application.api.admission import Admission
 from vilaserve.application.api.generation_session import GenerationSession, OpenChoice, open_choices
 from vilaserve.application.api.metrics import ApiMetrics, RequestMeter
-from vilaserve.application.api.model_router import ModelInfo, ModelRouter, Route
-from vilaserve.domain.api.errors import ApiError, NoWorker, UpstreamFailure, as_api_error
+from vilaserve.application.api.model_router import ModelRouter, Route
+from vilaserve.domain.api.errors import (
+    ApiError,
+    NoWorker,
+    Overloaded,
+    UpstreamFailure,
+    as_api_error,
+)
 from vilaserve.domain.api.openai_responses import (
     ChoiceFinished,
     ResponseFormat,
     TextDelta,
     combine_usage,
 )
-from vilaserve.domain.api.ports import WorkerApi
 from vilaserve.domain.api.worker_jobs import WorkerJob
 from vilaserve.domain.shared.errors import Unavailable, WorkerUnavailable
+from vilaserve.domain.shared.worker_gateway import WorkerGateway
 
 log = logging.getLogger(__name__)
 
-Planner = Callable[[ModelInfo], Awaitable[Sequence[WorkerJob]]]
+
+class Admission:
+    """A bound on the requests the API holds at once; beyond it clients get a 429 to retry."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"the request limit must be >= 1, got {limit}")
+        self._limit = limit
+        self._active = 0
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    def enter(self) -> None:
+        if self._active >= self._limit:
+            raise Overloaded(
+                f"the server is handling {self._active} requests, its limit; retry later"
+            )
+        self._active += 1
+
+    def leave(self) -> None:
+        self._active = max(0, self._active - 1)
+
+
+@dataclass
+class AdmittedRequest:
+    """A request inside the limit: when it arrived, and whether its reply holds its place now."""
+
+    received: float
+    reply_holds_place: bool = False
 
 
 class ResponseStream:
@@ -68,35 +106,49 @@ class CompletionRelay:
     def __init__(
         self,
         router: ModelRouter,
-        workers: WorkerApi,
+        gateway: WorkerGateway,
         metrics: ApiMetrics,
         admission: Admission,
     ) -> None:
         self._router = router
-        self._workers = workers
+        self._gateway = gateway
         self._metrics = metrics
         self._admission = admission
 
-    async def run(
-        self, model: str, plan: Planner, fmt: ResponseFormat, options: RunOptions
-    ) -> Reply:
-        received = self._metrics.now()
+    @contextlib.asynccontextmanager
+    async def admit(self) -> AsyncIterator[AdmittedRequest]:
+        """A place under the limit (`Overloaded`, a 429, beyond it) for routing the request and
+        building its jobs. From `run`'s reply on the place is the reply's, given back when it
+        ends; leaving the block without one (an error, a cancellation) gives it back."""
+        admitted = AdmittedRequest(self._metrics.now())
         self._admission.enter()
         try:
-            route = await self._router.route(model)
-            jobs = await plan(route.info)
-            meter = self._metrics.start(model, received)
-            try:
-                choices = await self._open(route, jobs)
-            except (ApiError, Unavailable) as error:
-                meter.failed(as_api_error(error).error_type)
-                raise
-            except BaseException:
-                meter.failed("cancelled")
-                raise
-        except BaseException:
-            self._admission.leave()
+            yield admitted
+        finally:
+            if not admitted.reply_holds_place:
+                self._admission.leave()
+
+    async def run(
+        self,
+        admitted: AdmittedRequest,
+        route: Route,
+        jobs: Sequence[WorkerJob],
+        fmt: ResponseFormat,
+        options: RunOptions,
+    ) -> Reply:
+        """Opens the jobs' worker streams on `route`, then collects them into one body or
+        relays them as chunks. Raises what keeps them from starting."""
+        model = route.model
+        meter = self._metrics.start(model, admitted.received)
+        try:
+            route, choices = await self._open(route, jobs)
+        except (ApiError, Unavailable) as error:
+            meter.failed(as_api_error(error).error_type)
             raise
+        except BaseException:
+            meter.failed("cancelled")
+            raise
+        admitted.reply_holds_place = True
         session = GenerationSession(choices)
         closer = _Closer(session, meter, self._admission)
         log.info(
@@ -117,15 +169,17 @@ class CompletionRelay:
         chunks = self._chunks(session, meter, fmt, options, model)
         return Reply(stream=ResponseStream(chunks, closer))
 
-    async def _open(self, route: Route, jobs: Sequence[WorkerJob]) -> list[OpenChoice]:
+    async def _open(
+        self, route: Route, jobs: Sequence[WorkerJob]
+    ) -> tuple[Route, list[OpenChoice]]:
+        """The streams, and the route they run on: the worker may have been failed over."""
         try:
-            return await open_choices(self._workers, route.address, jobs)
-        except WorkerUnavailable:
-            # Nothing was sent to the client yet: tell the controller, and try once more on
-            # whichever worker it names now (another one, or the same if it is back).
-            await self._router.report_unreachable(route.model, route.address)
-        fresh = await self._router.route(route.model)
-        return await open_choices(self._workers, fresh.address, jobs)
+            return route, await open_choices(self._gateway, route.address, jobs)
+        except WorkerUnavailable as exc:
+            failure = exc
+        # Nothing was sent to the client yet: another worker can still take the jobs.
+        route = await self._router.failover(route.model, failure, route)
+        return route, await open_choices(self._gateway, route.address, jobs)
 
     async def _collect(
         self,

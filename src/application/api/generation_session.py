@@ -2,7 +2,7 @@
 
 Each stream's first chunk is read before the request is answered, so a refusal (bad image,
 prompt too long, queue full) still becomes a proper HTTP status instead of an error event in
-an already-started stream.
+an already-started stream. The worker's frames are read here into `StreamChunk`s.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from vilaserve.domain.api.errors import from_worker_error
 from vilaserve.domain.api.openai_responses import (
@@ -19,30 +20,51 @@ from vilaserve.domain.api.openai_responses import (
     CumulativeText,
     TextDelta,
 )
-from vilaserve.domain.api.ports import WorkerApi
 from vilaserve.domain.api.worker_jobs import WorkerJob
 from vilaserve.domain.shared.errors import WorkerUnavailable
 from vilaserve.domain.shared.generation import StreamChunk, Usage
+from vilaserve.domain.shared.worker_gateway import WorkerGateway
+
+Frame = dict[str, Any]
 
 
 @dataclass
 class OpenChoice:
     index: int
     first: StreamChunk
-    rest: AsyncIterator[StreamChunk]
+    rest: AsyncIterator[Frame]  # the worker's stream itself: closing it stops the generation
 
 
-async def _close(stream: AsyncIterator[StreamChunk]) -> None:
+def _chunk(frame: Any) -> StreamChunk:
+    """A `/worker_generate_stream` frame (cumulative `text`) as the API reads it."""
+    if not isinstance(frame, dict):
+        return StreamChunk(
+            text=f"the worker sent a malformed chunk: {frame!r:.200}", error_code=50001
+        )
+    usage = frame.get("usage")
+    finish = frame.get("finish_reason")
+    return StreamChunk(
+        text=str(frame.get("text") or ""),
+        error_code=int(frame.get("error_code") or 0),
+        usage=Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+        if isinstance(usage, dict)
+        else None,
+        # Anything else a foreign worker may send (e.g. "abort") still ends the choice.
+        finish_reason=finish if finish in ("stop", "length") else ("stop" if finish else None),
+    )
+
+
+async def _close(stream: AsyncIterator[Frame]) -> None:
     close = getattr(stream, "aclose", None)
     if close is not None:
         with contextlib.suppress(Exception):
             await close()
 
 
-async def _open_one(workers: WorkerApi, address: str, index: int, job: WorkerJob) -> OpenChoice:
-    stream = workers.generate_stream(address, job.to_payload())
+async def _open_one(gateway: WorkerGateway, address: str, index: int, job: WorkerJob) -> OpenChoice:
+    stream = gateway.stream_generate(address, job.to_payload())
     try:
-        first = await anext(stream)
+        first = _chunk(await anext(stream))
     except StopAsyncIteration:
         raise WorkerUnavailable(address, "it closed the stream without answering") from None
     except BaseException:
@@ -55,10 +77,10 @@ async def _open_one(workers: WorkerApi, address: str, index: int, job: WorkerJob
 
 
 async def open_choices(
-    workers: WorkerApi, address: str, jobs: Sequence[WorkerJob]
+    gateway: WorkerGateway, address: str, jobs: Sequence[WorkerJob]
 ) -> list[OpenChoice]:
     """Starts every job at once and waits for each one's first chunk; all or nothing."""
-    tasks = [asyncio.ensure_future(_open_one(workers, address, i, j)) for i, j in enumerate(jobs)]
+    tasks = [asyncio.ensure_future(_open_one(gateway, address, i, j)) for i, j in enumerate(jobs)]
     try:
         return list(await asyncio.gather(*tasks))
     except BaseException:
@@ -73,8 +95,7 @@ async def open_choices(
 async def _choice_events(choice: OpenChoice) -> AsyncIterator[ChoiceEvent]:
     text = CumulativeText()
     last = choice.first
-    chunks = _prepend(choice.first, choice.rest)
-    async for chunk in chunks:
+    async for chunk in _chunks(choice.first, choice.rest):
         if chunk.error_code:
             raise from_worker_error(chunk.error_code, chunk.text)
         last = chunk
@@ -96,12 +117,10 @@ def _usage(chunk: StreamChunk) -> Usage:
     return chunk.usage or Usage(0, 0)
 
 
-async def _prepend(
-    first: StreamChunk, rest: AsyncIterator[StreamChunk]
-) -> AsyncIterator[StreamChunk]:
+async def _chunks(first: StreamChunk, rest: AsyncIterator[Frame]) -> AsyncIterator[StreamChunk]:
     yield first
-    async for chunk in rest:
-        yield chunk
+    async for frame in rest:
+        yield _chunk(frame)
 
 
 _END = object()

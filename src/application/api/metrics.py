@@ -1,17 +1,61 @@
 """The API's Prometheus metrics: vLLM's names and `model_name` label under our prefix.
 
-`num_requests_waiting` counts requests sent to a worker that have no token yet (queued at the
-worker or in prefill); `num_requests_running` those streaming tokens.
+What is measured, and when, is decided here; a `MetricRegistry` (an adapter) keeps the series
+and writes the exposition. `num_requests_waiting` counts requests sent to a worker that have no
+token yet (queued at the worker or in prefill); `num_requests_running` those streaming tokens.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 
-from vilaserve.application.api.metrics_registry import Counter, Gauge, Histogram, render
 from vilaserve.domain.api.openai_responses import ChoiceFinished
 from vilaserve.domain.shared.generation import Usage
+
+
+class CounterMetric(ABC):
+    @abstractmethod
+    def inc(self, labels: Sequence[str], amount: float = 1.0) -> None:
+        """Adds `amount` (not negative) to the series of these label values."""
+
+
+class GaugeMetric(ABC):
+    @abstractmethod
+    def add(self, labels: Sequence[str], amount: float) -> None:
+        """Moves the series of these label values by `amount`, up or down."""
+
+
+class HistogramMetric(ABC):
+    @abstractmethod
+    def observe(self, labels: Sequence[str], value: float) -> None: ...
+
+
+class MetricRegistry(ABC):
+    """Series with labels, rendered in Prometheus' text format (0.0.4).
+
+    Label values are given in the order of the metric's label names. A series appears in
+    `render()` from its first update, and each metric's HELP and TYPE lines from its creation.
+    """
+
+    @abstractmethod
+    def counter(self, name: str, help: str, label_names: Sequence[str]) -> CounterMetric:
+        """`name` ends in `_total`, as it is exposed."""
+
+    @abstractmethod
+    def gauge(self, name: str, help: str, label_names: Sequence[str]) -> GaugeMetric: ...
+
+    @abstractmethod
+    def histogram(
+        self, name: str, help: str, label_names: Sequence[str], buckets: Sequence[float]
+    ) -> HistogramMetric:
+        """`buckets`: the finite upper bounds, ascending; `+Inf` is implied."""
+
+    @abstractmethod
+    def render(self) -> str:
+        """The metrics in the order they were created, newline-terminated."""
+
 
 PREFIX = "vilaserve:"
 TTFT_BUCKETS = (
@@ -55,47 +99,50 @@ E2E_BUCKETS = (0.1, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 240.
 
 
 class ApiMetrics:
-    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self, registry: MetricRegistry, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
+        self._registry = registry
         self._clock = clock
         model = ("model_name",)
-        self.request_success = Counter(
+        self.request_success = registry.counter(
             PREFIX + "request_success_total",
             "Finished completions (one per choice), by finish reason.",
             ("model_name", "finished_reason"),
         )
-        self.request_failure = Counter(
+        self.request_failure = registry.counter(
             PREFIX + "request_failure_total",
             "Requests that failed after reaching a worker, by OpenAI error type.",
             ("model_name", "error_type"),
         )
-        self.prompt_tokens = Counter(
+        self.prompt_tokens = registry.counter(
             PREFIX + "prompt_tokens_total", "Prompt tokens processed (images included).", model
         )
-        self.generation_tokens = Counter(
+        self.generation_tokens = registry.counter(
             PREFIX + "generation_tokens_total", "Tokens generated.", model
         )
-        self.time_to_first_token = Histogram(
+        self.time_to_first_token = registry.histogram(
             PREFIX + "time_to_first_token_seconds",
             "Seconds from the request's arrival to its first generated text.",
             model,
             TTFT_BUCKETS,
         )
-        self.time_per_output_token = Histogram(
+        self.time_per_output_token = registry.histogram(
             PREFIX + "time_per_output_token_seconds",
             "Seconds per generated token after the first, per choice.",
             model,
             TPOT_BUCKETS,
         )
-        self.e2e_latency = Histogram(
+        self.e2e_latency = registry.histogram(
             PREFIX + "e2e_request_latency_seconds",
             "Seconds from the request's arrival to its last token.",
             model,
             E2E_BUCKETS,
         )
-        self.running = Gauge(
+        self.running = registry.gauge(
             PREFIX + "num_requests_running", "Requests generating tokens now.", model
         )
-        self.waiting = Gauge(
+        self.waiting = registry.gauge(
             PREFIX + "num_requests_waiting", "Requests waiting for their first token.", model
         )
 
@@ -107,19 +154,7 @@ class ApiMetrics:
         return self._clock()
 
     def render(self) -> str:
-        return render(
-            [
-                self.request_success,
-                self.request_failure,
-                self.prompt_tokens,
-                self.generation_tokens,
-                self.time_to_first_token,
-                self.time_per_output_token,
-                self.e2e_latency,
-                self.running,
-                self.waiting,
-            ]
-        )
+        return self._registry.render()
 
 
 class RequestMeter:

@@ -5,6 +5,9 @@ get_worker_address, conv template, model_details, count_token). Here a request c
 one controller lookup: the worker address is cached for a few seconds (so the controller's
 load balancing still applies), the model's template and details until a worker fails. A
 failure drops both, and the next request asks the controller again.
+
+A worker that cannot be reached before anything was sent to the client is failed over once per
+request (`failover`): whether it failed when first described or when its streams were opened.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vilaserve.domain.api.chat_prompt import template_from_worker
 from vilaserve.domain.api.errors import ApiError, ModelNotFound, NoWorker
-from vilaserve.domain.api.ports import ModelDetails, ModelDirectory, WorkerApi
+from vilaserve.domain.api.ports import ModelDirectory
 from vilaserve.domain.shared.conversation import ConversationTemplate
 from vilaserve.domain.shared.errors import WorkerUnavailable
+from vilaserve.domain.shared.worker_gateway import ModelDetails, WorkerGateway
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,7 @@ class Route:
     address: str
     info: ModelInfo
     address_was_cached: bool
+    is_failover: bool = False  # this route replaces one whose worker could not be reached
 
 
 @dataclass(frozen=True)
@@ -51,13 +57,13 @@ class ModelRouter:
     def __init__(
         self,
         directory: ModelDirectory,
-        workers: WorkerApi,
+        gateway: WorkerGateway,
         address_ttl_s: float = DEFAULT_ADDRESS_TTL_S,
         info_ttl_s: float = DEFAULT_INFO_TTL_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._directory = directory
-        self._workers = workers
+        self._gateway = gateway
         self._address_ttl_s = address_ttl_s
         self._info_ttl_s = info_ttl_s
         self._clock = clock
@@ -69,13 +75,24 @@ class ModelRouter:
         cached = self._fresh(self._addresses, model)
         try:
             return await self._route(model, cached if isinstance(cached, str) else None)
-        except WorkerUnavailable as exc:
-            # The worker it named (or we cached) cannot be reached: tell the controller, then
-            # one more lookup finds another (or the same, if it is back).
-            await self.report_unreachable(model, exc.address)
-        return await self._route(model, None)
+        except WorkerUnavailable as exc:  # the worker named (or cached) could not describe it
+            failure = exc
+        return await self.failover(model, failure)
 
-    async def _route(self, model: str, address: str | None) -> Route:
+    async def failover(
+        self, model: str, failure: WorkerUnavailable, failed: Route | None = None
+    ) -> Route:
+        """Another route for `model` after its worker could not be reached (`failure`), before
+        anything was sent to the client: forget what is cached, have the controller check its
+        workers, and look one up once more (another one, or the same if it is back). A request
+        fails over once: when `failed` is itself a failover, `failure` is raised."""
+        if failed is not None and failed.is_failover:
+            raise failure
+        self.forget(model)
+        await self._directory.refresh_workers()
+        return await self._route(model, None, is_failover=True)
+
+    async def _route(self, model: str, address: str | None, is_failover: bool = False) -> Route:
         from_cache = address is not None
         if address is None:
             address = await self._directory.worker_address(model)
@@ -86,12 +103,7 @@ class ModelRouter:
         if not isinstance(info, ModelInfo):
             info = await self._describe(model, address)
             self._infos[model] = _Expiring(info, self._clock() + self._info_ttl_s)
-        return Route(model, address, info, from_cache)
-
-    async def report_unreachable(self, model: str, address: str) -> None:
-        """A worker of `model` refused us: forget what is cached and tell the controller."""
-        self.forget(model)
-        await self._directory.report_unreachable(address)
+        return Route(model, address, info, from_cache, is_failover)
 
     def forget(self, model: str) -> None:
         """Drops what is cached about `model`, after one of its workers failed."""
@@ -106,10 +118,11 @@ class ModelRouter:
         return sorted(set(await self._directory.list_models()))
 
     async def _describe(self, model: str, address: str) -> ModelInfo:
-        details, template = await asyncio.gather(
-            self._workers.model_details(address, model),
-            self._workers.conversation_template(address, model),
+        details, conv = await asyncio.gather(
+            self._gateway.model_details(address, model),
+            self._gateway.conversation_template(address, model),
         )
+        template = template_from_worker(conv)
         log.info(
             "model described",
             extra={

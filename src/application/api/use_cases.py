@@ -21,6 +21,7 @@ from vilaserve.domain.api.openai_responses import (
     model_card,
 )
 from vilaserve.domain.api.worker_jobs import WorkerJob, job_for
+from vilaserve.domain.shared.conversation import ChatTemplateRenderer
 from vilaserve.domain.shared.errors import Unavailable
 
 
@@ -31,28 +32,39 @@ def _identity(prefix: str, model: str) -> ResponseIdentity:
 class ChatCompletion:
     """`/v1/chat/completions`: messages with text and images -> the worker's template."""
 
-    def __init__(self, relay: CompletionRelay, images: ImageResolver) -> None:
+    def __init__(
+        self,
+        router: ModelRouter,
+        relay: CompletionRelay,
+        images: ImageResolver,
+        renderer: ChatTemplateRenderer,
+    ) -> None:
+        self._router = router
         self._relay = relay
         self._images = images
+        self._renderer = renderer  # for a worker whose template is its tokenizer's Jinja one
 
     async def __call__(self, body: Any) -> Reply:
         request = parse_chat_request(body)
-
-        async def plan(info: ModelInfo) -> list[WorkerJob]:
-            prompt = build_chat_prompt(info.template, request.messages, info.details.multimodal)
-            images = await self._images.resolve(prompt.image_urls)
-            job = job_for(request, prompt.text, info.template, info.details.context_length, images)
-            return [job.for_choice(i) for i in range(request.n)]
-
         fmt = ChatFormat(_identity("chatcmpl", request.model), request.include_usage)
         options = RunOptions(request.stream, request.include_usage, request.n)
-        return await self._relay.run(request.model, plan, fmt, options)
+        async with self._relay.admit() as admitted:
+            route = await self._router.route(request.model)
+            info = route.info
+            prompt = build_chat_prompt(
+                info.template, request.messages, info.details.multimodal, self._renderer
+            )
+            images = await self._images.resolve(prompt.image_urls)
+            job = job_for(request, prompt.text, info.template, info.details.context_length, images)
+            jobs = [job.for_choice(i) for i in range(request.n)]
+            return await self._relay.run(admitted, route, jobs, fmt, options)
 
 
 class Completion:
     """`/v1/completions`: raw text prompts, no template, no images."""
 
-    def __init__(self, relay: CompletionRelay) -> None:
+    def __init__(self, router: ModelRouter, relay: CompletionRelay) -> None:
+        self._router = router
         self._relay = relay
 
     async def __call__(self, body: Any) -> Reply:
@@ -60,21 +72,19 @@ class Completion:
         prompts = request.prompts
         for index, prompt in enumerate(prompts):
             check_completion_prompt(prompt, index)
-
-        async def plan(info: ModelInfo) -> list[WorkerJob]:
-            context = info.details.context_length
-            jobs: list[WorkerJob] = []
-            for prompt in prompts:  # choice index = prompt index * n + j, as OpenAI numbers them
-                job = job_for(request, prompt, info.template, context)
-                jobs += [job.for_choice(j) for j in range(request.n)]
-            return jobs
-
         echoed: Sequence[str] = ()
         if request.echo:
             echoed = [p for p in prompts for _ in range(request.n)]
         fmt = CompletionFormat(_identity("cmpl", request.model), request.include_usage, echoed)
         options = RunOptions(request.stream, request.include_usage, request.n)
-        return await self._relay.run(request.model, plan, fmt, options)
+        async with self._relay.admit() as admitted:
+            route = await self._router.route(request.model)
+            info = route.info
+            jobs: list[WorkerJob] = []
+            for prompt in prompts:  # choice index = prompt index * n + j, as OpenAI numbers them
+                job = job_for(request, prompt, info.template, info.details.context_length)
+                jobs += [job.for_choice(j) for j in range(request.n)]
+            return await self._relay.run(admitted, route, jobs, fmt, options)
 
 
 class ListModels:

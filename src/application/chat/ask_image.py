@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 from vilaserve.application.worker.generate_stream import GenerateStream, GenerationLimits
 from vilaserve.domain.api.chat_prompt import build_chat_prompt
 from vilaserve.domain.api.openai_requests import ChatMessage, ContentPart, ImagePart, TextPart
+from vilaserve.domain.shared.conversation import ChatTemplateRenderer
 from vilaserve.domain.shared.errors import ErrorCode, ServingError
 from vilaserve.domain.worker.ports import TextGenerator, VisionEncoder
 
@@ -68,9 +69,12 @@ class AskAboutImages:
         generator: TextGenerator,
         vision: VisionEncoder | None,
         limits: GenerationLimits | None = None,
+        renderer: ChatTemplateRenderer | None = None,
     ) -> None:
+        """`renderer`: needed for a model whose template is its tokenizer's Jinja one."""
         self._generator = generator
         self._vision = vision
+        self._renderer = renderer
         self._stream = GenerateStream(generator, vision, limits or GenerationLimits())
 
     def prompt(
@@ -79,7 +83,8 @@ class AskAboutImages:
         """The prompt text for `question` after the (question, reply) turns of `history`."""
         messages = chat_messages(question, image_count, history)
         template = self._generator.conversation_template
-        return build_chat_prompt(template, messages, multimodal=self._vision is not None).text
+        multimodal = self._vision is not None
+        return build_chat_prompt(template, messages, multimodal, self._renderer).text
 
     async def ask(
         self,

@@ -18,7 +18,11 @@ from typing import Any
 from vilaserve.domain.api.control_tokens import guard_for
 from vilaserve.domain.api.errors import BadRequest, UpstreamFailure
 from vilaserve.domain.api.openai_requests import ChatMessage, ImagePart, TextPart
-from vilaserve.domain.shared.conversation import ConversationTemplate, SeparatorStyle
+from vilaserve.domain.shared.conversation import (
+    ChatTemplateRenderer,
+    ConversationTemplate,
+    SeparatorStyle,
+)
 from vilaserve.domain.shared.generation import IMAGE_PLACEHOLDER
 
 IMAGE_TURN_PREFIX = IMAGE_PLACEHOLDER + "\n"
@@ -41,9 +45,14 @@ class _Turn:
 
 
 def build_chat_prompt(
-    template: ConversationTemplate, messages: Sequence[ChatMessage], multimodal: bool
+    template: ConversationTemplate,
+    messages: Sequence[ChatMessage],
+    multimodal: bool,
+    renderer: ChatTemplateRenderer | None = None,
 ) -> ChatPrompt:
-    """Raises `BadRequest` naming the message (1-based) that cannot be rendered."""
+    """Raises `BadRequest` naming the message (1-based) that cannot be rendered.
+
+    `renderer`: for a template that is the tokenizer's Jinja template (`chat_template`)."""
     guard = guard_for(template)
     system_texts: list[str] = []
     turns: list[_Turn] = []
@@ -73,7 +82,7 @@ def build_chat_prompt(
     rendered = [(user_role if t.speaker == "user" else assistant_role, t.render()) for t in turns]
     system = "\n".join(system_texts) if system_texts else None
     try:
-        text = template.render([*rendered, (assistant_role, None)], system_message=system)
+        text = template.render([*rendered, (assistant_role, None)], system, renderer)
     except Exception as exc:  # a foreign worker's template we cannot render, a Jinja error
         raise UpstreamFailure(f"the worker's template {template.name!r} failed: {exc}") from exc
     images = tuple(url for turn in turns for url in turn.image_urls)

@@ -1,4 +1,5 @@
-"""The ports of the OpenAI-compatible API: the controller, the workers, remote images.
+"""The ports of the OpenAI-compatible API: the controller and remote images. Workers are
+reached through the shared `WorkerGateway` (domain.shared.worker_gateway).
 
 Adapters raise the shared "unavailable" family, `ControllerUnavailable` (controller down) and
 `WorkerUnavailable` (worker down or silent), and `BadRequest` for an image that cannot be fetched.
@@ -7,21 +8,7 @@ Adapters raise the shared "unavailable" family, `ControllerUnavailable` (control
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
-
-from vilaserve.domain.shared.conversation import ConversationTemplate
-from vilaserve.domain.shared.generation import StreamChunk
-
-
-@dataclass(frozen=True)
-class ModelDetails:
-    """A worker's `/model_details`."""
-
-    context_length: int
-    multimodal: bool = True
-    tokens_per_image: int = 0
 
 
 class ModelDirectory(ABC):
@@ -34,23 +21,10 @@ class ModelDirectory(ABC):
     async def worker_address(self, model: str) -> str | None:
         """The address of a worker for `model`, or None when no worker serves it."""
 
-    async def report_unreachable(self, address: str) -> None:  # noqa: B027 - optional
-        """Tells the controller a worker it handed out cannot be reached, so that it checks
-        its workers (FastChat's `/refresh_all_workers`) and stops handing that one out."""
-
-
-class WorkerApi(ABC):
-    """The FastChat worker protocol as the API uses it."""
-
-    @abstractmethod
-    async def model_details(self, address: str, model: str) -> ModelDetails: ...
-
-    @abstractmethod
-    async def conversation_template(self, address: str, model: str) -> ConversationTemplate: ...
-
-    @abstractmethod
-    def generate_stream(self, address: str, payload: dict[str, Any]) -> AsyncIterator[StreamChunk]:
-        """`/worker_generate_stream` chunks (cumulative text). A refusal is one error chunk."""
+    async def refresh_workers(self) -> None:  # noqa: B027 - optional
+        """Asks the controller to check its workers now (FastChat's `/refresh_all_workers`),
+        after one it handed out could not be reached: it drops those that do not answer. The
+        protocol has no way to name the one that failed."""
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,18 @@
 """Conversation templates: how a chat becomes the prompt string a VILA model was trained on.
 
 The three VILA-1.5 templates (`vicuna_v1`, `llama_3`, `hermes-2`) plus ChatML, and the tokenizer's
-own Jinja chat template. Field names follow FastChat's `Conversation` so that FastChat's OpenAI
-server can rebuild the template from `/worker_get_conv_template`.
+own Jinja chat template (rendered by a `ChatTemplateRenderer`: the domain holds no template
+engine). Field names follow FastChat's `Conversation` so that FastChat's OpenAI server can rebuild
+the template from `/worker_get_conv_template`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import Any
-
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 
 class SeparatorStyle(IntEnum):
@@ -33,6 +33,17 @@ class SeparatorStyle(IntEnum):
 Message = tuple[str, str | None]  # (role, text); text None is the open turn to be generated
 
 
+class ChatTemplateRenderer(ABC):
+    """Renders a tokenizer's Jinja chat template (an adapter: the domain has no template
+    engine), with `bos_token` and `eos_token` empty."""
+
+    @abstractmethod
+    def render(
+        self, source: str, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool
+    ) -> str:
+        """`messages`: `{"role": "system" | "user" | "assistant", "content": text}`."""
+
+
 @dataclass(frozen=True)
 class ConversationTemplate:
     name: str
@@ -51,11 +62,25 @@ class ConversationTemplate:
         merged = tuple(dict.fromkeys((*self.stop_token_ids, *ids)))
         return replace(self, stop_token_ids=merged)
 
-    def render(self, messages: Sequence[Message], system_message: str | None = None) -> str:
-        """The prompt for `messages`; end with `(assistant_role, None)` to ask for a reply."""
+    def render(
+        self,
+        messages: Sequence[Message],
+        system_message: str | None = None,
+        renderer: ChatTemplateRenderer | None = None,
+    ) -> str:
+        """The prompt for `messages`; end with `(assistant_role, None)` to ask for a reply.
+
+        `renderer` renders the template when it is the tokenizer's (`chat_template`); such a
+        template cannot be rendered without one (ValueError)."""
         system = self.system_message if system_message is None else system_message
         if self.chat_template is not None:
-            return _render_jinja(self.chat_template, self.roles, system, messages)
+            if renderer is None:
+                raise ValueError(
+                    f"template {self.name!r} is a Jinja chat template: rendering it needs a "
+                    "ChatTemplateRenderer"
+                )
+            chat, add_generation_prompt = _chat_messages(self.roles, system, messages)
+            return renderer.render(self.chat_template, chat, add_generation_prompt)
         system_prompt = self.system_template.format(system_message=system)
         style = self.sep_style
         if style == SeparatorStyle.ADD_COLON_TWO:
@@ -106,9 +131,10 @@ class ConversationTemplate:
         }
 
 
-def _render_jinja(
-    source: str, roles: tuple[str, str], system: str, messages: Sequence[Message]
-) -> str:
+def _chat_messages(
+    roles: tuple[str, str], system: str, messages: Sequence[Message]
+) -> tuple[list[dict[str, str]], bool]:
+    """The messages as a chat template reads them, and whether a reply is asked for."""
     chat: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     names = {roles[0]: "user", roles[1]: "assistant"}
     add_generation_prompt = False
@@ -117,10 +143,7 @@ def _render_jinja(
             add_generation_prompt = True
             continue
         chat.append({"role": names.get(role, role), "content": text})
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(source).render(
-        messages=chat, add_generation_prompt=add_generation_prompt, bos_token="", eos_token=""
-    )
+    return chat, add_generation_prompt
 
 
 VICUNA_SYSTEM = (

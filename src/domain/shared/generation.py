@@ -92,7 +92,7 @@ class Usage:
 @dataclass(frozen=True)
 class PromptTimings:
     """How a generator spent a request's time up to its first token, in seconds: waiting for
-    its turn inside the generator (a cache slot, the model's thread), the steps that prefilled
+    its turn inside the generator (a cache row, the model's thread), the steps that prefilled
     its prompt (whole steps: what the request waited for), and the sampling of that token."""
 
     queue_s: float = 0.0

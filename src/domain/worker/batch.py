@@ -1,8 +1,9 @@
 """What one engine step asks of the model: prompt chunks to prefill and rows to decode.
 
 The scheduler (application/worker/engine) builds a `ModelBatch` in plain Python; the model
-runner (an adapter) executes it and returns one sampled token per row that samples. Sequences
-live in KV-cache slots: `slot` is the cache row a sequence owns while it runs.
+runner (an adapter) executes it and returns one sampled token per decode row and per chunk
+that samples. Each running sequence owns one row of the KV cache, its `cache_row`, until it
+leaves.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ PositionKey = Hashable
 
 @dataclass(frozen=True)
 class PrefillChunk(Generic[PromptT]):
-    """Positions [start, end) of `prompt` go into cache row `slot`; when `samples`, the chunk
-    ends the prompt and the row's first new token is sampled from its last position."""
+    """Positions [start, end) of `prompt` go into `cache_row`; when `samples`, the chunk
+    ends the prompt and the sequence's first new token is sampled from its last position."""
 
     prompt: PromptT
-    slot: int
+    cache_row: int
     start: int
     end: int
     samples: bool
@@ -33,10 +34,10 @@ class PrefillChunk(Generic[PromptT]):
 
 @dataclass(frozen=True)
 class DecodeRow(Generic[PromptT]):
-    """Feed `token` at `position` of cache row `slot` and sample the next one."""
+    """Feed `token` at `position` of `cache_row` and sample the next one."""
 
     prompt: PromptT
-    slot: int
+    cache_row: int
     position: int
     token: int
 

@@ -55,8 +55,8 @@ class FirstTokenParts:
     def of(
         cls, turn_wait_s: float, images: ImageTimings, prompt: PromptTimings | None
     ) -> FirstTokenParts:
-        """`turn_wait_s`: the wait for a turn before any work; the generator's own queue (a
-        cache slot) is added to it. A generator that measures nothing reports zeros."""
+        """`turn_wait_s`: the wait for a turn before any work; the generator's own queue (the
+        wait for a cache row) is added to it. A generator that measures nothing reports zeros."""
         generated = prompt or PromptTimings()
         return cls(
             queue_s=turn_wait_s + generated.queue_s,

@@ -52,7 +52,7 @@ class Admitted(ABC):
     def leave(self) -> None:
         """The request is over, however it ended. It leaves the count now or, when the engine
         still holds its sequence (an abort is on its way), as soon as the engine lets the
-        sequence go, so that the count never shows a cache slot free before it is. Calling it
+        sequence go, so that the count never shows a cache row free before it is. Calling it
         again, or after the generation ended it, does nothing."""
 
     @abstractmethod
@@ -153,8 +153,8 @@ P = TypeVar("P", bound=PreparedPrompt)
 
 
 class ModelRunner(ABC, Generic[P]):
-    """The model as the engine drives it: a KV cache of `num_slots` rows of `slot_length`
-    positions, filled and extended by batched steps."""
+    """The model as the engine drives it: a KV cache of `num_cache_rows` rows of
+    `cache_row_length` positions, filled and extended by batched steps."""
 
     @property
     @abstractmethod
@@ -170,11 +170,11 @@ class ModelRunner(ABC, Generic[P]):
 
     @property
     @abstractmethod
-    def num_slots(self) -> int: ...
+    def num_cache_rows(self) -> int: ...
 
     @property
     @abstractmethod
-    def slot_length(self) -> int: ...
+    def cache_row_length(self) -> int: ...
 
     @abstractmethod
     def count_tokens(self, text: str) -> int: ...

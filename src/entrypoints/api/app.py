@@ -41,7 +41,7 @@ def create_api_app(container: ApiContainer) -> FastAPI:
         settings = container.settings()
         # Built here (no I/O yet) so that shutdown closes exactly the pools that exist.
         clients = [
-            container.worker_client(),
+            container.worker_gateway(),
             container.model_directory(),
             container.image_fetcher(),
         ]

@@ -1,4 +1,4 @@
-"""The API server's composition root. Unit tests override `model_directory`, `worker_api`
+"""The API server's composition root. Unit tests override `model_directory`, `worker_gateway`
 and `image_fetcher` with fakes."""
 
 from __future__ import annotations
@@ -6,11 +6,11 @@ from __future__ import annotations
 from dependency_injector import containers, providers
 
 from vilaserve.adapters.api.model_directory import HttpModelDirectory
+from vilaserve.adapters.api.prometheus_metrics import PrometheusMetrics
 from vilaserve.adapters.api.remote_images import HttpImageFetcher
-from vilaserve.adapters.api.worker_api import HttpWorkerApi
+from vilaserve.adapters.shared.jinja_chat_template import JinjaChatTemplateRenderer
 from vilaserve.adapters.shared.worker_client import HttpWorkerClient
-from vilaserve.application.api.admission import Admission
-from vilaserve.application.api.completion_relay import CompletionRelay
+from vilaserve.application.api.completion_relay import Admission, CompletionRelay
 from vilaserve.application.api.image_inputs import ImageResolver
 from vilaserve.application.api.metrics import ApiMetrics
 from vilaserve.application.api.model_router import ModelRouter
@@ -34,7 +34,7 @@ def _image_fetcher(settings: ApiSettings) -> HttpImageFetcher | None:
 class ApiContainer(containers.DeclarativeContainer):
     settings = providers.Dependency(instance_of=ApiSettings)
 
-    worker_client = providers.Singleton(
+    worker_gateway = providers.Singleton(
         HttpWorkerClient,
         timeout_s=settings.provided.worker_timeout_s,
         internal_token=settings.provided.internal_token,
@@ -45,15 +45,15 @@ class ApiContainer(containers.DeclarativeContainer):
         timeout_s=settings.provided.controller_timeout_s,
         internal_token=settings.provided.internal_token,
     )
-    worker_api = providers.Singleton(HttpWorkerApi, client=worker_client)
     image_fetcher = providers.Singleton(_image_fetcher, settings)
+    chat_template_renderer = providers.Singleton(JinjaChatTemplateRenderer)
 
-    metrics = providers.Singleton(ApiMetrics)
+    metrics = providers.Singleton(ApiMetrics, registry=providers.Factory(PrometheusMetrics))
     admission = providers.Singleton(Admission, limit=settings.provided.max_concurrent_requests)
     router = providers.Singleton(
         ModelRouter,
         directory=model_directory,
-        workers=worker_api,
+        gateway=worker_gateway,
         address_ttl_s=settings.provided.worker_address_ttl_s,
         info_ttl_s=settings.provided.model_info_ttl_s,
     )
@@ -61,8 +61,18 @@ class ApiContainer(containers.DeclarativeContainer):
         ImageResolver, fetcher=image_fetcher, max_image_bytes=settings.provided.max_image_bytes
     )
     relay = providers.Singleton(
-        CompletionRelay, router=router, workers=worker_api, metrics=metrics, admission=admission
+        CompletionRelay,
+        router=router,
+        gateway=worker_gateway,
+        metrics=metrics,
+        admission=admission,
     )
-    chat_completion = providers.Singleton(ChatCompletion, relay=relay, images=images)
-    completion = providers.Singleton(Completion, relay=relay)
+    chat_completion = providers.Singleton(
+        ChatCompletion,
+        router=router,
+        relay=relay,
+        images=images,
+        renderer=chat_template_renderer,
+    )
+    completion = providers.Singleton(Completion, router=router, relay=relay)
     list_models = providers.Singleton(ListModels, router=router)

@@ -4,21 +4,14 @@ server and its web chat, in front of a FastChat-style controller and its workers
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from collections.abc import Sequence
-
-from pydantic import ValidationError
 
 from vilaserve.entrypoints.api.app import create_api_app
 from vilaserve.entrypoints.api.container import ApiContainer
 from vilaserve.entrypoints.api.settings import ApiSettings
-from vilaserve.entrypoints.shared.http_server import (
-    add_http_limit_arguments,
-    limits_of,
-    run_http_server,
-)
+from vilaserve.entrypoints.shared.http_server import add_http_limit_arguments
 from vilaserve.entrypoints.shared.logging_setup import configure_logging
+from vilaserve.entrypoints.shared.service_command import serve_http, settings_from_args
 
 
 def add_api_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,25 +61,11 @@ def add_api_arguments(parser: argparse.ArgumentParser) -> None:
     add("--log-format", choices=["json", "text"], help="log line format (default json)")
 
 
-def settings_from_args(args: argparse.Namespace) -> ApiSettings:
-    fields = ApiSettings.model_fields
-    given = {k: v for k, v in vars(args).items() if v is not None and k in fields}
-    try:
-        return ApiSettings(**given)
-    except ValidationError as exc:
-        # One line per problem (e.g. a keys file others can read), not a traceback.
-        problems = (str(e.get("ctx", {}).get("error") or e["msg"]) for e in exc.errors())
-        sys.exit("vilaserve api: " + "; ".join(problems))
-
-
 def run_api(args: argparse.Namespace) -> None:
-    settings = settings_from_args(args)
+    # e.g. a keys file others can read ends the program with that one line
+    settings = settings_from_args(ApiSettings, args, "vilaserve api")
     configure_logging(settings.log_format)
-    app = create_api_app(ApiContainer(settings=settings))
-    logging.getLogger(__name__).info(
-        "starting api", extra={"host": settings.host, "port": settings.port}
-    )
-    run_http_server(app, settings.host, settings.port, limits_of(settings))
+    serve_http("api", create_api_app(ApiContainer(settings=settings)), settings)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

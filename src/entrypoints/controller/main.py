@@ -7,18 +7,14 @@ their generation to its `/worker_generate_stream`, which relays the chosen worke
 from __future__ import annotations
 
 import argparse
-import logging
 
 from vilaserve.entrypoints.controller.app import create_controller_app
 from vilaserve.entrypoints.controller.container import ControllerContainer
 from vilaserve.entrypoints.controller.settings import ControllerSettings
-from vilaserve.entrypoints.shared.http_server import (
-    add_http_limit_arguments,
-    limits_of,
-    run_http_server,
-)
+from vilaserve.entrypoints.shared.http_server import add_http_limit_arguments
 from vilaserve.entrypoints.shared.internal_access import add_allowed_hosts_argument
 from vilaserve.entrypoints.shared.logging_setup import configure_logging
+from vilaserve.entrypoints.shared.service_command import serve_http, settings_from_args
 
 
 def add_controller_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,20 +48,11 @@ def add_controller_arguments(parser: argparse.ArgumentParser) -> None:
     add("--log-format", choices=["json", "text"], help="log line format (default json)")
 
 
-def settings_from_args(args: argparse.Namespace) -> ControllerSettings:
-    fields = ControllerSettings.model_fields
-    given = {k: v for k, v in vars(args).items() if v is not None and k in fields}
-    return ControllerSettings(**given)
-
-
 def run_controller(args: argparse.Namespace) -> None:
-    settings = settings_from_args(args)
+    settings = settings_from_args(ControllerSettings, args, "vilaserve controller")
     configure_logging(settings.log_format)
     app = create_controller_app(ControllerContainer(settings=settings))
-    logging.getLogger(__name__).info(
-        "starting controller", extra={"host": settings.host, "port": settings.port}
-    )
-    run_http_server(app, settings.host, settings.port, limits_of(settings))
+    serve_http("controller", app, settings)
 
 
 def main() -> None:

@@ -15,8 +15,11 @@ from pathlib import Path
 
 import torch
 
+from vilaserve.adapters.offline.awq_checkpoint_writing import (
+    save_hf_awq_directory,
+    save_tinychat_checkpoint,
+)
 from vilaserve.adapters.offline.awq_quantizer import RECIPES, calibration_blocks, quantize_llama
-from vilaserve.adapters.worker.awq.formats import save_hf_awq_directory, save_tinychat_checkpoint
 from vilaserve.adapters.worker.torch_vila.checkpoint import VilaCheckpoint
 from vilaserve.adapters.worker.torch_vila.device import resolve_device
 from vilaserve.adapters.worker.torch_vila.layout import detect_layout

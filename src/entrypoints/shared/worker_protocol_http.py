@@ -19,9 +19,9 @@ from typing import Any, TypeVar
 from fastapi import Request
 
 from vilaserve.domain.shared.errors import ErrorCode, InvalidRequest
+from vilaserve.domain.shared.worker_gateway import FRAME_SEPARATOR
 
 FRAME_MEDIA_TYPE = "application/octet-stream"
-FRAME_SEPARATOR = b"\0"
 # A worker request carries its images inline (base64): 16 images of the default 20 MB limit
 # would not fit, but a body this size already holds more pixels than any model reads.
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024

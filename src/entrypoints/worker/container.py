@@ -12,12 +12,13 @@ from dependency_injector import containers, providers
 
 from vilaserve.adapters.worker.controller_client import HttpControllerClient
 from vilaserve.adapters.worker.engine_metrics import PrometheusEngineObserver
+from vilaserve.application.worker.describe_model import DescribeModel
 from vilaserve.application.worker.engine.engine import Engine
 from vilaserve.application.worker.engine.scheduler import SchedulerConfig
 from vilaserve.application.worker.engine.text_generator import EngineTextGenerator
 from vilaserve.application.worker.generate_stream import GenerateStream, GenerationLimits
 from vilaserve.application.worker.heartbeat import Heartbeat, HeartbeatPolicy, Register
-from vilaserve.application.worker.report_status import DescribeModel, ReportStatus
+from vilaserve.application.worker.report_status import ReportStatus
 from vilaserve.domain.worker.naming import derive_model_name
 from vilaserve.entrypoints.worker.settings import WorkerSettings
 
@@ -40,7 +41,7 @@ def _load_runtime(settings: WorkerSettings) -> Any:
             image_cache_mb=settings.image_cache_mb,
             embedding_bits=settings.embedding_bits,
             vision_quantization=settings.quantize_vision_tower,
-            kv_slots=settings.cache_slots,
+            kv_slots=settings.cache_rows,
             max_model_len=settings.max_model_len,
             adaptive_threads=settings.adaptive_threads,
         )

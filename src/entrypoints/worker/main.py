@@ -23,6 +23,7 @@ from vilaserve.entrypoints.shared.http_server import (
 )
 from vilaserve.entrypoints.shared.internal_access import add_allowed_hosts_argument
 from vilaserve.entrypoints.shared.logging_setup import configure_logging
+from vilaserve.entrypoints.shared.service_command import settings_from_args
 from vilaserve.entrypoints.worker.app import create_worker_app
 from vilaserve.entrypoints.worker.container import WorkerContainer
 from vilaserve.entrypoints.worker.settings import WorkerSettings
@@ -167,9 +168,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     add("--log-format", choices=["json", "text"], help="log line format (default json)")
 
 
-def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
-    given = {k: v for k, v in vars(args).items() if v is not None and k != "command"}
-    return WorkerSettings(**given)
+def run_worker(args: argparse.Namespace) -> None:
+    serve(settings_from_args(WorkerSettings, args, "vilaserve worker"))
 
 
 def serve(settings: WorkerSettings) -> None:
@@ -227,7 +227,7 @@ class DrainingServer(uvicorn.Server):
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     add_worker_arguments(parser)
-    serve(settings_from_args(parser.parse_args(argv)))
+    run_worker(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

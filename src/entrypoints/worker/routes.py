@@ -14,8 +14,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from vilaserve.application.worker.generate_stream import GenerateStream, error_chunk
-from vilaserve.application.worker.report_status import DescribeModel, ReportStatus
+from vilaserve.application.worker.describe_model import DescribeModel
+from vilaserve.application.worker.generate_stream import (
+    GenerateStream,
+    PreparedRequest,
+    error_chunk,
+)
+from vilaserve.application.worker.report_status import ReportStatus
 from vilaserve.domain.shared.errors import ServingError
 from vilaserve.domain.shared.generation import StreamChunk
 from vilaserve.entrypoints.shared.container_dependencies import provided
@@ -52,9 +57,18 @@ async def _body(request: Request, settings: WorkerSettings) -> Any:
     )
 
 
-def _refused(error: ServingError) -> int:
-    """Logs a request refused before generation; returns its HTTP status."""
-    log.info("request refused", extra={"error_code": int(error.code), "reason": error.message})
+async def _prepare(
+    request: Request, generate: GenerateStream, settings: WorkerSettings
+) -> PreparedRequest:
+    """The checked generation request; a refusal is logged and raised as `ServingError`."""
+    try:
+        return generate.prepare(await _body(request, settings))
+    except ServingError as error:
+        log.info("request refused", extra={"error_code": int(error.code), "reason": error.message})
+        raise
+
+
+def _refusal_status(error: ServingError) -> int:
     return http_status_of(error, refusal_status(int(error.code), 500))
 
 
@@ -71,13 +85,11 @@ async def worker_generate_stream(
     settings: WorkerSettings = provided("settings"),
 ) -> Response:
     try:
-        prepared = generate.prepare(await _body(request, settings))
+        prepared = await _prepare(request, generate, settings)
     except ServingError as error:
         frame = encode_frame(error_chunk(error).to_dict())
-        status = _refused(error)
-        return Response(
-            frame, status, refusal_headers(int(error.code)), media_type=FRAME_MEDIA_TYPE
-        )
+        headers = refusal_headers(int(error.code))
+        return Response(frame, _refusal_status(error), headers, media_type=FRAME_MEDIA_TYPE)
     chunks = generate.stream(prepared)
     # Headers wait for the first chunk, so that whatever is refused before the first token
     # (a picture that does not decode, a prompt longer than the context, a full queue) gets
@@ -105,10 +117,10 @@ async def worker_generate(
     settings: WorkerSettings = provided("settings"),
 ) -> Response:
     try:
-        prepared = generate.prepare(await _body(request, settings))
+        prepared = await _prepare(request, generate, settings)
     except ServingError as error:
-        status = _refused(error)
-        return JSONResponse(error_chunk(error).to_dict(), status, refusal_headers(int(error.code)))
+        headers = refusal_headers(int(error.code))
+        return JSONResponse(error_chunk(error).to_dict(), _refusal_status(error), headers)
 
     async def last_chunk() -> StreamChunk:
         last = StreamChunk(text="")

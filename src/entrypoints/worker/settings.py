@@ -95,7 +95,7 @@ class WorkerSettings(BaseSettings):
         return self.limit_model_concurrency + self.max_queue_length
 
     @property
-    def cache_slots(self) -> int:
+    def cache_rows(self) -> int:
         # From --max-num-seqs as given: one above the limit still sizes the prefix cache.
         seqs = self.max_num_seqs or self.limit_model_concurrency
         return max(self.kv_slots or 2 * seqs, seqs)

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vilaserve.adapters.offline.awq_checkpoint_writing import save_hf_awq_directory
 from vilaserve.adapters.offline.checkpoints import vila_layout
 from vilaserve.adapters.offline.checkpoints.tiny_vila import (
     _build_projector,
     _randomize,
     build_tokenizer,
 )
-from vilaserve.adapters.worker.awq.formats import save_hf_awq_directory
 from vilaserve.adapters.worker.awq.quantized_weight import QuantizedWeight
 
 GROUP = 128

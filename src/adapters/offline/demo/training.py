@@ -57,9 +57,12 @@ from vilaserve.adapters.offline.demo.vision_model import (
     save_weights,
 )
 from vilaserve.adapters.offline.gguf_import import SMOLLM2_REQUIREMENT
+from vilaserve.adapters.shared.jinja_chat_template import JinjaChatTemplateRenderer
 from vilaserve.adapters.worker.torch_vila.checkpoint import VilaCheckpoint
 from vilaserve.adapters.worker.torch_vila.device import cpu_computes_bf16_natively
-from vilaserve.adapters.worker.torch_vila.llama import KVCache, Llama, LlamaArgs
+from vilaserve.adapters.worker.torch_vila.kv_cache import KVCache
+from vilaserve.adapters.worker.torch_vila.llama import Llama
+from vilaserve.adapters.worker.torch_vila.llama_config import LlamaArgs
 from vilaserve.adapters.worker.torch_vila.runtime import load_llm, pick_template
 from vilaserve.adapters.worker.torch_vila.tokenization import (
     IMAGE_TOKEN_INDEX,
@@ -512,6 +515,7 @@ class PromptEncoder:
     def __init__(self, tokenizer: Any, template: ConversationTemplate) -> None:
         self.tokenizer = tokenizer
         self._template = template
+        self._renderer = JinjaChatTemplateRenderer()  # the demo's template is its tokenizer's
         self.end_of_turn = int(tokenizer.eos_token_id)
         self.prefix = self._split(self.prompt_ids("?"))[0]
 
@@ -519,7 +523,7 @@ class PromptEncoder:
         """The chat as the web chat and the OpenAI API send it: the picture with the first
         question, the earlier (question, answer) turns as history, `question` last."""
         messages = chat_messages(question, 1, history)
-        text = build_chat_prompt(self._template, messages, multimodal=True).text
+        text = build_chat_prompt(self._template, messages, True, self._renderer).text
         return tokenize_with_images(self.tokenizer, text)
 
     def encode(self, chat: Sequence[tuple[str, str]]) -> EncodedExample:
@@ -533,8 +537,8 @@ class PromptEncoder:
 
     @staticmethod
     def _split(ids: list[int]) -> tuple[list[int], list[int]]:
-        slot = ids.index(IMAGE_TOKEN_INDEX)
-        return ids[:slot], ids[slot + 1 :]
+        placeholder = ids.index(IMAGE_TOKEN_INDEX)
+        return ids[:placeholder], ids[placeholder + 1 :]
 
 
 class FrozenLlm:

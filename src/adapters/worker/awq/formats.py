@@ -1,4 +1,4 @@
-"""On-disk AWQ W4 formats <-> the canonical `QuantizedWeight`, plus checkpoint readers/writers.
+"""The on-disk AWQ W4 packings of one linear layer -> the canonical `QuantizedWeight`.
 
 Three packings exist in the wild for the same numbers `w = (q - z) * s`:
 
@@ -10,6 +10,10 @@ Three packings exist in the wild for the same numbers `w = (q - z) * s`:
 * llm-awq **v0** = AutoAWQ **GEMM** = HF `version: gemm`: `qweight` int32 [K, N/8] and
   `qzeros` int32 [K/G, N/8] with nibble order [0,2,4,6,1,3,5,7], `scales` [K/G, N].
 
+Serving only reads them (`checkpoint_reading.py` reads whole checkpoints). The packers and the
+checkpoint writers, which only the offline tools use, live in
+adapters/offline/awq_checkpoint_writing.py.
+
 Everything is vectorised torch (no per-element Python loops) so that a 2560x6912 layer unpacks in
 a fraction of a second. Every validation failure is an `AwqFormatError` (a `ValueError`) whose
 message names the file (when known), the tensor and what was expected.
@@ -17,7 +21,6 @@ message names the file (when known), the tensor and what was expected.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections.abc import Mapping
@@ -25,8 +28,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from vilaserve.adapters.worker.awq.quantized_weight import QuantizedWeight
 
@@ -40,8 +41,6 @@ GEMM_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 V2_INTERLEAVE = 4
 V2_KSTRIDE = 64
 
-# Sub-tensor names of one quantized Linear in any of the formats.
-_QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "scaled_zeros", "bias")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Group sizes llm-awq's `calculate_zeros_width` knows; used to infer a file's group size.
 _KNOWN_GROUP_SIZES = (128, 64, 32)
@@ -90,21 +89,6 @@ def padded_group_count(in_features: int, group_size: int) -> int:
     words = math.ceil((in_features // group_size) / 8)
     words = math.ceil(words / multiplier) * multiplier
     return 8 * words
-
-
-def _pack_nibbles(nibbles: torch.Tensor, bits: int) -> torch.Tensor:
-    """[..., bits/4] values 0..15 (any strides) -> [...] signed ints, nibble m at bits 4m..4m+3.
-
-    Accumulates in int32 for 16-bit words and int64 for 32-bit ones (the top nibble of an int32
-    word would overflow), then reinterprets as the signed type, as the reference packers (which
-    OR nibbles into signed ints) produce: the top nibble may set the sign bit.
-    """
-    wide = torch.int32 if bits == 16 else torch.int64
-    words = nibbles[..., 0].to(wide)
-    for m in range(1, bits // 4):
-        words |= nibbles[..., m].to(wide) << (4 * m)
-    words = torch.where(words >= (1 << (bits - 1)), words - (1 << bits), words)
-    return words.to(torch.int16 if bits == 16 else torch.int32)
 
 
 def _unpack_nibbles(words: torch.Tensor, bits: int) -> torch.Tensor:
@@ -211,40 +195,12 @@ def unpack_v2(
         )
 
     # Word j of row-group i, nibble m is tile position f = 4*(j % 64) + m of the row-major 4x64
-    # tile (row r, column u) of rows 4i..4i+3, K-tile t. Within a 64-wide tile u = 32h + slot,
-    # and slot (x, z, y) = 8x + 4z + y holds column 8y + 2x + z of that 32-block. All of this is
+    # tile (row r, column u) of rows 4i..4i+3, K-tile t. Within a 64-wide tile u = 32h + lane,
+    # and lane (x, z, y) = 8x + 4z + y holds column 8y + 2x + z of that 32-block. All of this is
     # a single view + permute: [i, t, r, h, x, z, y] -> [i, r, t, h, y, x, z] = [n, k].
     nib = _unpack_nibbles(qweight, 16).view(n // 4, k // 64, 4, 2, 4, 2, 4)
     q = nib.permute(0, 2, 1, 3, 6, 4, 5).reshape(n, k)
     return QuantizedWeight(q=q, scales=s, zeros=zeros.to(torch.uint8), group_size=group_size)
-
-
-def pack_v2(w: QuantizedWeight) -> dict[str, torch.Tensor]:
-    """Canonical -> llm-awq v2 (`WQLinear.from_linear` / `pack_intweight(interleave=4,
-    kstride=64)`), byte-identical to the reference packer. Scales keep `w.scales`' dtype."""
-    n, k = w.out_features, w.in_features
-    if n % V2_INTERLEAVE or k % V2_KSTRIDE:
-        raise ValueError(f"v2 needs out_features % 4 == 0 and in_features % 64 == 0, got {n}x{k}")
-    groups = k // w.group_size
-    padded = padded_group_count(k, w.group_size)
-
-    # The inverse of the view in `unpack_v2`: column k = 64t + 32h + 8y + 2x + z of row
-    # n = 4i + r goes to word (i, t, r, h, x, z), nibble y.
-    tiles = w.q.reshape(n // 4, 4, k // 64, 2, 4, 4, 2).permute(0, 2, 1, 3, 5, 6, 4)
-    qweight = _pack_nibbles(tiles, 16).reshape(n // 4, k).contiguous()
-
-    dtype = w.scales.dtype
-    scales = torch.zeros(padded, n, dtype=dtype, device=w.scales.device)
-    scales[:groups] = w.scales.t()
-    # As llm-awq: the 16-bit scale times the zero in fp32, rounded once to the scale dtype.
-    scaled_zeros = torch.zeros_like(scales)
-    scaled_zeros[:groups] = (
-        (-(w.scales.to(torch.float32) * w.zeros.to(torch.float32))).t().to(dtype)
-    )
-    out = {"qweight": qweight, "scales": scales, "scaled_zeros": scaled_zeros}
-    if w.bias is not None:
-        out["bias"] = w.bias
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,27 +239,6 @@ def unpack_gemm(
     return QuantizedWeight(q=q, scales=scales.t().contiguous(), zeros=zeros, group_size=group_size)
 
 
-def pack_gemm(w: QuantizedWeight) -> dict[str, torch.Tensor]:
-    """Canonical -> AutoAWQ GEMM (`WQLinear_GEMM.from_linear`)."""
-    n, k = w.out_features, w.in_features
-    if n % 8:
-        raise ValueError(f"GEMM needs out_features % 8 == 0, got {n}")
-    groups = k // w.group_size
-    # Inverse of `unpack_gemm`'s view: row n = 8j + 2b + a -> word (k, j), nibble 4a + b.
-    tiles = w.q.reshape(n // 8, 4, 2, k).permute(3, 0, 2, 1).reshape(k, n // 8, 8)
-    qweight = _pack_nibbles(tiles, 32)
-    zeros = w.zeros.reshape(n // 8, 4, 2, groups).permute(3, 0, 2, 1).reshape(groups, n // 8, 8)
-    qzeros = _pack_nibbles(zeros, 32)
-    out = {
-        "qweight": qweight.contiguous(),
-        "qzeros": qzeros.contiguous(),
-        "scales": w.scales.t().contiguous(),
-    }
-    if w.bias is not None:
-        out["bias"] = w.bias
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # AutoAWQ GEMV (= llm-awq v1)
 # --------------------------------------------------------------------------------------------
@@ -336,27 +271,6 @@ def unpack_gemv(
     q = _unpack_nibbles(qweight, 32).reshape(n, k).contiguous()
     zeros = _unpack_nibbles(qzeros, 32).reshape(n, padded)[:, :groups].contiguous()
     return QuantizedWeight(q=q, scales=s, zeros=zeros, group_size=group_size)
-
-
-def pack_gemv(w: QuantizedWeight) -> dict[str, torch.Tensor]:
-    """Canonical -> AutoAWQ GEMV / llm-awq v1 (natural nibble order, padded group columns)."""
-    n, k = w.out_features, w.in_features
-    if k % 8:
-        raise ValueError(f"GEMV needs in_features % 8 == 0, got {k}")
-    groups = k // w.group_size
-    padded = padded_group_count(k, w.group_size)
-    scales = torch.zeros(n, padded, dtype=w.scales.dtype, device=w.scales.device)
-    scales[:, :groups] = w.scales
-    zeros = torch.zeros(n, padded, dtype=torch.uint8, device=w.zeros.device)
-    zeros[:, :groups] = w.zeros
-    out = {
-        "qweight": _pack_nibbles(w.q.reshape(n, k // 8, 8), 32).contiguous(),
-        "qzeros": _pack_nibbles(zeros.reshape(n, padded // 8, 8), 32).contiguous(),
-        "scales": scales,
-    }
-    if w.bias is not None:
-        out["bias"] = w.bias
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -409,24 +323,8 @@ def detect_layer_format(
 
 
 # --------------------------------------------------------------------------------------------
-# Loading
+# One layer's tensors, whatever the packing
 # --------------------------------------------------------------------------------------------
-
-
-def _split_modules(
-    state: Mapping[str, torch.Tensor],
-) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """Groups `<module>.qweight` & co. per module; every other tensor is returned as plain."""
-    modules = {key.removesuffix(".qweight") for key in state if key.endswith(".qweight")}
-    grouped: dict[str, dict[str, torch.Tensor]] = {m: {} for m in modules}
-    plain: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        module, _, leaf = key.rpartition(".")
-        if module in grouped and leaf in _QUANT_SUFFIXES:
-            grouped[module][leaf] = tensor
-        else:
-            plain[key] = tensor
-    return grouped, plain
 
 
 def _candidate_group_sizes(in_features: int, padded: int, hint: int) -> list[int]:
@@ -447,7 +345,7 @@ def _candidate_group_sizes(in_features: int, padded: int, hint: int) -> list[int
     return found
 
 
-def _unpack_module(
+def unpack_layer(
     fmt: LayerFormat,
     parts: Mapping[str, torch.Tensor],
     group_size: int,
@@ -492,245 +390,3 @@ def _unpack_module(
         _check_tensor("bias", bias, (w.out_features,), _FLOAT_DTYPES)
         w = QuantizedWeight(w.q, w.scales, w.zeros, w.group_size, bias)
     return w
-
-
-def _unpack_all(
-    source: Path,
-    state: Mapping[str, torch.Tensor],
-    group_size: int,
-    config: Mapping[str, Any] | None,
-    expected_shapes: Mapping[str, tuple[int, int]] | None,
-    infer_group: bool,
-) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
-    grouped, plain = _split_modules(state)
-    quantized: dict[str, QuantizedWeight] = {}
-    for module in sorted(grouped):
-        parts = grouped[module]
-        expected = None if expected_shapes is None else expected_shapes.get(module)
-        try:
-            fmt = detect_layer_format(parts, config)
-            quantized[module] = _unpack_module(fmt, parts, group_size, expected, infer_group)
-        except AwqFormatError as err:
-            raise err.located(module, source) from None
-        except ValueError as err:  # e.g. QuantizedWeight's own checks, unsupported padding
-            raise AwqFormatError(f"{module}.qweight", str(err), source) from None
-    return quantized, plain
-
-
-def load_tinychat_checkpoint(
-    path: Path,
-    group_size: int = 128,
-    expected_shapes: Mapping[str, tuple[int, int]] | None = None,
-) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
-    """A TinyChat / llm-awq `torch.save(state_dict)` (v2; v1 and v0 detected per layer).
-
-    Returns canonical weights keyed by module name and every other tensor (embeddings, the
-    AWQ-rescaled norms, lm_head) as stored, keyed by its HF name. `group_size` is a hint: the
-    files carry none, so when the padded scales do not fit it, g32/g64/g128 are tried.
-    """
-    path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
-        raise
-    except Exception as err:  # unpickling/zip errors come in many types
-        raise ValueError(
-            f"{path}: not a readable torch checkpoint (expected a torch.save'd state dict of "
-            f"tensors): {type(err).__name__}: {err}"
-        ) from None
-    if not isinstance(state, Mapping):
-        raise ValueError(
-            f"{path}: expected a state dict (mapping of name -> tensor), got {type(state).__name__}"
-        )
-    for key, value in state.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise ValueError(f"{path}: entry {key!r} is {type(value).__name__}, expected a tensor")
-    if not any(key.endswith(".qweight") for key in state):
-        raise ValueError(f"{path}: no '*.qweight' tensors, expected an AWQ quantized state dict")
-    return _unpack_all(path, state, group_size, None, expected_shapes, infer_group=True)
-
-
-def _awq_settings(config_path: Path) -> tuple[dict[str, Any], int, str]:
-    """(config, group size, version) from an HF/AutoAWQ config.json; refuses what we can't run."""
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{config_path}: unreadable config.json: {err}") from None
-    quant = config.get("quantization_config")
-    if not isinstance(quant, Mapping):
-        raise ValueError(f"{config_path}: no quantization_config, expected quant_method 'awq'")
-    method = str(quant.get("quant_method", "")).lower()
-    if method != "awq":
-        raise ValueError(f"{config_path}: quant_method is {method!r}, expected 'awq'")
-    bits = quant.get("bits", quant.get("w_bit"))
-    if bits != 4:
-        raise ValueError(f"{config_path}: bits/w_bit is {bits!r}, only 4-bit AWQ is supported")
-    group = quant.get("group_size", quant.get("q_group_size"))
-    if not isinstance(group, int) or isinstance(group, bool) or group <= 0:
-        raise ValueError(f"{config_path}: group_size is {group!r}, expected a positive int")
-    if quant.get("zero_point", True) is not True:
-        raise ValueError(f"{config_path}: zero_point is {quant.get('zero_point')!r}, expected true")
-    version = str(quant.get("version", "gemm") or "gemm").lower()
-    if version not in ("gemm", "gemv"):
-        raise ValueError(
-            f"{config_path}: version is {version!r}, only 'gemm' and 'gemv' are supported"
-        )
-    return config, group, version
-
-
-def _safetensors_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{index}: unreadable shard index: {err}") from None
-        shards = [directory / name for name in sorted(set(weight_map.values()))]
-        missing = [s for s in shards if not s.is_file()]
-        if missing:
-            # VILA's AWQ repos ship the fp16 index next to a `.pt`: say so instead of ENOENT.
-            raise ValueError(
-                f"{index}: lists shard {missing[0].name} which does not exist (a stale fp16 index?)"
-            )
-        return shards
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{directory}: no *.safetensors files")
-    return files
-
-
-def _read_safetensors(files: list[Path]) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
-    """All tensors of all shards, and the shard each came from (for error messages)."""
-    state: dict[str, torch.Tensor] = {}
-    owners: dict[str, Path] = {}
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as handle:
-                for key in handle.keys():  # noqa: SIM118  (safe_open has no __iter__)
-                    if key in state:
-                        raise ValueError(f"{file}: tensor {key} also appears in {owners[key]}")
-                    state[key] = handle.get_tensor(key)
-                    owners[key] = file
-        except ValueError:
-            raise
-        except Exception as err:  # SafetensorError and friends for corrupt files
-            raise ValueError(
-                f"{file}: not a readable safetensors file: {type(err).__name__}: {err}"
-            ) from None
-    return state, owners
-
-
-def load_hf_awq_directory(
-    directory: Path,
-    expected_shapes: Mapping[str, tuple[int, int]] | None = None,
-) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
-    """A Hugging Face / AutoAWQ AWQ model folder (single or sharded safetensors)."""
-    directory = Path(directory)
-    config, group, _version = _awq_settings(directory / "config.json")
-    state, owners = _read_safetensors(_safetensors_files(directory))
-    # Errors name the shard that holds the module's qweight, so split the state by that shard.
-    grouped, _ = _split_modules(state)
-    by_file: dict[Path, dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        module = key.rpartition(".")[0]
-        file = owners[f"{module}.qweight"] if module in grouped else owners[key]
-        by_file.setdefault(file, {})[key] = tensor
-    quantized: dict[str, QuantizedWeight] = {}
-    plain: dict[str, torch.Tensor] = {}
-    for file, part in by_file.items():
-        q, p = _unpack_all(file, part, group, config, expected_shapes, infer_group=False)
-        quantized.update(q)
-        plain.update(p)
-    return quantized, plain
-
-
-# --------------------------------------------------------------------------------------------
-# Writing
-# --------------------------------------------------------------------------------------------
-
-
-def _storage_plain(tensor: torch.Tensor) -> torch.Tensor:
-    """fp32 plain tensors are stored as fp16 like every AWQ release (and identically by both
-    writers, so both files load to the same model); bf16 stays bf16 (fp16 could overflow)."""
-    if tensor.dtype == torch.float32:
-        tensor = tensor.to(torch.float16)
-    return tensor.detach().cpu().contiguous()
-
-
-def _fp16_scales(w: QuantizedWeight) -> QuantizedWeight:
-    """AWQ kernels and both reference packers keep scales in fp16 (bf16 is kept as is)."""
-    if w.scales.dtype == torch.float32:
-        return QuantizedWeight(w.q, w.scales.to(torch.float16), w.zeros, w.group_size, w.bias)
-    return w
-
-
-def _check_group(quantized: Mapping[str, QuantizedWeight], group_size: int) -> None:
-    for name, w in quantized.items():
-        if w.group_size != group_size:
-            raise ValueError(f"{name}: group size {w.group_size}, expected {group_size}")
-
-
-def _flat_state(
-    quantized: Mapping[str, QuantizedWeight],
-    plain: Mapping[str, torch.Tensor],
-    pack: Any,
-) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
-    for module in sorted(quantized):
-        packed = pack(_fp16_scales(quantized[module]))
-        for leaf, tensor in packed.items():
-            state[f"{module}.{leaf}"] = tensor.detach().cpu().contiguous()
-    seen: set[int] = set()
-    for key in sorted(plain):
-        tensor = _storage_plain(plain[key])
-        # Tied weights share storage; safetensors refuses shared tensors, so copy repeats.
-        if tensor.data_ptr() in seen:
-            tensor = tensor.clone()
-        seen.add(tensor.data_ptr())
-        state[key] = tensor
-    return state
-
-
-def save_hf_awq_directory(
-    directory: Path,
-    quantized: Mapping[str, QuantizedWeight],
-    plain: Mapping[str, torch.Tensor],
-    config: dict[str, Any],
-    group_size: int,
-) -> None:
-    """Writes `model.safetensors` (GEMM packing) + `config.json` with an AWQ
-    `quantization_config` readable by transformers, AutoAWQ and vLLM."""
-    directory = Path(directory)
-    _check_group(quantized, group_size)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = _flat_state(quantized, plain, pack_gemm)
-    # A copied fp16 shard index would point loaders at shards that are not there.
-    stale = directory / "model.safetensors.index.json"
-    if stale.is_file():
-        stale.unlink()
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    out = dict(config)
-    out["quantization_config"] = {
-        "quant_method": "awq",
-        "bits": 4,
-        "group_size": group_size,
-        "zero_point": True,
-        "version": "gemm",
-        # AutoAWQ's own key names, so its loader reads the folder too.
-        "w_bit": 4,
-        "q_group_size": group_size,
-    }
-    (directory / "config.json").write_text(json.dumps(out, indent=2, sort_keys=False) + "\n")
-
-
-def save_tinychat_checkpoint(
-    path: Path,
-    quantized: Mapping[str, QuantizedWeight],
-    plain: Mapping[str, torch.Tensor],
-    group_size: int,
-) -> None:
-    """Writes TinyChat's `*-awq-v2.pt`: `torch.save` of a flat state dict, v2-packed, fp16."""
-    path = Path(path)
-    _check_group(quantized, group_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(_flat_state(quantized, plain, pack_v2), path)

@@ -13,11 +13,15 @@ from typing import Any
 
 import torch
 
-from vilaserve.adapters.worker.awq.formats import load_hf_awq_directory, load_tinychat_checkpoint
+from vilaserve.adapters.worker.awq.checkpoint_reading import (
+    load_hf_awq_directory,
+    load_tinychat_checkpoint,
+)
 from vilaserve.adapters.worker.awq.qlinear import quantize_model_linears
 from vilaserve.adapters.worker.awq.quantized_weight import QuantizedWeight
 from vilaserve.adapters.worker.torch_vila.checkpoint import VilaCheckpoint
-from vilaserve.adapters.worker.torch_vila.llama import DECODER_LINEARS, Llama, LlamaArgs
+from vilaserve.adapters.worker.torch_vila.llama import DECODER_LINEARS, Llama
+from vilaserve.adapters.worker.torch_vila.llama_config import LlamaArgs
 
 
 def expected_linear_shapes(args: LlamaArgs) -> dict[str, tuple[int, int]]:

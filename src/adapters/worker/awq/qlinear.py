@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from vilaserve.adapters.worker import cpu_kernels
 from vilaserve.adapters.worker.awq.quantized_weight import QuantizedWeight
+from vilaserve.adapters.worker.cpu_kernels import packing
 from vilaserve.adapters.worker.torch_vila.device import apply_keeping_dtypes
 
 BACKENDS = ("auto", "cpu_avx512", "cpu_fp32", "cpu_int4", "cuda_int4", "dequant")
@@ -122,7 +123,7 @@ class W4A16Linear(nn.Module):
         device = torch.device(device)
         chosen = resolve_backend(backend, device)
         shape = (w.out_features, w.in_features, w.group_size)
-        if backend == "auto" and chosen in NATIVE_BACKENDS and not cpu_kernels.fits(*shape):
+        if backend == "auto" and chosen in NATIVE_BACKENDS and not packing.fits(*shape):
             chosen = "cpu_int4" if cpu_int4_available() else "dequant"
         if backend == "auto" and chosen == "cpu_int4" and not cpu_int4_fits(*shape):
             chosen = "dequant"
@@ -154,7 +155,7 @@ class W4A16Linear(nn.Module):
             raise ValueError(
                 f"cpu_avx512 needs an AVX-512 BF16 + VNNI CPU and a C compiler ({device})"
             )
-        self._adopt_native(cpu_kernels.pack_for_kernel(w), kernel)
+        self._adopt_native(packing.pack_for_kernel(w), kernel)
 
     def _pack_fp32(self, w: QuantizedWeight, device: torch.device) -> None:
         # The build of this process's path (a forced `neon` stays `neon`), else this CPU's best.
@@ -163,11 +164,9 @@ class W4A16Linear(nn.Module):
             raise ValueError(
                 f"cpu_fp32 needs an AVX2 + FMA + F16C or NEON CPU and a C compiler ({device})"
             )
-        self._adopt_native(cpu_kernels.pack_for_kernel(w), kernel)
+        self._adopt_native(packing.pack_for_kernel(w), kernel)
 
-    def _adopt_native(
-        self, packed: cpu_kernels.PackedInt4, kernel: cpu_kernels.NativeKernels
-    ) -> None:
+    def _adopt_native(self, packed: packing.PackedInt4, kernel: cpu_kernels.NativeKernels) -> None:
         """Takes the packed layout both native kernels read (AVX-512, and fp32 on AVX2/NEON)."""
         self.register_buffer("weight", packed.weight, persistent=False)
         self.register_buffer("kernel_scales", packed.scales, persistent=False)
@@ -196,7 +195,7 @@ class W4A16Linear(nn.Module):
         a dequantize + dense GEMM for many (exact to fp32 rounding in fp32 models)."""
         self._gemm_min_rows = _NEVER
 
-    def native_layout(self, dtype: torch.dtype) -> cpu_kernels.PackedInt4 | None:
+    def native_layout(self, dtype: torch.dtype) -> packing.PackedInt4 | None:
         """The packed weight a native decoder reads: the AVX-512 one (bf16) for bf16 layers on
         that backend, the fp32 one for fp32 layers on the fp32 (AVX2 / NEON) backend."""
         wanted = {torch.bfloat16: "cpu_avx512", torch.float32: "cpu_fp32"}.get(dtype)
@@ -365,9 +364,7 @@ class W4A16Linear(nn.Module):
         # contracts); follow device moves only, keep every buffer's dtype.
         apply_keeping_dtypes(self, fn, recurse)
         if self.backend in NATIVE_BACKENDS:
-            self._packed = cpu_kernels.PackedInt4(
-                self.weight, self.kernel_scales, self.kernel_zeros
-            )
+            self._packed = packing.PackedInt4(self.weight, self.kernel_scales, self.kernel_zeros)
         return self
 
     def extra_repr(self) -> str:
@@ -523,7 +520,7 @@ def fuse_w4a16(parts: list[nn.Module]) -> W4A16Linear | None:
         first.backend,
         first.compute_dtype,
     )
-    packed = cpu_kernels.PackedInt4(
+    packed = packing.PackedInt4(
         torch.cat([p.weight for p in layers]),
         torch.cat([p.kernel_scales for p in layers]),
         torch.cat([p.kernel_zeros for p in layers]),

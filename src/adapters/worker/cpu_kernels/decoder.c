@@ -10,7 +10,7 @@
  * Qwen2's q/k/v biases and SiLU * up round like torch's elementwise ops.
  *
  * Layouts: hidden [B, hidden] (updated in place); row b sits at position positions[b] of cache
- * row rows[b], where keys[l] / values[l] point at layer l's cache [slots, kv_heads, max_len,
+ * row rows[b], where keys[l] / values[l] point at layer l's cache [rows, kv_heads, max_len,
  * head_dim] (strides given); cos / sin [B, head_dim] hold each row's rotary row. Rows of one call
  * may sit at different positions (a batch of running sequences).
  * Scratch: B * (2 hidden + (heads + 2 kv_heads) head_dim + 2 heads head_dim + 3 intermediate).

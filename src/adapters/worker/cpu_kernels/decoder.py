@@ -56,7 +56,7 @@ class _Dims(ctypes.Structure):
 
 
 class PackedLinear(Protocol):
-    """What matmul.c's 4-bit layout provides (cpu_kernels.PackedInt4)."""
+    """What matmul.c's 4-bit layout provides (packing.PackedInt4)."""
 
     weight: Tensor
     scales: Tensor
@@ -123,24 +123,24 @@ class DecoderPlan:
             self.intermediate, self.eps, self.scale,
         )  # fmt: skip
         self._structs = (_Layer * len(self.layers))()
-        for slot, layer in zip(self._structs, self.layers, strict=True):
+        for native, layer in zip(self._structs, self.layers, strict=True):
             if not 1 <= len(layer.qkv) <= 3 or not 1 <= len(layer.gate_up) <= 2:
                 raise ValueError("q/k/v come as 1-3 linears and gate/up as 1-2")
             if layer.qkv_bias and len(layer.qkv_bias) != len(layer.qkv):
                 raise ValueError("give one q/k/v bias (or None) per q/k/v linear")
-            slot.input_norm = layer.input_norm.data_ptr()
-            slot.post_norm = layer.post_norm.data_ptr()
+            native.input_norm = layer.input_norm.data_ptr()
+            native.post_norm = layer.post_norm.data_ptr()
             for i, part in enumerate(layer.qkv):
-                slot.qkv[i] = part.to_struct()
+                native.qkv[i] = part.to_struct()
             for i, (part, bias) in enumerate(zip(layer.qkv, layer.qkv_bias, strict=False)):
                 if bias is not None:
                     if not bias.is_contiguous() or bias.numel() != part.out_features:
                         raise ValueError(f"q/k/v bias {i} must be contiguous [{part.out_features}]")
-                    slot.qkv_bias[i] = bias.data_ptr()
+                    native.qkv_bias[i] = bias.data_ptr()
             for i, part in enumerate(layer.gate_up):
-                slot.gate_up[i] = part.to_struct()
-            slot.o = layer.o.to_struct()
-            slot.down = layer.down.to_struct()
+                native.gate_up[i] = part.to_struct()
+            native.o = layer.o.to_struct()
+            native.down = layer.down.to_struct()
 
     @property
     def dims_address(self) -> int:

@@ -33,10 +33,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bytes.h"
 #include "plan.h"
+#include "w4a16.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
+
+#include "avx2_rows.h"
 #define VS_AVX2 1
 #elif defined(__aarch64__) && defined(__ARM_NEON)
 #include <arm_neon.h>
@@ -45,12 +49,7 @@
 #error "fp32_kernels.c needs AVX2 + FMA + F16C (x86-64) or NEON (aarch64)"
 #endif
 
-#define TILE_ROWS 16
-#define CHUNK 8 /* columns per 64-byte block of a tile */
-#define MAX_GROUP 2048
-#define X_LEVELS 32639.0f
 #define PREFETCH_BYTES 4096
-#define STACK_COLUMNS 16384
 #define DENSE_ROWS 4
 
 /* ------------------------------------------------------------------ vector primitives (ISA) */
@@ -74,12 +73,7 @@ static inline float vf_sum(vf v) {
     s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
     return _mm_cvtss_f32(s);
 }
-static inline float vf_hmax(vf v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-    return _mm_cvtss_f32(m);
-}
+static inline float vf_hmax(vf v) { return hmax8(v); }
 static inline vf vf_round(vf v) {
     return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
@@ -87,21 +81,11 @@ static inline vf vf_pow2i(vf n) { /* 2^n for integral n in [-126, 127] */
     const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
     return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
 }
-static inline vf vf_load_bf16(const uint16_t *p) {
-    const __m128i h = _mm_loadu_si128((const __m128i *)p);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
+static inline vf vf_load_bf16(const uint16_t *p) { return load_bf16x8(p); }
 static inline vf vf_load_fp16(const uint16_t *p) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 }
-static inline void vf_store_bf16(uint16_t *p, vf v) { /* round to nearest even */
-    __m256i u = _mm256_castps_si256(v);
-    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    u = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd),
-                          16);
-    _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(u),
-                                                    _mm256_extracti128_si256(u, 1)));
-}
+static inline void vf_store_bf16(uint16_t *p, vf v) { store_bf16x8(p, v); }
 static inline vf vf_load_i8(const int8_t *p) { /* VL int8 values, widened */
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
@@ -205,23 +189,13 @@ int vsf_cpu_supported(void) {
 #endif
 }
 
-int vsf_int4_fits(int64_t n, int64_t k, int64_t group) {
-    return n % TILE_ROWS == 0 && k % 64 == 0 && group % 64 == 0 && group <= MAX_GROUP &&
-           k % group == 0;
-}
+int vsf_int4_fits(int64_t n, int64_t k, int64_t group) { return vs_w4a16_fits(n, k, group); }
 
 /* ------------------------------------------------------------------------ W4A16 matmul */
 
-/* x as 16-bit integers per (row, group): major/minor bytes, the scale, and the integer sums. */
-typedef struct {
-    int8_t *major, *minor;
-    float *scale;
-    int32_t *sum;
-} vsf_int16_rows;
-
 #if VS_AVX2
 static void quantize_rows(const void *x, int x_fp32, int64_t m_rows, int64_t k, int64_t group,
-                          vsf_int16_rows *xq) {
+                          vs_int16_rows *xq) {
     const int64_t groups = k / group;
     for (int64_t m = 0; m < m_rows; m++) {
         for (int64_t g = 0; g < groups; g++) {
@@ -249,17 +223,14 @@ static void quantize_rows(const void *x, int x_fp32, int64_t m_rows, int64_t k, 
                 _mm_storel_epi64((__m128i *)(xq->major + base + i), _mm_packs_epi16(major16, major16));
                 sum = _mm256_add_epi32(sum, v);
             }
-            __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-            s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-            s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
             xq->scale[m * groups + g] = top / X_LEVELS;
-            xq->sum[m * groups + g] = _mm_cvtsi128_si32(s);
+            xq->sum[m * groups + g] = hsum8i(sum);
         }
     }
 }
 #else
 static void quantize_rows(const void *x, int x_fp32, int64_t m_rows, int64_t k, int64_t group,
-                          vsf_int16_rows *xq) {
+                          vs_int16_rows *xq) {
     const int64_t groups = k / group;
     for (int64_t m = 0; m < m_rows; m++) {
         for (int64_t g = 0; g < groups; g++) {
@@ -289,12 +260,6 @@ static void quantize_rows(const void *x, int x_fp32, int64_t m_rows, int64_t k, 
     }
 }
 #endif
-
-static inline int32_t load4(const int8_t *p) {
-    int32_t v;
-    memcpy(&v, p, 4);
-    return v;
-}
 
 /* One group of one tile (16 rows) for one x row: the 16 exact integer sums sum_k q_k x_k (x in
  * its 16-bit integer form), then  y += s_w * s_x * (sum_k q_k x_k - z * sum_k x_k). */
@@ -394,7 +359,7 @@ static void tile_group(const int8_t *major, const int8_t *minor, const uint8_t *
 }
 #endif
 
-static void tile_rows(const vsf_int16_rows *xq, int64_t m_rows, const uint8_t *w,
+static void tile_rows(const vs_int16_rows *xq, int64_t m_rows, const uint8_t *w,
                       const uint16_t *scales, const uint8_t *zeros, int64_t n_first, int64_t ldo,
                       int64_t k, int64_t group, void *out, int out_fp32) {
     const int64_t groups = k / group;
@@ -418,20 +383,10 @@ int vsf_int4_matmul(const void *x, int x_fp32, int64_t m_rows, const uint8_t *w,
                     int64_t group, void *out, int64_t ldo, int out_fp32, int threads) {
     if (!vsf_int4_fits(n, k, group)) return 1;
     const int64_t groups = k / group, tiles = n / TILE_ROWS;
-    const int64_t columns = m_rows * k, sums = m_rows * groups;
-    int8_t stack_bytes[2 * STACK_COLUMNS];
-    float stack_scale[STACK_COLUMNS / 64];
-    int32_t stack_sum[STACK_COLUMNS / 64];
-    vsf_int16_rows xq = {stack_bytes, stack_bytes + STACK_COLUMNS, stack_scale, stack_sum};
-    void *heap = NULL;
-    if (columns > STACK_COLUMNS) {
-        heap = malloc(2 * columns + 8 * sums);
-        if (!heap) return 2;
-        xq.major = heap;
-        xq.minor = xq.major + columns;
-        xq.scale = (float *)(xq.minor + columns);
-        xq.sum = (int32_t *)(xq.scale + sums);
-    }
+    vs_int16_rows_stack stack;
+    vs_int16_rows xq;
+    void *heap;
+    if (vs_int16_rows_at(&xq, &stack, m_rows * k, m_rows * groups, &heap)) return 2;
     quantize_rows(x, x_fp32, m_rows, k, group, &xq);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
@@ -765,7 +720,7 @@ static void silu_times_up(const float *gate_up, int64_t rows, int64_t width, flo
 
 /* One new position per row of hidden [B, hidden] (fp32, updated in place) through every layer.
  * Row b sits at position positions[b] of cache row rows[b]: keys[l] / values[l] point at layer
- * l's fp32 cache [slots, kv_heads, max_len, head_dim] (strides given), and cos / sin [B, head_dim]
+ * l's fp32 cache [rows, kv_heads, max_len, head_dim] (strides given), and cos / sin [B, head_dim]
  * hold each row's fp32 rotary row. Rows of one call may sit at different positions (a batch of
  * running sequences). Scratch: B * (2 hidden + (heads + 2 kv_heads) head_dim + 2 heads head_dim
  * + 3 intermediate) floats. */

@@ -13,7 +13,7 @@
  *     sum_k q_k x_k  =  256 * sum_k q_k major_k  +  sum_k q_k minor_k
  * and the group's output is  s_w * s_x * (sum_k q_k x_k  -  z * sum_k x_k).
  *
- * Packed layout (made by `pack_for_kernel` in __init__.py), tiles of 16 output rows:
+ * Packed layout (made by `pack_for_kernel` in packing.py), tiles of 16 output rows:
  *   weights  uint8 [N/16][K/8][16][4]: the 4 bytes of row r for the 8 columns k0..k0+7 hold
  *            q[k0 + j] in their low nibble and q[k0 + 4 + j] in their high nibble (j = 0..3),
  *            so one 64-byte load feeds `vpdpbusd` with 16 rows x 4 columns twice;
@@ -26,26 +26,13 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "bytes.h"
 #include "kernels.h"
+#include "w4a16.h"
 
-#define TILE_ROWS 16
-#define CHUNK 8 /* columns per 64-byte load */
-#define MAX_GROUP 2048
-#define X_LEVELS 32639.0f
 #define PREFETCH_BYTES 2048
-#define STACK_COLUMNS 16384
 
-int vs_int4_fits(int64_t n, int64_t k, int64_t group) {
-    return n % TILE_ROWS == 0 && k % 64 == 0 && group % 64 == 0 && group <= MAX_GROUP &&
-           k % group == 0;
-}
-
-/* x as 16-bit integers per (row, group): major/minor bytes, the scale, and the integer sums. */
-typedef struct {
-    int8_t *major, *minor;
-    float *scale;
-    int32_t *sum;
-} vs_int16_rows;
+int vs_int4_fits(int64_t n, int64_t k, int64_t group) { return vs_w4a16_fits(n, k, group); }
 
 static void quantize_rows(const uint16_t *x, int64_t m_rows, int64_t k, int64_t group,
                           vs_int16_rows *xq) {
@@ -78,11 +65,7 @@ static void quantize_rows(const uint16_t *x, int64_t m_rows, int64_t k, int64_t 
     }
 }
 
-static inline __m512i broadcast4(const int8_t *p) {
-    int32_t v;
-    __builtin_memcpy(&v, p, 4);
-    return _mm512_set1_epi32(v);
-}
+static inline __m512i broadcast4(const int8_t *p) { return _mm512_set1_epi32(load4(p)); }
 
 /* One tile: rows [n_first, n_first + 16) for every x row. Two column chunks per iteration give
  * the core 8 independent accumulator chains, enough to hide `vpdpbusd`'s latency; a single
@@ -147,20 +130,10 @@ int vs_int4_matmul_ld(const uint16_t *x, int64_t m_rows, const uint8_t *w, const
                       int64_t ldo, int out_fp32, int threads) {
     if (!vs_int4_fits(n, k, group)) return 1;
     const int64_t groups = k / group, tiles = n / TILE_ROWS;
-    const int64_t columns = m_rows * k, sums = m_rows * groups;
-    int8_t stack_bytes[2 * STACK_COLUMNS];
-    float stack_scale[STACK_COLUMNS / 64];
-    int32_t stack_sum[STACK_COLUMNS / 64];
-    vs_int16_rows xq = {stack_bytes, stack_bytes + STACK_COLUMNS, stack_scale, stack_sum};
-    void *heap = NULL;
-    if (columns > STACK_COLUMNS) {
-        heap = malloc(2 * columns + 8 * sums);
-        if (!heap) return 2;
-        xq.major = heap;
-        xq.minor = xq.major + columns;
-        xq.scale = (float *)(xq.minor + columns);
-        xq.sum = (int32_t *)(xq.scale + sums);
-    }
+    vs_int16_rows_stack stack;
+    vs_int16_rows xq;
+    void *heap;
+    if (vs_int16_rows_at(&xq, &stack, m_rows * k, m_rows * groups, &heap)) return 2;
     quantize_rows(x, m_rows, k, group, &xq);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < tiles; t++) {

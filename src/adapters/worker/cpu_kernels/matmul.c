@@ -182,7 +182,7 @@ int vs_rms_norm(const uint16_t *x, int64_t rows, int64_t dim, const uint16_t *we
 
 /* Rotary embedding, rotate-half layout, for one position: dst[b, h] = x*cos + rot(x)*sin with
  * each product and the sum rounded to bf16 as torch does. src rows are [B, H, D] with strides
- * (src_b, D); dst rows with strides (dst_b, dst_h) -- e.g. straight into a KV-cache slot. */
+ * (src_b, D); dst rows with strides (dst_b, dst_h) -- e.g. straight into a KV-cache row. */
 int vs_rope(const uint16_t *src, int64_t batch, int64_t heads, int64_t dim, int64_t src_b,
             const uint16_t *cos, const uint16_t *sin, uint16_t *dst, int64_t dst_b,
             int64_t dst_h) {

@@ -23,11 +23,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define TILE_ROWS 16
-#define CHUNK 8          /* columns per 64-byte block of a tile */
+#include "w4a16.h"
+
 #define X_BLOCK 32       /* columns per activation scale */
 #define ROW_BLOCK 4      /* rows of x sharing each load of the unpacked weights */
-#define MAX_GROUP 2048
 
 int vsf_gemm_supported(void) {
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -49,13 +48,6 @@ typedef struct {
     float *scale;
     float *group_sum;
 } x_bytes;
-
-static inline int32_t hsum8i(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-    return _mm_cvtsi128_si32(s);
-}
 
 static void quantize_row(const void *x, int x_fp32, int64_t row, int64_t k, int64_t group,
                          const x_bytes *xq) {
@@ -179,13 +171,8 @@ static inline void store_out(void *out, int out_fp32, int64_t at, const float *y
         memcpy((float *)out + at, y, TILE_ROWS * sizeof(float));
         return;
     }
-    for (int i = 0; i < TILE_ROWS; i += 8) { /* bf16, round to nearest even */
-        const __m256i b = _mm256_castps_si256(_mm256_loadu_ps(y + i));
-        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-        const __m256i r = _mm256_srli_epi32(
-            _mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), odd), 16);
-        const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-        _mm_storeu_si128((__m128i *)((uint16_t *)out + at + i), h);
+    for (int i = 0; i < TILE_ROWS; i += 8) {
+        store_bf16x8((uint16_t *)out + at + i, _mm256_loadu_ps(y + i));
     }
 }
 #endif
@@ -196,7 +183,7 @@ int vsf_int4_gemm(const void *x, int x_fp32, int64_t m_rows, const uint8_t *w,
                   const uint16_t *scales, const uint8_t *zeros, int64_t n, int64_t k,
                   int64_t group, void *out, int64_t ldo, int out_fp32, int threads) {
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-    if (n % TILE_ROWS || k % 64 || group % 64 || group > MAX_GROUP || k % group) return 1;
+    if (!vs_w4a16_fits(n, k, group)) return 1;
     const int64_t groups = k / group, tiles = n / TILE_ROWS;
     x_bytes xq;
     void *heap = malloc(m_rows * k + 4 * m_rows * (k / X_BLOCK) + 4 * m_rows * groups);

@@ -9,7 +9,7 @@
  * with the weight's column sums: sum u w = sum q w + 64 sum w.
  *
  * Layout: tiles of 8 output channels, int8 [N/8][K/4][8][4] (a channel's 4 consecutive columns
- * per int32, as VNNI reads them); `w8a8_pack` in __init__.py builds it. K % 4 == 0, N % 8 == 0.
+ * per int32, as VNNI reads them); `pack_int8` in packing.py builds it. K % 4 == 0, N % 8 == 0.
  * Returns 0 on success, 1 for shapes it does not take, 2 when memory runs out, 3 where this build
  * has no AVX2 (the caller computes in floating point).
  */

@@ -4,7 +4,7 @@
 names (the CPU's best, or the one `VILASERVE_CPU_PATH` forces) and swaps modules for ones that
 call its native kernels, in gpt-fast's `replace_linear_int4` style:
 
-* every native path: dense linears become `CpuDecodeLinear` (AVX-512) or `Fp32DecodeLinear`
+* every native path: dense linears become `Avx512DecodeLinear` (AVX-512) or `PortableDecodeLinear`
   (AVX2, NEON) (fast_linear.py), and the model's body a `NativeDecodeBody`, which runs a decode
   step of all layers in one native call (native_decode.py) where the step qualifies;
 * ``avx512_bf16`` also: RMSNorm and attention become `KernelRMSNorm` / `KernelAttention`, the
@@ -35,10 +35,10 @@ from vilaserve.adapters.worker.torch_vila.llama import (
     Attention,
     LayerStep,
     Llama,
-    LlamaArgs,
     LlamaBody,
     RMSNorm,
 )
+from vilaserve.adapters.worker.torch_vila.llama_config import LlamaArgs
 from vilaserve.adapters.worker.torch_vila.native_decode import NativeDecoder
 
 # Decode-sized calls (a few rows) go to the AVX-512 norm kernel; PyTorch's ops win on prefill.
@@ -76,7 +76,7 @@ def put_on_cpu_path(model: Llama, one_call_decode: bool = True) -> CpuPathReport
     return CpuPathReport(path, linears, body.decoder is not None)
 
 
-def swap_kernel_norms_and_attention(model: Llama, kernels: cpu_kernels.CpuKernels) -> None:
+def swap_kernel_norms_and_attention(model: Llama, kernels: cpu_kernels.Avx512Kernels) -> None:
     for parent in model.modules():
         for name, child in list(parent.named_children()):
             if type(child) is RMSNorm and child.weight.shape[0] % 16 == 0:
@@ -89,7 +89,7 @@ class KernelRMSNorm(RMSNorm):
     """RMSNorm of a few bf16 rows on the AVX-512 kernel (bit-exact to the fp32 sum order);
     prefill and autograd keep PyTorch's ops."""
 
-    def __init__(self, norm: RMSNorm, kernels: cpu_kernels.CpuKernels) -> None:
+    def __init__(self, norm: RMSNorm, kernels: cpu_kernels.Avx512Kernels) -> None:
         nn.Module.__init__(self)
         self.weight = norm.weight
         self.eps = norm.eps
@@ -108,10 +108,10 @@ class KernelRMSNorm(RMSNorm):
 
 class KernelAttention(Attention):
     """Attention whose one-position steps run on the AVX-512 kernels: rotary straight into the
-    query buffer and the cache slot, then attention over the row's prefix (same rounding as
+    query buffer and the cache row, then attention over the row's prefix (same rounding as
     the torch path; it replaces about a dozen small ops per layer)."""
 
-    def __init__(self, attention: Attention, kernels: cpu_kernels.CpuKernels) -> None:
+    def __init__(self, attention: Attention, kernels: cpu_kernels.Avx512Kernels) -> None:
         nn.Module.__init__(self)
         # The same layer: its settings and projections, shared.
         vars(self).update(vars(attention))

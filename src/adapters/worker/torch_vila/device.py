@@ -33,7 +33,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.float16
     path = cpu_kernels.cpu_path()
-    if path in cpu_kernels.FP32_CFLAGS:  # avx2, neon*: the native fp32 decoder
+    if path in cpu_kernels.FP32_PATHS:  # avx2, neon*: the native fp32 decoder
         return torch.float32
     if path == "avx512_bf16" or (cpu_computes_bf16_natively() and bf16_works(device)):
         return torch.bfloat16

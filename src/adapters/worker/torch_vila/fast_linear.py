@@ -4,10 +4,10 @@ PyTorch's bf16 GEMV streams weights at about half the machine's read bandwidth; 
 16-bit model (and the 16-bit LM head of a 4-bit one) is exactly that GEMV. Calls with many rows
 (prefill) keep `F.linear`, which is the faster GEMM there.
 
-On the AVX-512 path the model is bf16 throughout (`CpuDecodeLinear`). On the fp32 paths
+On the AVX-512 path the model is bf16 throughout (`Avx512DecodeLinear`). On the fp32 paths
 (AVX2, NEON) it
 computes in fp32, but a weight that is exactly 16-bit (every weight of a bf16 or fp16
-checkpoint) is kept in 16 bits (`Fp32DecodeLinear`): decode streams half the bytes, and the
+checkpoint) is kept in 16 bits (`PortableDecodeLinear`): decode streams half the bytes, and the
 kernel widens them in registers.
 """
 
@@ -32,10 +32,10 @@ DECODE_MAX_ROWS = 8
 FP32_KERNEL_MAX_ROWS = 64
 
 
-class CpuDecodeLinear(nn.Linear):
+class Avx512DecodeLinear(nn.Linear):
     """An `nn.Linear` (same parameters, same state dict) with a kernel for few bf16 rows."""
 
-    def __init__(self, linear: nn.Linear, kernels: cpu_kernels.CpuKernels) -> None:
+    def __init__(self, linear: nn.Linear, kernels: cpu_kernels.Avx512Kernels) -> None:
         nn.Module.__init__(self)
         self.in_features = linear.in_features
         self.out_features = linear.out_features
@@ -58,7 +58,7 @@ class CpuDecodeLinear(nn.Linear):
         return out.view(*x.shape[:-1], self.out_features)
 
 
-class Fp32DecodeLinear(nn.Module):
+class PortableDecodeLinear(nn.Module):
     """A linear layer holding its weight in 16 bits (bf16 or fp16) for any activation dtype:
     few rows (decode) run on the fp32 kernel (AVX2 / NEON), more rows widen the weight for one
     GEMM."""
@@ -91,7 +91,7 @@ class Fp32DecodeLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, {self.weight.dtype}"
         )
 
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Fp32DecodeLinear:
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> PortableDecodeLinear:
         # `model.float()` must not widen the 16-bit weight the kernel streams: it follows
         # device moves only (the bias follows the model's dtype).
         apply_keeping_dtypes(self, fn, recurse, names=("weight",))
@@ -112,8 +112,8 @@ def exact_16_bit(weight: Tensor) -> Tensor | None:
 def accelerate_cpu_linears(model: nn.Module, kernels: cpu_kernels.NativeKernels) -> int:
     """Puts the plain CPU `nn.Linear`s on `kernels` (cpu_path.py chooses them).
 
-    AVX-512: bf16 linears with K % 32 == 0 become `CpuDecodeLinear`. fp32 paths (AVX2, NEON):
-    linears whose weight is exactly 16-bit, with K % 8 == 0, become `Fp32DecodeLinear`.
+    AVX-512: bf16 linears with K % 32 == 0 become `Avx512DecodeLinear`. fp32 paths (AVX2, NEON):
+    linears whose weight is exactly 16-bit, with K % 8 == 0, become `PortableDecodeLinear`.
     Returns how many were swapped.
     """
     if isinstance(kernels, cpu_kernels.Fp32Kernels):
@@ -129,7 +129,7 @@ def accelerate_cpu_linears(model: nn.Module, kernels: cpu_kernels.NativeKernels)
         and child.in_features % 32 == 0
     ]
     for parent, name, child in swaps:
-        setattr(parent, name, CpuDecodeLinear(child, kernels))
+        setattr(parent, name, Avx512DecodeLinear(child, kernels))
     return len(swaps)
 
 
@@ -147,5 +147,5 @@ def _swap_for_fp32(model: nn.Module, kernels: cpu_kernels.Fp32Kernels) -> int:
                     swaps.append((parent, name, child, narrow))
     for parent, name, child, narrow in swaps:
         bias = None if child.bias is None else child.bias.detach()
-        setattr(parent, name, Fp32DecodeLinear(narrow, bias, kernels))
+        setattr(parent, name, PortableDecodeLinear(narrow, bias, kernels))
     return len(swaps)

@@ -31,7 +31,7 @@ from torch import nn
 
 from vilaserve.adapters.worker.torch_vila.checkpoint import read_json_object, safetensors_files
 from vilaserve.adapters.worker.torch_vila.image_processing import ImageProcessorConfig
-from vilaserve.adapters.worker.torch_vila.vision_tower import layers_to_run
+from vilaserve.adapters.worker.torch_vila.vision_tower import SelectedLayerTower
 
 MODEL_TYPE = "intern_vit_6b"
 ARCHITECTURE = "InternVisionModel"
@@ -251,21 +251,14 @@ class _Source:
     shape: tuple[int, ...]
 
 
-class InternVitTower(nn.Module):
+class InternVitTower(SelectedLayerTower):
     """Embeddings + the InternViT layers up to `select_layer`; forward returns [N, T, C]."""
 
     def __init__(self, config: InternVitConfig, select_layer: int, select_feature: str) -> None:
         """Builds the modules on the current default device (the meta device when loading)."""
-        super().__init__()
-        keep = layers_to_run(select_layer, select_feature, config.num_hidden_layers)
+        super().__init__(config, select_layer, select_feature, class_tokens=1)
         self.config = config
-        self.select_layer = select_layer
-        self.select_feature = select_feature
-        self.image_size = config.image_size
-        self.patch_size = config.patch_size
-        self.hidden_size = config.hidden_size
-        self.layers_run = keep
-        self.embeddings, self.layers = _build_layers(config, keep)
+        self.embeddings, self.layers = _build_layers(config, self.layers_run)
 
     @classmethod
     def from_pretrained(
@@ -354,15 +347,6 @@ class InternVitTower(nn.Module):
         setattr(owner, leaf, nn.Parameter(value, requires_grad=False))
 
     @property
-    def num_patches(self) -> int:
-        return self.config.num_patches
-
-    def output_tokens(self) -> int:
-        """Tokens emitted per image: CLS + patches, minus the CLS for `patch`."""
-        tokens = self.num_patches + 1
-        return tokens - 1 if self.select_feature == "patch" else tokens
-
-    @property
     def dtype(self) -> torch.dtype:
         return self.embeddings.patch_embeddings.projection.weight.dtype
 
@@ -377,6 +361,4 @@ class InternVitTower(nn.Module):
         hidden = self.embeddings(pixels.to(self.dtype))
         for layer in self.layers:
             hidden = layer(hidden)
-        if self.select_feature == "patch":
-            hidden = hidden[:, 1:]
-        return hidden
+        return self.selected_tokens(hidden)

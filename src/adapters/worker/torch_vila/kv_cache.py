@@ -11,9 +11,10 @@ from vilaserve.adapters.worker.cpu_kernels.decoder import CachePointers
 class KVCache:
     """Per-layer key/value storage [rows, kv_heads, max_len, head_dim], allocated once.
 
-    One row per sequence: a single request's cache has one row, the engine's pool one row per
-    slot. `Llama.forward` writes new positions into it in place; nothing is reallocated per
-    step. Create it with `Llama.new_cache`.
+    One row per sequence: a single request's cache has one row; the engine's pool has
+    `num_cache_rows`, each holding a running sequence or a prefix kept for reuse.
+    `Llama.forward` writes new positions into it in place; nothing is reallocated per step.
+    Create it with `Llama.new_cache`.
     """
 
     def __init__(
@@ -40,7 +41,7 @@ class KVCache:
         return cache
 
     def row(self, index: int) -> KVCache:
-        """Row `index` as a one-row cache sharing this one's storage (a slot's prefill)."""
+        """Row `index` as a one-row cache sharing this one's storage (one sequence's prefill)."""
         return KVCache._of(
             [k[index : index + 1] for k in self.keys], [v[index : index + 1] for v in self.values]
         )

@@ -7,7 +7,7 @@ linears can later be swapped in by name. Numerics follow HF's Llama (transformer
 step -- RMSNorm in fp32, rotate-half RoPE with fp32 angles cast to the activation dtype, llama3
 and linear RoPE scaling -- so fp32 logits agree with HF to float rounding.
 
-Usage::
+Usage (the config is read by `llama_config.LlamaArgs`, the cache is `kv_cache.KVCache`)::
 
     model = Llama(LlamaArgs.from_hf_config(config_json))
     model.load_hf_state_dict(state)
@@ -29,8 +29,6 @@ from torch import Tensor, nn
 from vilaserve.adapters.worker.torch_vila.device import apply_keeping_dtypes, embedding_table
 from vilaserve.adapters.worker.torch_vila.kv_cache import KVCache
 from vilaserve.adapters.worker.torch_vila.llama_config import LlamaArgs, RopeScaling
-
-__all__ = ["DECODER_LINEARS", "KVCache", "LayerStep", "Llama", "LlamaArgs", "RopeScaling"]
 
 # RoPE tables start this long (capped by max_position_embeddings) and grow on demand, so a
 # 128K-context config does not pin 128 MB of tables that a 4K serving cache never reads.

@@ -1,12 +1,12 @@
 """The `ModelRunner` port on our own Llama: the engine's batches run here, on the model thread.
 
-A KV pool of `num_slots` rows x `slot_length` positions is allocated once (on the CPU its pages
-are taken only as positions fill). A step runs every decode row in one batched forward (each
-row at its own position of its own slot), then each prefill chunk into its slot, then samples
-all rows at once: one host sync per step, for the token ids the streams need (on a GPU a step
-with prompt chunks waits once more, before its sampling, so that its model work and its
-sampling are timed apart: `last_step_timing`). Steps run on the model thread (executor.py),
-queued by the engine through `submit`.
+A KV pool of `num_cache_rows` rows x `cache_row_length` positions is allocated once (on the
+CPU its pages are taken only as positions fill). A step runs every decode row in one batched
+forward (each at its own position of its own cache row), then each prefill chunk into its
+cache row, then samples all of them at once: one host sync per step, for the token ids the
+streams need (on a GPU a step with prompt chunks waits once more, before its sampling, so that
+its model work and its sampling are timed apart: `last_step_timing`). Steps run on the model
+thread (executor.py), queued by the engine through `submit`.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ class TorchImageFeatures(ImageFeatures):
 
 
 class TorchPrompt(PreparedPrompt):
-    """Token ids with image slots, the images' embeddings until the prompt is prefilled, and
-    the request's own sampler (its seed's generator)."""
+    """Token ids with image placeholders, the images' embeddings until the prompt is
+    prefilled, and the request's own sampler (its seed's generator)."""
 
     def __init__(
         self,
@@ -115,8 +115,8 @@ class TorchModelRunner(ModelRunner[TorchPrompt]):
         stop_token_ids: Sequence[int],
         image_wrap: tuple[str, str] | None = None,
         compute_path: str | None = None,
-        num_slots: int = 8,
-        slot_length: int | None = None,
+        num_cache_rows: int = 8,
+        cache_row_length: int | None = None,
         image_token_id: int | None = None,
     ) -> None:
         """`image_token_id`: the vocabulary token that stands for an image (NVILA, llava-hf);
@@ -131,9 +131,9 @@ class TorchModelRunner(ModelRunner[TorchPrompt]):
         self._stop_ids = frozenset(stop_token_ids)
         # Checkpoints trained with `mm_use_im_start_end` see each image between two tokens.
         self._image_wrap = image_wrap
-        self._num_slots = num_slots
-        self._slot_length = min(slot_length or context_length, context_length)
-        self.cache = model.new_cache(num_slots, self._slot_length)
+        self._num_cache_rows = num_cache_rows
+        self._cache_row_length = min(cache_row_length or context_length, context_length)
+        self.cache = model.new_cache(num_cache_rows, self._cache_row_length)
         self._on_cuda = torch.device(model.device).type == "cuda"
         # The last step with prompt chunks: its model work, then its sampling (seconds).
         self._forward_s = 0.0
@@ -152,12 +152,12 @@ class TorchModelRunner(ModelRunner[TorchPrompt]):
         return self._template
 
     @property
-    def num_slots(self) -> int:
-        return self._num_slots
+    def num_cache_rows(self) -> int:
+        return self._num_cache_rows
 
     @property
-    def slot_length(self) -> int:
-        return self._slot_length
+    def cache_row_length(self) -> int:
+        return self._cache_row_length
 
     def _tokenize(self, prompt: str) -> list[int]:
         if self._image_wrap is not None:
@@ -178,22 +178,23 @@ class TorchModelRunner(ModelRunner[TorchPrompt]):
         self, prompt: str, images: ImageFeatures | None, params: SamplingParams
     ) -> TorchPrompt:
         ids = self._tokenize(prompt)
-        n_slots = sum(1 for i in ids if i == IMAGE_TOKEN_INDEX)
+        n_placeholders = sum(1 for i in ids if i == IMAGE_TOKEN_INDEX)
         features = images if isinstance(images, TorchImageFeatures) else None
         embeddings = None if features is None else features.embeddings
         n_images = 0 if embeddings is None else len(embeddings)
-        if n_slots != n_images:
+        if n_placeholders != n_images:
             raise InvalidRequest(
-                f"the prompt has {n_slots} image placeholders for {n_images} images"
+                f"the prompt has {n_placeholders} image placeholders for {n_images} images"
             )
         lengths = [int(e.shape[0]) for e in embeddings or ()]
-        prompt_len = len(ids) - n_slots + sum(lengths)
-        room = self._slot_length
+        prompt_len = len(ids) - n_placeholders + sum(lengths)
+        room = self._cache_row_length
         if prompt_len >= room:
             limit = "context" if room == self._context_length else "per-sequence cache length"
             raise ContextOverflow(
-                f"the prompt takes {prompt_len} positions ({len(ids) - n_slots} text tokens + "
-                f"{sum(lengths)} for {n_slots} image(s)); the model's {limit} is {room}, "
+                f"the prompt takes {prompt_len} positions "
+                f"({len(ids) - n_placeholders} text tokens + {sum(lengths)} "
+                f"for {n_placeholders} image(s)); the model's {limit} is {room}, "
                 "leaving no room to generate"
             )
         image_keys = features.image_keys if features is not None else ()
@@ -228,16 +229,16 @@ class TorchModelRunner(ModelRunner[TorchPrompt]):
         logits: list[torch.Tensor] = []
         samplers: list[Sampler] = []
         if batch.decodes:
-            rows = torch.tensor([d.slot for d in batch.decodes], dtype=torch.int64)
+            cache_rows = torch.tensor([d.cache_row for d in batch.decodes], dtype=torch.int64)
             positions = torch.tensor([d.position for d in batch.decodes], dtype=torch.int64)
             tokens = torch.tensor([d.token for d in batch.decodes], dtype=torch.int64)
-            logits.append(model.decode_rows(cache, rows, positions, tokens))
+            logits.append(model.decode_rows(cache, cache_rows, positions, tokens))
             samplers.extend(d.prompt.sampler for d in batch.decodes)
         if len(batch.prefills) > 1:
             # Several prompts' chunks in one forward: each linear is one GEMM over all their
             # rows (a GEMM runs faster per row with more rows: tiles shared, weights read once).
             parts = [
-                (c.slot, c.start, c.prompt.embeddings(model, c.start, c.end))
+                (c.cache_row, c.start, c.prompt.embeddings(model, c.start, c.end))
                 for c in batch.prefills
             ]
             out = model.prefill_packed(cache, parts)
@@ -249,7 +250,7 @@ class TorchModelRunner(ModelRunner[TorchPrompt]):
         elif batch.prefills:
             chunk = batch.prefills[0]
             embeds = chunk.prompt.embeddings(model, chunk.start, chunk.end)
-            out = model(cache.row(chunk.slot), chunk.start, inputs_embeds=embeds)
+            out = model(cache.row(chunk.cache_row), chunk.start, inputs_embeds=embeds)
             if chunk.samples:
                 logits.append(out[:, -1])
                 samplers.append(chunk.prompt.sampler)
@@ -307,9 +308,9 @@ def _splice(model: Llama, ids: list[int], images: list[torch.Tensor] | None) -> 
         return text.unsqueeze(0)
     pieces: list[torch.Tensor] = []
     start = 0
-    slots = [i for i, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX]
-    for k, slot in enumerate(slots):
-        pieces += [text[start:slot], images[k].to(text.dtype)]
-        start = slot + 1
+    placeholders = [i for i, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX]
+    for k, placeholder in enumerate(placeholders):
+        pieces += [text[start:placeholder], images[k].to(text.dtype)]
+        start = placeholder + 1
     pieces.append(text[start:])
     return torch.cat(pieces).unsqueeze(0)

@@ -8,7 +8,7 @@ decoders exist, one per CPU path:
   on the AVX-512 backend or plain bf16 `nn.Linear`s;
 * ``avx2``, ``neon``, ``neon_dotprod`` (vsf_decode_layers in cpu_kernels/fp32_kernels.c): an
   fp32 model whose decoder linears are W4A16 layers on the fp32 backend or 16-bit
-  `Fp32DecodeLinear`s.
+  `PortableDecodeLinear`s.
 
 Either also needs a model on CPU whose only biases are on q/k/v (none, or Qwen2's); others
 keep the per-op path. The plan points at the model's weights and biases; cpu_path.py decides
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from vilaserve.adapters.worker import cpu_kernels
 from vilaserve.adapters.worker.cpu_kernels.decoder import DecoderPlan, LayerSpec, LinearSpec
-from vilaserve.adapters.worker.torch_vila.fast_linear import Fp32DecodeLinear
+from vilaserve.adapters.worker.torch_vila.fast_linear import PortableDecodeLinear
 from vilaserve.adapters.worker.torch_vila.kv_cache import KVCache
 from vilaserve.adapters.worker.torch_vila.llama_config import LlamaArgs
 
@@ -164,7 +164,7 @@ def _linear_spec(
         return LinearSpec(
             module.out_features, module.in_features, packed=packed, group_size=module.group_size
         )
-    if isinstance(module, Fp32DecodeLinear):
+    if isinstance(module, PortableDecodeLinear):
         if dtype != torch.float32 or module.in_features % 8:
             return None
         return LinearSpec(module.out_features, module.in_features, dense=module.weight)

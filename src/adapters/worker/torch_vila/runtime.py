@@ -20,8 +20,9 @@ from vilaserve.adapters.worker.torch_vila.int8_embedding import (
     compress_tied_embeddings,
     compress_token_embeddings,
 )
-from vilaserve.adapters.worker.torch_vila.layout import KeyMap, detect_layout
-from vilaserve.adapters.worker.torch_vila.llama import Llama, LlamaArgs
+from vilaserve.adapters.worker.torch_vila.layout import KeyMap, ModelLayout, detect_layout
+from vilaserve.adapters.worker.torch_vila.llama import Llama
+from vilaserve.adapters.worker.torch_vila.llama_config import LlamaArgs
 from vilaserve.adapters.worker.torch_vila.llm_loading import keep_key, load_llm_weights
 from vilaserve.adapters.worker.torch_vila.model_runner import TorchModelRunner
 from vilaserve.adapters.worker.torch_vila.tokenization import (
@@ -75,107 +76,23 @@ class VilaRuntime:
 
     @classmethod
     def _load(cls, options: VilaRuntimeOptions, executor: ModelExecutor) -> VilaRuntime:
-        if options.precision not in ("W16A16", "W4A16"):
-            raise ValueError(f"--precision {options.precision}: expected W16A16 or W4A16")
-        if options.vision_quantization not in ("none", "w8a8"):
-            raise ValueError(
-                f"--quantize-vision-tower {options.vision_quantization}: expected none or w8a8"
-            )
-        if options.embedding_bits not in (8, 16):
-            raise ValueError(f"--embedding-bits {options.embedding_bits}: expected 8 or 16")
+        check_options(options)
         started = time.perf_counter()
         device = resolve_device(options.device)
         dtype = resolve_dtype(options.dtype, device)
         layout = detect_layout(options.model_path, options.vision_tower)
-        checkpoint = layout.checkpoint
         tokenizer = load_tokenizer(layout.tokenizer_dir)
-        if options.precision == "W4A16":
-            # Imported here: the 16-bit path needs none of the AWQ machinery.
-            from vilaserve.adapters.worker.awq.loading import load_awq_llm
-            from vilaserve.adapters.worker.awq.qlinear import fuse_w4a16
-
-            model = load_awq_llm(checkpoint, options.quant_path, dtype, device)
-            model.fuse_projections(fuse_w4a16)
-            if options.embedding_bits == 8:
-                compress_token_embeddings(model)
-                compress_tied_embeddings(model)
-        else:
-            from vilaserve.adapters.worker.awq.loading import is_awq_config
-
-            if is_awq_config(checkpoint.llm_config) and options.quant_path is None:
-                raise ValueError(
-                    f"{checkpoint.llm_dir} is a 4-bit AWQ checkpoint (quantization_config "
-                    "quant_method 'awq'): load it with --precision W4A16"
-                )
-            model = load_llm(checkpoint, dtype, device, layout.llm_key_map)
+        model = load_language_model(options, layout, dtype, device)
         on_path = put_on_cpu_path(model)
-        compute_path = on_path.path
-        template = pick_template(
-            checkpoint.llm_config, tokenizer, options.conv_template or layout.template
-        )
-        if layout.family.startswith("NVILA") and template.chat_template is not None:
-            # VILA renders [user] alone through the tokenizer's template, so that template's
-            # own default system prompt applies, not one of ours.
-            template = replace(template, system_message="")
-        stop_ids = template_stop_ids(tokenizer, template)
-        tokens = layout.image_tokens
-        image_token = (
-            image_token_id(tokenizer, tokens.real_token)
-            if tokens.real_token is not None and layout.vision is not None
-            else None
-        )
-        if layout.family == "llava-hf":
-            # llava-hf names its image token in the config; the tokenizer must agree.
-            configured = int(checkpoint.config.get("image_token_index", image_token or -1))
-            if image_token != configured:
-                raise ValueError(
-                    f"{checkpoint.root}/config.json: image_token_index {configured} is not the "
-                    f"tokenizer's <image> id {image_token}"
-                )
-        runner = TorchModelRunner(
-            model,
-            tokenizer,
-            template.with_stop_token_ids(sorted(stop_ids)),
-            executor,
-            context_length(checkpoint.llm_config),
-            sorted(stop_ids),
-            image_wrap(checkpoint, tokenizer),
-            compute_path,
-            num_slots=options.kv_slots,
-            slot_length=options.max_model_len,
-            image_token_id=image_token,
-        )
-        vision = None
-        if layout.vision is not None:
-            end_embedding = None
-            if tokens.end_text is not None:
-                end_ids = tokenizer(tokens.end_text, add_special_tokens=False)["input_ids"]
-                end_embedding = embedding_rows(model, end_ids)
-            llm_hidden = int(checkpoint.llm_config["hidden_size"])
-            pipeline = VisionPipeline.from_layout(
-                layout.vision, llm_hidden, dtype, device, end_embedding
-            )
-            if options.vision_quantization == "w8a8":
-                quantize_tower(pipeline, layout.vision.tower.weights_dir, device)
-            cache = None
-            if options.image_cache_mb > 0:
-                cache = ImageEmbeddingCache(
-                    options.image_cache_mb * 2**20, pipeline.preprocessing_tag
-                )
-            vision = TorchVisionEncoder(
-                pipeline, executor, options.max_image_pixels, cache, options.max_request_pixels
-            )
-        threads = torch.get_num_threads()  # this (the model) thread's: torch's are per thread
-        if device.type == "cpu" and options.adaptive_threads:
-            follower = ComputeThreads.for_this_process(threads, torch.set_num_threads)
-            if follower is not None:
-                executor.before_each(follower.apply)
-                follower.start()
+        template = conversation_template(layout, tokenizer, options.conv_template)
+        runner = text_runner(options, layout, model, tokenizer, template, executor, on_path.path)
+        vision = vision_encoder(options, layout, model, tokenizer, dtype, device, executor)
+        threads = adapt_compute_threads(options, device, executor)
         # One line that says what was found and how it will be served.
         log.info(
             "model loaded",
             extra={
-                "path": str(checkpoint.root),
+                "path": str(layout.root),
                 **layout.describe(),
                 "precision": options.precision,
                 "device": str(device),
@@ -183,17 +100,177 @@ class VilaRuntime:
                 "template": template.name,
                 "multimodal": vision is not None,
                 "tokens_per_image": vision.tokens_per_image if vision else 0,
-                "compute_path": compute_path,
+                "compute_path": on_path.path,
                 "cpu_kernel_linears": on_path.kernel_linears,
                 "native_decode": on_path.native_decode,
                 "cpu_threads": threads if device.type == "cpu" else 0,
                 "adaptive_threads": device.type == "cpu" and options.adaptive_threads,
-                "kv_slots": runner.num_slots,
-                "kv_slot_length": runner.slot_length,
+                "kv_slots": runner.num_cache_rows,
+                "kv_slot_length": runner.cache_row_length,
                 "seconds": round(time.perf_counter() - started, 2),
             },
         )
-        return cls(checkpoint, runner, vision, executor)
+        return cls(layout.checkpoint, runner, vision, executor)
+
+
+def check_options(options: VilaRuntimeOptions) -> None:
+    """Refuses a precision, tower quantization or embedding width this runtime does not load."""
+    if options.precision not in ("W16A16", "W4A16"):
+        raise ValueError(f"--precision {options.precision}: expected W16A16 or W4A16")
+    if options.vision_quantization not in ("none", "w8a8"):
+        raise ValueError(
+            f"--quantize-vision-tower {options.vision_quantization}: expected none or w8a8"
+        )
+    if options.embedding_bits not in (8, 16):
+        raise ValueError(f"--embedding-bits {options.embedding_bits}: expected 8 or 16")
+
+
+def load_language_model(
+    options: VilaRuntimeOptions, layout: ModelLayout, dtype: torch.dtype, device: torch.device
+) -> Llama:
+    """The LLM at `options.precision`: W4A16 from AWQ weights, else 16-bit."""
+    checkpoint = layout.checkpoint
+    if options.precision == "W4A16":
+        return load_w4a16_llm(checkpoint, options.quant_path, options.embedding_bits, dtype, device)
+    from vilaserve.adapters.worker.awq.loading import is_awq_config
+
+    if is_awq_config(checkpoint.llm_config) and options.quant_path is None:
+        raise ValueError(
+            f"{checkpoint.llm_dir} is a 4-bit AWQ checkpoint (quantization_config "
+            "quant_method 'awq'): load it with --precision W4A16"
+        )
+    return load_llm(checkpoint, dtype, device, layout.llm_key_map)
+
+
+def load_w4a16_llm(
+    checkpoint: VilaCheckpoint,
+    quant_path: str | None,
+    embedding_bits: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Llama:
+    """The AWQ LLM with its q/k/v and gate/up fused; the token embeddings in int8 unless
+    `embedding_bits` is 16."""
+    # Imported here: the 16-bit path needs none of the AWQ machinery.
+    from vilaserve.adapters.worker.awq.loading import load_awq_llm
+    from vilaserve.adapters.worker.awq.qlinear import fuse_w4a16
+
+    model = load_awq_llm(checkpoint, quant_path, dtype, device)
+    model.fuse_projections(fuse_w4a16)
+    if embedding_bits == 8:
+        compress_token_embeddings(model)
+        compress_tied_embeddings(model)
+    return model
+
+
+def conversation_template(
+    layout: ModelLayout, tokenizer: Any, override: str | None
+) -> ConversationTemplate:
+    """`override` (--conv-template), else the family's template, else one chosen from the LLM."""
+    template = pick_template(layout.checkpoint.llm_config, tokenizer, override or layout.template)
+    if layout.family.startswith("NVILA") and template.chat_template is not None:
+        # VILA renders [user] alone through the tokenizer's template, so that template's
+        # own default system prompt applies, not one of ours.
+        template = replace(template, system_message="")
+    return template
+
+
+def text_runner(
+    options: VilaRuntimeOptions,
+    layout: ModelLayout,
+    model: Llama,
+    tokenizer: Any,
+    template: ConversationTemplate,
+    executor: ModelExecutor,
+    compute_path: str,
+) -> TorchModelRunner:
+    """The text generator over `model`, with its KV pool of `options.kv_slots` rows."""
+    checkpoint = layout.checkpoint
+    stop_ids = sorted(template_stop_ids(tokenizer, template))
+    image_token = image_token_of(layout, tokenizer)
+    return TorchModelRunner(
+        model,
+        tokenizer,
+        template.with_stop_token_ids(stop_ids),
+        executor,
+        context_length(checkpoint.llm_config),
+        stop_ids,
+        image_wrap(checkpoint, tokenizer),
+        compute_path,
+        num_cache_rows=options.kv_slots,
+        cache_row_length=options.max_model_len,
+        image_token_id=image_token,
+    )
+
+
+def image_token_of(layout: ModelLayout, tokenizer: Any) -> int | None:
+    """The vocabulary id that stands for an image, for families whose placeholder is a real
+    token (None: VILA's -200 sentinel, or no vision)."""
+    real_token = layout.image_tokens.real_token
+    image_token = (
+        image_token_id(tokenizer, real_token)
+        if real_token is not None and layout.vision is not None
+        else None
+    )
+    if layout.family == "llava-hf":
+        # llava-hf names its image token in the config; the tokenizer must agree.
+        checkpoint = layout.checkpoint
+        configured = int(checkpoint.config.get("image_token_index", image_token or -1))
+        if image_token != configured:
+            raise ValueError(
+                f"{checkpoint.root}/config.json: image_token_index {configured} is not the "
+                f"tokenizer's <image> id {image_token}"
+            )
+    return image_token
+
+
+def vision_encoder(
+    options: VilaRuntimeOptions,
+    layout: ModelLayout,
+    model: Llama,
+    tokenizer: Any,
+    dtype: torch.dtype,
+    device: torch.device,
+    executor: ModelExecutor,
+) -> TorchVisionEncoder | None:
+    """Tower, projector and preprocessing of a multimodal checkpoint (None: text only)."""
+    vision = layout.vision
+    if vision is None:
+        return None
+    end_embedding = image_end_embedding(layout, model, tokenizer)
+    llm_hidden = int(layout.checkpoint.llm_config["hidden_size"])
+    pipeline = VisionPipeline.from_layout(vision, llm_hidden, dtype, device, end_embedding)
+    if options.vision_quantization == "w8a8":
+        quantize_tower(pipeline, vision.tower.weights_dir, device)
+    cache = None
+    if options.image_cache_mb > 0:
+        cache = ImageEmbeddingCache(options.image_cache_mb * 2**20, pipeline.preprocessing_tag)
+    return TorchVisionEncoder(
+        pipeline, executor, options.max_image_pixels, cache, options.max_request_pixels
+    )
+
+
+def image_end_embedding(layout: ModelLayout, model: Llama, tokenizer: Any) -> torch.Tensor | None:
+    """The embeddings of the text that follows each image's features (NVILA's "\\n")."""
+    end_text = layout.image_tokens.end_text
+    if end_text is None:
+        return None
+    end_ids = tokenizer(end_text, add_special_tokens=False)["input_ids"]
+    return embedding_rows(model, end_ids)
+
+
+def adapt_compute_threads(
+    options: VilaRuntimeOptions, device: torch.device, executor: ModelExecutor
+) -> int:
+    """On the CPU (unless --no-adaptive-threads), the model thread gives one compute thread up
+    per core that other processes take. Returns the model thread's thread count."""
+    threads = torch.get_num_threads()  # this (the model) thread's: torch's are per thread
+    if device.type == "cpu" and options.adaptive_threads:
+        follower = ComputeThreads.for_this_process(threads, torch.set_num_threads)
+        if follower is not None:
+            executor.before_each(follower.apply)
+            follower.start()
+    return threads
 
 
 def quantize_tower(pipeline: VisionPipeline, weights_dir: Path, device: torch.device) -> None:

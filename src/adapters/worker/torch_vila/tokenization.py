@@ -81,7 +81,7 @@ def tokenize_with_images(tokenizer: Any, prompt: str) -> list[int]:
 def tokenize_with_image_token(tokenizer: Any, prompt: str, image_token_id: int) -> list[int]:
     """Token ids for `prompt` where `<image>` is a real vocabulary token (NVILA, llava-hf):
     the whole prompt is tokenized at once, as NVILA's and transformers' processors do, and
-    each image token then becomes one `IMAGE_TOKEN_INDEX` slot, so its id is never embedded
+    each image token then becomes one `IMAGE_TOKEN_INDEX` placeholder, so its id is never embedded
     (NVILA's is past the end of the LLM's embedding table)."""
     ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
     return [IMAGE_TOKEN_INDEX if token == image_token_id else int(token) for token in ids]

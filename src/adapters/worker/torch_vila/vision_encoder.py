@@ -70,9 +70,9 @@ class TorchVisionEncoder(VisionEncoder):
         timings = NO_IMAGES  # every picture in the cache: no work done for them
         if missing:
             fresh, timings = await self._encode(images, missing, alone)
-            for slot, index in enumerate(missing):
-                found[index] = fresh[slot]
-                cache.put(keys[index], fresh[slot])
+            for index, embedding in zip(missing, fresh, strict=True):
+                found[index] = embedding
+                cache.put(keys[index], embedding)
         return TorchImageFeatures([f for f in found if f is not None], keys, timings)
 
     def _key(self, data: bytes) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from safetensors import safe_open
@@ -58,32 +58,68 @@ def layers_to_run(select_layer: int, select_feature: str, num_layers: int) -> in
     return select_layer % num_states
 
 
-class VisionTower(nn.Module):
+class TowerShape(Protocol):
+    """The config fields that every tower family's selection and sizes come from."""
+
+    @property
+    def num_hidden_layers(self) -> int: ...
+    @property
+    def image_size(self) -> int: ...
+    @property
+    def patch_size(self) -> int: ...
+    @property
+    def hidden_size(self) -> int: ...
+
+
+class SelectedLayerTower(nn.Module):
+    """What every tower family shares: VILA's feature selection (`hidden_states[select_layer]`,
+    token 0 dropped for `patch`) and the sizes the vision pipeline reads (`image_size`,
+    `hidden_size`, `output_tokens()`). `class_tokens`: tokens the embeddings put before the
+    patches (CLIP's and InternViT's class token; none for SigLIP)."""
+
+    def __init__(
+        self, config: TowerShape, select_layer: int, select_feature: str, class_tokens: int
+    ) -> None:
+        super().__init__()
+        self.layers_run = layers_to_run(select_layer, select_feature, config.num_hidden_layers)
+        self.select_layer = select_layer
+        self.select_feature = select_feature
+        self.image_size = config.image_size
+        self.patch_size = config.patch_size
+        self.hidden_size = config.hidden_size
+        self.class_tokens = class_tokens
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def output_tokens(self) -> int:
+        """Tokens emitted per image: class token(s) + patches, minus token 0 for `patch`."""
+        tokens = self.num_patches + self.class_tokens
+        return tokens - 1 if self.select_feature == "patch" else tokens
+
+    def selected_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The selected layer's output [N, T, C] as VILA takes it."""
+        return hidden[:, 1:] if self.select_feature == "patch" else hidden
+
+
+class VisionTower(SelectedLayerTower):
     """Embeddings + the encoder layers up to `select_layer`; forward returns [N, T, C]."""
 
     def __init__(self, model: nn.Module, select_layer: int, select_feature: str) -> None:
         """`model`: a `VisionTransformer`, or a transformers SiglipVisionModel / CLIPVisionModel
         (e.g. freshly initialised for training), whose parameters the tower then takes over."""
-        super().__init__()
         vit = model if isinstance(model, VisionTransformer) else VisionTransformer.adopt(model)
         config = vit.config
-        keep = layers_to_run(select_layer, select_feature, config.num_hidden_layers)
-
-        self.select_layer = select_layer
-        self.select_feature = select_feature
-        self.is_clip = config.kind == "clip"
-        self.image_size = config.image_size
-        self.patch_size = config.patch_size
-        self.hidden_size = config.hidden_size
-        self.layers_run = keep
-
+        class_tokens = 1 if config.kind == "clip" else 0
+        super().__init__(config, select_layer, select_feature, class_tokens)
         self.embeddings = vit.embeddings
         # CLIP normalizes the embeddings before the encoder (and hidden_states[0] is taken
         # after it); SigLIP has no such norm (an identity there).
         self.pre_norm = vit.pre_layrnorm
         encoder = vit.encoder
         # Dropping the tail layers frees their memory; the encoder loops over whatever is left.
-        encoder.layers = nn.ModuleList(list(encoder.layers)[:keep])
+        encoder.layers = nn.ModuleList(list(encoder.layers)[: self.layers_run])
         self.encoder = encoder
 
     @classmethod
@@ -165,22 +201,10 @@ class VisionTower(nn.Module):
         return tower.eval()
 
     @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    def output_tokens(self) -> int:
-        """Tokens emitted per image: patches (+ CLIP's class token), minus token 0 for `patch`."""
-        tokens = self.num_patches + (1 if self.is_clip else 0)
-        return tokens - 1 if self.select_feature == "patch" else tokens
-
-    @property
     def dtype(self) -> torch.dtype:
         return self.embeddings.patch_embedding.weight.dtype
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         hidden = self.embeddings(pixels.to(self.dtype))
         hidden = self.pre_norm(hidden)
-        hidden = self.encoder(hidden)
-        if self.select_feature == "patch":
-            hidden = hidden[:, 1:]
-        return hidden
+        return self.selected_tokens(self.encoder(hidden))

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vilaserve.adapters.worker import cpu_kernels
+from vilaserve.adapters.worker.cpu_kernels import packing
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,11 @@ class W8A8Linear(nn.Module):
         self.register_buffer("scales", scales, persistent=False)
         bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
         self.register_buffer("bias", bias, persistent=False)
-        fits = cpu_kernels.w8a8_fits(self.out_features, self.in_features)
+        fits = packing.w8a8_fits(self.out_features, self.in_features)
         self._kernels = int8_kernels(weight.device) if fits else None
         # One copy of the int8 weights: the kernel's tiles where it runs, else the plain matrix.
         on_kernel = self._kernels is not None
-        self._packed = cpu_kernels.pack_int8(q, scales) if on_kernel else None
+        self._packed = packing.pack_int8(q, scales) if on_kernel else None
         self.register_buffer("_q", None if on_kernel else q, persistent=False)
 
     @property

@@ -4,7 +4,7 @@ A request is accepted, or refused with `EngineOverloaded`, before anything is do
 then counts as waiting while it waits for its turn to be served (at most `max_in_service`
 requests are: FastChat's `--limit-model-concurrency`), its pictures are encoded, its prompt
 tokenized and its sequence queued in the engine; as running while its sequence holds a
-KV-cache slot; and it leaves the count exactly once, however it ends (finished, failed, refused
+KV-cache row; and it leaves the count exactly once, however it ends (finished, failed, refused
 by the scheduler, abandoned by its client). /worker_get_status (and so the controller's
 heartbeats) and the engine's load figures on /metrics read these same two counts.
 
@@ -31,7 +31,7 @@ LoadListener = Callable[[int, int], None]
 
 class Place(enum.Enum):
     WAITING = "waiting"  # accepted: pictures, tokenizing, or queued in the engine
-    RUNNING = "running"  # its sequence holds a cache slot
+    RUNNING = "running"  # its sequence holds a cache row
     GONE = "gone"  # out of the count for good
 
 
@@ -62,11 +62,11 @@ class Ticket(Admitted):
         self.admission._hold(self)
 
     def started(self) -> None:
-        """Its sequence holds a cache slot."""
+        """Its sequence holds a cache row."""
         self.admission._move(self, Place.RUNNING)
 
     def ended(self) -> None:
-        """Its sequence left the engine (its slot, if any, already given back)."""
+        """Its sequence left the engine (its cache row, if any, already given back)."""
         self.admission._move(self, Place.GONE)
 
 

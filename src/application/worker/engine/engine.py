@@ -7,8 +7,8 @@ update -> deliver) is one piece that, while there is work, queues the next behin
 arrived meanwhile. So every change to the engine's state happens on the model thread, in
 arrival order, without a lock, and the model never waits for the event loop between steps.
 The event loop only puts work in and receives each step's tokens (one callback per step hands
-them to the requests' queues). A client that goes away has its sequence out and its slot free
-before the next step runs. A sequence leaves only through `Sequence.finish(reason)`.
+them to the requests' queues). A client that goes away has its sequence out and its cache row
+free before the next step runs. A sequence leaves only through `EngineSequence.finish(reason)`.
 
 The engine owns the worker's one admission queue (admission.py): a request is counted from
 its acceptance (before its pictures are encoded) to its sequence's end, and the load figures
@@ -24,20 +24,20 @@ import time
 from functools import partial
 
 from vilaserve.application.worker.engine.admission import Admission, Ticket
+from vilaserve.application.worker.engine.cache_rows import CacheRows
 from vilaserve.application.worker.engine.observer import EngineObserver, NoObserver
 from vilaserve.application.worker.engine.scheduler import (
     ScheduledStep,
     Scheduler,
     SchedulerConfig,
 )
-from vilaserve.application.worker.engine.sequence import Outcome, Sequence
-from vilaserve.application.worker.engine.slot_table import SlotTable
+from vilaserve.application.worker.engine.sequence import EngineSequence, Outcome
 from vilaserve.domain.shared.errors import ErrorCode, ServingError
 from vilaserve.domain.worker.ports import ModelRunner, PreparedPrompt
 
 log = logging.getLogger(__name__)
 
-Delivery = list[tuple[Sequence, Outcome]]
+Delivery = list[tuple[EngineSequence, Outcome]]
 
 
 class Engine:
@@ -48,7 +48,7 @@ class Engine:
         observer: EngineObserver | None = None,
     ) -> None:
         self.runner = runner
-        self.scheduler = Scheduler(config, SlotTable(runner.num_slots))
+        self.scheduler = Scheduler(config, CacheRows(runner.num_cache_rows))
         self._observer: EngineObserver = observer or NoObserver()
         self._ids = itertools.count()
         # Model thread only: a step is queued; everything ends (fail_all) with this error.
@@ -60,18 +60,18 @@ class Engine:
         )
 
     # ---------------------------------------------------------------- from the event loop
-    def submit(self, prompt: PreparedPrompt, ticket: Ticket) -> Sequence:
+    def submit(self, prompt: PreparedPrompt, ticket: Ticket) -> EngineSequence:
         """Queues a prepared prompt; its tokens arrive on the returned sequence's outbox.
 
         `ticket`: its request's place in `admission` (`admission.admit()`); from here the
         sequence's end ends it."""
         ticket.submitted()
-        seq = Sequence(next(self._ids), prompt, time.perf_counter(), ticket)
+        seq = EngineSequence(next(self._ids), prompt, time.perf_counter(), ticket)
         seq.loop = asyncio.get_running_loop()
         self.runner.submit(partial(self._receive, seq))
         return seq
 
-    def abort(self, seq: Sequence) -> None:
+    def abort(self, seq: EngineSequence) -> None:
         """The request is gone: it leaves before the next step."""
         if not self._closed:  # closed: the model thread takes no more work
             self.runner.submit(partial(self._abort, seq))
@@ -84,7 +84,7 @@ class Engine:
         self._closed = True
 
     # ---------------------------------------------------------------- on the model thread
-    def _receive(self, seq: Sequence) -> None:
+    def _receive(self, seq: EngineSequence) -> None:
         if self._failing is not None:
             seq.finish("failed")
             self._send([(seq, self._failing)])
@@ -94,7 +94,7 @@ class Engine:
             self._stepping = True
             self.runner.submit(self._step)
 
-    def _abort(self, seq: Sequence) -> None:
+    def _abort(self, seq: EngineSequence) -> None:
         if not seq.finished:
             self.scheduler.remove(seq)
             seq.finish("aborted")
@@ -133,7 +133,7 @@ class Engine:
         self._report_admissions(step)
         if not step.batch:
             self.admission.report()
-            return False  # every slot is taken by sequences that wait on nothing: impossible
+            return False  # every cache row is taken by sequences that wait on nothing: impossible
         started = time.perf_counter()
         try:
             sampled = list(self.runner.execute(step.batch))
@@ -185,13 +185,13 @@ class Engine:
     def _end_everyone(self, error: ServingError) -> None:
         scheduler = self.scheduler
         everyone = (*scheduler.running, *scheduler.waiting)
-        scheduler.fail(tuple(scheduler.running))  # their slots' contents are not trusted
+        scheduler.fail(tuple(scheduler.running))  # their cache rows' contents are not trusted
         scheduler.waiting.clear()
         for seq in everyone:
             seq.finish("failed")
         self._send([(seq, error) for seq in everyone])
 
-    def _refuse(self, seq: Sequence, exc: Exception) -> None:
+    def _refuse(self, seq: EngineSequence, exc: Exception) -> None:
         """A sequence the scheduler could not admit: its request ends with the reason."""
         seq.finish("failed")
         if isinstance(exc, ServingError):
@@ -243,12 +243,12 @@ class Engine:
         """The admission's counts as the load figures, with the cache's use at that moment.
 
         Called under the admission's lock on whichever thread changed the counts; it only
-        reads the slot table's size (one `len`), so the model thread still alone changes it.
-        Sequences end after their slot is given back, so a request seen gone is seen with its
-        slot free."""
-        slots = self.scheduler.slots
+        reads how many cache rows are free (one `len`), so the model thread still alone
+        changes them. Sequences end after their cache row is given back, so a request seen gone
+        is seen with its row free."""
+        rows = self.scheduler.cache_rows
         self._observer.load(
-            running=running, waiting=waiting, kv_usage=slots.used_count / slots.num_slots
+            running=running, waiting=waiting, kv_usage=rows.used_count / rows.num_rows
         )
 
 

@@ -7,7 +7,7 @@ nothing is decoding, but while streams are running only as many as keep the step
 `prefill_chunk_while_decoding`), so a long prompt that arrives mid-stream delays each running
 token by a bounded factor rather than by the whole prompt (a short prompt, `short_prompt`
 positions or fewer, is taken whole: its first token matters more than one slower step for the
-others). Sequences join the batch first come, first served, while a cache slot is free and fewer
+others). Sequences join the batch first come, first served, while a cache row is free and fewer
 than `max_num_seqs` run.
 """
 
@@ -16,9 +16,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from vilaserve.application.worker.engine.cache_rows import CacheRows
 from vilaserve.application.worker.engine.chunk_control import ChunkController
-from vilaserve.application.worker.engine.sequence import Sequence, TokenOut
-from vilaserve.application.worker.engine.slot_table import SlotTable
+from vilaserve.application.worker.engine.sequence import EngineSequence, TokenOut
 from vilaserve.domain.shared.errors import InvalidRequest
 from vilaserve.domain.shared.generation import FinishReason
 from vilaserve.domain.worker.batch import DecodeRow, ModelBatch, PrefillChunk
@@ -57,51 +57,52 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class ScheduledStep:
     batch: ModelBatch[PreparedPrompt]
-    decoding: tuple[Sequence, ...]  # in the batch's decode order
-    prefilling: tuple[Sequence, ...]  # in the batch's prefill order
-    # Sequences that could not be admitted (their prompt broke the slot table): out already.
-    refused: tuple[tuple[Sequence, Exception], ...] = ()
+    decoding: tuple[EngineSequence, ...]  # in the batch's decode order
+    prefilling: tuple[EngineSequence, ...]  # in the batch's prefill order
+    # Sequences that could not be admitted (an empty prompt, keys the prefix match broke on):
+    # out already.
+    refused: tuple[tuple[EngineSequence, Exception], ...] = ()
 
 
 @dataclass
 class StepOutcome:
     """What a step produced, per sequence, and who left (and why)."""
 
-    tokens: list[tuple[Sequence, TokenOut]] = field(default_factory=list)
-    finished: list[tuple[Sequence, FinishReason]] = field(default_factory=list)
+    tokens: list[tuple[EngineSequence, TokenOut]] = field(default_factory=list)
+    finished: list[tuple[EngineSequence, FinishReason]] = field(default_factory=list)
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, slots: SlotTable) -> None:
+    def __init__(self, config: SchedulerConfig, cache_rows: CacheRows) -> None:
         self.config = config
-        self.slots = slots
+        self.cache_rows = cache_rows
         self.chunks = ChunkController(config.prefill_chunk_while_decoding, config.max_itl_slowdown)
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.waiting: deque[EngineSequence] = deque()
+        self.running: list[EngineSequence] = []
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: EngineSequence) -> None:
         self.waiting.append(seq)
 
-    def remove(self, seq: Sequence) -> None:
-        """Takes a sequence out wherever it is (a client went away); its slot is freed now,
+    def remove(self, seq: EngineSequence) -> None:
+        """Takes a sequence out wherever it is (a client went away); its cache row is freed now,
         keeping the prefix it computed for later requests."""
         if seq in self.running:
             self.running.remove(seq)
-            self._free_slot(seq)
+            self._free_row(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
 
-    def fail(self, seqs: tuple[Sequence, ...]) -> None:
-        """Drops sequences whose step failed; their slots' contents are not trusted."""
+    def fail(self, seqs: tuple[EngineSequence, ...]) -> None:
+        """Drops sequences whose step failed; their cache rows' contents are not trusted."""
         for seq in seqs:
             if seq in self.running:
                 self.running.remove(seq)
-                self.slots.release(seq.slot, [])
-                seq.slot = -1
+                self.cache_rows.release(seq.cache_row, [])
+                seq.cache_row = -1
 
     def schedule(self) -> ScheduledStep:
         config = self.config
@@ -109,7 +110,7 @@ class Scheduler:
         refused = self._admit()
         budget = config.max_num_batched_tokens - len(decoding)
         long_budget = min(budget, self.chunks.chunk) if decoding else budget
-        prefilling: list[Sequence] = []
+        prefilling: list[EngineSequence] = []
         chunks: list[PrefillChunk[PreparedPrompt]] = []
         for seq in self.running:
             if budget <= 0:
@@ -126,29 +127,29 @@ class Scheduler:
                 continue
             end = seq.computed + take
             chunks.append(
-                PrefillChunk(seq.prompt, seq.slot, seq.computed, end, end == seq.prompt_length)
+                PrefillChunk(seq.prompt, seq.cache_row, seq.computed, end, end == seq.prompt_length)
             )
             prefilling.append(seq)
             budget -= take
         rows = tuple(
-            DecodeRow(seq.prompt, seq.slot, seq.computed, seq.output[-1]) for seq in decoding
+            DecodeRow(seq.prompt, seq.cache_row, seq.computed, seq.output[-1]) for seq in decoding
         )
         return ScheduledStep(
             ModelBatch(rows, tuple(chunks)), decoding, tuple(prefilling), tuple(refused)
         )
 
-    def _admit(self) -> list[tuple[Sequence, Exception]]:
+    def _admit(self) -> list[tuple[EngineSequence, Exception]]:
         """Admits waiting sequences in order; one whose prompt cannot be admitted (a prompt
-        without positions, keys the table cannot compare) leaves the queue with its error
+        without positions, keys `CacheRows` cannot compare) leaves the queue with its error
         rather than blocking it, or failing every later step."""
-        refused: list[tuple[Sequence, Exception]] = []
+        refused: list[tuple[EngineSequence, Exception]] = []
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             try:
                 if seq.prompt_length == 0:
                     # A tokenizer without BOS (Qwen2, SmolLM2) makes "" no position at all.
                     raise InvalidRequest("the prompt is empty: there is nothing to continue from")
-                found = self.slots.acquire(seq.prompt.keys)
+                found = self.cache_rows.acquire(seq.prompt.keys)
             except Exception as exc:  # reported to that request, not to the whole step
                 self.waiting.popleft()
                 refused.append((seq, exc))
@@ -162,7 +163,7 @@ class Scheduler:
 
     def update(self, step: ScheduledStep, sampled: list[int]) -> StepOutcome:
         """Applies a step's results: positions computed, tokens appended, finished sequences
-        out (their slots freed at once)."""
+        out (their cache rows freed at once)."""
         outcome = StepOutcome()
         samples = iter(sampled)
         for seq in step.decoding:
@@ -174,11 +175,11 @@ class Scheduler:
                 self._append(seq, next(samples), outcome)
         for seq, reason in outcome.finished:
             self.running.remove(seq)
-            self._free_slot(seq)
-            seq.finish(reason)  # after its slot is free: the load figures see both at once
+            self._free_row(seq)
+            seq.finish(reason)  # after its cache row is free: the load figures see both at once
         return outcome
 
-    def _append(self, seq: Sequence, token: int, outcome: StepOutcome) -> None:
+    def _append(self, seq: EngineSequence, token: int, outcome: StepOutcome) -> None:
         seq.output.append(token)
         finish: FinishReason | None = None
         if token in seq.prompt.stop_token_ids:
@@ -189,6 +190,6 @@ class Scheduler:
         if finish is not None:
             outcome.finished.append((seq, finish))
 
-    def _free_slot(self, seq: Sequence) -> None:
-        self.slots.release(seq.slot, seq.written_keys())
-        seq.slot = -1
+    def _free_row(self, seq: EngineSequence) -> None:
+        self.cache_rows.release(seq.cache_row, seq.written_keys())
+        seq.cache_row = -1

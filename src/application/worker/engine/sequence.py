@@ -1,4 +1,4 @@
-"""One request inside the engine: its prompt, its cache slot and what it has produced."""
+"""One request inside the engine: its prompt, its cache row and what it has produced."""
 
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ Outcome = TokenOut | ServingError
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # submitted: in the inbox or the scheduler's queue
-    RUNNING = "running"  # admitted: holds a cache slot
-    FINISHED = "finished"  # out of the engine for good; `Sequence.end` says why
+    RUNNING = "running"  # admitted: holds a cache row
+    FINISHED = "finished"  # out of the engine for good; `EngineSequence.end` says why
 
 
 # Why a sequence left: its last token said so, its client went away, or its step failed.
@@ -37,14 +37,14 @@ EndReason = Literal["stop", "length", "aborted", "failed"]
 
 
 @dataclass(eq=False)
-class Sequence:
+class EngineSequence:
     seq_id: int
     prompt: PreparedPrompt
     arrived: float
     ticket: Ticket  # the request's place in the admission queue, moved as the sequence moves
     outbox: asyncio.Queue[Outcome] = field(default_factory=asyncio.Queue)
-    slot: int = -1
-    computed: int = 0  # leading positions whose keys/values are in the slot
+    cache_row: int = -1  # -1: holds none
+    computed: int = 0  # leading positions whose keys/values are in its cache row
     reused: int = 0  # of those, how many came from the prefix cache
     output: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
@@ -61,15 +61,15 @@ class Sequence:
     def finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
-    def start(self, slot: int, cached: int) -> None:
-        """The one way into the batch (on the model thread): it holds `slot`, whose first
+    def start(self, cache_row: int, cached: int) -> None:
+        """The one way into the batch (on the model thread): it holds `cache_row`, whose first
         `cached` positions it reuses."""
-        self.slot, self.computed, self.reused = slot, cached, cached
+        self.cache_row, self.computed, self.reused = cache_row, cached, cached
         self.status = SequenceStatus.RUNNING
         self.ticket.started()
 
     def finish(self, reason: EndReason) -> None:
-        """The one way out of the engine (on the model thread), once its slot is given back:
+        """The one way out of the engine (on the model thread), once its cache row is given back:
         the request leaves the admission count here, whatever the reason."""
         self.status = SequenceStatus.FINISHED
         self.end = reason
@@ -84,7 +84,7 @@ class Sequence:
         return self.computed >= self.prompt_length
 
     def written_keys(self) -> list[PositionKey]:
-        """Keys of the positions whose KV is in the slot: the prompt, then the fed tokens."""
+        """Keys of the positions whose KV is in its cache row: the prompt, then the fed tokens."""
         keys = list(self.prompt.keys[: self.computed])
         fed = self.computed - self.prompt_length
         if fed > 0:
