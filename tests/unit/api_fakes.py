@@ -61,10 +61,13 @@ class FakeWorkerGateway(WorkerGateway):
     """Replies `reply` piece by piece (one piece = one token), as a worker with echo off.
 
     `refuse` makes the first frame an error with that code; `fail_after` breaks the stream
-    after that many frames with an error frame; `down` lists addresses that do not answer.
+    after that many frames with an error frame; `down` lists addresses that do not answer;
+    `finish` is the last frame's finish reason ("grammar_error": the worker's constraint
+    dead-ended).
     """
 
     reply: tuple[str, ...] = ("Hello", ",", " world", "!")
+    finish: str = "stop"
     context_length: int = 64
     multimodal: bool = True
     template: ConversationTemplate = TEMPLATES["vicuna_v1"]
@@ -124,7 +127,7 @@ class FakeWorkerGateway(WorkerGateway):
                     return
                 last = n == len(self.reply)
                 at_limit = n >= payload["max_new_tokens"]
-                finish = "stop" if last else ("length" if at_limit else None)
+                finish = self.finish if last else ("length" if at_limit else None)
                 self.yielded += 1
                 yield _frame(text, usage, finish)
                 if finish:

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("VILASERVE_ALLOWED_HOSTS", "testserver")
 os.environ.setdefault("VILASERVE_CONTROLLER_ALLOWED_HOSTS", "testserver")
 
-from fakes import FakeController, FakeTextGenerator, FakeVisionEncoder
+from fakes import FakeConstraintCompiler, FakeController, FakeTextGenerator, FakeVisionEncoder
 
 from vilaserve.entrypoints.worker.app import create_worker_app
 from vilaserve.entrypoints.worker.container import WorkerContainer
@@ -47,6 +47,7 @@ def container(
     container = WorkerContainer(settings=settings)
     container.text_generator.override(providers.Object(generator))
     container.vision_encoder.override(providers.Object(vision))
+    container.constraint_compiler.override(providers.Object(FakeConstraintCompiler()))
     container.controller_client.override(providers.Object(controller))
     yield container
 

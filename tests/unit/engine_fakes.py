@@ -18,7 +18,13 @@ from vilaserve.domain.shared.conversation import TEMPLATES, ConversationTemplate
 from vilaserve.domain.shared.errors import ContextOverflow, ServingError
 from vilaserve.domain.shared.generation import SamplingParams
 from vilaserve.domain.worker.batch import ModelBatch, PositionKey, StepTiming
-from vilaserve.domain.worker.ports import Detokenizer, ImageFeatures, ModelRunner, PreparedPrompt
+from vilaserve.domain.worker.ports import (
+    CompiledConstraint,
+    Detokenizer,
+    ImageFeatures,
+    ModelRunner,
+    PreparedPrompt,
+)
 
 STOP = 0  # the fake's end-of-text token
 VOCAB = 50
@@ -90,7 +96,11 @@ class FakeModelRunner(ModelRunner[FakePrompt]):
         return FakeDetokenizer()
 
     def prepare(
-        self, prompt: str, images: ImageFeatures | None, params: SamplingParams
+        self,
+        prompt: str,
+        images: ImageFeatures | None,
+        params: SamplingParams,
+        constraint: CompiledConstraint | None = None,
     ) -> FakePrompt:
         # "t7" is how token 7 reads back (FakeDetokenizer): the same key, as a real tokenizer
         # would give the same id for a generated word sent back in the next turn.

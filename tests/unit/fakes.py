@@ -10,12 +10,25 @@ from dataclasses import dataclass, field
 
 from vilaserve.application.worker.engine.admission import Admission
 from vilaserve.domain.shared.conversation import TEMPLATES, ConversationTemplate
-from vilaserve.domain.shared.errors import ContextOverflow, ControllerUnavailable, InvalidImage
-from vilaserve.domain.shared.generation import IMAGE_PLACEHOLDER, GenerationStep, SamplingParams
+from vilaserve.domain.shared.errors import (
+    ContextOverflow,
+    ControllerUnavailable,
+    InvalidImage,
+    InvalidRequest,
+)
+from vilaserve.domain.shared.generation import (
+    IMAGE_PLACEHOLDER,
+    FinishReason,
+    GenerationStep,
+    OutputConstraint,
+    SamplingParams,
+)
 from vilaserve.domain.shared.worker_status import WorkerStatus
 from vilaserve.domain.worker.first_token import NO_IMAGES, ImageTimings
 from vilaserve.domain.worker.ports import (
     Admitted,
+    CompiledConstraint,
+    ConstraintCompiler,
     ControllerClient,
     ImageFeatures,
     TextGenerator,
@@ -72,9 +85,38 @@ class FakeVisionEncoder(VisionEncoder):
         return FakeFeatures(tuple(images), self.timings)
 
 
+@dataclass(frozen=True)
+class FakeCompiledConstraint(CompiledConstraint):
+    compiled: OutputConstraint
+
+    @property
+    def constraint(self) -> OutputConstraint:
+        return self.compiled
+
+
+# What the fake compiler refuses, as llguidance would: a regex that does not parse.
+BAD_REGEX = "("
+
+
+@dataclass
+class FakeConstraintCompiler(ConstraintCompiler):
+    """Compiles any constraint but the regex `BAD_REGEX`; says on which thread each ran."""
+
+    compiled: list[OutputConstraint] = field(default_factory=list)
+    threads: list[str] = field(default_factory=list)
+
+    def compile(self, constraint: OutputConstraint) -> CompiledConstraint:
+        self.threads.append(threading.current_thread().name)
+        if constraint.kind == "regex" and constraint.spec == BAD_REGEX:
+            raise InvalidRequest("'structured_outputs.regex' cannot be used: unclosed group")
+        self.compiled.append(constraint)
+        return FakeCompiledConstraint(constraint)
+
+
 @dataclass
 class FakeTextGenerator(TextGenerator):
-    """Replies with `reply` piece by piece; one whitespace-separated word is one token.
+    """Replies with `reply` piece by piece; one whitespace-separated word is one token; the
+    last piece ends it with `last_finish`.
 
     Its queue is the engine's real `Admission`, moved as an engine without a batch limit
     would: a request runs from its first step and leaves when its generation ends."""
@@ -86,6 +128,8 @@ class FakeTextGenerator(TextGenerator):
     template: ConversationTemplate = TEMPLATES["vicuna_v1"]
     admission: Admission = field(default_factory=Admission)
     calls: list[tuple[str, SamplingParams]] = field(default_factory=list)
+    constraints: list[CompiledConstraint | None] = field(default_factory=list)
+    last_finish: FinishReason = "stop"
     closed: int = 0
 
     @property
@@ -115,8 +159,10 @@ class FakeTextGenerator(TextGenerator):
         images: ImageFeatures | None,
         params: SamplingParams,
         admitted: Admitted | None = None,
+        constraint: CompiledConstraint | None = None,
     ) -> AsyncIterator[GenerationStep]:
         self.calls.append((prompt, params))
+        self.constraints.append(constraint)
         prompt_tokens = self.count_words(prompt) + 4 * (images.num_images if images else 0)
         if prompt_tokens >= self.context:
             if admitted is not None:
@@ -141,7 +187,7 @@ class FakeTextGenerator(TextGenerator):
                 n = i + 1
                 last = n == len(self.reply)
                 at_limit = n >= params.max_new_tokens
-                finish = "stop" if last else ("length" if at_limit else None)
+                finish = self.last_finish if last else ("length" if at_limit else None)
                 yield GenerationStep(piece, prompt_tokens, n, finish)
                 if finish:
                     return

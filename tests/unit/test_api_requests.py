@@ -68,9 +68,10 @@ def messages(*raw: dict[str, Any]) -> list[ChatMessage]:
         ({"stream_options": {"include_usage": True}}, BadRequest, "only allowed when 'stream'"),
         ({"logprobs": True}, BadRequest, "logprobs"),
         ({"tools": [{"type": "function"}]}, BadRequest, "tools"),
-        ({"response_format": {"type": "json_object"}}, BadRequest, "response_format"),
+        ({"response_format": {"type": "grammar"}}, BadRequest, "response_format"),
         ({"messages": []}, BadRequest, "messages"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, BadRequest, "messages.0.role"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, BadRequest, "messages.0.role"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, BadRequest, "tool_call_id"),
         ({"model": ""}, BadRequest, "model"),
     ],
 )

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 import pytest
-from engine_fakes import STOP, FakeModelRunner
+from engine_fakes import STOP, FakeModelRunner, FakePrompt
+from fakes import FakeCompiledConstraint
 
 from vilaserve.application.worker.engine.chunk_control import ChunkController
 from vilaserve.application.worker.engine.engine import Engine
@@ -14,7 +16,9 @@ from vilaserve.application.worker.engine.scheduler import SchedulerConfig
 from vilaserve.application.worker.engine.sequence import SequenceStatus
 from vilaserve.application.worker.engine.text_generator import EngineTextGenerator
 from vilaserve.domain.shared.errors import OutOfDeviceMemory, ServingError
-from vilaserve.domain.shared.generation import GenerationStep, SamplingParams
+from vilaserve.domain.shared.generation import GenerationStep, OutputConstraint, SamplingParams
+from vilaserve.domain.worker.batch import ModelBatch
+from vilaserve.domain.worker.ports import CompiledConstraint, ImageFeatures
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=12)
 
@@ -318,6 +322,100 @@ def test_a_prompt_the_scheduler_cannot_admit_fails_alone_and_once() -> None:
         assert isinstance(second, ServingError) and "cannot be compared" in second.message
         assert empty.outbox.empty() and broken.outbox.empty()  # once each
         assert not engine.scheduler.has_work
+        await generator.close()
+
+    asyncio.run(scenario())
+
+
+@dataclass
+class GuidedPrompt(FakePrompt):
+    """A prompt under an output constraint that dead-ends at its `dead_at`-th token."""
+
+    dead_at: int = 0
+    sampled: int = 0
+
+    @property
+    def constrained(self) -> bool:
+        return True
+
+    @property
+    def constraint_failed(self) -> bool:
+        return self.sampled >= self.dead_at
+
+
+@dataclass
+class GuidedRunner(FakeModelRunner):
+    """Constrained prompts count their sampled tokens, as a runner's guides would."""
+
+    def prepare(
+        self,
+        prompt: str,
+        images: ImageFeatures | None,
+        params: SamplingParams,
+        constraint: CompiledConstraint | None = None,
+    ) -> FakePrompt:
+        plain = super().prepare(prompt, images, params)
+        if constraint is None:
+            return plain
+        dead_at = int(constraint.constraint.spec)
+        return GuidedPrompt(plain.words, plain.limit, plain.seed, plain.stops, dead_at)
+
+    def execute(self, batch: ModelBatch[FakePrompt]) -> Sequence[int]:
+        sampled = super().execute(batch)
+        rows = [d.prompt for d in batch.decodes] + [c.prompt for c in batch.prefills if c.samples]
+        for row in rows:
+            if isinstance(row, GuidedPrompt):
+                row.sampled += 1
+        return sampled
+
+
+def dead_end_at(tokens: int) -> CompiledConstraint:
+    return FakeCompiledConstraint(OutputConstraint("grammar", str(tokens)))
+
+
+def test_a_dead_ended_constraint_ends_its_answer_alone_with_grammar_error() -> None:
+    async def scenario() -> None:
+        free_alone = await alone(prompt(5, "f"))
+        runner = GuidedRunner(cache_rows=2)
+        generator = make(runner, max_num_seqs=2)
+        guided, free = await asyncio.gather(
+            collect(generator.generate(prompt(3, "g"), None, GREEDY, constraint=dead_end_at(3))),
+            collect(generator.generate(prompt(5, "f"), None, GREEDY)),
+        )
+        text, finish, produced = guided
+        # Its third token is whatever was sampled where nothing was allowed: not shown.
+        assert (finish, produced, text.count(" t")) == ("grammar_error", 3, 2)
+        assert free == (free_alone, "length", 12)
+        assert generator.engine.scheduler.cache_rows.free_count == 2
+        await generator.close()
+
+    asyncio.run(scenario())
+
+
+def test_only_steps_with_a_constrained_prompt_running_say_so() -> None:
+    async def scenario() -> None:
+        runner = GuidedRunner(cache_rows=2)
+        generator = make(runner, max_num_seqs=2)
+        await collect(generator.generate(prompt(3), None, GREEDY))
+        assert not any(b.constrained for b in runner.batches)
+        runner.batches.clear()
+        await asyncio.gather(
+            collect(generator.generate(prompt(3, "g"), None, GREEDY, constraint=dead_end_at(2))),
+            collect(generator.generate(prompt(3, "f"), None, GREEDY)),
+        )
+        flags = [b.constrained for b in runner.batches]
+        # While the constrained one runs (its two steps), then never again once it left.
+        assert flags[:2] == [True, True] and not any(flags[2:])
+        # One whose client goes away mid-answer leaves the count too.
+        long = SamplingParams(temperature=0, max_new_tokens=500)
+        gone = generator.generate(prompt(3, "a"), None, long, constraint=dead_end_at(400))
+        await gone.__anext__()
+        await gone.aclose()
+        while generator.engine.scheduler.running:  # the abort goes through the inbox
+            await asyncio.sleep(0.001)
+        runner.batches.clear()
+        await collect(generator.generate(prompt(3, "h"), None, GREEDY))
+        assert runner.batches and not any(b.constrained for b in runner.batches)
         await generator.close()
 
     asyncio.run(scenario())

@@ -34,7 +34,7 @@ import pytest
 import schemathesis
 from api_fakes import MODEL, FakeDirectory, FakeWorkerGateway, chat_body
 from dependency_injector import providers
-from fakes import FakeController, FakeTextGenerator, FakeVisionEncoder
+from fakes import FakeConstraintCompiler, FakeController, FakeTextGenerator, FakeVisionEncoder
 from hypothesis import HealthCheck, settings
 from test_controller_http import FakeGateway
 
@@ -122,6 +122,7 @@ def build_worker() -> tuple[Any, Any]:
     )
     container.text_generator.override(providers.Object(FakeTextGenerator()))
     container.vision_encoder.override(providers.Object(FakeVisionEncoder()))
+    container.constraint_compiler.override(providers.Object(FakeConstraintCompiler()))
     container.controller_client.override(providers.Object(FakeController()))
     return create_worker_app(container), container
 

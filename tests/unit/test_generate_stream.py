@@ -7,7 +7,13 @@ import base64
 import threading
 
 import pytest
-from fakes import FAKE_PNG_B64, FakeTextGenerator, FakeVisionEncoder
+from fakes import (
+    BAD_REGEX,
+    FAKE_PNG_B64,
+    FakeConstraintCompiler,
+    FakeTextGenerator,
+    FakeVisionEncoder,
+)
 
 from vilaserve.application.worker.engine.admission import Admission
 from vilaserve.application.worker.generate_stream import GenerateStream, GenerationLimits
@@ -114,6 +120,51 @@ def test_bad_requests_are_refused_before_streaming(
 ) -> None:
     with pytest.raises(error, match=message):
         make().prepare(body)
+
+
+def test_a_constraint_is_compiled_off_the_loop_and_handed_to_the_generator() -> None:
+    generator, compiler = FakeTextGenerator(), FakeConstraintCompiler()
+    use_case = GenerateStream(
+        generator, FakeVisionEncoder(), GenerationLimits(), constraints=compiler
+    )
+    body = {"prompt": "q", "echo": False, "structured_outputs": {"choice": ["a", "b"]}}
+    chunks = asyncio.run(collect(use_case, body))
+    assert chunks[-1].text == "Hello, world!" and chunks[-1].finish_reason == "stop"
+    [compiled] = generator.constraints
+    assert compiled is not None and compiled.constraint.kind == "choice"
+    assert compiler.threads and "MainThread" not in compiler.threads
+    asyncio.run(collect(use_case, {"prompt": "q"}))
+    assert generator.constraints[-1] is None  # unconstrained requests stay so
+
+
+def test_a_constraint_that_does_not_compile_is_one_error_chunk_and_no_generation() -> None:
+    generator = FakeTextGenerator()
+    use_case = GenerateStream(
+        generator, FakeVisionEncoder(), GenerationLimits(), constraints=FakeConstraintCompiler()
+    )
+    body = {"prompt": "q", "structured_outputs": {"regex": BAD_REGEX}}
+    [chunk] = asyncio.run(collect(use_case, body))
+    assert chunk.error_code == ErrorCode.VALIDATION_TYPE_ERROR
+    assert "'structured_outputs.regex'" in chunk.text
+    assert generator.calls == [] and generator.admission.queue_length == 0
+
+
+def test_without_a_compiler_a_constrained_request_is_refused_naming_the_field() -> None:
+    with pytest.raises(InvalidRequest, match="'structured_outputs'"):
+        make().prepare({"prompt": "q", "structured_outputs": {"regex": "a"}})
+
+
+def test_a_grammar_error_ending_keeps_the_text_and_says_why() -> None:
+    generator = FakeTextGenerator(last_finish="grammar_error")
+    use_case = GenerateStream(
+        generator, FakeVisionEncoder(), GenerationLimits(), constraints=FakeConstraintCompiler()
+    )
+    # "!" could begin the stop string: held back, then given with the rest at the end.
+    body = {"prompt": "q", "echo": False, "stop": "!!", "structured_outputs": {"regex": "a"}}
+    chunks = asyncio.run(collect(use_case, body))
+    assert chunks[-1] == StreamChunk(
+        "Hello, world!", usage=chunks[-1].usage, finish_reason="grammar_error"
+    )
 
 
 def test_undecodable_image_becomes_an_error_chunk() -> None:

@@ -226,11 +226,13 @@ class CompletionRelay:
             async for event in session.events():
                 if isinstance(event, TextDelta):
                     meter.text_arrived(event.index)
-                    yield fmt.delta_chunk(event.index, event.text)
+                    for chunk in fmt.text_chunks(event.index, event.text):
+                        yield chunk
                 else:
                     meter.choice_finished(event)
                     finished.append(event)
-                    yield fmt.finish_chunk(event.index, event.finish_reason)
+                    for chunk in fmt.closing_chunks(event.index, event.finish_reason):
+                        yield chunk
         except (ApiError, Unavailable) as exc:
             # Headers are gone already: the error travels as an OpenAI error event.
             error = as_api_error(exc)

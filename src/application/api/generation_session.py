@@ -26,6 +26,8 @@ from vilaserve.domain.shared.generation import StreamChunk, Usage
 from vilaserve.domain.shared.worker_gateway import WorkerGateway
 
 Frame = dict[str, Any]
+# "grammar_error": the answer's constraint left no way to go on; it reaches the client as is.
+KNOWN_FINISH_REASONS = ("stop", "length", "grammar_error")
 
 
 @dataclass
@@ -50,7 +52,7 @@ def _chunk(frame: Any) -> StreamChunk:
         if isinstance(usage, dict)
         else None,
         # Anything else a foreign worker may send (e.g. "abort") still ends the choice.
-        finish_reason=finish if finish in ("stop", "length") else ("stop" if finish else None),
+        finish_reason=finish if finish in KNOWN_FINISH_REASONS else ("stop" if finish else None),
     )
 
 

@@ -18,8 +18,12 @@ from vilaserve.domain.api.openai_responses import (
     ChatFormat,
     CompletionFormat,
     ResponseIdentity,
+    ToolCallReading,
     model_card,
 )
+from vilaserve.domain.api.structured_outputs import StructuredOutput
+from vilaserve.domain.api.tool_grammar import tool_call_grammar
+from vilaserve.domain.api.tool_syntax import tool_convention_for
 from vilaserve.domain.api.worker_jobs import WorkerJob, job_for
 from vilaserve.domain.shared.conversation import ChatTemplateRenderer
 from vilaserve.domain.shared.errors import Unavailable
@@ -46,17 +50,32 @@ class ChatCompletion:
 
     async def __call__(self, body: Any) -> Reply:
         request = parse_chat_request(body)
-        fmt = ChatFormat(_identity("chatcmpl", request.model), request.include_usage)
+        identity = _identity("chatcmpl", request.model)
         options = RunOptions(request.stream, request.include_usage, request.n)
+        tools = request.tool_policy
         async with self._relay.admit() as admitted:
             route = await self._router.route(request.model)
             info = route.info
             prompt = build_chat_prompt(
-                info.template, request.messages, info.details.multimodal, self._renderer
+                info.template, request.messages, info.details.multimodal, self._renderer, tools
             )
+            constraint = request.output_constraint
+            reading = None
+            if tools is not None:  # the template's tool syntax, held by a grammar
+                syntax = tool_convention_for(info.template).syntax
+                constraint = StructuredOutput("grammar", tool_call_grammar(syntax, tools))
+                reading = ToolCallReading(syntax, [t.name for t in tools.callable_tools])
             images = await self._images.resolve(prompt.image_urls)
-            job = job_for(request, prompt.text, info.template, info.details.context_length, images)
+            job = job_for(
+                request,
+                prompt.text,
+                info.template,
+                info.details.context_length,
+                images,
+                constraint,
+            )
             jobs = [job.for_choice(i) for i in range(request.n)]
+            fmt = ChatFormat(identity, request.include_usage, reading)
             return await self._relay.run(admitted, route, jobs, fmt, options)
 
 
@@ -77,12 +96,15 @@ class Completion:
             echoed = [p for p in prompts for _ in range(request.n)]
         fmt = CompletionFormat(_identity("cmpl", request.model), request.include_usage, echoed)
         options = RunOptions(request.stream, request.include_usage, request.n)
+        constraint = request.output_constraint
         async with self._relay.admit() as admitted:
             route = await self._router.route(request.model)
             info = route.info
             jobs: list[WorkerJob] = []
             for prompt in prompts:  # choice index = prompt index * n + j, as OpenAI numbers them
-                job = job_for(request, prompt, info.template, info.details.context_length)
+                job = job_for(
+                    request, prompt, info.template, info.details.context_length, (), constraint
+                )
                 jobs += [job.for_choice(j) for j in range(request.n)]
             return await self._relay.run(admitted, route, jobs, fmt, options)
 

@@ -6,6 +6,7 @@ message naming the cause; one bad request never disturbs another.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -34,6 +35,8 @@ from vilaserve.domain.shared.generation import (
 from vilaserve.domain.worker.first_token import NO_IMAGES, FirstTokenParts
 from vilaserve.domain.worker.ports import (
     Admitted,
+    CompiledConstraint,
+    ConstraintCompiler,
     ImageFeatures,
     TextGenerator,
     VisionEncoder,
@@ -75,12 +78,16 @@ class GenerateStream:
         vision: VisionEncoder | None,
         limits: GenerationLimits,
         observer: FirstTokenObserver | None = None,
+        constraints: ConstraintCompiler | None = None,
     ) -> None:
-        """`observer`: hears where each request's time to first token went (/metrics)."""
+        """`observer`: hears where each request's time to first token went (/metrics).
+        `constraints`: compiles the requests' `structured_outputs`; without one they are
+        refused."""
         self._generator = generator
         self._vision = vision
         self._limits = limits
         self._observer = observer
+        self._constraints = constraints
 
     def prepare(self, body: Any) -> PreparedRequest:
         """Checks everything that needs no model; raises `ServingError` naming the problem."""
@@ -96,6 +103,11 @@ class GenerateStream:
             raise InvalidRequest(
                 f"the prompt has {placeholders} '{IMAGE_PLACEHOLDER}' placeholders but "
                 f"{len(request.images)} images were sent; they must match one to one"
+            )
+        if request.constraint is not None and self._constraints is None:
+            raise InvalidRequest(
+                "'structured_outputs' cannot be served here: this worker has no constraint "
+                "compiler for its model's tokenizer"
             )
         if len(request.images) > self._limits.max_images:
             raise InvalidRequest(
@@ -120,6 +132,8 @@ class GenerateStream:
                 "image_bytes": sum(len(f) for f in files),
                 "max_new_tokens": params.max_new_tokens,
                 "greedy": params.is_greedy,
+                # Only on constrained requests: the others' log lines stay as they were.
+                **({"constraint": request.constraint.kind} if request.constraint else {}),
             },
         )
         return PreparedRequest(request, model_prompt, files)
@@ -136,9 +150,14 @@ class GenerateStream:
             try:
                 async with admitted.turn():
                     waited = _Waited(started, time.perf_counter() - started)
+                    # Before the pictures: a constraint that does not compile is refused
+                    # before any work on the model's thread.
+                    constraint = await self._compile(prepared)
                     features = await self._encode(prepared.image_files)
                     # aclosing: a client that goes away must stop the model, not this loop.
-                    generation = self._generate(prepared, features, prefix, admitted, waited)
+                    generation = self._generate(
+                        prepared, features, prefix, admitted, waited, constraint
+                    )
                     async with aclosing(generation) as chunks:
                         async for chunk in chunks:
                             yield chunk
@@ -170,6 +189,14 @@ class GenerateStream:
                 error_code=int(ErrorCode.INTERNAL_ERROR),
             )
 
+    async def _compile(self, prepared: PreparedRequest) -> CompiledConstraint | None:
+        constraint = prepared.request.constraint
+        if constraint is None:
+            return None
+        assert self._constraints is not None  # prepare() refused constraints without a compiler
+        # A big schema compiles for milliseconds or more: never on the event loop's thread.
+        return await asyncio.to_thread(self._constraints.compile, constraint)
+
     async def _encode(self, files: tuple[bytes, ...]) -> ImageFeatures | None:
         if not files:
             return None
@@ -183,6 +210,7 @@ class GenerateStream:
         prefix: str,
         admitted: Admitted,
         waited: _Waited,
+        constraint: CompiledConstraint | None,
     ) -> AsyncIterator[StreamChunk]:
         params = prepared.request.params
         matcher = StopStringMatcher(params.stop)
@@ -192,7 +220,9 @@ class GenerateStream:
         finish: FinishReason | None = None
         unsent = 0
         first = True
-        steps = self._generator.generate(prepared.model_prompt, features, params, admitted)
+        steps = self._generator.generate(
+            prepared.model_prompt, features, params, admitted, constraint=constraint
+        )
         async with aclosing(steps):
             async for step in steps:
                 if first:

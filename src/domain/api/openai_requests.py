@@ -1,18 +1,39 @@
 """The OpenAI request bodies we accept (`/v1/chat/completions`, `/v1/completions`), validated.
 
 The surface follows OpenAI's and vLLM's: unknown fields are accepted and ignored (clients send
-many), features the worker cannot provide (logprobs, tools, JSON mode) are refused with a 400
-that names them instead of being silently dropped.
+many), features the worker cannot provide (logprobs) are refused with a 400 that names them
+instead of being silently dropped. A constraint on the answer (`structured_outputs`) and the
+tools of a chat (`tool_definitions`) are checked here too, so that every 400 comes before any
+work.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vilaserve.domain.api.errors import ApiError, BadRequest, ParamOutOfRange
+from vilaserve.domain.api.structured_outputs import (
+    Requested,
+    ResponseFormat,
+    StructuredOutput,
+    StructuredOutputsParams,
+    from_guided_fields,
+    from_response_format,
+    from_structured_outputs,
+    the_one_constraint,
+)
+from vilaserve.domain.api.tool_definitions import (
+    ToolChoice,
+    ToolDefinition,
+    ToolPolicy,
+    check_tool_choice_word,
+    tool_policy,
+)
 
 MAX_CHOICES = 16
 MAX_STOP_STRINGS = 16
@@ -48,10 +69,54 @@ class ImagePart(_Lenient):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
+class CalledFunction(_Lenient):
+    name: str = Field(min_length=1)
+    arguments: str = "{}"  # a JSON object, as text
+
+    @field_validator("arguments", mode="before")
+    @classmethod
+    def _accept_an_object(cls, value: Any) -> Any:
+        # Some clients send the arguments as the object itself.
+        return json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else value
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        try:
+            parsed = json.loads(value)
+        except (ValueError, RecursionError):
+            raise ValueError("the arguments must be a JSON object, as text") from None
+        if not isinstance(parsed, dict):
+            raise ValueError("the arguments must be a JSON object, as text")
+        return value
+
+    @property
+    def parsed_arguments(self) -> dict[str, Any]:
+        return json.loads(self.arguments)  # type: ignore[no-any-return]
+
+
+class ToolCall(_Lenient):
+    """A call an earlier assistant message made (`tool_calls`), as the client sends it back."""
+
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(_Lenient):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages only
+    tool_call_id: str | None = None  # tool messages: the call this one answers
+
+    @model_validator(mode="after")
+    def _tool_fields_fit_the_role(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry 'tool_calls'")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the 'tool_call_id' of the call it answers")
+        return self
 
 
 class StreamOptions(_Lenient):
@@ -76,6 +141,12 @@ class SamplingRequest(_Lenient):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     user: str | None = None
+    # vLLM's constraints on the answer (`structured_outputs`), and their older names.
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = Field(None, min_length=1)
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_grammar: str | None = Field(None, min_length=1)
 
     @field_validator("top_k")
     @classmethod
@@ -115,13 +186,46 @@ class SamplingRequest(_Lenient):
         # `max_tokens` is deprecated in favour of `max_completion_tokens`; the newer one wins.
         return self.max_completion_tokens or self.max_tokens
 
+    def _requested_outputs(self) -> list[Requested]:
+        found = from_structured_outputs(self.structured_outputs) if self.structured_outputs else []
+        return found + from_guided_fields(
+            self.guided_json, self.guided_regex, self.guided_choice, self.guided_grammar
+        )
+
+    @cached_property
+    def requested_constraint(self) -> Requested | None:
+        """What the answer must match, and the parameter that asked for it; `BadRequest` for a
+        bad constraint or for two."""
+        return the_one_constraint(self._requested_outputs())
+
+    @property
+    def output_constraint(self) -> StructuredOutput | None:
+        requested = self.requested_constraint
+        return requested[1] if requested else None
+
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # OpenAI's default (null) is true
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice_word(cls, value: Any) -> Any:
+        return check_tool_choice_word(value)
+
+    def _requested_outputs(self) -> list[Requested]:
+        found = from_response_format(self.response_format) if self.response_format else []
+        return found + super()._requested_outputs()
+
+    @cached_property
+    def tool_policy(self) -> ToolPolicy | None:
+        """The tools the model may call and how, or None (no tools, or tool_choice "none")."""
+        return tool_policy(self.tools, self.tool_choice, self.parallel_tool_calls)
 
 
 class CompletionRequest(SamplingRequest):
@@ -175,11 +279,12 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
     request = _validate(ChatCompletionRequest, body)
     if request.logprobs or request.top_logprobs:
         raise BadRequest("logprobs are not supported by this server", param="logprobs")
-    if request.tools:
-        raise BadRequest("tools (function calling) are not supported by this server", "tools")
-    if request.response_format and request.response_format.get("type", "text") != "text":
+    policy, constrained = request.tool_policy, request.requested_constraint
+    if constrained is not None and policy is not None:
         raise BadRequest(
-            "only response_format type 'text' is supported by this server", "response_format"
+            f"'{constrained[0]}' and 'tools' cannot be combined: tool calls constrain the "
+            "answer already (or send tool_choice 'none')",
+            param=constrained[0],
         )
     return request
 
@@ -194,6 +299,7 @@ def parse_completion_request(body: Any) -> CompletionRequest:
         raise BadRequest("'suffix' (insertion) is not supported by this server", "suffix")
     if request.best_of is not None and request.best_of != request.n:
         raise BadRequest("'best_of' different from 'n' is not supported", param="best_of")
+    request.requested_constraint  # noqa: B018 - checks the constraint now, before any work
     if len(request.prompts) * request.n > MAX_CHOICES:
         raise ParamOutOfRange(
             f"{len(request.prompts)} prompts x n={request.n} asks for more than "

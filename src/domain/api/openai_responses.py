@@ -1,11 +1,28 @@
-"""OpenAI response bodies and stream chunks, built from per-choice generation events."""
+"""OpenAI response bodies and stream chunks, built from per-choice generation events.
+
+A chat answer that may call tools is read by a `ToolCallParser` per choice: its calls become
+`tool_calls` (in the message, or as OpenAI's `tool_calls` deltas: one that opens each call with
+its index, id and name and empty arguments, then pieces of its arguments), and a choice that
+called a function and stopped by itself ends with `finish_reason: "tool_calls"`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vilaserve.domain.api.tool_call_parser import (
+    ArgumentsPiece,
+    CallOpened,
+    ContentPiece,
+    ReadAnswer,
+    ToolCallParser,
+    ToolEvent,
+    new_call_id,
+    read_answer,
+)
+from vilaserve.domain.api.tool_syntax import ToolCallSyntax
 from vilaserve.domain.shared.generation import Usage
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -93,6 +110,20 @@ class _Format:
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         return {**self._chunk([]), "usage": usage.to_dict()}
 
+    def text_chunks(self, index: int, text: str) -> list[dict[str, Any]]:
+        """The chunks for new text of choice `index`."""
+        return [self.delta_chunk(index, text)]
+
+    def closing_chunks(self, index: int, finish_reason: str) -> list[dict[str, Any]]:
+        """The chunks that end choice `index`: what was held back, then its finish reason."""
+        return [self.finish_chunk(index, finish_reason)]
+
+    def delta_chunk(self, index: int, text: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def finish_chunk(self, index: int, finish_reason: str) -> dict[str, Any]:
+        raise NotImplementedError
+
     def body(
         self, texts: Sequence[str], finished: Sequence[ChoiceFinished], usage: Usage
     ) -> dict[str, Any]:
@@ -104,11 +135,42 @@ class _Format:
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class ToolCallReading:
+    """How to read tool calls out of answers: the template's syntax, and the functions that
+    may be called (a call to another is text)."""
+
+    syntax: ToolCallSyntax
+    functions: Collection[str]
+    call_id: Callable[[], str] = new_call_id
+
+    def parser(self) -> ToolCallParser:
+        return ToolCallParser(self.syntax, self.functions, self.call_id)
+
+    def read(self, text: str) -> ReadAnswer:
+        return read_answer(text, self.syntax, self.functions, self.call_id)
+
+
+def tool_finish_reason(finish_reason: str, calls: int) -> str:
+    # A call cut by max_tokens stays "length"; "grammar_error" stays what it is.
+    return "tool_calls" if calls and finish_reason == "stop" else finish_reason
+
+
 class ChatFormat(_Format):
     """`chat.completion` bodies and `chat.completion.chunk` stream chunks."""
 
     chunk_object = "chat.completion.chunk"
     body_object = "chat.completion"
+
+    def __init__(
+        self,
+        identity: ResponseIdentity,
+        include_usage: bool = False,
+        tool_calls: ToolCallReading | None = None,
+    ) -> None:
+        super().__init__(identity, include_usage)
+        self._tool_calls = tool_calls
+        self._parsers: dict[int, ToolCallParser] = {}
 
     def opening_chunks(self, n: int) -> list[dict[str, Any]]:
         return [
@@ -122,13 +184,60 @@ class ChatFormat(_Format):
     def finish_chunk(self, index: int, finish_reason: str) -> dict[str, Any]:
         return self._chunk([_chat_delta(index, {}, finish_reason)])
 
+    def text_chunks(self, index: int, text: str) -> list[dict[str, Any]]:
+        if self._tool_calls is None:
+            return [self.delta_chunk(index, text)]
+        return self._event_chunks(index, self._parser(index).feed(text))
+
+    def closing_chunks(self, index: int, finish_reason: str) -> list[dict[str, Any]]:
+        if self._tool_calls is None:
+            return [self.finish_chunk(index, finish_reason)]
+        parser = self._parser(index)
+        chunks = self._event_chunks(index, parser.finish())
+        reason = tool_finish_reason(finish_reason, parser.calls_made)
+        return [*chunks, self.finish_chunk(index, reason)]
+
+    def _parser(self, index: int) -> ToolCallParser:
+        assert self._tool_calls is not None
+        if index not in self._parsers:
+            self._parsers[index] = self._tool_calls.parser()
+        return self._parsers[index]
+
+    def _event_chunks(self, index: int, events: list[ToolEvent]) -> list[dict[str, Any]]:
+        return [self._chunk([_chat_delta(index, _delta(event), None)]) for event in events]
+
     def _final_choice(self, index: int, text: str, finish_reason: str) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if self._tool_calls is not None:
+            answer = self._tool_calls.read(text)
+            if answer.calls:
+                message["content"] = answer.content if answer.content.strip() else None
+                message["tool_calls"] = [
+                    {
+                        "id": call.id,
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": call.arguments},
+                    }
+                    for call in answer.calls
+                ]
+                finish_reason = tool_finish_reason(finish_reason, len(answer.calls))
         return {
             "index": index,
-            "message": {"role": "assistant", "content": text},
+            "message": message,
             "logprobs": None,
             "finish_reason": finish_reason,
         }
+
+
+def _delta(event: ToolEvent) -> dict[str, Any]:
+    if isinstance(event, ContentPiece):
+        return {"content": event.text}
+    if isinstance(event, CallOpened):
+        opened = {"name": event.name, "arguments": ""}
+        call = {"index": event.index, "id": event.id, "type": "function", "function": opened}
+        return {"tool_calls": [call]}
+    assert isinstance(event, ArgumentsPiece)
+    return {"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]}
 
 
 def _chat_delta(index: int, delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:

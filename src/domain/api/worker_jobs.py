@@ -7,6 +7,7 @@ from typing import Any
 
 from vilaserve.domain.api.errors import ContextTooLong
 from vilaserve.domain.api.openai_requests import SEED_RANGE, SamplingRequest
+from vilaserve.domain.api.structured_outputs import StructuredOutput
 from vilaserve.domain.shared.conversation import ConversationTemplate
 
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's and vLLM's default
@@ -28,6 +29,7 @@ class WorkerJob:
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    constraint: StructuredOutput | None = None  # what the answer must match
 
     def for_choice(self, index: int) -> WorkerJob:
         """Choice `index` of `n`: a different seed each (seed + index) when a seed was given."""
@@ -56,6 +58,8 @@ class WorkerJob:
             payload["ignore_eos"] = True
         if self.images:
             payload["images"] = list(self.images)
+        if self.constraint is not None:
+            payload["structured_outputs"] = self.constraint.to_payload()
         return payload
 
 
@@ -65,6 +69,7 @@ def job_for(
     template: ConversationTemplate,
     context_length: int,
     images: tuple[str, ...] = (),
+    constraint: StructuredOutput | None = None,
 ) -> WorkerJob:
     """Maps the sampling fields; raises `ContextTooLong` when max_tokens exceeds the context.
 
@@ -97,4 +102,5 @@ def job_for(
         stop_token_ids=tuple(dict.fromkeys((*own_stop_ids, *(request.stop_token_ids or ())))),
         seed=request.seed,
         ignore_eos=request.ignore_eos,
+        constraint=constraint,
     )

@@ -39,9 +39,15 @@ class ChatTemplateRenderer(ABC):
 
     @abstractmethod
     def render(
-        self, source: str, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool
+        self,
+        source: str,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str:
-        """`messages`: `{"role": "system" | "user" | "assistant", "content": text}`."""
+        """`messages`: `{"role": "system" | "user" | "assistant", "content": text}`, and in
+        Hugging Face's format assistant `tool_calls` and `{"role": "tool", ...}` results.
+        `tools`: OpenAI tool definitions, for a template that renders them (None: no tools)."""
 
 
 @dataclass(frozen=True)

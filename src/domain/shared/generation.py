@@ -6,15 +6,19 @@ API, CLI) applies the same rules and the same error messages.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from vilaserve.domain.shared.body_fields import flag
 from vilaserve.domain.shared.errors import InvalidRequest, ParamOutOfRange
 
-FinishReason = Literal["stop", "length"]
+# "grammar_error": the request's output constraint left no token to continue with (the text
+# so far is kept); see `OutputConstraint`.
+FinishReason = Literal["stop", "length", "grammar_error"]
 
 GREEDY_TEMPERATURE = 1e-5
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -57,15 +61,41 @@ class SamplingParams:
         return self.temperature < GREEDY_TEMPERATURE
 
 
+ConstraintKind = Literal["json", "json_object", "regex", "choice", "grammar"]
+CONSTRAINT_KINDS: tuple[ConstraintKind, ...] = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class OutputConstraint:
+    """What the answer must match (the worker protocol's `structured_outputs`, vLLM's names).
+
+    `spec` is canonical text: the JSON schema as compact JSON (its keys in the order given,
+    since property order is the order the answer's keys come in), the regex, the choices as a
+    JSON list, the Lark grammar; "" for `json_object`. Only its shape is checked here; whether
+    it compiles is the worker's constraint compiler's to say.
+    """
+
+    kind: ConstraintKind
+    spec: str
+
+    @property
+    def key(self) -> str:
+        """Names the constraint in caches: equal constraints, equal keys."""
+        return hashlib.sha256(f"{self.kind}\0{self.spec}".encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One prompt, the base64 images its `<image>` placeholders refer to, and how to sample."""
+    """One prompt, the base64 images its `<image>` placeholders refer to, and how to sample.
+
+    `constraint`: what the answer must match; None (the default) leaves it free."""
 
     prompt: str
     images: tuple[str, ...] = ()
     params: SamplingParams = field(default_factory=SamplingParams)
     echo: bool = True
     request_id: str = ""
+    constraint: OutputConstraint | None = None
 
     @property
     def image_placeholder_count(self) -> int:
@@ -178,6 +208,94 @@ def _int_list(body: Mapping[str, Any], key: str) -> tuple[int, ...]:
     raise InvalidRequest(f"'{key}' must be a list of integers")
 
 
+STRUCTURED_OUTPUTS = "structured_outputs"
+
+
+def parse_output_constraint(value: Any) -> OutputConstraint | None:
+    """`structured_outputs` as vLLM names it: an object with exactly one of `json` (a schema, or
+    a string holding one), `json_object` (true), `regex`, `choice` (a list of strings) or
+    `grammar` (Lark text). Absent or null: no constraint; a kind given as null is absent too
+    (clients that serialize every field send the others that way)."""
+    if value is None:
+        return None
+    field_name = STRUCTURED_OUTPUTS
+    if not isinstance(value, Mapping):
+        raise InvalidRequest(
+            f"'{field_name}' must be an object with one of {_kinds_text()}, "
+            f"got {type(value).__name__}"
+        )
+    unknown = sorted(str(k) for k in value if k not in CONSTRAINT_KINDS)
+    if unknown:
+        raise InvalidRequest(
+            f"'{field_name}' has unknown key(s) {', '.join(map(repr, unknown))}; "
+            f"expected one of {_kinds_text()}"
+        )
+    given = [kind for kind in CONSTRAINT_KINDS if value.get(kind) is not None]
+    if len(given) != 1:
+        named = f"it has {', '.join(map(repr, given))}" if given else "it has none"
+        raise InvalidRequest(f"'{field_name}' must have exactly one of {_kinds_text()}; {named}")
+    kind = given[0]
+    return OutputConstraint(kind, _CONSTRAINT_SPECS[kind](value[kind], f"{field_name}.{kind}"))
+
+
+def _kinds_text() -> str:
+    return ", ".join(f"'{kind}'" for kind in CONSTRAINT_KINDS)
+
+
+def _schema_spec(value: Any, name: str) -> str:
+    try:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise InvalidRequest(f"'{name}' is not valid JSON: {exc}") from None
+        if not isinstance(value, Mapping):
+            raise InvalidRequest(
+                f"'{name}' must be a JSON schema (an object, or a string holding one), "
+                f"got {type(value).__name__}"
+            )
+        # ASCII: a schema sent as text may escape a lone surrogate, which no encoder takes.
+        return json.dumps(value, separators=(",", ":"))
+    except RecursionError:
+        raise InvalidRequest(f"'{name}' is nested too deeply") from None
+
+
+def _json_object_spec(value: Any, name: str) -> str:
+    if value is not True:
+        raise InvalidRequest(f"'{name}' must be true, got {value!r}")
+    return ""
+
+
+def _text_spec(what: str) -> Callable[[Any, str], str]:
+    def spec(value: Any, name: str) -> str:
+        if not isinstance(value, str) or not value:
+            got = repr(value) if isinstance(value, str) else type(value).__name__
+            raise InvalidRequest(f"'{name}' must be a non-empty string ({what}), got {got}")
+        return value
+
+    return spec
+
+
+def _choice_spec(value: Any, name: str) -> str:
+    if (
+        isinstance(value, str)
+        or not isinstance(value, Sequence)
+        or not value
+        or not all(isinstance(choice, str) for choice in value)
+    ):
+        raise InvalidRequest(f"'{name}' must be a non-empty list of strings")
+    return json.dumps(list(value), ensure_ascii=False)
+
+
+_CONSTRAINT_SPECS: dict[str, Callable[[Any, str], str]] = {
+    "json": _schema_spec,
+    "json_object": _json_object_spec,
+    "regex": _text_spec("a regular expression"),
+    "choice": _choice_spec,
+    "grammar": _text_spec("a Lark grammar"),
+}
+
+
 def parse_generation_request(
     body: Any, max_new_tokens_cap: int = DEFAULT_MAX_NEW_TOKENS_CAP
 ) -> GenerationRequest:
@@ -209,5 +327,10 @@ def parse_generation_request(
     echo = flag(body, "echo", True)
     request_id = body.get("request_id") or ""
     return GenerationRequest(
-        prompt=prompt, images=images, params=params, echo=echo, request_id=str(request_id)
+        prompt=prompt,
+        images=images,
+        params=params,
+        echo=echo,
+        request_id=str(request_id),
+        constraint=parse_output_constraint(body.get(STRUCTURED_OUTPUTS)),
     )

@@ -45,10 +45,14 @@ class DecodeRow(Generic[PromptT]):
 @dataclass(frozen=True)
 class ModelBatch(Generic[PromptT]):
     """One step's work. The runner returns the sampled tokens in this order: every decode row,
-    then every prefill chunk that samples."""
+    then every prefill chunk that samples.
+
+    `constrained`: some running prompt has an output constraint, so this step's sampled rows
+    may need token masks; when false the runner does no constraint work at all."""
 
     decodes: tuple[DecodeRow[PromptT], ...] = ()
     prefills: tuple[PrefillChunk[PromptT], ...] = ()
+    constrained: bool = False
 
     @property
     def num_tokens(self) -> int:

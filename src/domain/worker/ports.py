@@ -12,7 +12,7 @@ from typing import Generic, TypeVar
 
 from vilaserve.domain.shared.conversation import ConversationTemplate
 from vilaserve.domain.shared.errors import ServingError
-from vilaserve.domain.shared.generation import GenerationStep, SamplingParams
+from vilaserve.domain.shared.generation import GenerationStep, OutputConstraint, SamplingParams
 from vilaserve.domain.shared.worker_status import WorkerStatus
 from vilaserve.domain.worker.batch import ModelBatch, PositionKey, StepTiming
 from vilaserve.domain.worker.first_token import NO_IMAGES, ImageTimings
@@ -42,6 +42,27 @@ class VisionEncoder(ABC):
     @abstractmethod
     async def encode(self, images: Sequence[bytes]) -> ImageFeatures:
         """Decode and encode the images in order. Raises `InvalidImage` naming the bad one."""
+
+
+class CompiledConstraint(ABC):
+    """An `OutputConstraint` compiled for the model's tokenizer, opaque to the application: only
+    the model runner that goes with the compiler reads it (each request gets its own state
+    from it there)."""
+
+    @property
+    @abstractmethod
+    def constraint(self) -> OutputConstraint: ...
+
+
+class ConstraintCompiler(ABC):
+    """Turns a request's `structured_outputs` into what the model runner masks tokens with."""
+
+    @abstractmethod
+    def compile(self, constraint: OutputConstraint) -> CompiledConstraint:
+        """Compiles, or finds compiled (equal constraints share one compilation). A big schema
+        takes milliseconds or more: call it off the event loop and off the model thread.
+        Raises `InvalidRequest` naming the problem: a schema, regex or grammar that is invalid
+        or that the compiler does not support."""
 
 
 class Admitted(ABC):
@@ -103,12 +124,15 @@ class TextGenerator(ABC):
         images: ImageFeatures | None,
         params: SamplingParams,
         admitted: Admitted | None = None,
+        constraint: CompiledConstraint | None = None,
     ) -> AsyncIterator[GenerationStep]:
         """Stream the reply to `prompt`; `<image>` placeholders take `images` in order.
 
         `admitted`: the request's place from `admit()`; the generation moves it to running and
         out of the count when it ends. Without one the generation admits itself (raising
         `EngineOverloaded` from the first iteration when the queue is full).
+        `constraint`: every token is one the constraint allows; when it allows none, the reply
+        ends with finish reason "grammar_error".
         Stops on the params' stop token ids, the template's and the tokenizer's end tokens, or
         `max_new_tokens`. Raises `ContextOverflow` (from the first iteration) before any step
         when the prompt cannot fit.
@@ -137,6 +161,19 @@ class PreparedPrompt(ABC):
     @property
     @abstractmethod
     def stop_token_ids(self) -> frozenset[int]: ...
+
+    @property
+    def constrained(self) -> bool:
+        """Its tokens are masked by an output constraint (the scheduler tells the runner which
+        steps hold such prompts, so that the others do no constraint work at all)."""
+        return False
+
+    @property
+    def constraint_failed(self) -> bool:
+        """Its output constraint dead-ended in the last step (no token allowed, or the
+        constraint's matcher failed): the token the runner returned for it is not part of the
+        answer, which ends there with finish reason "grammar_error"."""
+        return False
 
 
 class Detokenizer(ABC):
@@ -180,8 +217,15 @@ class ModelRunner(ABC, Generic[P]):
     def count_tokens(self, text: str) -> int: ...
 
     @abstractmethod
-    def prepare(self, prompt: str, images: ImageFeatures | None, params: SamplingParams) -> P:
-        """Tokenize and splice; raises `InvalidRequest` / `ContextOverflow` naming the problem."""
+    def prepare(
+        self,
+        prompt: str,
+        images: ImageFeatures | None,
+        params: SamplingParams,
+        constraint: CompiledConstraint | None = None,
+    ) -> P:
+        """Tokenize and splice; raises `InvalidRequest` / `ContextOverflow` naming the problem.
+        `constraint`: the prompt carries its own state of it (the runner masks its tokens)."""
 
     @abstractmethod
     def execute(self, batch: ModelBatch[P]) -> Sequence[int]:

@@ -19,6 +19,24 @@ _STRINGS: dict[str, Any] = {
     ]
 }
 
+# vLLM's names: exactly one kind of constraint on the answer (the worker compiles it).
+_STRUCTURED_OUTPUTS: dict[str, Any] = {
+    "type": "object",
+    "description": "holds the answer to one constraint: a JSON schema (`json`), any JSON object "
+    "(`json_object`), a regular expression, a choice among strings, or a Lark grammar "
+    "(llguidance's dialect)",
+    "minProperties": 1,
+    "maxProperties": 1,
+    "additionalProperties": False,
+    "properties": {
+        "json": {"anyOf": [{"type": "object"}, {"type": "string"}]},
+        "json_object": {"type": "boolean", "enum": [True]},
+        "regex": {"type": "string"},
+        "choice": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        "grammar": {"type": "string"},
+    },
+}
+
 GENERATION_REQUEST: dict[str, Any] = {
     "type": "object",
     "title": "GenerationRequest",
@@ -38,6 +56,8 @@ GENERATION_REQUEST: dict[str, Any] = {
         "seed": {"type": "integer", "minimum": -_SEED_LIMIT, "maximum": _SEED_LIMIT - 1},
         "echo": {"type": "boolean"},
         "request_id": {"type": "string"},
+        "ignore_eos": {"type": "boolean"},
+        "structured_outputs": _STRUCTURED_OUTPUTS,
     },
 }
 

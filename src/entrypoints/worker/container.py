@@ -1,11 +1,13 @@
 """The composition root: the one place that decides which adapter serves which port.
 
-Unit tests override `text_generator`, `vision_encoder` and `controller_client` with fakes; the
-torch adapter is imported lazily inside its factory, so building the container imports no torch.
+Unit tests override `text_generator`, `vision_encoder`, `constraint_compiler` and
+`controller_client` with fakes; the torch adapter is imported lazily inside its factory, so
+building the container imports no torch.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from dependency_injector import containers, providers
@@ -21,6 +23,8 @@ from vilaserve.application.worker.heartbeat import Heartbeat, HeartbeatPolicy, R
 from vilaserve.application.worker.report_status import ReportStatus
 from vilaserve.domain.worker.naming import derive_model_name
 from vilaserve.entrypoints.worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
 
 
 def _load_runtime(settings: WorkerSettings) -> Any:
@@ -46,6 +50,22 @@ def _load_runtime(settings: WorkerSettings) -> Any:
             adaptive_threads=settings.adaptive_threads,
         )
     )
+
+
+def _constraint_compiler(runtime: Any) -> Any:
+    """llguidance over the model's tokenizer, its end tokens those that end an answer; None
+    (requests with `structured_outputs` refused) for a tokenizer llguidance cannot read."""
+    from vilaserve.adapters.worker.torch_vila.constraints import LlguidanceConstraintCompiler
+
+    runner = runtime.model_runner
+    try:
+        return LlguidanceConstraintCompiler(runner.tokenizer, sorted(runner.stop_token_ids))
+    except Exception as exc:  # the worker serves on; only constrained output is refused
+        log.warning(
+            "structured outputs unavailable: no constraint compiler for this tokenizer",
+            extra={"reason": f"{type(exc).__name__}: {exc}"},
+        )
+        return None
 
 
 def _engine_text_generator(settings: WorkerSettings, runtime: Any, observer: Any) -> Any:
@@ -81,6 +101,7 @@ class WorkerContainer(containers.DeclarativeContainer):
         image_cache=providers.Callable(lambda v: getattr(v, "cache", None), vision_encoder),
     )
     text_generator = providers.Singleton(_engine_text_generator, settings, runtime, engine_observer)
+    constraint_compiler = providers.Singleton(_constraint_compiler, runtime)
     controller_client = providers.Singleton(
         HttpControllerClient,
         controller_address=settings.provided.controller_address,
@@ -117,6 +138,7 @@ class WorkerContainer(containers.DeclarativeContainer):
         vision=vision_encoder,
         limits=limits,
         observer=engine_observer,
+        constraints=constraint_compiler,
     )
     register = providers.Singleton(
         Register,

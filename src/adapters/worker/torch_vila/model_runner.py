@@ -7,6 +7,10 @@ cache row, then samples all of them at once: one host sync per step, for the tok
 streams need (on a GPU a step with prompt chunks waits once more, before its sampling, so that
 its model work and its sampling are timed apart: `last_step_timing`). Steps run on the model
 thread (executor.py), queued by the engine through `submit`.
+
+Rows of requests with an output constraint are masked before the sampling (token_masks.py),
+and their guides take the sampled token after it; a step whose batch holds no constrained
+prompt (`ModelBatch.constrained`) does none of that.
 """
 
 from __future__ import annotations
@@ -17,9 +21,12 @@ from typing import Any
 
 import torch
 
+from vilaserve.adapters.worker.torch_vila.constraints import LlguidanceConstraint
 from vilaserve.adapters.worker.torch_vila.executor import ModelExecutor
 from vilaserve.adapters.worker.torch_vila.llama import Llama
 from vilaserve.adapters.worker.torch_vila.sampling import Sampler
+from vilaserve.adapters.worker.torch_vila.token_guide import TokenGuide
+from vilaserve.adapters.worker.torch_vila.token_masks import TokenMasks
 from vilaserve.adapters.worker.torch_vila.tokenization import (
     IMAGE_TOKEN,
     IMAGE_TOKEN_INDEX,
@@ -32,7 +39,13 @@ from vilaserve.domain.shared.errors import ContextOverflow, InvalidRequest, OutO
 from vilaserve.domain.shared.generation import SamplingParams
 from vilaserve.domain.worker.batch import ModelBatch, PositionKey, StepTiming
 from vilaserve.domain.worker.first_token import NO_IMAGES, ImageTimings
-from vilaserve.domain.worker.ports import Detokenizer, ImageFeatures, ModelRunner, PreparedPrompt
+from vilaserve.domain.worker.ports import (
+    CompiledConstraint,
+    Detokenizer,
+    ImageFeatures,
+    ModelRunner,
+    PreparedPrompt,
+)
 
 
 class TorchImageFeatures(ImageFeatures):
@@ -61,7 +74,8 @@ class TorchImageFeatures(ImageFeatures):
 
 class TorchPrompt(PreparedPrompt):
     """Token ids with image placeholders, the images' embeddings until the prompt is
-    prefilled, and the request's own sampler (its seed's generator)."""
+    prefilled, the request's own sampler (its seed's generator) and, under an output
+    constraint, its own guide (its state in the constraint)."""
 
     def __init__(
         self,
@@ -71,6 +85,7 @@ class TorchPrompt(PreparedPrompt):
         max_new: int,
         stop_ids: frozenset[int],
         sampler: Sampler,
+        guide: TokenGuide | None = None,
     ) -> None:
         self.ids = ids
         self._images = images
@@ -78,6 +93,7 @@ class TorchPrompt(PreparedPrompt):
         self._max_new = max_new
         self._stop_ids = stop_ids
         self.sampler = sampler
+        self.guide = guide
         self._embeds: torch.Tensor | None = None
 
     @property
@@ -91,6 +107,14 @@ class TorchPrompt(PreparedPrompt):
     @property
     def stop_token_ids(self) -> frozenset[int]:
         return self._stop_ids
+
+    @property
+    def constrained(self) -> bool:
+        return self.guide is not None
+
+    @property
+    def constraint_failed(self) -> bool:
+        return self.guide is not None and self.guide.failed
 
     def embeddings(self, model: Llama, start: int, end: int) -> torch.Tensor:
         """Input embeddings of positions [start, end) as [1, end - start, hidden]."""
@@ -138,6 +162,7 @@ class TorchModelRunner(ModelRunner[TorchPrompt]):
         # The last step with prompt chunks: its model work, then its sampling (seconds).
         self._forward_s = 0.0
         self._sample_s = 0.0
+        self._masks: TokenMasks | None = None  # made by the first step with a constrained row
 
     @property
     def context_length(self) -> int:
@@ -174,9 +199,24 @@ class TorchModelRunner(ModelRunner[TorchPrompt]):
     def detokenizer(self) -> Detokenizer:
         return IncrementalDetokenizer(self._tokenizer)
 
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (the constraint compiler reads its vocabulary)."""
+        return self._tokenizer
+
+    @property
+    def stop_token_ids(self) -> frozenset[int]:
+        """The ids that end an answer: the tokenizer's and the template's end tokens."""
+        return self._stop_ids
+
     def prepare(
-        self, prompt: str, images: ImageFeatures | None, params: SamplingParams
+        self,
+        prompt: str,
+        images: ImageFeatures | None,
+        params: SamplingParams,
+        constraint: CompiledConstraint | None = None,
     ) -> TorchPrompt:
+        guide = _guide_for(constraint)
         ids = self._tokenize(prompt)
         n_placeholders = sum(1 for i in ids if i == IMAGE_TOKEN_INDEX)
         features = images if isinstance(images, TorchImageFeatures) else None
@@ -198,14 +238,20 @@ class TorchModelRunner(ModelRunner[TorchPrompt]):
                 "leaving no room to generate"
             )
         image_keys = features.image_keys if features is not None else ()
+        stop_ids = (frozenset() if params.ignore_eos else self._stop_ids) | frozenset(
+            params.stop_token_ids
+        )
+        if isinstance(constraint, LlguidanceConstraint):
+            # A complete answer allows only these: they end it, ignore_eos or not.
+            stop_ids |= constraint.end_token_ids
         return TorchPrompt(
             ids,
             embeddings,
             _position_keys(ids, image_keys, lengths),
             min(params.max_new_tokens, room - prompt_len),
-            (frozenset() if params.ignore_eos else self._stop_ids)
-            | frozenset(params.stop_token_ids),
+            stop_ids,
             Sampler(params, self.model.device),
+            guide,
         )
 
     @property
@@ -227,13 +273,13 @@ class TorchModelRunner(ModelRunner[TorchPrompt]):
         started = time.perf_counter() if batch.prefills else 0.0
         model, cache = self.model, self.cache
         logits: list[torch.Tensor] = []
-        samplers: list[Sampler] = []
+        sampled: list[TorchPrompt] = []  # whose rows the logits are, in order
         if batch.decodes:
             cache_rows = torch.tensor([d.cache_row for d in batch.decodes], dtype=torch.int64)
             positions = torch.tensor([d.position for d in batch.decodes], dtype=torch.int64)
             tokens = torch.tensor([d.token for d in batch.decodes], dtype=torch.int64)
             logits.append(model.decode_rows(cache, cache_rows, positions, tokens))
-            samplers.extend(d.prompt.sampler for d in batch.decodes)
+            sampled.extend(d.prompt for d in batch.decodes)
         if len(batch.prefills) > 1:
             # Several prompts' chunks in one forward: each linear is one GEMM over all their
             # rows (a GEMM runs faster per row with more rows: tiles shared, weights read once).
@@ -245,7 +291,7 @@ class TorchModelRunner(ModelRunner[TorchPrompt]):
             for index, chunk in enumerate(batch.prefills):
                 if chunk.samples:
                     logits.append(out[index : index + 1])
-                    samplers.append(chunk.prompt.sampler)
+                    sampled.append(chunk.prompt)
                     chunk.prompt.prefilled()
         elif batch.prefills:
             chunk = batch.prefills[0]
@@ -253,26 +299,59 @@ class TorchModelRunner(ModelRunner[TorchPrompt]):
             out = model(cache.row(chunk.cache_row), chunk.start, inputs_embeds=embeds)
             if chunk.samples:
                 logits.append(out[:, -1])
-                samplers.append(chunk.prompt.sampler)
+                sampled.append(chunk.prompt)
                 chunk.prompt.prefilled()
         if not batch.prefills:  # decodes only: no request's first token, nothing to time
-            return _sample(logits, samplers)
+            return self._sample(logits, sampled, batch.constrained)
         if self._on_cuda:
             # Kernels run after their launch: without this wait the sampling's host sync
             # would be charged with the prefill's work.
             torch.cuda.synchronize(model.device)
         forwarded = time.perf_counter()
-        tokens = _sample(logits, samplers)
+        tokens = self._sample(logits, sampled, batch.constrained)
         self._forward_s = forwarded - started
         self._sample_s = time.perf_counter() - forwarded
         return tokens
 
+    def _sample(
+        self, parts: list[torch.Tensor], prompts: list[TorchPrompt], constrained: bool
+    ) -> list[int]:
+        """The constrained rows masked (when the batch has any), then every row sampled; their
+        guides take the tokens."""
+        if not parts:
+            return []
+        logits = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if not constrained:
+            return _choose(logits, [p.sampler for p in prompts])
+        guided = [(row, p.guide) for row, p in enumerate(prompts) if p.guide is not None]
+        if guided:
+            self._token_masks(guided[0][1].vocab_size).apply(logits, guided)
+        tokens = _choose(logits, [p.sampler for p in prompts])
+        for row, guide in guided:
+            guide.consume(tokens[row])
+        return tokens
 
-def _sample(parts: list[torch.Tensor], samplers: list[Sampler]) -> list[int]:
+    def _token_masks(self, vocab_size: int) -> TokenMasks:
+        masks = self._masks
+        if masks is None or masks.vocab_size != vocab_size:
+            masks = TokenMasks(self._num_cache_rows, vocab_size, torch.device(self.model.device))
+            self._masks = masks
+        return masks
+
+
+def _guide_for(constraint: CompiledConstraint | None) -> TokenGuide | None:
+    if constraint is None:
+        return None
+    if not isinstance(constraint, LlguidanceConstraint):
+        raise InvalidRequest(
+            f"the output constraint was compiled by {type(constraint).__name__}, "
+            "which this model runner cannot follow"
+        )
+    return constraint.guide()
+
+
+def _choose(logits: torch.Tensor, samplers: list[Sampler]) -> list[int]:
     """Greedy rows in one argmax, the others each with its own generator; one host sync."""
-    if not parts:
-        return []
-    logits = torch.cat(parts) if len(parts) > 1 else parts[0]
     if all(s.is_greedy for s in samplers):
         return logits.argmax(dim=-1).tolist()  # type: ignore[no-any-return]
     chosen = logits.argmax(dim=-1)

@@ -79,6 +79,9 @@ class Scheduler:
         self.chunks = ChunkController(config.prefill_chunk_while_decoding, config.max_itl_slowdown)
         self.waiting: deque[EngineSequence] = deque()
         self.running: list[EngineSequence] = []
+        # How many running prompts have an output constraint: counted as they come and go, so
+        # that a step without any knows it at once (`ModelBatch.constrained`).
+        self._constrained = 0
 
     @property
     def has_work(self) -> bool:
@@ -91,7 +94,7 @@ class Scheduler:
         """Takes a sequence out wherever it is (a client went away); its cache row is freed now,
         keeping the prefix it computed for later requests."""
         if seq in self.running:
-            self.running.remove(seq)
+            self._stop_running(seq)
             self._free_row(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
@@ -100,7 +103,7 @@ class Scheduler:
         """Drops sequences whose step failed; their cache rows' contents are not trusted."""
         for seq in seqs:
             if seq in self.running:
-                self.running.remove(seq)
+                self._stop_running(seq)
                 self.cache_rows.release(seq.cache_row, [])
                 seq.cache_row = -1
 
@@ -134,9 +137,8 @@ class Scheduler:
         rows = tuple(
             DecodeRow(seq.prompt, seq.cache_row, seq.computed, seq.output[-1]) for seq in decoding
         )
-        return ScheduledStep(
-            ModelBatch(rows, tuple(chunks)), decoding, tuple(prefilling), tuple(refused)
-        )
+        batch = ModelBatch(rows, tuple(chunks), constrained=self._constrained > 0)
+        return ScheduledStep(batch, decoding, tuple(prefilling), tuple(refused))
 
     def _admit(self) -> list[tuple[EngineSequence, Exception]]:
         """Admits waiting sequences in order; one whose prompt cannot be admitted (a prompt
@@ -159,6 +161,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.start(*found)
             self.running.append(seq)
+            self._constrained += seq.prompt.constrained
         return refused
 
     def update(self, step: ScheduledStep, sampled: list[int]) -> StepOutcome:
@@ -174,7 +177,7 @@ class Scheduler:
             if chunk.samples:
                 self._append(seq, next(samples), outcome)
         for seq, reason in outcome.finished:
-            self.running.remove(seq)
+            self._stop_running(seq)
             self._free_row(seq)
             seq.finish(reason)  # after its cache row is free: the load figures see both at once
         return outcome
@@ -182,13 +185,19 @@ class Scheduler:
     def _append(self, seq: EngineSequence, token: int, outcome: StepOutcome) -> None:
         seq.output.append(token)
         finish: FinishReason | None = None
-        if token in seq.prompt.stop_token_ids:
+        if seq.prompt.constraint_failed:  # its token is no answer: the constraint allowed none
+            finish = "grammar_error"
+        elif token in seq.prompt.stop_token_ids:
             finish = "stop"
         elif len(seq.output) >= seq.prompt.max_new_tokens:
             finish = "length"
         outcome.tokens.append((seq, TokenOut(token, finish)))
         if finish is not None:
             outcome.finished.append((seq, finish))
+
+    def _stop_running(self, seq: EngineSequence) -> None:
+        self.running.remove(seq)
+        self._constrained -= seq.prompt.constrained
 
     def _free_row(self, seq: EngineSequence) -> None:
         self.cache_rows.release(seq.cache_row, seq.written_keys())

@@ -32,8 +32,9 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"  # out of the engine for good; `EngineSequence.end` says why
 
 
-# Why a sequence left: its last token said so, its client went away, or its step failed.
-EndReason = Literal["stop", "length", "aborted", "failed"]
+# Why a sequence left: its last token said so (or its output constraint dead-ended), its client
+# went away, or its step failed.
+EndReason = Literal["stop", "length", "grammar_error", "aborted", "failed"]
 
 
 @dataclass(eq=False)

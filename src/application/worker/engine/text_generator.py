@@ -12,12 +12,22 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 from vilaserve.application.worker.engine.engine import Engine
 from vilaserve.domain.shared.conversation import ConversationTemplate
 from vilaserve.domain.shared.errors import ServingError
 from vilaserve.domain.shared.generation import GenerationStep, PromptTimings, SamplingParams
-from vilaserve.domain.worker.ports import Admitted, ImageFeatures, TextGenerator
+from vilaserve.domain.worker.ports import (
+    Admitted,
+    CompiledConstraint,
+    ImageFeatures,
+    TextGenerator,
+)
+
+# The last token of these endings is not text: an end token, or whatever was sampled for a
+# prompt whose output constraint allowed nothing.
+_TOKEN_NOT_SHOWN = ("stop", "grammar_error")
 
 
 class EngineTextGenerator(TextGenerator):
@@ -55,8 +65,9 @@ class EngineTextGenerator(TextGenerator):
         images: ImageFeatures | None,
         params: SamplingParams,
         admitted: Admitted | None = None,
+        constraint: CompiledConstraint | None = None,
     ) -> AsyncIterator[GenerationStep]:
-        return self._stream(prompt, images, params, admitted)
+        return self._stream(prompt, images, params, admitted, constraint)
 
     async def _stream(
         self,
@@ -64,15 +75,15 @@ class EngineTextGenerator(TextGenerator):
         images: ImageFeatures | None,
         params: SamplingParams,
         admitted: Admitted | None,
+        constraint: CompiledConstraint | None,
     ) -> AsyncIterator[GenerationStep]:
         admission = self.engine.admission
         ticket = admission.admit() if admitted is None else admission.claim(admitted)
         loop = asyncio.get_running_loop()
         try:
             # Raises before any step (a prompt that cannot fit, placeholders without images).
-            prepared = await loop.run_in_executor(
-                self._tokenizing, self._runner.prepare, prompt, images, params
-            )
+            prepare = partial(self._runner.prepare, prompt, images, params, constraint=constraint)
+            prepared = await loop.run_in_executor(self._tokenizing, prepare)
             seq = self.engine.submit(prepared, ticket)
         except BaseException:  # refused, or abandoned while tokenizing: never in the engine
             ticket.leave()
@@ -85,7 +96,7 @@ class EngineTextGenerator(TextGenerator):
                 if isinstance(out, ServingError):
                     raise out
                 produced += 1
-                if out.finish_reason == "stop":
+                if out.finish_reason in _TOKEN_NOT_SHOWN:
                     text = detokenizer.flush()
                 else:
                     text = detokenizer.push(out.token)
