@@ -25,7 +25,10 @@ from engine_wiring import engine_generator
 from servers import start_worker
 
 from vilaserve.adapters.offline.checkpoints.tiny_vila import make_png_b64
-from vilaserve.adapters.worker.torch_vila.constraints import LlguidanceConstraintCompiler
+from vilaserve.adapters.worker.torch_vila.constraints import (
+    CompilerBuiltInBackground,
+    LlguidanceConstraintCompiler,
+)
 from vilaserve.adapters.worker.torch_vila.runtime import VilaRuntime, VilaRuntimeOptions
 from vilaserve.adapters.worker.torch_vila.token_guide import TokenGuide
 from vilaserve.adapters.worker.torch_vila.token_masks import (
@@ -34,7 +37,7 @@ from vilaserve.adapters.worker.torch_vila.token_masks import (
     penalties,
 )
 from vilaserve.application.worker.generate_stream import GenerateStream, GenerationLimits
-from vilaserve.domain.shared.errors import ErrorCode
+from vilaserve.domain.shared.errors import ErrorCode, InvalidRequest
 from vilaserve.domain.shared.generation import OutputConstraint, StreamChunk
 
 # Every kind of JSON schema rule the issue names; strings bounded so that a random model's
@@ -244,6 +247,18 @@ def test_the_same_constraint_compiles_once(tiny: Served) -> None:
     kept = small.compile(constraint)
     small.compile(OutputConstraint("regex", "b"))
     assert small.compile(constraint) is not kept  # evicted by the newer one
+
+
+def test_the_background_compiler_serves_once_built_and_names_an_unreadable_tokenizer(
+    tiny: Served,
+) -> None:
+    # The worker's compiler converts its tokenizer on a thread; a request waits for it.
+    built = CompilerBuiltInBackground(tiny.runtime.model_runner.tokenizer, [2])
+    compiled = built.compile(OutputConstraint("regex", "[0-9]{3}"))
+    assert compiled.constraint.spec == "[0-9]{3}"
+    unreadable = CompilerBuiltInBackground(object(), [2])  # not a tokenizer at all
+    with pytest.raises(InvalidRequest, match="tokenizer could not be read"):
+        unreadable.compile(OutputConstraint("regex", "[0-9]{3}"))
 
 
 class _Matcher:

@@ -7,7 +7,6 @@ building the container imports no torch.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from dependency_injector import containers, providers
@@ -23,8 +22,6 @@ from vilaserve.application.worker.heartbeat import Heartbeat, HeartbeatPolicy, R
 from vilaserve.application.worker.report_status import ReportStatus
 from vilaserve.domain.worker.naming import derive_model_name
 from vilaserve.entrypoints.worker.settings import WorkerSettings
-
-log = logging.getLogger(__name__)
 
 
 def _load_runtime(settings: WorkerSettings) -> Any:
@@ -53,19 +50,12 @@ def _load_runtime(settings: WorkerSettings) -> Any:
 
 
 def _constraint_compiler(runtime: Any) -> Any:
-    """llguidance over the model's tokenizer, its end tokens those that end an answer; None
-    (requests with `structured_outputs` refused) for a tokenizer llguidance cannot read."""
-    from vilaserve.adapters.worker.torch_vila.constraints import LlguidanceConstraintCompiler
+    """llguidance over the model's tokenizer, its end tokens those that end an answer; built in
+    the background (constrained requests that come first wait, the others never do)."""
+    from vilaserve.adapters.worker.torch_vila.constraints import CompilerBuiltInBackground
 
     runner = runtime.model_runner
-    try:
-        return LlguidanceConstraintCompiler(runner.tokenizer, sorted(runner.stop_token_ids))
-    except Exception as exc:  # the worker serves on; only constrained output is refused
-        log.warning(
-            "structured outputs unavailable: no constraint compiler for this tokenizer",
-            extra={"reason": f"{type(exc).__name__}: {exc}"},
-        )
-        return None
+    return CompilerBuiltInBackground(runner.tokenizer, sorted(runner.stop_token_ids))
 
 
 def _engine_text_generator(settings: WorkerSettings, runtime: Any, observer: Any) -> Any:
