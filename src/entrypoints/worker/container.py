@@ -51,11 +51,15 @@ def _load_runtime(settings: WorkerSettings) -> Any:
 
 def _constraint_compiler(runtime: Any) -> Any:
     """llguidance over the model's tokenizer, its end tokens those that end an answer; built in
-    the background (constrained requests that come first wait, the others never do)."""
+    the background (constrained requests that come first wait, the others never do). None
+    (requests with `structured_outputs` refused) for a runner that has no tokenizer to read."""
     from vilaserve.adapters.worker.torch_vila.constraints import CompilerBuiltInBackground
 
     runner = runtime.model_runner
-    return CompilerBuiltInBackground(runner.tokenizer, sorted(runner.stop_token_ids))
+    tokenizer = getattr(runner, "tokenizer", None)
+    if tokenizer is None:
+        return None
+    return CompilerBuiltInBackground(tokenizer, sorted(runner.stop_token_ids))
 
 
 def _engine_text_generator(settings: WorkerSettings, runtime: Any, observer: Any) -> Any:
