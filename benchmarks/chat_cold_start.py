@@ -84,6 +84,20 @@ def environment(src: Path | None, shim: Path, threads: int) -> dict[str, str]:
     return env
 
 
+def refuse_beside_a_stack(port: int = 8000) -> None:
+    """`vilaserve chat` asks a stack it finds on the API's port instead of loading the model:
+    with one up, this benchmark would time that, not a cold start."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.settimeout(0.3)
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            raise SystemExit(
+                f"something listens on 127.0.0.1:{port} (a running stack?): `vilaserve chat` "
+                "would ask it instead of starting cold; stop it first"
+            )
+
+
 def run_once(env: dict[str, str], image: Path, question: str) -> tuple[float, str]:
     command = [sys.executable, "-m", "vilaserve.entrypoints.cli", "chat"]
     command += ["--image", str(image), question]
@@ -165,6 +179,7 @@ def main() -> None:
     parser.add_argument("--image", type=Path, default=IMAGE)
     parser.add_argument("--question", default=QUESTION)
     args = parser.parse_args()
+    refuse_beside_a_stack()
 
     if args.labels:
         trees = []

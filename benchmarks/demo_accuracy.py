@@ -7,14 +7,19 @@ engine and the worker's `GenerateStream`; prompts built as the OpenAI API builds
   split: image sizes, background styles and background colours that training never saw; seed
   7, which no training or validation run uses), one question each;
 * independent: 500 pictures drawn by `independent_pictures.py` (matplotlib, other colour
-  values, plain backgrounds people use, outlines, any rotation, noise and JPEG; seed 2026),
-  each with up to three questions of different kinds asked in one chat as the web chat asks
-  them: turn 1 alone, turns 2 and 3 with the model's own earlier replies as history (the
-  picture in the first user message). With `--alone` the turn-2 and turn-3 questions are also
-  asked without history, so that what the history costs is measured on the same questions.
+  values, plain and paper backgrounds, filled, outlined and sketched shapes, typed and
+  handwritten words, any rotation, several aspects, re-shared (noise, blur, JPEG) or
+  photographed pictures; seed 2026, set version in the JSON), each with up to three questions
+  of different kinds asked in one chat as the web chat asks them: turn 1 alone, turns 2 and 3
+  with the model's own earlier replies as history (the picture in the first user message).
+  With `--alone` the turn-2 and turn-3 questions are also asked without history, so that what
+  the history costs is measured on the same questions.
 
 An answer counts when it equals the expected one exactly (case, surrounding space and a final
-period aside).
+period aside). The independent summary gives accuracy per turn and over all turns, per
+question kind and per look (drawing: filled / outlined / sketched / typed; finish: clean /
+degraded / photographed), printed as markdown tables; the plot shows per-kind and per-look
+bars for turn 1 and the turns.
 
     python benchmarks/demo_accuracy.py            # builds the demo if needed
     python benchmarks/demo_accuracy.py --variants 16bit,awq --skip-heldout --alone
@@ -37,7 +42,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from independent_pictures import DEFAULT_SEED, IndependentExample, independent_examples
+from independent_pictures import (
+    DEFAULT_SEED,
+    INDEPENDENT_SET_VERSION,
+    IndependentExample,
+    independent_examples,
+)
 
 from vilaserve.adapters.offline.demo import shapes
 from vilaserve.adapters.shared.jinja_chat_template import JinjaChatTemplateRenderer
@@ -60,6 +70,9 @@ LABELS = {
 SMOOTHING_PICTURES = 64
 MAX_NEW_TOKENS = 16
 MISSES_KEPT = 25
+KIND_ORDER = ("colour", "shape", "count", "size", "position", "text")
+DRAWINGS = ("filled", "outlined", "sketched", "typed")
+FINISHES = ("clean", "degraded", "photographed")
 
 
 async def evaluate(
@@ -128,6 +141,8 @@ async def evaluate_independent(
                         "question": question,
                         "expected": expected,
                         "got": reply,
+                        "drawing": example.look.drawing,
+                        "finish": example.look.finish,
                     }
                 )
             history.append((question, reply))
@@ -153,21 +168,35 @@ def _points(first: float, second: float) -> float:
     return round((first - second) * 100, 1)
 
 
+def _breakdown(asked: list[Record]) -> dict[str, Any]:
+    """Accuracy of some questions, over all of them, per question kind and per look."""
+    accuracy, count = _rate(r.hit for r in asked)
+    entry: dict[str, Any] = {
+        "accuracy": accuracy,
+        "questions": count,
+        "well_formed": _rate(r.well_formed for r in asked)[0],
+    }
+    for name, key in (
+        ("kind", lambda r: r.kind),
+        ("drawing", lambda r: r.example.look.drawing),
+        ("finish", lambda r: r.example.look.finish),
+    ):
+        groups = _grouped(asked, key)
+        entry[f"by_{name}"] = {k: v["accuracy"] for k, v in groups.items()}
+        entry[f"questions_by_{name}"] = {k: v["questions"] for k, v in groups.items()}
+    return entry
+
+
 def summarize_independent(records: list[Record]) -> dict[str, Any]:
+    """Per turn and over all turns: accuracy per question kind, per drawing (filled /
+    outlined / sketched / typed) and per finish (clean / degraded / photographed)."""
     summary: dict[str, Any] = {}
     for turn in (1, 2, 3):
         asked = [r for r in records if r.turn == turn]
         if not asked:
             continue
-        accuracy, count = _rate(r.hit for r in asked)
-        by_kind = _grouped(asked, lambda r: r.kind)
-        entry: dict[str, Any] = {
-            "accuracy": accuracy,
-            "questions": count,
-            "well_formed": _rate(r.well_formed for r in asked)[0],
-            "by_kind": {k: v["accuracy"] for k, v in by_kind.items()},
-            "questions_by_kind": {k: v["questions"] for k, v in by_kind.items()},
-        }
+        entry = _breakdown(asked)
+        accuracy = entry["accuracy"]
         if turn > 1:
             first = summary["turn1"]
             entry["minus_turn1_points"] = _points(accuracy, first["accuracy"])
@@ -188,13 +217,14 @@ def summarize_independent(records: list[Record]) -> dict[str, Any]:
                 }
                 entry["minus_alone_points"] = _points(accuracy, alone_accuracy)
         summary[f"turn{turn}"] = entry
+    if records:
+        summary["all_turns"] = _breakdown(records)
     first_turn = [r for r in records if r.turn == 1]
     summary["turn1_by_scene"] = _grouped(first_turn, lambda r: r.example.scene.kind)
     summary["turn1_by_background"] = _grouped(first_turn, lambda r: r.example.look.background_style)
-    summary["turn1_by_drawing"] = _grouped(
-        first_turn, lambda r: "outline" if r.example.look.outline else "filled / text"
-    )
+    summary["turn1_by_drawing"] = _grouped(first_turn, lambda r: r.example.look.drawing)
     summary["turn1_by_degradation"] = _grouped(first_turn, _degradation)
+    summary["turn1_by_paper"] = _grouped(first_turn, lambda r: r.example.look.paper)
     summary["turn1_by_aspect"] = _grouped(
         first_turn,
         lambda r: "aspect <= 1.25" if r.example.look.aspect <= 1.25 else "aspect > 1.25",
@@ -204,6 +234,8 @@ def summarize_independent(records: list[Record]) -> dict[str, Any]:
 
 def _degradation(record: Record) -> str:
     look = record.example.look
+    if look.finish == "photographed":
+        return "photographed"
     if look.jpeg_quality is not None:
         return "jpeg"
     if look.noise_sigma or look.blur_radius:
@@ -300,6 +332,7 @@ def main() -> None:
             "pictures": len(independent),
             "seed": args.independent_seed,
             "drawn_by": "benchmarks/independent_pictures.py",
+            "version": INDEPENDENT_SET_VERSION,
             "questions_by_turn": {
                 str(t): sum(len(e.questions) >= t for e in independent) for t in (1, 2, 3)
             },
@@ -416,6 +449,52 @@ def report_text(
                     f"{entry['questions']}{extra}\n      {kinds}; one-word replies "
                     f"{entry['well_formed']:.0%}"
                 )
+        print()
+        print(independent_tables(results))
+
+
+def independent_tables(results: dict[str, dict[str, Any]]) -> str:
+    """Two markdown tables, a row per build and turn (and all turns): exact answers per
+    question kind, then per look; each cell `percent (questions)`."""
+    looks = ("filled", "outlined", "sketched", "typed", "clean", "degraded", "photographed")
+    kind_rows, look_rows = [], []
+    for result in results.values():
+        summary = result.get("independent")
+        if not summary:
+            continue
+        for key, turn in (("turn1", "1"), ("turn2", "2"), ("turn3", "3"), ("all_turns", "all")):
+            entry = summary.get(key)
+            if entry is None:
+                continue
+            lead = [result["label"], turn, _cell(entry["accuracy"], entry["questions"])]
+            kind_rows.append(
+                lead
+                + [
+                    _cell(entry["by_kind"].get(k), entry["questions_by_kind"].get(k, 0))
+                    for k in KIND_ORDER
+                ]
+            )
+            by_look = entry.get("by_drawing", {}) | entry.get("by_finish", {})
+            asked = entry.get("questions_by_drawing", {}) | entry.get("questions_by_finish", {})
+            look_rows.append(lead + [_cell(by_look.get(k), asked.get(k, 0)) for k in looks])
+    head = ["build", "turn", "all"]
+    return (
+        "Per question kind (exact answers, % (questions)):\n\n"
+        + _markdown([*head, *KIND_ORDER], kind_rows)
+        + "\n\nPer look (drawing: filled / outlined / sketched / typed word; finish: clean / "
+        "degraded = noise, blur or JPEG / photographed):\n\n"
+        + _markdown([*head, *looks], look_rows)
+    )
+
+
+def _cell(accuracy: float | None, questions: int) -> str:
+    return "-" if accuracy is None or not questions else f"{accuracy:.1%} ({questions})"
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
@@ -428,10 +507,10 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     if any("by_kind" in r for r in results.values()):
         panels.append("heldout")
     if any("independent" in r for r in results.values()):
-        panels += ["independent", "turns"]
+        panels += ["independent", "looks", "turns"]
     if not panels:
         return
-    widths = {"heldout": 8, "independent": 8, "turns": 5}
+    widths = {"heldout": 8, "independent": 8, "looks": 8, "turns": 5}
     fig, axes = plt.subplots(
         1,
         len(panels),
@@ -454,7 +533,24 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
                 for v, r in results.items()
                 if "independent" in r
             }
-            _kind_bars(ax, first, results, "Independent pictures, turn 1 (asked alone)")
+            _kind_bars(ax, first, results, "Independent pictures, turn 1 (asked alone)", KIND_ORDER)
+        elif panel == "looks":
+            looks = {
+                v: (
+                    r["independent"]["turn1"].get("by_drawing", {})
+                    | r["independent"]["turn1"].get("by_finish", {}),
+                    r["independent"]["turn1"]["accuracy"],
+                )
+                for v, r in results.items()
+                if "independent" in r
+            }
+            _kind_bars(
+                ax,
+                looks,
+                results,
+                "Independent pictures, turn 1, per drawing and finish",
+                (*DRAWINGS, *FINISHES),
+            )
         else:
             _turn_bars(ax, results)
     fig.tight_layout()
@@ -467,8 +563,10 @@ def _kind_bars(
     values: dict[str, tuple[dict[str, float], float]],
     results: dict[str, dict[str, Any]],
     title: str,
+    order: tuple[str, ...] = (),
 ) -> None:
-    kinds = sorted({k for by_kind, _ in values.values() for k in by_kind})
+    present = {k for by_kind, _ in values.values() for k in by_kind}
+    kinds = [k for k in order if k in present] + sorted(present - set(order))
     width = 0.8 / max(len(values), 1)
     for i, (variant, (by_kind, overall)) in enumerate(values.items()):
         heights = [by_kind.get(k, 0.0) * 100 for k in kinds] + [overall * 100]
@@ -476,7 +574,7 @@ def _kind_bars(
         label = f"{results[variant]['label']} ({overall:.1%})"
         ax.bar(positions, heights, width, label=label)
     ax.set_xticks([j + width * (len(values) - 1) / 2 for j in range(len(kinds) + 1)])
-    ax.set_xticklabels([*kinds, "all"])
+    ax.set_xticklabels([*kinds, "all"], fontsize=8)
     ax.axhline(90, color="grey", linewidth=0.8, linestyle="--")
     ax.set_ylim(0, 105)
     ax.set_ylabel("exact answers (%)")

@@ -5,6 +5,9 @@ by hand). This process only supervises: it waits until the stack answers, prints
 restarts a worker that dies (with a back-off, up to --worker-restarts times in a row), and on
 Ctrl-C / SIGTERM, or when the controller or the API dies, stops all of them.
 
+With `--ray ADDRESS|auto` there are no children: the workers are Ray Serve replicas on a Ray
+cluster and the API runs in this process in front of them (entrypoints/ray/runner.py).
+
 Secrets reach the children through their environment, never their command line (which `ps`
 shows every user): the registration secret, the API keys (API only) and, with keys, a per-run
 internal token.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import importlib.util
 import os
 import secrets
 import signal
@@ -48,6 +52,60 @@ def _count(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
     return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value:g}")
+    return value
+
+
+RAY_INSTALL_HINT = 'serve --ray needs Ray Serve: pip install -e ".[ray]"'
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    ray = parser.add_argument_group(
+        "Ray Serve (instead of the controller and one worker; needs the [ray] extra)"
+    )
+    add = ray.add_argument
+    add(
+        "--ray",
+        metavar="ADDRESS|auto",
+        help="run the workers as Ray Serve replicas on the Ray cluster at ADDRESS (as `ray "
+        "start --head` prints it, or ray://host:10001), or on a local one started for the run "
+        "(auto); the API and web chat run here, in front of them",
+    )
+    add("--replicas", type=_positive, default=1, help="replicas (default 1)")
+    add(
+        "--min-replicas",
+        type=_count,
+        help="autoscale between --min-replicas and --max-replicas on the requests in flight "
+        "per replica (--target-ongoing-requests)",
+    )
+    add("--max-replicas", type=_positive, help="see --min-replicas")
+    add(
+        "--target-ongoing-requests",
+        type=float,
+        default=2.0,
+        help="autoscaling: requests in flight per replica it aims at (default 2)",
+    )
+    add("--replica-cpus", type=_share, default=1.0, help="CPUs per replica (default 1)")
+    add("--replica-gpus", type=_share, default=0.0, help="GPUs per replica (default 0)")
+    add(
+        "--no-cache-aware-routing",
+        dest="cache_aware",
+        action="store_false",
+        help="route each request by load alone (default: a conversation about a picture goes "
+        "back to the replica that holds the picture and the conversation's prefix)",
+    )
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -114,6 +172,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=10.0,
         help="seconds a child gets to stop before it is killed",
     )
+    add_ray_arguments(parser)
 
 
 @dataclass(frozen=True)
@@ -442,6 +501,8 @@ def run_serve(args: argparse.Namespace) -> int:
     def say(message: str) -> None:
         print(f"vilaserve serve: {message}", flush=True)
 
+    if getattr(args, "ray", None):
+        return _run_on_ray(args, say)
     try:
         keys = api_keys(args, os.environ) if args.with_api else ()
     except ValueError as exc:
@@ -478,6 +539,16 @@ def run_serve(args: argparse.Namespace) -> int:
             say("stopping")
             supervisor.stop(lambda: signals.count)
             say("stopped")
+
+
+def _run_on_ray(args: argparse.Namespace, say: Callable[[str], None]) -> int:
+    if importlib.util.find_spec("ray") is None:
+        say(RAY_INSTALL_HINT)
+        return 1
+    # Here, not at the top: controller mode never loads Ray.
+    from vilaserve.entrypoints.ray.runner import run_ray_serve
+
+    return run_ray_serve(args)
 
 
 def _supervise(

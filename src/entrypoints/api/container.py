@@ -1,5 +1,8 @@
 """The API server's composition root. Unit tests override `model_directory`, `worker_gateway`
-and `image_fetcher` with fakes."""
+and `image_fetcher` with fakes.
+
+The workers are reached through the controller (HTTP) unless a `worker_fleet` is given: then
+through the Ray Serve deployment it names (`vilaserve serve --ray`, entrypoints/ray)."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from dependency_injector import containers, providers
 
 from vilaserve.adapters.api.model_directory import HttpModelDirectory
 from vilaserve.adapters.api.prometheus_metrics import PrometheusMetrics
+from vilaserve.adapters.api.ray_fleet.fleet import RayFleet, RayModelDirectory, RayWorkerGateway
 from vilaserve.adapters.api.remote_images import HttpImageFetcher
 from vilaserve.adapters.shared.jinja_chat_template import JinjaChatTemplateRenderer
 from vilaserve.adapters.shared.worker_client import HttpWorkerClient
@@ -15,7 +19,9 @@ from vilaserve.application.api.image_inputs import ImageResolver
 from vilaserve.application.api.metrics import ApiMetrics
 from vilaserve.application.api.model_router import ModelRouter
 from vilaserve.application.api.use_cases import ChatCompletion, Completion, ListModels
+from vilaserve.domain.api.ports import ModelDirectory
 from vilaserve.domain.api.remote_images import RemoteImagePolicy
+from vilaserve.domain.shared.worker_gateway import WorkerGateway
 from vilaserve.entrypoints.api.settings import ApiSettings
 
 
@@ -31,20 +37,31 @@ def _image_fetcher(settings: ApiSettings) -> HttpImageFetcher | None:
     return HttpImageFetcher(policy)
 
 
+def _worker_gateway(settings: ApiSettings, fleet: RayFleet | None) -> WorkerGateway:
+    if fleet is not None:
+        return RayWorkerGateway(fleet, timeout_s=settings.worker_timeout_s)
+    return HttpWorkerClient(
+        timeout_s=settings.worker_timeout_s, internal_token=settings.internal_token
+    )
+
+
+def _model_directory(settings: ApiSettings, fleet: RayFleet | None) -> ModelDirectory:
+    if fleet is not None:
+        return RayModelDirectory(fleet)
+    return HttpModelDirectory(
+        controller_address=settings.controller_address,
+        timeout_s=settings.controller_timeout_s,
+        internal_token=settings.internal_token,
+    )
+
+
 class ApiContainer(containers.DeclarativeContainer):
     settings = providers.Dependency(instance_of=ApiSettings)
+    # Ray Serve replicas to send the requests to, instead of the controller's workers.
+    worker_fleet = providers.Object(None)
 
-    worker_gateway = providers.Singleton(
-        HttpWorkerClient,
-        timeout_s=settings.provided.worker_timeout_s,
-        internal_token=settings.provided.internal_token,
-    )
-    model_directory = providers.Singleton(
-        HttpModelDirectory,
-        controller_address=settings.provided.controller_address,
-        timeout_s=settings.provided.controller_timeout_s,
-        internal_token=settings.provided.internal_token,
-    )
+    worker_gateway = providers.Singleton(_worker_gateway, settings, worker_fleet)
+    model_directory = providers.Singleton(_model_directory, settings, worker_fleet)
     image_fetcher = providers.Singleton(_image_fetcher, settings)
     chat_template_renderer = providers.Singleton(JinjaChatTemplateRenderer)
 

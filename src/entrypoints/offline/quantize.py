@@ -19,7 +19,14 @@ from vilaserve.adapters.offline.awq_checkpoint_writing import (
     save_hf_awq_directory,
     save_tinychat_checkpoint,
 )
-from vilaserve.adapters.offline.awq_quantizer import RECIPES, calibration_blocks, quantize_llama
+from vilaserve.adapters.offline.awq_quantizer import (
+    RECIPES,
+    AwqReport,
+    apply_awq,
+    calibration_blocks,
+    search_awq,
+)
+from vilaserve.adapters.offline.awq_search_file import load_awq_search, save_awq_search
 from vilaserve.adapters.worker.torch_vila.checkpoint import VilaCheckpoint
 from vilaserve.adapters.worker.torch_vila.device import resolve_device
 from vilaserve.adapters.worker.torch_vila.layout import detect_layout
@@ -63,6 +70,12 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
         "two-sided clipping; slower, closer to 16-bit)",
     )
     add("--export-tinychat", action="store_true", help="also write TinyChat's *-awq-v2.pt")
+    add(
+        "--load-search",
+        metavar="FILE",
+        help="apply this saved AWQ search result (--save-search) instead of searching",
+    )
+    add("--save-search", metavar="FILE", help="also save the AWQ search result (.safetensors)")
     add("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to search")
     add("--seed", type=int, default=0, help="calibration shuffle seed")
     add(
@@ -74,7 +87,15 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     add("--smooth-alpha", type=float, default=0.5, help="SmoothQuant's migration strength")
 
 
-def quantize_checkpoint(args: argparse.Namespace, warn_little_calibration: bool = True) -> Path:
+def quantize_checkpoint(
+    args: argparse.Namespace,
+    warn_little_calibration: bool = True,
+    given: AwqReport | None = None,
+    record: AwqReport | None = None,
+) -> Path:
+    """Quantizes `args.model_path` into `args.output`. The AWQ search runs unless a result is
+    `given` (or `args.load_search` names one): then that result is applied. `record`, if any,
+    receives the result applied (`args.save_search` also writes it to a file)."""
     calib = Path(args.calib)
     if any(name in calib.name for name in EVALUATION_CORPORA):
         raise SystemExit(f"{calib} is evaluation text; calibrate on something else")
@@ -84,13 +105,64 @@ def quantize_checkpoint(args: argparse.Namespace, warn_little_calibration: bool 
     output = Path(args.output)
     started = time.perf_counter()
     device = resolve_device(args.device)
-    tokenizer = load_tokenizer(layout.tokenizer_dir)
     # The search runs in fp32: its losses compare tiny differences.
     model = load_llm(checkpoint, torch.float32, device, layout.llm_key_map)
-    blocks = calibration_blocks(
-        tokenizer, calib.read_text(), n_samples=args.n_samples, seqlen=args.seqlen, seed=args.seed
+    config = RECIPES[args.recipe](
+        group_size=args.group_size,
+        w_bit=args.w_bit,
+        search_scales=not args.no_search,
+        search_clip=not args.no_search,
     )
-    if warn_little_calibration and not args.no_search and blocks.shape[0] < FEW_CALIBRATION_BLOCKS:
+    # Callers that build their own Namespace (the demo build) may leave these options out.
+    load_search = getattr(args, "load_search", None)
+    if given is None and load_search:
+        given, _ = load_awq_search(Path(load_search))
+    if given is not None:
+        result = given
+    elif args.no_search:
+        result = AwqReport()  # round-to-nearest: nothing to search
+    else:
+        blocks = _calibration(args, layout.tokenizer_dir, warn_little_calibration)
+        result = search_awq(model, blocks.to(device), config)
+    quantized, plain = apply_awq(model, result, config)
+    if record is not None:
+        record.scale_searches.extend(result.scale_searches)
+        record.clips.update(result.clips)
+    save_search = getattr(args, "save_search", None)
+    if save_search:
+        save_awq_search(Path(save_search), result)
+    llm_out = write_layout(checkpoint, output)
+    save_hf_awq_directory(llm_out, quantized, plain, dict(checkpoint.llm_config), args.group_size)
+    if args.export_tinychat:
+        name = f"{checkpoint.root.name.lower()}-w4-g{args.group_size}-awq-v2.pt"
+        save_tinychat_checkpoint(llm_out / name, quantized, plain, args.group_size)
+    pictures = getattr(args, "smooth_vision_tower", None)
+    if pictures:
+        smooth_vision_tower(args.model_path, pictures, getattr(args, "smooth_alpha", 0.5), output)
+    log.info(
+        "quantized",
+        extra={
+            "output": str(output),
+            "method": "rtn"
+            if args.no_search
+            else f"awq ({args.recipe}{', search applied' if given is not None else ''})",
+            "group_size": args.group_size,
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+    )
+    return output
+
+
+def _calibration(args: argparse.Namespace, tokenizer_dir: Path, warn_little: bool) -> torch.Tensor:
+    """The calibration blocks the search reads (only a search needs the tokenizer)."""
+    blocks = calibration_blocks(
+        load_tokenizer(tokenizer_dir),
+        Path(args.calib).read_text(),
+        n_samples=args.n_samples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+    )
+    if warn_little and blocks.shape[0] < FEW_CALIBRATION_BLOCKS:
         # llm-awq's n_samples counts documents; a file of short lines (verse, chat turns) then
         # gives a few hundred tokens. (More text of the wrong domain is no cure: SmolLM2 on
         # WikiText-2 did worse with 73 blocks of Shakespeare than with 2.)
@@ -104,33 +176,7 @@ def quantize_checkpoint(args: argparse.Namespace, warn_little_calibration: bool 
                 "suggested_blocks": FEW_CALIBRATION_BLOCKS,
             },
         )
-    config = RECIPES[args.recipe](
-        group_size=args.group_size,
-        w_bit=args.w_bit,
-        search_scales=not args.no_search,
-        search_clip=not args.no_search,
-    )
-    quantized, plain = quantize_llama(model, blocks.to(device), config)
-    llm_out = write_layout(checkpoint, output)
-    save_hf_awq_directory(llm_out, quantized, plain, dict(checkpoint.llm_config), args.group_size)
-    if args.export_tinychat:
-        name = f"{checkpoint.root.name.lower()}-w4-g{args.group_size}-awq-v2.pt"
-        save_tinychat_checkpoint(llm_out / name, quantized, plain, args.group_size)
-    # Callers that build their own Namespace (the demo build) predate these two options.
-    pictures = getattr(args, "smooth_vision_tower", None)
-    if pictures:
-        smooth_vision_tower(args.model_path, pictures, getattr(args, "smooth_alpha", 0.5), output)
-    log.info(
-        "quantized",
-        extra={
-            "output": str(output),
-            "method": "rtn" if args.no_search else f"awq ({args.recipe})",
-            "group_size": args.group_size,
-            "calibration_blocks": int(blocks.shape[0]),
-            "seconds": round(time.perf_counter() - started, 1),
-        },
-    )
-    return output
+    return blocks
 
 
 def smooth_vision_tower(model_path: str, pictures_dir: str, alpha: float, output: Path) -> Path:

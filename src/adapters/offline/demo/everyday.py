@@ -13,7 +13,11 @@ saved as JPEG. This module draws the same scenes and asks the same questions (`s
 * shapes from tiny to filling most of the frame and touching its border, at any rotation
   (diamonds, upright and slanted rectangles, triangles of three kinds), filled or outlined;
 * several shades per colour name (a person's "green" is often #008000 or #00FF00);
-* aliased or anti-aliased edges, and photographic damage: blur, noise, down-scaling, JPEG.
+* aliased or anti-aliased edges, and photographic damage: blur, noise, down-scaling, JPEG;
+* sketched shapes (`_sketched`): a hand's wobble along the outline, strokes that overshoot or
+  leave a gap, fills that miss the stroke;
+* ruled or squared paper (faint lines), and photographs of the sheet (`_photographed`): uneven
+  light with a warm or cool cast, the sheet slightly turned.
 
 `size` keeps a gap between its two answers (small: at most 0.28 of the short side, big: at
 least 0.45) so that every answer is clear, and a big shape filling more than 0.56 of the frame
@@ -61,12 +65,19 @@ _REGIONS = {
 _BACKGROUNDS = ("white", "off-white", "pastel", "grey", "muted", "dark")
 _BACKGROUND_WEIGHTS = (0.22, 0.22, 0.18, 0.1, 0.1, 0.18)
 _FONT_FILES = ("DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf")
+SKETCHED_SHARE = 0.25
+PAPER_SHARE = 0.15  # of the light backgrounds
+PHOTOGRAPHED_SHARE = 0.25
 
 
 def generate(seed: int, index: int) -> shapes.DemoExample:
     """The `index`-th everyday-style training example for `seed`."""
     rng = random.Random(f"vilaserve-demo/everyday/{seed}/{index}")
     noise = np.random.default_rng(rng.getrandbits(64))
+    # The looks added later draw from a stream of their own, so that the pictures drawn
+    # without them stay what they were.
+    look = random.Random(f"vilaserve-demo/everyday-look/{seed}/{index}")
+    sketched = look.random() < SKETCHED_SHARE
     width, height = _frame(rng)
     kind: shapes.SceneKind = rng.choices(shapes.SCENE_KINDS, weights=(0.5, 0.28, 0.22))[0]
     colour = rng.choice(tuple(shapes.COLOURS))
@@ -74,7 +85,9 @@ def generate(seed: int, index: int) -> shapes.DemoExample:
     background = _background_colour(rng, fill, colour)
     scale = 1 if rng.random() < 0.45 else 3  # aliased, or drawn large and smoothed down
     image = Image.new("RGB", (width * scale, height * scale), background)
-    canvas = _Canvas(image, scale)
+    canvas = _Canvas(image, scale, look if sketched else None)
+    if look.random() < PAPER_SHARE and _lightness(background) > 0.8:
+        _rule_paper(look, ImageDraw.Draw(image), width * scale, height * scale, scale)
     if kind == "single":
         scene = _draw_single(rng, canvas, width, height, colour, fill)
     elif kind == "group":
@@ -87,6 +100,8 @@ def generate(seed: int, index: int) -> shapes.DemoExample:
             scale
         )  # box-averaged: anti-aliased edges, 10x cheaper than LANCZOS
         mask = mask.resize((width, height), Image.Resampling.NEAREST)
+    if look.random() < PHOTOGRAPHED_SHARE:
+        picture, mask = _photographed(look, picture, mask)
     picture = _damage(rng, noise, picture)
     if picture.size != mask.size:
         mask = mask.resize(picture.size, Image.Resampling.NEAREST)
@@ -156,8 +171,9 @@ def _stands_out(fill: tuple[int, int, int], background: tuple[int, int, int], co
 class _Canvas:
     """Draws at `scale` times the final size, on the picture and on its object mask."""
 
-    def __init__(self, image: Image.Image, scale: int) -> None:
+    def __init__(self, image: Image.Image, scale: int, sketch: random.Random | None = None) -> None:
         self.scale = scale
+        self.sketch = sketch  # draws every shape by hand (wobbly) when set
         self.picture = ImageDraw.Draw(image)
         self.mask = Image.new("L", image.size, 0)
         self._mask = ImageDraw.Draw(self.mask)
@@ -174,6 +190,9 @@ class _Canvas:
         self.objects += 1
         s = self.scale
         width = max(1, round(line * s)) if line else 0
+        if self.sketch is not None:
+            self._sketch(points, box, fill, width)
+            return
         for draw, paint in ((self.picture, fill), (self._mask, self.objects)):
             if box is not None:
                 scaled = (box[0] * s, box[1] * s, box[2] * s, box[3] * s)
@@ -187,6 +206,42 @@ class _Canvas:
                     draw.polygon(scaled_points, outline=paint, width=width)
                 else:
                     draw.polygon(scaled_points, fill=paint)
+
+    def _sketch(
+        self,
+        points: list[tuple[float, float]] | None,
+        box: tuple[float, float, float, float] | None,
+        fill: tuple[int, int, int],
+        width: int,
+    ) -> None:
+        """The shape as a hand draws it: a wobbly closed path; outlines as a stroke that may
+        overshoot its start or stop short of it, fills as a wobbly area with, sometimes, a
+        stroke of the same colour that does not quite meet it."""
+        rng, s = self.sketch, self.scale
+        assert rng is not None
+        if box is not None:
+            centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+            radius = (box[2] - box[0]) / 2
+            corners = [
+                (centre[0] + radius * math.cos(a), centre[1] + radius * math.sin(a))
+                for a in np.linspace(0, 2 * math.pi, 40, endpoint=False)
+            ]
+        else:
+            corners = list(points or ())
+        extent = max(max(p[0] for p in corners) - min(p[0] for p in corners), 1.0)
+        path = [(x * s, y * s) for x, y in _wobbly(rng, corners, 0.025 * extent)]
+        if width:
+            end = len(path) + rng.randint(-len(path) // 12, len(path) // 8)
+            stroke = [path[k % len(path)] for k in range(max(end, 3))]
+            self.picture.line(stroke, fill=fill, width=width, joint="curve")
+            self._mask.line(stroke, fill=self.objects, width=width, joint="curve")
+            return
+        self.picture.polygon(path, fill=fill)
+        self._mask.polygon(path, fill=self.objects)
+        if rng.random() < 0.5:
+            edge = [(x * s, y * s) for x, y in _wobbly(rng, corners, 0.03 * extent)]
+            line = max(1, round(rng.uniform(0.02, 0.05) * extent * s))
+            self.picture.line([*edge, edge[0]], fill=fill, width=line, joint="curve")
 
     def text(
         self,
@@ -338,6 +393,63 @@ def _draw_word(
     y = rng.uniform(0.05 * height, max(0.05 * height, 0.95 * height - h)) - top / s
     canvas.text((x, y), word, font, fill)
     return shapes.Scene("word", colour, word=word)
+
+
+def _wobbly(
+    rng: random.Random, corners: Sequence[tuple[float, float]], amplitude: float
+) -> list[tuple[float, float]]:
+    """The closed outline through `corners`, cut into short pieces displaced across it by a
+    smooth noise (a few low-frequency waves): a hand's wobble, not a jagged edge."""
+    pieces: list[tuple[float, float]] = []
+    for k, (x0, y0) in enumerate(corners):
+        x1, y1 = corners[(k + 1) % len(corners)]
+        steps = max(2, round(math.dist((x0, y0), (x1, y1)) / max(amplitude, 0.5)))
+        pieces += [(x0 + (x1 - x0) * t / steps, y0 + (y1 - y0) * t / steps) for t in range(steps)]
+    waves = [(rng.randint(1, 4), rng.uniform(0, 2 * math.pi), rng.uniform(0.3, 1.0)) for _ in "abc"]
+    cx = sum(p[0] for p in corners) / len(corners)
+    cy = sum(p[1] for p in corners) / len(corners)
+    out = []
+    for k, (x, y) in enumerate(pieces):
+        t = 2 * math.pi * k / len(pieces)
+        push = amplitude * sum(w * math.sin(f * t + p) for f, p, w in waves) / 1.5
+        length = math.hypot(x - cx, y - cy) or 1.0
+        out.append((x + push * (x - cx) / length, y + push * (y - cy) / length))
+    return out
+
+
+def _rule_paper(
+    rng: random.Random, draw: ImageDraw.ImageDraw, width: int, height: int, scale: int
+) -> None:
+    """Faint ruled or squared paper lines across the whole sheet."""
+    shade = rng.choice(((200, 215, 240), (215, 215, 215), (190, 210, 235)))
+    gap = rng.randint(12, 24) * scale
+    line = max(1, scale // 2)
+    for y in range(gap, height, gap):
+        draw.line([(0, y), (width, y)], fill=shade, width=line)
+    if rng.random() < 0.4:
+        for x in range(gap, width, gap):
+            draw.line([(x, 0), (x, height)], fill=shade, width=line)
+
+
+def _photographed(
+    rng: random.Random, picture: Image.Image, mask: Image.Image
+) -> tuple[Image.Image, Image.Image]:
+    """The sheet photographed: turned by a few degrees (the table shows in the corners),
+    lit unevenly (a smooth brightness slope and a vignette) under a warm or cool light."""
+    angle = rng.uniform(-5, 5)
+    table = tuple(rng.randint(60, 160) for _ in range(3))
+    picture = picture.rotate(angle, Image.Resampling.BILINEAR, fillcolor=table)  # type: ignore[arg-type]
+    mask = mask.rotate(angle, Image.Resampling.NEAREST, fillcolor=0)
+    width, height = picture.size
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    xs, ys = xs / width - 0.5, ys / height - 0.5
+    direction = rng.uniform(0, 2 * math.pi)
+    slope = rng.uniform(0.1, 0.3) * (math.cos(direction) * xs + math.sin(direction) * ys)
+    vignette = rng.uniform(0.0, 0.35) * (xs**2 + ys**2)
+    light = 1.0 + slope - vignette
+    cast = np.array(rng.choice(((1.04, 1.0, 0.92), (0.94, 0.98, 1.05), (1.0, 1.0, 1.0))))
+    pixels = np.asarray(picture, dtype=np.float32) * light[..., None] * cast
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), mask
 
 
 # --- photographic damage -----------------------------------------------------------------------

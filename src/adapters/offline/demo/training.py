@@ -108,6 +108,8 @@ class TrainConfig:
     validate_every: int = 100
     validation_size: int = 96
     checkpoint_every: int = 50
+    # ... and at least this often in minutes, so a run stopped at any point loses little.
+    checkpoint_minutes: float = 5.0
     threads: int = 0  # 0: torch's default
     # Stage 0: the instruction tokens, through the LLM. 150 steps left follow-ups far behind
     # (turn 3 77 % from true captions); 400 with an equal turn mix reach 97 % on every turn.
@@ -120,6 +122,9 @@ class TrainConfig:
     # Stage 0 starts from the vectors of an earlier stage 0 (its `instruction.pt`; "" for the
     # embeddings of " Answer in one word").
     instruction_init: str = ""
+    # Stage 0 skipped: the vectors are what `stage1_init_weights` makes its free tokens (their
+    # mean over pictures), so a run continuing trained weights keeps the instruction they obey.
+    instruction_from_init: bool = False
     # Stage 1 starts the tower and projector from these weights ("" for a fresh init), e.g. to
     # move a trained tower's free tokens onto new instruction vectors in a short run.
     stage1_init_weights: str = ""
@@ -623,14 +628,24 @@ def train_demo_vision(
     work_dir: Path,
     command: str,
     progress: bool = True,
+    resume: bool = False,
 ) -> TrainReport:
-    """Runs both stages and writes the trained weights to `output`, their provenance next to
-    it (`.json`). An interrupted run resumes from `work_dir/checkpoint.pt`; a run that changes
-    only stage-2 settings starts from the finished stage 1 in `work_dir/stage1.pt`."""
+    """Runs the stages and writes the trained weights to `output`, their provenance next to
+    it (`.json`). With `resume`, a stopped run continues from `work_dir/checkpoint.pt` (the
+    weights, heads, optimizer and step; the pictures are a function of the step, and nothing
+    else in a step draws random numbers, so the continued run equals an unstopped one), and a
+    run that changes only stage-2 settings starts from the finished stage 1 in
+    `work_dir/stage1.pt`. Without it, a work dir holding such state is refused."""
     if config.threads:
         torch.set_num_threads(config.threads)
     work_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = work_dir / "checkpoint.pt"
+    left = [p.name for p in (checkpoint_path, work_dir / "stage1.pt") if p.is_file()]
+    if left and not resume:
+        raise TrainingStateExists(
+            f"{work_dir} holds an earlier run's state ({', '.join(left)}): pass --resume to "
+            "continue it, or give another --work-dir"
+        )
     llm_checkpoint = VilaCheckpoint.open(llm_dir)
     llm_hidden = int(llm_checkpoint.llm_config["hidden_size"])
     vision = new_demo_vision(llm_hidden, config.seed)
@@ -642,6 +657,12 @@ def train_demo_vision(
     state = _load_checkpoint(checkpoint_path, vision, heads, report, _stage_fields(config, 2))
     if state is None:
         state = _load_checkpoint(stage1_path, vision, heads, report, _stage_fields(config, 1))
+    if state is None and left:
+        raise TrainingStateExists(
+            f"{work_dir}'s state ({', '.join(left)}) was written with other settings: run it "
+            "with the settings it was started with (its provenance lists them), or give "
+            "another --work-dir"
+        )
     if state is None:
         state = {"stage": 1, "step": 0, "optimizer": None}
     random.seed(config.seed)
@@ -663,7 +684,13 @@ def train_demo_vision(
     embeddings = load_token_embeddings(llm_checkpoint.llm_dir)
     captions = CaptionTargets(tokenizer, embeddings, vision.tokens_per_image)
     instruction_path = work_dir / "instruction.pt"
-    if _load_instruction(instruction_path, captions, report, _stage_fields(config, 0)):
+    if config.instruction_from_init:
+        if not config.stage1_init_weights:
+            raise ValueError("instruction_from_init needs stage1_init_weights")
+        start_from = new_demo_vision(llm_hidden, config.seed)
+        start_from.load_trained_state(load_weights(Path(config.stage1_init_weights)))
+        captions.instruction = instruction_of(start_from, config)
+    elif _load_instruction(instruction_path, captions, report, _stage_fields(config, 0)):
         pass
     elif config.instruction_steps:
         started = time.perf_counter()
@@ -705,6 +732,41 @@ def train_demo_vision(
     save_weights(vision, output)
     _write_provenance(output.with_suffix(".json"), report, command)
     return report
+
+
+def export_state(work_dir: Path, output: Path) -> dict[str, Any]:
+    """Writes the tower and projector of the run state `work_dir` holds (a run stopped or
+    still going) to `output`, to evaluate or to start another run from; returns where the
+    run stood (stage, step)."""
+    path = work_dir / "checkpoint.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{work_dir} holds no run state (checkpoint.pt)")
+    payload = torch.load(path, weights_only=False)
+    state = payload["vision"]
+    # The LLM's width: the projector's last layer's output (the state is in layer order).
+    hidden = [v for k, v in state.items() if k.startswith("projector.")][-1].shape[0]
+    vision = new_demo_vision(int(hidden), 0)
+    vision.load_state_dict(state)
+    save_weights(vision, output)
+    return {"stage": payload["stage"], "step": payload["step"]}
+
+
+class TrainingStateExists(RuntimeError):
+    """The work dir holds a run's state and the caller did not ask to resume it."""
+
+
+def instruction_of(vision: DemoVision, config: TrainConfig, pictures: int = 256) -> torch.Tensor:
+    """The vectors trained weights make their free tokens: their mean over training pictures
+    (they barely vary: stage 1 pulls them onto one target for every picture)."""
+    vision.eval()
+    free: list[torch.Tensor] = []
+    with torch.no_grad():
+        for start in range(0, pictures, 32):
+            batch = _batch("train", config.seed, start, 32, config.stage1_everyday_share)
+            images = vision(batch.pixels).float()
+            free.append(images[:, -CaptionTargets.FREE_TOKENS :].reshape(-1, *images.shape[2:]))
+    stacked = torch.cat(free).reshape(-1, CaptionTargets.FREE_TOKENS, free[0].shape[-1])
+    return stacked.mean(0)
 
 
 INSTRUCTION_SEED = 99  # stage 0 draws its scenes from their own stream
@@ -831,6 +893,7 @@ def _stage1(
     running: dict[str, float] = defaultdict(float)
     vision.train()
     batches = _stage1_batches(config, state["step"])
+    saved_at = time.monotonic()
     for step, (pixels, labels, patches, scenes) in zip(bar, batches, strict=True):
         for group in optimizer.param_groups:
             group["lr"] = config.stage1_lr * _lr_factor(step, steps, warmup)
@@ -849,7 +912,9 @@ def _stage1(
             keep = 0.9 if config.log_every == 1 else 0.0
             _smooth(running, {"loss": loss.item(), **accuracy}, keep)
             bar.set_postfix({_short(k): f"{v:.2f}" for k, v in running.items()})
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == steps:
+        due = time.monotonic() - saved_at > 60 * config.checkpoint_minutes
+        if due or (step + 1) % config.checkpoint_every == 0 or step + 1 == steps:
+            saved_at = time.monotonic()
             report.stage_seconds["stage1"] = time.perf_counter() - started
             state = {"stage": 1, "step": step + 1, "optimizer": optimizer.state_dict()}
             _save_checkpoint(
@@ -907,6 +972,7 @@ def _stage2(
     bar = tqdm(range(state["step"], steps), desc="stage 2 (through the LLM)", disable=not progress)
     running: dict[str, float] = defaultdict(float)
     validation = _validation_set(config, encoder)
+    saved_at = time.monotonic()
     for step in bar:
         vision.train()
         for group in optimizer.param_groups:
@@ -943,7 +1009,9 @@ def _stage2(
             result = {"step": step + 1, **_validate(vision, llms[0], validation)}
             report.validation.append(result)
             bar.write(f"validation at step {step + 1}: {json.dumps(result)}")
-        if (step + 1) % config.checkpoint_every == 0 or last:
+        due = time.monotonic() - saved_at > 60 * config.checkpoint_minutes
+        if due or (step + 1) % config.checkpoint_every == 0 or last:
+            saved_at = time.monotonic()
             report.stage_seconds["stage2"] = time.perf_counter() - started
             state = {"stage": 2, "step": step + 1, "optimizer": optimizer.state_dict()}
             _save_checkpoint(
@@ -1034,6 +1102,7 @@ def _stage_fields(config: TrainConfig, stage: int) -> dict[str, Any]:
         "validate_every",
         "validation_size",
         "checkpoint_every",
+        "checkpoint_minutes",
         "device",
         "loader_workers",
         "log_every",
