@@ -50,6 +50,7 @@ from independent_pictures import (
 )
 
 from vilaserve.adapters.offline.demo import shapes
+from vilaserve.adapters.offline.demo.build_cache import WEIGHTS_FILE
 from vilaserve.adapters.shared.jinja_chat_template import JinjaChatTemplateRenderer
 from vilaserve.adapters.worker.torch_vila.runtime import VilaRuntime, VilaRuntimeOptions
 from vilaserve.application.chat.ask_image import AskAboutImages
@@ -261,6 +262,11 @@ def load_asker(path: Path, variant: str) -> tuple[VilaRuntime, AskAboutImages]:
     return runtime, asker
 
 
+def paths_key(paths: dict[str, Path]) -> str:
+    """The build key the variants' folders sit under (`<key>/<variant>/vila-demo`)."""
+    return next(iter(paths.values())).parent.parent.name if paths else ""
+
+
 def smooth_demo_tower(path: Path) -> None:
     """SmoothQuant factors for the demo's tower from its training split, written once beside
     the tower (only `--quantize-vision-tower w8a8` reads them)."""
@@ -299,6 +305,13 @@ def main() -> None:
         help="keep what --out already holds for the same settings; measure only the rest",
     )
     parser.add_argument("--variants", default="16bit,awq,rtn")
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="trained weights to evaluate instead of the committed ones (a candidate, e.g. "
+        "from `train-demo-vision --export-state`); built under their own key",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--out", type=Path, default=RESULTS / "demo_accuracy.json")
     args = parser.parse_args()
@@ -321,7 +334,10 @@ def main() -> None:
         )
     # Every build first: weights that change during the run cannot mix into it.
     paths = {
-        variant: build_demo(variant.removesuffix("-w8a8"))  # type: ignore[arg-type]
+        variant: build_demo(
+            variant.removesuffix("-w8a8"),  # type: ignore[arg-type]
+            weights=args.weights or WEIGHTS_FILE,
+        )
         for variant in args.variants.split(",")
     }
     settings = {
@@ -339,6 +355,8 @@ def main() -> None:
             "follow_ups_also_asked_alone": args.alone,
         },
         "max_new_tokens": MAX_NEW_TOKENS,
+        # Which weights answered: the build key hashes the file.
+        "weights": {"file": str(args.weights or WEIGHTS_FILE), "build": paths_key(paths)},
     }
     results: dict[str, dict[str, Any]] = {}
     if args.resume and args.out.is_file():

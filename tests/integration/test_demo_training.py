@@ -252,3 +252,28 @@ def test_a_run_continuing_trained_weights_keeps_the_instruction_they_obey() -> N
     with torch.no_grad():
         other = untrained(batch.pixels).float()[:, -free:]
     assert float(((other - vectors).norm(dim=-1) / vectors.norm(dim=-1)).min()) > 0.5
+
+
+@pytest.mark.demo
+def test_candidate_weights_build_beside_the_committed_ones(tmp_path: Path) -> None:
+    """`build_demo(weights=...)` (demo_accuracy.py --weights): a candidate gets a folder under
+    its own key, holding its tower and projector, and the committed build is left alone."""
+    from safetensors.torch import load_file, save_file
+
+    from vilaserve.adapters.offline.demo.build_cache import WEIGHTS_FILE, variant_dir
+    from vilaserve.adapters.offline.demo.vision_model import load_weights
+    from vilaserve.entrypoints.offline.demo import build_demo
+
+    _llm_dir()
+    candidate = tmp_path / "candidate.safetensors"
+    state = load_weights(WEIGHTS_FILE)
+    bias_name = "mm_projector.layers.4.bias"
+    changed = {k: (v + 0.5 if k == bias_name else v) for k, v in state.items()}
+    save_file(changed, str(candidate))
+    built = build_demo("16bit", cache_dir=tmp_path / "cache", weights=candidate)
+    assert built == variant_dir("16bit", tmp_path / "cache", candidate)
+    assert built != variant_dir("16bit", tmp_path / "cache")
+    assert not variant_dir("16bit", tmp_path / "cache").exists()
+    projector = load_file(str(built / "mm_projector" / "model.safetensors"))
+    bias = next(v for k, v in projector.items() if k.endswith("layers.4.bias"))
+    assert torch.equal(bias, changed[bias_name].to(bias.dtype))

@@ -99,16 +99,8 @@ class WorkerReplica:
     async def get_status(self) -> dict[str, Any]:
         return self._services.report_status().to_dict()
 
-    async def model_details(self) -> dict[str, Any]:
-        details = self._services.describe.details()
-        reply: dict[str, Any] = {
-            "context_length": details.context_length,
-            "tokens_per_image": details.tokens_per_image,
-            "multimodal": details.multimodal,
-        }
-        if details.cpu_path is not None:
-            reply["cpu_path"] = details.cpu_path
-        return reply
+    async def model_details(self) -> dict[str, object]:
+        return self._services.describe.details().to_dict()
 
     async def conversation_template(self) -> dict[str, Any]:
         return {"conv": self._services.describe.conversation_template().to_fastchat_dict()}

@@ -28,3 +28,14 @@ class ModelDescription:
     tokens_per_image: int
     multimodal: bool
     cpu_path: str | None = None  # the kernels that run it (`/model_details`), when known
+
+    def to_dict(self) -> dict[str, object]:
+        """The worker's `/model_details` reply (the name is the request's, not repeated)."""
+        reply: dict[str, object] = {
+            "context_length": self.context_length,
+            "tokens_per_image": self.tokens_per_image,
+            "multimodal": self.multimodal,
+        }
+        if self.cpu_path is not None:
+            reply["cpu_path"] = self.cpu_path
+        return reply

@@ -19,6 +19,7 @@ from vilaserve.adapters.offline.demo.build_cache import (
     MODEL_DIR_NAME,
     PROVENANCE_FILE,
     VARIANTS,
+    WEIGHTS_FILE,
     Variant,
     is_built,
     variant_dir,
@@ -257,17 +258,19 @@ def build_demo(
     cache_dir: Path | None = None,
     force_search: bool = False,
     save_search: bool = False,
+    weights: Path = WEIGHTS_FILE,
 ) -> Path:
     """The demo checkpoint for `variant`, built on first use and cached (a later call only
     hashes the committed weights and checks the folder). The AWQ variant applies the shipped
     search result where it fits this build; `force_search` searches (and rebuilds) anyway,
-    `save_search` then ships what it found."""
-    target = variant_dir(variant, cache_dir)
+    `save_search` then ships what it found. `weights`: other trained weights than the
+    committed ones (a candidate to evaluate), built beside them under their own key."""
+    target = variant_dir(variant, cache_dir, weights)
     force_search = force_search and variant == "awq"
     if is_built(target) and not force_search:
         return target
     configure_logging("text")
-    sixteen_bit = variant_dir("16bit", cache_dir)
+    sixteen_bit = variant_dir("16bit", cache_dir, weights)
     if not is_built(sixteen_bit):
         _say(f"building the demo model in {sixteen_bit.parent.parent} (first run only)")
         from vilaserve.adapters.offline.demo.checkpoint import write_demo_checkpoint
@@ -276,11 +279,15 @@ def build_demo(
             weights_aspect_ratio,
         )
 
-        steps = _training_steps()
+        steps = _training_steps(weights.with_suffix(".json"))
         from vilaserve.adapters.offline.gguf_import import ensure_smollm2_hf
 
         write_demo_checkpoint(
-            sixteen_bit, ensure_smollm2_hf(), load_weights(), steps, weights_aspect_ratio()
+            sixteen_bit,
+            ensure_smollm2_hf(),
+            load_weights(weights),
+            steps,
+            weights_aspect_ratio(weights),
         )
     if variant != "16bit":
         _quantize(sixteen_bit, target, variant == "awq", force_search, save_search)
@@ -392,9 +399,9 @@ def _shipped_search(calibration: Path) -> AwqReport | None:
     return result
 
 
-def _training_steps() -> int:
+def _training_steps(provenance_file: Path = PROVENANCE_FILE) -> int:
     try:
-        provenance = json.loads(PROVENANCE_FILE.read_text(encoding="utf-8"))
+        provenance = json.loads(provenance_file.read_text(encoding="utf-8"))
         config = provenance["config"]
         return int(config["stage1_steps"]) + int(config["stage2_steps"])
     except (OSError, ValueError, KeyError):

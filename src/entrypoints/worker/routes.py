@@ -162,15 +162,7 @@ async def count_token(
 async def model_details(
     describe: DescribeModel = provided("describe_model"),
 ) -> dict[str, object]:
-    details = describe.details()
-    reply: dict[str, object] = {
-        "context_length": details.context_length,
-        "tokens_per_image": details.tokens_per_image,
-        "multimodal": details.multimodal,
-    }
-    if details.cpu_path is not None:
-        reply["cpu_path"] = details.cpu_path
-    return reply
+    return describe.details().to_dict()
 
 
 @router.post("/worker_get_conv_template")
