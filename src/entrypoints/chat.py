@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import sys
@@ -184,13 +183,10 @@ def ask_in_process(args: argparse.Namespace, images: list[bytes]) -> int:
 
 
 def checkpoint_precision(model_path: str | Path) -> str:
-    """W4A16 when the checkpoint's `llm/` is an AWQ one (its config says so), else W16A16.
+    """W4A16 when the checkpoint's `llm/` is an AWQ one (its config says so), else W16A16."""
+    from vilaserve.adapters.worker.awq.config_detection import has_awq_config
 
-    The config is read here rather than through awq/loading.py's `has_awq_config`, which
-    imports torch: the question to a running stack must not wait for it."""
     try:
-        config = json.loads((Path(model_path) / "llm" / "config.json").read_text())
-        method = (config.get("quantization_config") or {}).get("quant_method", "")
+        return "W4A16" if has_awq_config(Path(model_path) / "llm") else "W16A16"
     except (OSError, ValueError, AttributeError):
         return "W16A16"  # the runtime reports what is wrong with the directory
-    return "W4A16" if str(method).lower() == "awq" else "W16A16"

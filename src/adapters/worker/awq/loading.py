@@ -6,10 +6,8 @@ source itself, never from the fp16 `llm/` weights: mixing them silently corrupts
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -17,6 +15,7 @@ from vilaserve.adapters.worker.awq.checkpoint_reading import (
     load_hf_awq_directory,
     load_tinychat_checkpoint,
 )
+from vilaserve.adapters.worker.awq.config_detection import has_awq_config
 from vilaserve.adapters.worker.awq.qlinear import quantize_model_linears
 from vilaserve.adapters.worker.awq.quantized_weight import QuantizedWeight
 from vilaserve.adapters.worker.torch_vila.checkpoint import VilaCheckpoint
@@ -42,17 +41,6 @@ def expected_linear_shapes(args: LlamaArgs) -> dict[str, tuple[int, int]]:
         for i in range(args.num_hidden_layers)
         for name, shape in per_layer.items()
     }
-
-
-def is_awq_config(config: Mapping[str, Any]) -> bool:
-    """Whether an HF `config.json` dict declares AWQ weights (`quant_method: awq`)."""
-    quant = config.get("quantization_config") or {}
-    return str(quant.get("quant_method", "")).lower() == "awq"
-
-
-def has_awq_config(directory: Path) -> bool:
-    config = directory / "config.json"
-    return config.is_file() and is_awq_config(json.loads(config.read_text()))
 
 
 def find_awq_source(checkpoint: VilaCheckpoint, quant_path: str | None) -> Path:

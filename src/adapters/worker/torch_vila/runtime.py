@@ -132,7 +132,7 @@ def load_language_model(
     checkpoint = layout.checkpoint
     if options.precision == "W4A16":
         return load_w4a16_llm(checkpoint, options.quant_path, options.embedding_bits, dtype, device)
-    from vilaserve.adapters.worker.awq.loading import is_awq_config
+    from vilaserve.adapters.worker.awq.config_detection import is_awq_config
 
     if is_awq_config(checkpoint.llm_config) and options.quant_path is None:
         raise ValueError(
